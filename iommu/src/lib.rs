@@ -1,1 +1,17 @@
-//! placeholder
+//! DMA backends behind one trait, and the mapping ledger.
+//!
+//! This crate is the one place where DMA mappings are made and removed. [`DmaBackend`] is a thin
+//! trait over one IOMMU address space (VFIO type1 container, IOMMUFD IOAS, VFIO no-IOMMU, or the
+//! emulated IOMMU). The [`Ledger`] wraps a backend, records every live mapping, and refuses before
+//! the kernel sees it any unmap that would bisect a mapping or any map beyond the mapping budget.
+#![deny(
+    missing_docs,
+    unsafe_op_in_unsafe_fn,
+    clippy::undocumented_unsafe_blocks
+)]
+
+mod backend;
+
+pub use backend::{
+    BackendKind, Capabilities, DmaBackend, DmaError, DmaProt, FileMapSupport, IovaRange,
+};
