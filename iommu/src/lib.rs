@@ -11,7 +11,9 @@
 )]
 
 mod backend;
+pub mod emulated;
 
 pub use backend::{
     BackendKind, Capabilities, DmaBackend, DmaError, DmaProt, FileMapSupport, IovaRange,
 };
+pub use emulated::EmulatedIommu;
