@@ -354,9 +354,7 @@ impl EmulatedIommu {
                 len: e.len,
                 prot: e.prot,
                 target: match &e.target {
-                    Target::HostVa(p) => TableTarget::HostVa {
-                        addr: p.0 as usize,
-                    },
+                    Target::HostVa(p) => TableTarget::HostVa { addr: p.0 as usize },
                     Target::File { offset, .. } => TableTarget::File { offset: *offset },
                 },
             })
@@ -479,10 +477,7 @@ impl EmulatedIommu {
             Source::Va(p) => p as u64,
             Source::File { offset, .. } => offset,
         };
-        if !(prot.read || prot.write)
-            || len == 0
-            || !self.is_aligned(iova | len | source_addr)
-        {
+        if !(prot.read || prot.write) || len == 0 || !self.is_aligned(iova | len | source_addr) {
             return Err(einval);
         }
         let last = iova.checked_add(len - 1).ok_or(einval)?;
@@ -498,7 +493,12 @@ impl EmulatedIommu {
         if state.budget == Some(0) {
             return Err(errno::Error::new(libc::ENOSPC));
         }
-        if !self.config.iova_ranges.iter().any(|r| r.contains(iova, len)) {
+        if !self
+            .config
+            .iova_ranges
+            .iter()
+            .any(|r| r.contains(iova, len))
+        {
             return Err(einval);
         }
         let target = match source {

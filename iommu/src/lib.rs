@@ -12,8 +12,10 @@
 
 mod backend;
 pub mod emulated;
+mod ledger;
 
 pub use backend::{
     BackendKind, Capabilities, DmaBackend, DmaError, DmaProt, FileMapSupport, IovaRange,
 };
 pub use emulated::EmulatedIommu;
+pub use ledger::{Ledger, LedgerError, LedgerStats, Mapping, MappingSource, UnmapReport};

@@ -1,0 +1,827 @@
+//! The mapping ledger: the one record of what is mapped in a DMA backend, and the only way the
+//! rest of the project maps and unmaps.
+//!
+//! The kernel never splits a mapping (notes/kernel-uapi.md 1.3, 2.2): an unmap must cover whole
+//! earlier mappings. Type1v2 refuses a bisecting unmap, but IOMMUFD fails with `ENOENT` *after*
+//! removing whatever whole areas came before the bisected one, and neither says how much it
+//! removed on failure. So the [`Ledger`] keeps its own exact record and checks every request
+//! against it before the kernel sees it:
+//! - a map that is empty, has no access, is misaligned to the smallest IOMMU page, wraps around,
+//!   falls outside the IOVA ranges, overlaps a live mapping or exceeds the mapping budget is
+//!   refused with nothing changed;
+//! - an unmap whose range would bisect a mapping is refused, naming the mapping; any other unmap
+//!   becomes the fewest kernel calls that cover whole mappings (one, gaps allowed, unless the span
+//!   would not fit one call's length), and no call at all for a range holding no mapping (native
+//!   IOMMUFD answers `ENOENT` there);
+//! - [`Ledger::map_va_pieces`] / [`Ledger::map_file_pieces`] map a range as equal pieces, all or
+//!   nothing.
+//!
+//! # Locking
+//! One mutex guards the record, the budget and the statistics, and is held across the backend
+//! calls of one operation: checking the record and changing the kernel must be one step, or two
+//! threads could both pass the overlap check. The kernel serialises calls on one container or
+//! IOAS anyway.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use crate::backend::{Capabilities, DmaBackend, DmaError, DmaProt, IovaRange};
+
+/// Longest single unmap call the ledger issues: IOMMUFD refuses `length >= ULONG_MAX`
+/// (`EOVERFLOW`), so a span that long is split into more calls.
+const MAX_UNMAP_CALL_LEN: u64 = u64::MAX - 1;
+
+/// What a mapping maps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum MappingSource {
+    /// Host memory of this process.
+    HostVa {
+        /// Address of the mapping's first byte.
+        addr: usize,
+    },
+    /// A file by descriptor and offset. The ledger does not own the fd; the number is recorded
+    /// as it was passed, for reports.
+    File {
+        /// The fd passed to the map call.
+        fd: RawFd,
+        /// Offset in the file of the mapping's first byte.
+        offset: u64,
+    },
+}
+
+/// One live mapping: exactly what one successful backend map call created.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Mapping {
+    /// First IOVA.
+    pub iova: u64,
+    /// Length in bytes (never 0).
+    pub len: u64,
+    /// Device access.
+    pub prot: DmaProt,
+    /// What it maps.
+    pub source: MappingSource,
+}
+
+impl Mapping {
+    /// Last IOVA of the mapping (inclusive).
+    pub fn last(&self) -> u64 {
+        self.iova + (self.len - 1)
+    }
+}
+
+impl fmt::Display for Mapping {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "[{:#x}, {:#x}]", self.iova, self.last())
+    }
+}
+
+/// What an unmap did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct UnmapReport {
+    /// Backend unmap calls issued.
+    pub calls: u64,
+    /// Bytes the backend reported unmapped.
+    pub bytes: u64,
+    /// Mappings removed from the record.
+    pub mappings: u64,
+}
+
+/// Counters kept since the ledger was created.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct LedgerStats {
+    /// Successful backend map calls (one per mapping).
+    pub map_calls: u64,
+    /// Successful backend unmap calls.
+    pub unmap_calls: u64,
+    /// Backend calls (map or unmap) that returned an error.
+    pub failed_calls: u64,
+    /// Requests the ledger refused before calling the backend.
+    pub refused: u64,
+    /// Bytes mapped by successful map calls.
+    pub bytes_mapped: u64,
+    /// Bytes the backend reported unmapped.
+    pub bytes_unmapped: u64,
+    /// Live mappings now.
+    pub mappings: u64,
+    /// Most live mappings at any one time.
+    pub peak_mappings: u64,
+}
+
+/// A request the ledger refused, or a backend call that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    /// Reading the backend's capabilities when creating the ledger failed.
+    #[error("reading the backend's capabilities failed")]
+    Capabilities(#[source] DmaError),
+    /// A range of length zero.
+    #[error("empty range at iova {iova:#x}")]
+    EmptyRange {
+        /// Start of the range.
+        iova: u64,
+    },
+    /// A map with neither read nor write access.
+    #[error("map of iova {iova:#x} len {len:#x} grants the device no access")]
+    NoAccess {
+        /// Start of the range.
+        iova: u64,
+        /// Length of the range.
+        len: u64,
+    },
+    /// An address, length, offset or piece length not aligned to the smallest IOMMU page.
+    #[error("{what} {value:#x} is not aligned to the IOMMU page size {page_size:#x}")]
+    Misaligned {
+        /// Which value: "iova", "length", "host address", "file offset" or "piece length".
+        what: &'static str,
+        /// The value.
+        value: u64,
+        /// The alignment required.
+        page_size: u64,
+    },
+    /// The range (or its host address or file offset range) wraps around the address space.
+    #[error("{what} range at {start:#x} len {len:#x} wraps around")]
+    Overflow {
+        /// Which range: "iova", "host address" or "file offset".
+        what: &'static str,
+        /// Start of the range.
+        start: u64,
+        /// Length of the range.
+        len: u64,
+    },
+    /// The IOVA range is not inside any usable IOVA range of the backend.
+    #[error("iova {iova:#x} len {len:#x} is outside the backend's IOVA ranges {ranges:x?}")]
+    OutsideIovaRanges {
+        /// Start of the range.
+        iova: u64,
+        /// Length of the range.
+        len: u64,
+        /// The usable ranges, as read when the ledger was created.
+        ranges: Vec<IovaRange>,
+    },
+    /// The map overlaps a live mapping.
+    #[error("map of iova {iova:#x} len {len:#x} overlaps live mapping {existing}")]
+    Overlap {
+        /// Start of the range.
+        iova: u64,
+        /// Length of the range.
+        len: u64,
+        /// The lowest live mapping it overlaps.
+        existing: Mapping,
+    },
+    /// More mappings were asked for than the backend's budget has left.
+    #[error("{requested} more mappings requested but the mapping budget has {remaining} left")]
+    BudgetExceeded {
+        /// Mappings asked for.
+        requested: u64,
+        /// Mappings the budget has left.
+        remaining: u64,
+    },
+    /// The piece length is zero or does not divide the range length.
+    #[error("piece length {piece_len:#x} does not divide length {len:#x} into whole pieces")]
+    PieceLength {
+        /// Length of the range.
+        len: u64,
+        /// The piece length asked for.
+        piece_len: u64,
+    },
+    /// The unmap range would cut a live mapping in two; the kernel cannot split mappings.
+    #[error("unmap of iova {iova:#x} len {len:#x} would bisect live mapping {mapping}")]
+    Bisects {
+        /// Start of the range.
+        iova: u64,
+        /// Length of the range.
+        len: u64,
+        /// The mapping it would bisect.
+        mapping: Mapping,
+    },
+    /// The backend refused or failed a map; nothing is left mapped by this request.
+    #[error("backend map failed")]
+    Map(#[source] DmaError),
+    /// A map of pieces failed, and unmapping the pieces it had already mapped failed too. Those
+    /// pieces stay mapped and recorded (unmap them later or drop the ledger).
+    #[error(
+        "map of iova {iova:#x} len {len:#x} failed ({map_error}), and undoing the {left_mapped} \
+         pieces already mapped failed"
+    )]
+    Rollback {
+        /// Start of the whole request.
+        iova: u64,
+        /// Length of the whole request.
+        len: u64,
+        /// Why the map failed.
+        map_error: DmaError,
+        /// Pieces of this request still mapped and recorded.
+        left_mapped: u64,
+        /// Why undoing failed.
+        #[source]
+        source: Box<LedgerError>,
+    },
+    /// A backend unmap call failed. Its mappings stay recorded as mapped (type1v2 removes nothing
+    /// on error; the ledger never issues the bisecting unmaps after which IOMMUFD removes part).
+    #[error("backend unmap failed after {done_calls} successful calls")]
+    Unmap {
+        /// Unmap calls of this request that succeeded before (their mappings are gone).
+        done_calls: u64,
+        /// The failure.
+        #[source]
+        source: DmaError,
+    },
+    /// The backend reported unmapping a different number of bytes than the ledger recorded in
+    /// the call's range: the record and the kernel disagreed. The kernel holds no mapping in the
+    /// range after a successful unmap, so the ledger drops its records there and, where the
+    /// backend reports a mapping budget, re-reads the budget from it.
+    #[error(
+        "unmap of iova {iova:#x} len {len:#x} removed {unmapped:#x} bytes, the ledger recorded \
+         {expected:#x}"
+    )]
+    UnmapMismatch {
+        /// Start of the call's range.
+        iova: u64,
+        /// Length of the call's range.
+        len: u64,
+        /// Bytes the ledger had recorded there.
+        expected: u64,
+        /// Bytes the backend reported.
+        unmapped: u64,
+    },
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Record {
+    len: u64,
+    prot: DmaProt,
+    source: MappingSource,
+}
+
+impl Record {
+    fn last(&self, iova: u64) -> u64 {
+        iova + (self.len - 1)
+    }
+
+    fn mapping(&self, iova: u64) -> Mapping {
+        Mapping {
+            iova,
+            len: self.len,
+            prot: self.prot,
+            source: self.source,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct State {
+    mappings: BTreeMap<u64, Record>,
+    budget: Option<u64>,
+    stats: LedgerStats,
+}
+
+/// Where a map request's memory comes from.
+#[derive(Clone, Copy)]
+enum Source<'a> {
+    Va(*mut u8),
+    File { file: BorrowedFd<'a>, offset: u64 },
+}
+
+impl Source<'_> {
+    /// The source `delta` bytes further on.
+    fn advance(self, delta: u64) -> Self {
+        match self {
+            Source::Va(p) => Source::Va(p.wrapping_add(delta as usize)),
+            Source::File { file, offset } => Source::File {
+                file,
+                offset: offset + delta,
+            },
+        }
+    }
+
+    fn record(self) -> MappingSource {
+        match self {
+            Source::Va(p) => MappingSource::HostVa { addr: p as usize },
+            Source::File { file, offset } => MappingSource::File {
+                fd: file.as_raw_fd(),
+                offset,
+            },
+        }
+    }
+}
+
+/// The record of every live mapping in one DMA backend; see the [module docs](self).
+///
+/// Dropping the ledger unmaps whatever is still mapped; use [`Ledger::close`] to see teardown
+/// errors.
+pub struct Ledger {
+    backend: Arc<dyn DmaBackend>,
+    caps: Capabilities,
+    page_size: u64,
+    state: Mutex<State>,
+}
+
+impl fmt::Debug for Ledger {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = self.lock();
+        f.debug_struct("Ledger")
+            .field("backend", &self.backend)
+            .field("mappings", &state.mappings.len())
+            .field("budget", &state.budget)
+            .finish()
+    }
+}
+
+impl Ledger {
+    /// A ledger over `backend`, which must hold no mappings the ledger does not make. Reads the
+    /// capabilities (page size, IOVA ranges, mapping budget) once, now.
+    ///
+    /// # Errors
+    /// [`LedgerError::Capabilities`] when the backend cannot report them.
+    pub fn new(backend: Arc<dyn DmaBackend>) -> Result<Self, LedgerError> {
+        let caps = backend.capabilities().map_err(LedgerError::Capabilities)?;
+        Ok(Self {
+            page_size: caps.min_page_size(),
+            state: Mutex::new(State {
+                mappings: BTreeMap::new(),
+                budget: caps.mapping_budget,
+                stats: LedgerStats::default(),
+            }),
+            caps,
+            backend,
+        })
+    }
+
+    /// The backend. Mapping or unmapping through it directly puts the ledger out of step.
+    pub fn backend(&self) -> &Arc<dyn DmaBackend> {
+        &self.backend
+    }
+
+    /// The capabilities as read when the ledger was created (the budget in them is the initial
+    /// one; see [`Ledger::remaining_budget`]).
+    pub fn capabilities(&self) -> &Capabilities {
+        &self.caps
+    }
+
+    /// The smallest IOMMU page size: the alignment of every map.
+    pub fn page_size(&self) -> u64 {
+        self.page_size
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while the lock was held can only come from a bug between two consistent
+        // states (no backend call panics by contract); keep the record usable rather than
+        // poisoning every later teardown.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Maps `[iova, iova + len)` to host memory at `host_addr` as one mapping.
+    ///
+    /// # Safety
+    /// As [`DmaBackend::map_va`]: `[host_addr, host_addr + len)` must stay mapped in this process
+    /// until this mapping has been unmapped through this ledger (or the ledger dropped), and while
+    /// it is mapped a device may read and write it at any time, so no Rust reference assuming
+    /// exclusive or immutable access may exist to it.
+    ///
+    /// # Errors
+    /// A refusal ([`LedgerError::Overlap`], [`LedgerError::Misaligned`],
+    /// [`LedgerError::BudgetExceeded`], ...) before any backend call, or [`LedgerError::Map`];
+    /// either way nothing changed.
+    pub unsafe fn map_va(
+        &self,
+        iova: u64,
+        len: u64,
+        host_addr: *mut u8,
+        prot: DmaProt,
+    ) -> Result<(), LedgerError> {
+        self.map(iova, len, len, prot, Source::Va(host_addr))
+    }
+
+    /// Maps `[iova, iova + len)` to host memory at `host_addr` as `len / piece_len` mappings of
+    /// `piece_len` bytes each, all or nothing: the budget is checked for all of them first, and
+    /// if a piece fails, the pieces this call mapped are unmapped (in one call) before the error
+    /// returns.
+    ///
+    /// # Safety
+    /// As [`Ledger::map_va`], for every piece.
+    ///
+    /// # Errors
+    /// As [`Ledger::map_va`], plus [`LedgerError::PieceLength`]; and [`LedgerError::Rollback`]
+    /// when undoing a failed request failed too (the error says what stays mapped).
+    pub unsafe fn map_va_pieces(
+        &self,
+        iova: u64,
+        len: u64,
+        host_addr: *mut u8,
+        piece_len: u64,
+        prot: DmaProt,
+    ) -> Result<(), LedgerError> {
+        self.map(iova, len, piece_len, prot, Source::Va(host_addr))
+    }
+
+    /// Maps `[iova, iova + len)` to `[offset, offset + len)` of `file` as one mapping. The
+    /// backend keeps its own reference to the file while mapped (the kernel pins the pages).
+    ///
+    /// # Errors
+    /// As [`Ledger::map_va`].
+    pub fn map_file(
+        &self,
+        iova: u64,
+        len: u64,
+        file: BorrowedFd<'_>,
+        offset: u64,
+        prot: DmaProt,
+    ) -> Result<(), LedgerError> {
+        self.map(iova, len, len, prot, Source::File { file, offset })
+    }
+
+    /// Maps `[iova, iova + len)` to `[offset, offset + len)` of `file` as `len / piece_len`
+    /// mappings, all or nothing, like [`Ledger::map_va_pieces`].
+    ///
+    /// # Errors
+    /// As [`Ledger::map_va_pieces`].
+    pub fn map_file_pieces(
+        &self,
+        iova: u64,
+        len: u64,
+        file: BorrowedFd<'_>,
+        offset: u64,
+        piece_len: u64,
+        prot: DmaProt,
+    ) -> Result<(), LedgerError> {
+        self.map(iova, len, piece_len, prot, Source::File { file, offset })
+    }
+
+    fn map(
+        &self,
+        iova: u64,
+        len: u64,
+        piece_len: u64,
+        prot: DmaProt,
+        source: Source<'_>,
+    ) -> Result<(), LedgerError> {
+        let mut state = self.lock();
+        let pieces = match self.check_map(&state, iova, len, piece_len, prot, source) {
+            Ok(pieces) => pieces,
+            Err(e) => {
+                state.stats.refused += 1;
+                return Err(e);
+            }
+        };
+        for i in 0..pieces {
+            let delta = i * piece_len;
+            let piece_iova = iova + delta;
+            let piece_source = source.advance(delta);
+            let result = match piece_source {
+                // SAFETY: `map_va`/`map_va_pieces` pass their caller's contract on for the
+                // whole range, and this piece lies inside it; the ledger only unmaps it through
+                // this same backend.
+                Source::Va(p) => unsafe { self.backend.map_va(piece_iova, piece_len, p, prot) },
+                Source::File { file, offset } => self
+                    .backend
+                    .map_file(piece_iova, piece_len, file, offset, prot),
+            };
+            if let Err(map_error) = result {
+                state.stats.failed_calls += 1;
+                return Err(self.undo_pieces(&mut state, iova, len, delta, map_error));
+            }
+            state.mappings.insert(
+                piece_iova,
+                Record {
+                    len: piece_len,
+                    prot,
+                    source: piece_source.record(),
+                },
+            );
+            if let Some(budget) = state.budget.as_mut() {
+                *budget -= 1;
+            }
+            let stats = &mut state.stats;
+            stats.map_calls += 1;
+            stats.bytes_mapped += piece_len;
+            stats.mappings += 1;
+            stats.peak_mappings = stats.peak_mappings.max(stats.mappings);
+        }
+        Ok(())
+    }
+
+    /// After a failed piece: unmaps the `done` bytes this request mapped, returns the error.
+    fn undo_pieces(
+        &self,
+        state: &mut State,
+        iova: u64,
+        len: u64,
+        done: u64,
+        map_error: DmaError,
+    ) -> LedgerError {
+        if done == 0 {
+            return LedgerError::Map(map_error);
+        }
+        match self.remove_whole(state, iova, iova + (done - 1)) {
+            Ok(_) => LedgerError::Map(map_error),
+            Err(undo) => LedgerError::Rollback {
+                iova,
+                len,
+                map_error,
+                left_mapped: state.mappings.range(iova..iova + done).count() as u64,
+                source: Box::new(undo),
+            },
+        }
+    }
+
+    /// Every check a map request must pass before the backend sees it; returns the piece count.
+    fn check_map(
+        &self,
+        state: &State,
+        iova: u64,
+        len: u64,
+        piece_len: u64,
+        prot: DmaProt,
+        source: Source<'_>,
+    ) -> Result<u64, LedgerError> {
+        if len == 0 {
+            return Err(LedgerError::EmptyRange { iova });
+        }
+        if !(prot.read || prot.write) {
+            return Err(LedgerError::NoAccess { iova, len });
+        }
+        let (source_what, source_start) = match source {
+            Source::Va(p) => ("host address", p as u64),
+            Source::File { offset, .. } => ("file offset", offset),
+        };
+        let page_size = self.page_size;
+        for (what, value) in [
+            ("iova", iova),
+            ("length", len),
+            ("piece length", piece_len),
+            (source_what, source_start),
+        ] {
+            if value & (page_size - 1) != 0 {
+                return Err(LedgerError::Misaligned {
+                    what,
+                    value,
+                    page_size,
+                });
+            }
+        }
+        if piece_len == 0 || len % piece_len != 0 {
+            return Err(LedgerError::PieceLength { len, piece_len });
+        }
+        let Some(last) = iova.checked_add(len - 1) else {
+            return Err(LedgerError::Overflow {
+                what: "iova",
+                start: iova,
+                len,
+            });
+        };
+        if source_start.checked_add(len - 1).is_none() {
+            return Err(LedgerError::Overflow {
+                what: source_what,
+                start: source_start,
+                len,
+            });
+        }
+        if !self.caps.iova_ranges.iter().any(|r| r.contains(iova, len)) {
+            return Err(LedgerError::OutsideIovaRanges {
+                iova,
+                len,
+                ranges: self.caps.iova_ranges.clone(),
+            });
+        }
+        let lowest_overlap = match state.mappings.range(..iova).next_back() {
+            Some((&start, r)) if r.last(start) >= iova => Some((start, r)),
+            _ => state
+                .mappings
+                .range(iova..=last)
+                .next()
+                .map(|(&s, r)| (s, r)),
+        };
+        if let Some((start, r)) = lowest_overlap {
+            return Err(LedgerError::Overlap {
+                iova,
+                len,
+                existing: r.mapping(start),
+            });
+        }
+        let pieces = len / piece_len;
+        Self::check_budget_in(state, pieces)?;
+        Ok(pieces)
+    }
+
+    fn check_budget_in(state: &State, additional: u64) -> Result<(), LedgerError> {
+        match state.budget {
+            Some(remaining) if additional > remaining => Err(LedgerError::BudgetExceeded {
+                requested: additional,
+                remaining,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Unmaps every mapping inside `[iova, iova + len)` with the fewest backend calls, each
+    /// covering whole mappings; a range holding no mapping issues no call and reports zeros.
+    ///
+    /// # Errors
+    /// [`LedgerError::Bisects`] (nothing called, nothing changed) when a mapping straddles either
+    /// end of the range; [`LedgerError::EmptyRange`] / [`LedgerError::Overflow`] for a bad
+    /// range; [`LedgerError::Unmap`] when a call failed (its mappings stay recorded);
+    /// [`LedgerError::UnmapMismatch`] when the backend reported other byte counts.
+    pub fn unmap(&self, iova: u64, len: u64) -> Result<UnmapReport, LedgerError> {
+        let mut state = self.lock();
+        let last = match Self::check_unmap(&state, iova, len) {
+            Ok(last) => last,
+            Err(e) => {
+                state.stats.refused += 1;
+                return Err(e);
+            }
+        };
+        self.remove_whole(&mut state, iova, last)
+    }
+
+    fn check_unmap(state: &State, iova: u64, len: u64) -> Result<u64, LedgerError> {
+        if len == 0 {
+            return Err(LedgerError::EmptyRange { iova });
+        }
+        let Some(last) = iova.checked_add(len - 1) else {
+            return Err(LedgerError::Overflow {
+                what: "iova",
+                start: iova,
+                len,
+            });
+        };
+        // Any bisected mapping straddles one end of the range.
+        let straddles_start = match state.mappings.range(..iova).next_back() {
+            Some((&start, r)) if r.last(start) >= iova => Some(r.mapping(start)),
+            _ => None,
+        };
+        let straddles_end = match state.mappings.range(iova..=last).next_back() {
+            Some((&start, r)) if r.last(start) > last => Some(r.mapping(start)),
+            _ => None,
+        };
+        match straddles_start.or(straddles_end) {
+            Some(mapping) => Err(LedgerError::Bisects { iova, len, mapping }),
+            None => Ok(last),
+        }
+    }
+
+    /// Unmaps every recorded mapping starting in `[first, last]` (the caller made sure none
+    /// straddles `last`), merging them into as few calls as the call length limit allows.
+    fn remove_whole(
+        &self,
+        state: &mut State,
+        first: u64,
+        last: u64,
+    ) -> Result<UnmapReport, LedgerError> {
+        let mut report = UnmapReport::default();
+        while let Some((&call_start, r)) = state.mappings.range(first..=last).next() {
+            let mut call_last = r.last(call_start);
+            let mut expected = r.len;
+            let mut count = 1u64;
+            if call_last < last {
+                for (&start, r) in state.mappings.range(call_last + 1..=last) {
+                    if r.last(start) - call_start > MAX_UNMAP_CALL_LEN - 1 {
+                        break;
+                    }
+                    call_last = r.last(start);
+                    expected += r.len;
+                    count += 1;
+                }
+            }
+            let call_len = call_last - call_start + 1;
+            let unmapped = match self.backend.unmap(call_start, call_len) {
+                Ok(unmapped) => unmapped,
+                Err(source) => {
+                    state.stats.failed_calls += 1;
+                    return Err(LedgerError::Unmap {
+                        done_calls: report.calls,
+                        source,
+                    });
+                }
+            };
+            // The kernel holds nothing in the call's range now, whatever it reported.
+            if count == 1 {
+                state.mappings.remove(&call_start);
+            } else {
+                while let Some((&start, _)) = state.mappings.range(call_start..=call_last).next() {
+                    state.mappings.remove(&start);
+                }
+            }
+            report.calls += 1;
+            report.bytes += unmapped;
+            report.mappings += count;
+            let stats = &mut state.stats;
+            stats.unmap_calls += 1;
+            stats.bytes_unmapped += unmapped;
+            stats.mappings -= count;
+            if unmapped != expected {
+                // The record was wrong; trust the backend's own count where it keeps one.
+                state.budget = match self.backend.capabilities() {
+                    Ok(caps) if caps.mapping_budget.is_some() => caps.mapping_budget,
+                    _ => state.budget.map(|b| b + count),
+                };
+                return Err(LedgerError::UnmapMismatch {
+                    iova: call_start,
+                    len: call_len,
+                    expected,
+                    unmapped,
+                });
+            }
+            if let Some(budget) = state.budget.as_mut() {
+                *budget += count;
+            }
+            if call_last >= last {
+                break;
+            }
+        }
+        Ok(report)
+    }
+
+    /// Unmaps every recorded mapping, with as few calls as possible.
+    ///
+    /// # Errors
+    /// As [`Ledger::unmap`], without the refusals.
+    pub fn unmap_all(&self) -> Result<UnmapReport, LedgerError> {
+        let mut state = self.lock();
+        self.remove_whole(&mut state, 0, u64::MAX)
+    }
+
+    /// Unmaps everything and consumes the ledger, returning what teardown did or why it failed
+    /// (dropping it does the same but can only swallow the error).
+    ///
+    /// # Errors
+    /// As [`Ledger::unmap_all`]. The mappings that could not be unmapped are tried once more
+    /// when the ledger drops.
+    pub fn close(self) -> Result<UnmapReport, LedgerError> {
+        self.unmap_all()
+    }
+
+    /// The live mappings, in IOVA order.
+    pub fn mappings(&self) -> Vec<Mapping> {
+        let state = self.lock();
+        state.mappings.iter().map(|(&s, r)| r.mapping(s)).collect()
+    }
+
+    /// Number of live mappings.
+    pub fn mapping_count(&self) -> u64 {
+        self.lock().mappings.len() as u64
+    }
+
+    /// The live mapping containing `iova`, if any.
+    pub fn mapping_at(&self, iova: u64) -> Option<Mapping> {
+        let state = self.lock();
+        match state.mappings.range(..=iova).next_back() {
+            Some((&start, r)) if r.last(start) >= iova => Some(r.mapping(start)),
+            _ => None,
+        }
+    }
+
+    /// True when every byte of `[iova, iova + len)` is covered by live mappings (false for an
+    /// empty or wrapping range).
+    pub fn is_mapped(&self, iova: u64, len: u64) -> bool {
+        let Some(last) = len.checked_sub(1).and_then(|l| iova.checked_add(l)) else {
+            return false;
+        };
+        let state = self.lock();
+        let mut cur = iova;
+        loop {
+            match state.mappings.range(..=cur).next_back() {
+                Some((&start, r)) if r.last(start) >= cur => {
+                    let end = r.last(start);
+                    if end >= last {
+                        return true;
+                    }
+                    cur = end + 1;
+                }
+                _ => return false,
+            }
+        }
+    }
+
+    /// Mappings the budget has left (`None`: no count limit).
+    pub fn remaining_budget(&self) -> Option<u64> {
+        self.lock().budget
+    }
+
+    /// Succeeds when `additional` more mappings fit the budget now, so a caller can refuse a
+    /// whole operation up front.
+    ///
+    /// # Errors
+    /// [`LedgerError::BudgetExceeded`] naming what is left.
+    pub fn check_budget(&self, additional: u64) -> Result<(), LedgerError> {
+        Self::check_budget_in(&self.lock(), additional)
+    }
+
+    /// Counters since creation.
+    pub fn stats(&self) -> LedgerStats {
+        self.lock().stats
+    }
+}
+
+impl Drop for Ledger {
+    fn drop(&mut self) {
+        let state = self.state.get_mut().unwrap_or_else(PoisonError::into_inner);
+        let nothing_mapped = state.mappings.is_empty();
+        if nothing_mapped {
+            return;
+        }
+        // Drop cannot report the error: `close` is the way to see it. Whatever stays mapped is
+        // released by the kernel when the container or IOAS fd closes.
+        let _ = self.unmap_all();
+    }
+}
