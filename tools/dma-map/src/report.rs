@@ -1,0 +1,318 @@
+//! What the commands print: the run summary's shape, a plain-text table, and JSON.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use crate::stats::Percentiles;
+use crate::units::Bytes;
+
+/// Kernel (or emulated-kernel) calls a run made, by kind.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct KernelCalls {
+    /// `KVM_SET_MEMORY_ATTRIBUTES` calls (sent to KVM, or recorded where KVM lacks them).
+    pub attribute_sets: u64,
+    /// IOMMU map calls.
+    pub iommu_maps: u64,
+    /// IOMMU unmap calls.
+    pub iommu_unmaps: u64,
+    /// `fallocate(PUNCH_HOLE)` calls on the backings.
+    pub hole_punches: u64,
+}
+
+/// One invariant checked after a run.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Check {
+    /// Which invariant.
+    pub name: String,
+    /// Whether it held.
+    pub passed: bool,
+    /// What was compared, or what differed.
+    pub detail: String,
+}
+
+/// How a run was set up, including every fallback taken.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Setup {
+    /// Region backing actually used.
+    pub region: String,
+    /// DMA backend actually used.
+    pub backend: String,
+    /// Discard policy.
+    pub policy: String,
+    /// Sentences saying what was not available and what was done instead.
+    pub fallbacks: Vec<String>,
+}
+
+/// Everything a run measured.
+#[derive(Clone, Debug, Serialize)]
+pub struct RunSummary {
+    /// The workload's name.
+    pub workload: String,
+    /// The setup.
+    pub setup: Setup,
+    /// Requests in the workload.
+    pub requests: u64,
+    /// Requests the engine completed (equals `requests` on success).
+    pub conversions_done: u64,
+    /// Bytes whose attribute really changed.
+    pub bytes_changed: u64,
+    /// Wall time of the conversions, seconds.
+    pub elapsed_s: f64,
+    /// Completed requests per second.
+    pub conversions_per_s: f64,
+    /// Latency of one request.
+    pub latency: Percentiles,
+    /// Calls by kind.
+    pub kernel_calls: KernelCalls,
+    /// Most IOMMU mappings alive at once.
+    pub peak_mappings: u64,
+    /// Mappings alive at the end.
+    pub final_mappings: u64,
+    /// Most bytes the lazy policy held back (not yet hole-punched) at once.
+    pub peak_held_back_bytes: u64,
+    /// Bytes still held back at the end.
+    pub final_held_back_bytes: u64,
+    /// Invariant checks made after the run.
+    pub checks: Vec<Check>,
+}
+
+impl RunSummary {
+    /// True when every request completed and every check held.
+    pub fn ok(&self) -> bool {
+        self.conversions_done == self.requests && self.checks.iter().all(|c| c.passed)
+    }
+}
+
+/// A table of strings with a header row, printed with aligned columns.
+#[derive(Debug, Default)]
+pub struct Table {
+    header: Vec<String>,
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    /// A table with these column names.
+    pub fn new<S: ToString>(header: impl IntoIterator<Item = S>) -> Self {
+        Table {
+            header: header.into_iter().map(|s| s.to_string()).collect(),
+            rows: Vec::new(),
+        }
+    }
+
+    /// Adds a row (missing cells print empty; extra cells are kept).
+    pub fn row<S: ToString>(&mut self, cells: impl IntoIterator<Item = S>) {
+        self.rows
+            .push(cells.into_iter().map(|s| s.to_string()).collect());
+    }
+
+    /// The table as text, columns separated by two spaces, header underlined.
+    pub fn render(&self) -> String {
+        let columns = self
+            .rows
+            .iter()
+            .map(Vec::len)
+            .chain([self.header.len()])
+            .max()
+            .unwrap_or(0);
+        let mut widths = vec![0; columns];
+        for row in self.rows.iter().chain([&self.header]) {
+            for (w, cell) in widths.iter_mut().zip(row) {
+                *w = (*w).max(cell.chars().count());
+            }
+        }
+        let mut out = String::new();
+        let mut line = |cells: &[String]| {
+            let mut text = String::new();
+            for (i, w) in widths.iter().enumerate() {
+                let cell = cells.get(i).map_or("", String::as_str);
+                let _ = write!(text, "{cell:<w$}  ");
+            }
+            out.push_str(text.trim_end());
+            out.push('\n');
+        };
+        line(&self.header);
+        line(&widths.iter().map(|w| "-".repeat(*w)).collect::<Vec<_>>());
+        for row in &self.rows {
+            line(row);
+        }
+        out
+    }
+}
+
+/// A duration in nanoseconds with a readable unit.
+pub fn nanos(ns: u64) -> String {
+    match ns {
+        0..1_000 => format!("{ns} ns"),
+        1_000..1_000_000 => format!("{:.1} µs", ns as f64 / 1e3),
+        1_000_000..1_000_000_000 => format!("{:.1} ms", ns as f64 / 1e6),
+        _ => format!("{:.2} s", ns as f64 / 1e9),
+    }
+}
+
+/// The human summary of one run.
+pub fn render_run(s: &RunSummary) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "Run: {}", s.workload);
+    let _ = writeln!(
+        out,
+        "  region {}, backend {}, policy {}",
+        s.setup.region, s.setup.backend, s.setup.policy
+    );
+    for f in &s.setup.fallbacks {
+        let _ = writeln!(out, "  fallback: {f}");
+    }
+    let mut t = Table::new(["measure", "value"]);
+    t.row([
+        "conversions done".to_string(),
+        format!("{} of {}", s.conversions_done, s.requests),
+    ]);
+    t.row(["bytes changed".to_string(), Bytes(s.bytes_changed).to_string()]);
+    t.row(["elapsed".to_string(), format!("{:.3} s", s.elapsed_s)]);
+    t.row([
+        "conversions/s".to_string(),
+        format!("{:.0}", s.conversions_per_s),
+    ]);
+    t.row([
+        "latency p50 / p90 / p99 / max".to_string(),
+        format!(
+            "{} / {} / {} / {}",
+            nanos(s.latency.p50_ns),
+            nanos(s.latency.p90_ns),
+            nanos(s.latency.p99_ns),
+            nanos(s.latency.max_ns)
+        ),
+    ]);
+    let k = &s.kernel_calls;
+    t.row([
+        "attribute sets".to_string(),
+        k.attribute_sets.to_string(),
+    ]);
+    t.row(["IOMMU maps".to_string(), k.iommu_maps.to_string()]);
+    t.row(["IOMMU unmaps".to_string(), k.iommu_unmaps.to_string()]);
+    t.row(["hole punches".to_string(), k.hole_punches.to_string()]);
+    t.row([
+        "mappings peak / at end".to_string(),
+        format!("{} / {}", s.peak_mappings, s.final_mappings),
+    ]);
+    t.row([
+        "held back by lazy discard peak / at end".to_string(),
+        format!(
+            "{} / {}",
+            Bytes(s.peak_held_back_bytes),
+            Bytes(s.final_held_back_bytes)
+        ),
+    ]);
+    out.push_str(&indent(&t.render()));
+    let passed = s.checks.iter().filter(|c| c.passed).count();
+    let _ = writeln!(
+        out,
+        "  invariant checks: {passed} of {} passed",
+        s.checks.len()
+    );
+    for c in &s.checks {
+        let mark = if c.passed { "ok  " } else { "FAIL" };
+        let _ = writeln!(out, "    {mark} {}: {}", c.name, c.detail);
+    }
+    out
+}
+
+/// Several runs of one workload side by side.
+pub fn render_compare(runs: &[RunSummary]) -> String {
+    let mut t = Table::new([
+        "backend", "policy", "conv/s", "p50", "p99", "max", "attr sets", "maps", "unmaps",
+        "punches", "peak maps", "peak held", "checks",
+    ]);
+    for s in runs {
+        let passed = s.checks.iter().filter(|c| c.passed).count();
+        t.row([
+            s.setup.backend.clone(),
+            s.setup.policy.clone(),
+            format!("{:.0}", s.conversions_per_s),
+            nanos(s.latency.p50_ns),
+            nanos(s.latency.p99_ns),
+            nanos(s.latency.max_ns),
+            s.kernel_calls.attribute_sets.to_string(),
+            s.kernel_calls.iommu_maps.to_string(),
+            s.kernel_calls.iommu_unmaps.to_string(),
+            s.kernel_calls.hole_punches.to_string(),
+            s.peak_mappings.to_string(),
+            Bytes(s.peak_held_back_bytes).to_string(),
+            format!("{passed}/{}", s.checks.len()),
+        ]);
+    }
+    t.render()
+}
+
+/// Indents every line by two spaces.
+pub fn indent(text: &str) -> String {
+    text.lines().map(|l| format!("  {l}\n")).collect()
+}
+
+/// Pretty JSON of anything serialisable (serialising these plain structs cannot fail; if it
+/// ever did, the error text is printed instead of panicking).
+pub fn json<T: Serialize>(value: &T) -> String {
+    serde_json::to_string_pretty(value).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_columns_align_to_the_widest_cell() {
+        let mut t = Table::new(["a", "bb"]);
+        t.row(["longer", "x"]);
+        t.row(["y"]);
+        assert_eq!(
+            t.render(),
+            "a       bb\n------  --\nlonger  x\ny\n"
+        );
+    }
+
+    #[test]
+    fn nanos_pick_a_readable_unit() {
+        assert_eq!(nanos(999), "999 ns");
+        assert_eq!(nanos(1_500), "1.5 µs");
+        assert_eq!(nanos(2_500_000), "2.5 ms");
+        assert_eq!(nanos(3_000_000_000), "3.00 s");
+    }
+
+    #[test]
+    fn a_run_is_ok_only_when_complete_and_every_check_held() {
+        let mut s = RunSummary {
+            workload: "w".into(),
+            setup: Setup {
+                region: "r".into(),
+                backend: "b".into(),
+                policy: "p".into(),
+                fallbacks: vec![],
+            },
+            requests: 2,
+            conversions_done: 2,
+            bytes_changed: 0,
+            elapsed_s: 0.0,
+            conversions_per_s: 0.0,
+            latency: Percentiles::default(),
+            kernel_calls: KernelCalls::default(),
+            peak_mappings: 0,
+            final_mappings: 0,
+            peak_held_back_bytes: 0,
+            final_held_back_bytes: 0,
+            checks: vec![Check {
+                name: "c".into(),
+                passed: true,
+                detail: String::new(),
+            }],
+        };
+        assert!(s.ok());
+        s.conversions_done = 1;
+        assert!(!s.ok());
+        s.conversions_done = 2;
+        s.checks[0].passed = false;
+        assert!(!s.ok());
+        let text = render_run(&s);
+        assert!(text.contains("FAIL c"), "{text}");
+        assert!(text.contains("0 of 1 passed"), "{text}");
+    }
+}
