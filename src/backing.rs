@@ -1,0 +1,507 @@
+//! The files behind one guest RAM region, their host mapping, the KVM memslot that binds them,
+//! and the one irreversible operation on them: freeing pages (fallocate `PUNCH_HOLE`).
+//!
+//! - [`BackingModel::Classic`]: a memfd holds the shared view (mmap'ed `MAP_SHARED`; devices map
+//!   it by address or by memfd + offset) and a guest_memfd holds the private view.
+//! - [`BackingModel::InPlace`]: one guest_memfd created `MMAP | INIT_SHARED` and mmap'ed for the
+//!   shared view; the private view is the same file, so conversions free nothing.
+//! - [`RegionBacking::software`]: the classic shape with a memfd standing in for the guest_memfd,
+//!   for VMs without guest_memfd and for tests that need to see which private pages hold memory
+//!   (guest_memfd reports no `st_blocks` and cannot be inspected without mmap).
+//!
+//! Offsets in both files equal `gpa - base`.
+
+use std::ffi::CStr;
+use std::fmt;
+use std::fs::File;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use discard_manager::{GpaRange, View};
+use kvm_ioctls::VmFd;
+use vm_memory::{FileOffset, GuestAddress, GuestRegionMmap, MmapRegion};
+use vmm_sys_util::errno;
+
+use crate::host::BackingModel;
+use crate::sys;
+
+/// What kind of file backs one side.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FileKind {
+    /// A memfd (shmem).
+    Memfd,
+    /// A KVM guest_memfd.
+    GuestMemfd,
+}
+
+/// Creating, binding or freeing a backing failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BackingError {
+    /// The region's size does not fit the host's address space.
+    #[error("region size {size:#x} does not fit in the host address space")]
+    TooLarge {
+        /// Requested size.
+        size: u64,
+    },
+    /// `memfd_create` or its `ftruncate` failed.
+    #[error("creating the {size:#x}-byte memfd failed")]
+    CreateMemfd {
+        /// Requested size.
+        size: u64,
+        /// The kernel's errno.
+        #[source]
+        source: errno::Error,
+    },
+    /// `KVM_CREATE_GUEST_MEMFD` failed.
+    #[error("creating the {size:#x}-byte guest_memfd with flags {flags:#x} failed")]
+    CreateGuestMemfd {
+        /// Requested size.
+        size: u64,
+        /// Requested flags.
+        flags: u64,
+        /// The kernel's errno.
+        #[source]
+        source: errno::Error,
+    },
+    /// mmap of the shared backing failed.
+    #[error("mapping the {size:#x}-byte shared backing into the host failed")]
+    Mmap {
+        /// Requested size.
+        size: u64,
+        /// vm-memory's error.
+        #[source]
+        source: vm_memory::mmap::MmapRegionError,
+    },
+    /// The mapping's guest range overflows.
+    #[error("region at {base:#x} of {size:#x} bytes overflows the guest address space")]
+    GuestRange {
+        /// Region base.
+        base: u64,
+        /// Region size.
+        size: u64,
+    },
+    /// A memslot needs a guest_memfd for the private side.
+    #[error("region at {base:#x} has a memfd stand-in, not a guest_memfd; it cannot be bound to KVM")]
+    NotGuestMemfd {
+        /// Region base.
+        base: u64,
+    },
+    /// `KVM_SET_USER_MEMORY_REGION2` failed.
+    #[error("binding region at {base:#x} to KVM memslot {slot} failed")]
+    Bind {
+        /// Region base.
+        base: u64,
+        /// The slot.
+        slot: u32,
+        /// The kernel's errno.
+        #[source]
+        source: errno::Error,
+    },
+    /// `fallocate(PUNCH_HOLE)` failed (or an injected failure).
+    #[error("freeing {range} of the {side} backing failed")]
+    PunchHole {
+        /// Which side.
+        side: View,
+        /// The range.
+        range: GpaRange,
+        /// The kernel's errno.
+        #[source]
+        source: errno::Error,
+    },
+    /// A range outside the region.
+    #[error("{range} is outside the region")]
+    OutsideRegion {
+        /// The range.
+        range: GpaRange,
+    },
+    /// Asking which pages hold memory failed or is impossible for this file.
+    #[error("cannot tell which pages of the {side} backing hold memory")]
+    Residency {
+        /// Which side.
+        side: View,
+        /// The kernel's errno (`EOPNOTSUPP` for a guest_memfd without a host mapping).
+        #[source]
+        source: errno::Error,
+    },
+}
+
+type PunchRule = Box<dyn FnMut(View, GpaRange) -> bool + Send>;
+
+#[derive(Default)]
+struct PunchLog {
+    calls: u64,
+    bytes: u64,
+    fail: Option<PunchRule>,
+}
+
+/// Counters of the frees this backing made.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PunchStats {
+    /// Successful `fallocate(PUNCH_HOLE)` calls.
+    pub calls: u64,
+    /// Bytes they freed (requested lengths).
+    pub bytes: u64,
+}
+
+/// The files and host mapping behind one guest RAM region.
+pub struct RegionBacking {
+    model: BackingModel,
+    base: u64,
+    size: u64,
+    shared_kind: FileKind,
+    shared: Arc<File>,
+    private_kind: FileKind,
+    /// `None` for in-place: the private view is `shared`.
+    private: Option<Arc<File>>,
+    mapping: GuestRegionMmap,
+    punches: Mutex<PunchLog>,
+}
+
+impl fmt::Debug for RegionBacking {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RegionBacking")
+            .field("model", &self.model)
+            .field("base", &format_args!("{:#x}", self.base))
+            .field("size", &format_args!("{:#x}", self.size))
+            .field("shared_kind", &self.shared_kind)
+            .field("private_kind", &self.private_kind)
+            .finish()
+    }
+}
+
+impl RegionBacking {
+    /// Classic model: a memfd for the shared view and a guest_memfd created on `vm` for the
+    /// private view.
+    ///
+    /// # Errors
+    /// The step that failed.
+    pub fn classic(vm: &VmFd, base: u64, size: u64) -> Result<Self, BackingError> {
+        let private = sys::create_guest_memfd(vm, size, 0).map_err(|source| {
+            BackingError::CreateGuestMemfd {
+                size,
+                flags: 0,
+                source,
+            }
+        })?;
+        Self::two_files(base, size, private, FileKind::GuestMemfd)
+    }
+
+    /// In-place model: one guest_memfd created on `vm` with `MMAP | INIT_SHARED`, mmap'ed.
+    ///
+    /// # Errors
+    /// The step that failed (`EINVAL` from the kernel when the VM lacks the flags).
+    pub fn in_place(vm: &VmFd, base: u64, size: u64) -> Result<Self, BackingError> {
+        let flags = sys::GUEST_MEMFD_FLAG_MMAP | sys::GUEST_MEMFD_FLAG_INIT_SHARED;
+        let gmem = sys::create_guest_memfd(vm, size, flags).map_err(|source| {
+            BackingError::CreateGuestMemfd {
+                size,
+                flags,
+                source,
+            }
+        })?;
+        let shared = Arc::new(File::from(gmem));
+        let mapping = map_shared(&shared, base, size)?;
+        Ok(Self {
+            model: BackingModel::InPlace,
+            base,
+            size,
+            shared_kind: FileKind::GuestMemfd,
+            shared,
+            private_kind: FileKind::GuestMemfd,
+            private: None,
+            mapping,
+            punches: Mutex::default(),
+        })
+    }
+
+    /// Classic shape without KVM: a memfd for each side. For VMs without guest_memfd (the
+    /// private side then only holds what the VMM puts there) and for tests that must see which
+    /// private pages hold memory. Cannot be bound to a memslot.
+    ///
+    /// # Errors
+    /// The step that failed.
+    pub fn software(base: u64, size: u64) -> Result<Self, BackingError> {
+        let private = memfd(c"gmem-dma-private", size)?;
+        Self::two_files(base, size, private, FileKind::Memfd)
+    }
+
+    fn two_files(
+        base: u64,
+        size: u64,
+        private: OwnedFd,
+        private_kind: FileKind,
+    ) -> Result<Self, BackingError> {
+        let shared = Arc::new(File::from(memfd(c"gmem-dma-shared", size)?));
+        let mapping = map_shared(&shared, base, size)?;
+        Ok(Self {
+            model: BackingModel::Classic,
+            base,
+            size,
+            shared_kind: FileKind::Memfd,
+            shared,
+            private_kind,
+            private: Some(Arc::new(File::from(private))),
+            mapping,
+            punches: Mutex::default(),
+        })
+    }
+
+    /// Binds the region to KVM memslot `slot` of `vm` (`KVM_SET_USER_MEMORY_REGION2`, with the
+    /// guest_memfd at offset 0 and the shared mapping as `userspace_addr`).
+    ///
+    /// # Errors
+    /// [`BackingError::NotGuestMemfd`] for a software backing; [`BackingError::Bind`].
+    pub fn bind(&self, vm: &VmFd, slot: u32) -> Result<(), BackingError> {
+        if self.private_kind != FileKind::GuestMemfd {
+            return Err(BackingError::NotGuestMemfd { base: self.base });
+        }
+        let gmem = self.private_file().as_fd();
+        // SAFETY: the shared mapping lives as long as `self`, and the VMM that owns this
+        // backing owns the VM and deletes the slot before dropping the region (documented on
+        // `GuestRam`); the guest_memfd was created on this VM by `classic`/`in_place`.
+        unsafe {
+            sys::set_guest_memfd_memslot(
+                vm,
+                slot,
+                self.base,
+                self.size,
+                self.mapping.as_ptr() as u64,
+                gmem,
+                0,
+            )
+        }
+        .map_err(|source| BackingError::Bind {
+            base: self.base,
+            slot,
+            source,
+        })
+    }
+
+    /// The backing model.
+    pub fn model(&self) -> BackingModel {
+        self.model
+    }
+
+    /// The region as a guest range.
+    pub fn range(&self) -> Option<GpaRange> {
+        GpaRange::new(self.base, self.size)
+    }
+
+    /// The host mapping of the shared view, as vm-memory sees it.
+    pub fn mapping(&self) -> &GuestRegionMmap {
+        &self.mapping
+    }
+
+    /// The file holding the shared view (memfd, or the guest_memfd in place).
+    pub fn shared_file(&self) -> &Arc<File> {
+        &self.shared
+    }
+
+    /// What kind of file holds the shared view.
+    pub fn shared_kind(&self) -> FileKind {
+        self.shared_kind
+    }
+
+    /// The file holding the private view.
+    pub fn private_file(&self) -> &Arc<File> {
+        self.private.as_ref().unwrap_or(&self.shared)
+    }
+
+    /// What kind of file holds the private view.
+    pub fn private_kind(&self) -> FileKind {
+        self.private_kind
+    }
+
+    /// Offset in either file of guest address `gpa` (which must be inside the region).
+    pub fn file_offset(&self, gpa: u64) -> u64 {
+        gpa - self.base
+    }
+
+    /// Host address of guest address `gpa` in the shared mapping, or `None` outside the region.
+    pub fn host_addr(&self, gpa: u64) -> Option<*mut u8> {
+        let off = usize::try_from(gpa.checked_sub(self.base)?).ok()?;
+        (gpa < self.base + self.size).then(|| self.mapping.as_ptr().wrapping_add(off))
+    }
+
+    fn check(&self, range: GpaRange) -> Result<(), BackingError> {
+        match self.range() {
+            Some(r) if r.contains(&range) => Ok(()),
+            _ => Err(BackingError::OutsideRegion { range }),
+        }
+    }
+
+    fn punch_log(&self) -> MutexGuard<'_, PunchLog> {
+        // Counters only: a poisoned lock still holds usable numbers.
+        self.punches.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Frees `range` of the `side` backing (fallocate `PUNCH_HOLE | KEEP_SIZE`). Irreversible:
+    /// the data is gone.
+    ///
+    /// # Errors
+    /// [`BackingError::PunchHole`] with the kernel's errno (or `EIO` when injected).
+    pub fn punch_hole(&self, side: View, range: GpaRange) -> Result<(), BackingError> {
+        self.check(range)?;
+        let mut log = self.punch_log();
+        if log.fail.as_mut().is_some_and(|rule| rule(side, range)) {
+            return Err(BackingError::PunchHole {
+                side,
+                range,
+                source: errno::Error::new(libc::EIO),
+            });
+        }
+        let file = match side {
+            View::Shared => &self.shared,
+            View::Private => self.private_file(),
+        };
+        sys::punch_hole(file.as_fd(), self.file_offset(range.start()), range.len()).map_err(
+            |source| BackingError::PunchHole {
+                side,
+                range,
+                source,
+            },
+        )?;
+        log.calls += 1;
+        log.bytes += range.len();
+        Ok(())
+    }
+
+    /// From now on, a free for which `rule` returns true fails with `EIO` and frees nothing.
+    pub fn inject_punch_failures(&self, rule: impl FnMut(View, GpaRange) -> bool + Send + 'static) {
+        self.punch_log().fail = Some(Box::new(rule));
+    }
+
+    /// Stops injecting free failures.
+    pub fn clear_punch_failures(&self) {
+        self.punch_log().fail = None;
+    }
+
+    /// How many frees were made, and how many bytes they covered.
+    pub fn punch_stats(&self) -> PunchStats {
+        let log = self.punch_log();
+        PunchStats {
+            calls: log.calls,
+            bytes: log.bytes,
+        }
+    }
+
+    /// Bytes of memory the `side` file holds per `fstat` (a guest_memfd always reports 0).
+    ///
+    /// # Errors
+    /// [`BackingError::Residency`].
+    pub fn allocated_bytes(&self, side: View) -> Result<u64, BackingError> {
+        let file = match side {
+            View::Shared => &self.shared,
+            View::Private => self.private_file(),
+        };
+        sys::allocated_bytes(file.as_fd()).map_err(|source| BackingError::Residency { side, source })
+    }
+
+    /// For each host page of `range`, whether the `side` backing holds memory for it. memfds
+    /// answer with `SEEK_DATA` (pages never written count as holes); an mmap'ed guest_memfd
+    /// answers with `mincore` on the shared mapping; a classic guest_memfd cannot answer.
+    ///
+    /// # Errors
+    /// [`BackingError::Residency`] (`EOPNOTSUPP` for a classic guest_memfd).
+    pub fn resident_pages(&self, side: View, range: GpaRange) -> Result<Vec<bool>, BackingError> {
+        self.check(range)?;
+        let (file, kind) = match side {
+            View::Shared => (&self.shared, self.shared_kind),
+            View::Private => (self.private_file(), self.private_kind),
+        };
+        let page = sys::page_size() as u64;
+        let err = |source| BackingError::Residency { side, source };
+        match kind {
+            FileKind::Memfd => residency_by_seek(file.as_fd(), self.file_offset(range.start()), range.len(), page)
+                .map_err(err),
+            FileKind::GuestMemfd if self.model == BackingModel::InPlace => {
+                let addr = self.host_addr(range.start()).ok_or(BackingError::OutsideRegion { range })?;
+                let len = usize::try_from(range.len()).map_err(|_| err(errno::Error::new(libc::EINVAL)))?;
+                sys::resident_pages(addr, len).map_err(err)
+            }
+            FileKind::GuestMemfd => Err(err(errno::Error::new(libc::EOPNOTSUPP))),
+        }
+    }
+}
+
+fn residency_by_seek(fd: BorrowedFd<'_>, start: u64, len: u64, page: u64) -> Result<Vec<bool>, errno::Error> {
+    let end = start + len;
+    let mut out = vec![false; len.div_ceil(page) as usize];
+    let mut at = start;
+    while at < end {
+        let Some(data) = sys::seek_data(fd, at)? else { break };
+        if data >= end {
+            break;
+        }
+        let hole = sys::seek_hole(fd, data)?.unwrap_or(end).min(end);
+        for p in (data - start) / page..(hole - start).div_ceil(page) {
+            out[p as usize] = true;
+        }
+        at = hole;
+    }
+    Ok(out)
+}
+
+fn memfd(name: &CStr, size: u64) -> Result<OwnedFd, BackingError> {
+    sys::memfd_create(name, size).map_err(|source| BackingError::CreateMemfd { size, source })
+}
+
+fn map_shared(file: &Arc<File>, base: u64, size: u64) -> Result<GuestRegionMmap, BackingError> {
+    let len = usize::try_from(size).map_err(|_| BackingError::TooLarge { size })?;
+    let region = MmapRegion::from_file(FileOffset::from_arc(Arc::clone(file), 0), len)
+        .map_err(|source| BackingError::Mmap { size, source })?;
+    GuestRegionMmap::new(region, GuestAddress(base)).ok_or(BackingError::GuestRange { base, size })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn software_backing_frees_exactly_the_punched_pages() {
+        let b = RegionBacking::software(0x10_0000, 0x10000).unwrap();
+        let all = GpaRange::new(0x10_0000, 0x10000).unwrap();
+        // Touch pages 1..4 of the shared view through the host mapping.
+        for p in 1..4u64 {
+            let addr = b.host_addr(0x10_0000 + p * 4096).unwrap();
+            // SAFETY: `addr` is inside the live shared mapping, no reference to it exists.
+            unsafe { addr.write_volatile(0xaa) };
+        }
+        let before = b.resident_pages(View::Shared, all).unwrap();
+        assert_eq!(before.iter().filter(|&&r| r).count(), 3);
+        b.punch_hole(View::Shared, GpaRange::new(0x10_1000, 0x2000).unwrap())
+            .unwrap();
+        let after = b.resident_pages(View::Shared, all).unwrap();
+        assert_eq!(after.iter().positions(), [3]);
+        assert_eq!(b.allocated_bytes(View::Shared).unwrap(), 4096);
+        assert_eq!(b.punch_stats(), PunchStats { calls: 1, bytes: 0x2000 });
+    }
+
+    #[test]
+    fn injected_punch_failure_frees_nothing() {
+        let b = RegionBacking::software(0, 0x4000).unwrap();
+        let addr = b.host_addr(0).unwrap();
+        // SAFETY: `addr` is the start of the live shared mapping; no reference to it exists.
+        unsafe { addr.write_volatile(1) };
+        b.inject_punch_failures(|_, _| true);
+        let r = GpaRange::new(0, 0x4000).unwrap();
+        assert!(matches!(
+            b.punch_hole(View::Shared, r),
+            Err(BackingError::PunchHole { side: View::Shared, .. })
+        ));
+        assert_eq!(b.allocated_bytes(View::Shared).unwrap(), 4096);
+        assert!(matches!(
+            b.punch_hole(View::Shared, GpaRange::new(0x4000, 0x1000).unwrap()),
+            Err(BackingError::OutsideRegion { .. })
+        ));
+    }
+
+    trait Positions {
+        fn positions(self) -> Vec<usize>;
+    }
+    impl<'a, I: Iterator<Item = &'a bool>> Positions for I {
+        fn positions(self) -> Vec<usize> {
+            self.enumerate().filter(|(_, r)| **r).map(|(i, _)| i).collect()
+        }
+    }
+}
