@@ -203,6 +203,19 @@ pub enum DmaError {
         #[source]
         source: errno::Error,
     },
+    /// A no-IOMMU map pinned memory but could not learn the physical address the device must
+    /// be given (there is no IOVA translation to fall back on).
+    #[error("{kind}: no physical address for host address {host_addr:#x} (iova {iova:#x}): {reason}")]
+    PhysicalAddress {
+        /// The backend.
+        kind: BackendKind,
+        /// The IOVA (lookup key) being mapped.
+        iova: u64,
+        /// The host virtual address of the page.
+        host_addr: u64,
+        /// Why (for example, the missing privilege).
+        reason: &'static str,
+    },
 }
 
 /// One IOMMU address space. Implementations are thin: one kernel call per method call, no

@@ -11,6 +11,13 @@
 )]
 
 mod backend;
+// Kernel backends and device access (VFIO type1, IOMMUFD, no-IOMMU, sysfs, edu).
+mod device;
+mod edu;
+mod iommufd;
+mod noiommu;
+mod sys;
+mod type1;
 pub mod emulated;
 mod ledger;
 
@@ -19,3 +26,12 @@ pub use backend::{
 };
 pub use emulated::EmulatedIommu;
 pub use ledger::{Ledger, LedgerError, LedgerStats, Mapping, MappingSource, UnmapReport};
+pub use device::{
+    DeviceError, DeviceRegions, GroupMember, HostPaths, HostReport, MemlockLimit, NodeState,
+    OpenError, PciAddress, PciAddressError, PciDeviceInfo, RegionError, RegionInfo, UsableDevice,
+    VfioContainerReport, VfioMode, VfioPciDevice,
+};
+pub use edu::{EDU_ID, Edu, EduError};
+pub use iommufd::IommufdBackend;
+pub use noiommu::{NoIommuBackend, NoIommuDevice, PAGE_SIZE, PagemapEntry};
+pub use type1::{Type1Backend, Type1Info};
