@@ -3,11 +3,12 @@
 //!
 //! The tool is a thin layer over the workspace's libraries (`gmem-dma`, `iommu`,
 //! `discard-manager`): the modules here parse arguments ([`cli`]), generate and parse workloads
-//! ([`workload`], [`trace`]), measure ([`stats`]) and print ([`report`]); the commands only call
-//! the libraries. Errors are `anyhow` sentences classified into exit codes ([`exit`]).
+//! ([`workload`], [`trace`]), measure ([`stats`]) and print ([`report`]); the commands ([`cmd`])
+//! only call the libraries. Errors are `anyhow` sentences classified into exit codes ([`exit`]).
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks, missing_docs)]
 
 mod cli;
+mod cmd;
 mod exit;
 mod report;
 mod stats;
@@ -19,8 +20,45 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+use cli::{Cli, Command};
+
+fn init_logging(verbose: u8) {
+    let level = match verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
+        .format_timestamp_micros()
+        .init();
+}
+
+fn dispatch(cli: &Cli) -> anyhow::Result<bool> {
+    match &cli.command {
+        Some(Command::Probe) => {
+            let p = cmd::probe::probe();
+            if cli.json {
+                println!("{}", report::json(&p));
+            } else {
+                print!("{}", cmd::probe::render(&p));
+            }
+            Ok(true)
+        }
+        _ => Err(exit::error(exit::Class::Usage, "not yet")),
+    }
+}
+
 fn main() -> ExitCode {
-    let cli = cli::Cli::parse();
-    let _ = cli;
-    ExitCode::SUCCESS
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    match dispatch(&cli) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(exit::Class::Failed.code()),
+        Err(e) => {
+            log::error!("{e:#}");
+            eprintln!("dma-map: error: {e:#}");
+            ExitCode::from(exit::code_of(&e))
+        }
+    }
 }

@@ -1,0 +1,3 @@
+//! The commands: each one calls the libraries and returns what to print.
+
+pub mod probe;
