@@ -205,7 +205,9 @@ pub enum DmaError {
     },
     /// A no-IOMMU map pinned memory but could not learn the physical address the device must
     /// be given (there is no IOVA translation to fall back on).
-    #[error("{kind}: no physical address for host address {host_addr:#x} (iova {iova:#x}): {reason}")]
+    #[error(
+        "{kind}: no physical address for host address {host_addr:#x} (iova {iova:#x}): {reason}"
+    )]
     PhysicalAddress {
         /// The backend.
         kind: BackendKind,

@@ -11,6 +11,9 @@
 )]
 
 mod backend;
+pub mod emulated;
+mod ledger;
+
 // Kernel backends and device access (VFIO type1, IOMMUFD, no-IOMMU, sysfs, edu).
 mod device;
 mod edu;
@@ -18,14 +21,13 @@ mod iommufd;
 mod noiommu;
 mod sys;
 mod type1;
-pub mod emulated;
-mod ledger;
 
 pub use backend::{
     BackendKind, Capabilities, DmaBackend, DmaError, DmaProt, FileMapSupport, IovaRange,
 };
 pub use emulated::EmulatedIommu;
 pub use ledger::{Ledger, LedgerError, LedgerStats, Mapping, MappingSource, UnmapReport};
+
 pub use device::{
     DeviceError, DeviceRegions, GroupMember, HostPaths, HostReport, MemlockLimit, NodeState,
     OpenError, PciAddress, PciAddressError, PciDeviceInfo, RegionError, RegionInfo, UsableDevice,
