@@ -81,7 +81,9 @@ pub enum BackingError {
         size: u64,
     },
     /// A memslot needs a guest_memfd for the private side.
-    #[error("region at {base:#x} has a memfd stand-in, not a guest_memfd; it cannot be bound to KVM")]
+    #[error(
+        "region at {base:#x} has a memfd stand-in, not a guest_memfd; it cannot be bound to KVM"
+    )]
     NotGuestMemfd {
         /// Region base.
         base: u64,
@@ -394,7 +396,8 @@ impl RegionBacking {
             View::Shared => &self.shared,
             View::Private => self.private_file(),
         };
-        sys::allocated_bytes(file.as_fd()).map_err(|source| BackingError::Residency { side, source })
+        sys::allocated_bytes(file.as_fd())
+            .map_err(|source| BackingError::Residency { side, source })
     }
 
     /// For each host page of `range`, whether the `side` backing holds memory for it. memfds
@@ -412,11 +415,19 @@ impl RegionBacking {
         let page = sys::page_size() as u64;
         let err = |source| BackingError::Residency { side, source };
         match kind {
-            FileKind::Memfd => residency_by_seek(file.as_fd(), self.file_offset(range.start()), range.len(), page)
-                .map_err(err),
+            FileKind::Memfd => residency_by_seek(
+                file.as_fd(),
+                self.file_offset(range.start()),
+                range.len(),
+                page,
+            )
+            .map_err(err),
             FileKind::GuestMemfd if self.model == BackingModel::InPlace => {
-                let addr = self.host_addr(range.start()).ok_or(BackingError::OutsideRegion { range })?;
-                let len = usize::try_from(range.len()).map_err(|_| err(errno::Error::new(libc::EINVAL)))?;
+                let addr = self
+                    .host_addr(range.start())
+                    .ok_or(BackingError::OutsideRegion { range })?;
+                let len = usize::try_from(range.len())
+                    .map_err(|_| err(errno::Error::new(libc::EINVAL)))?;
                 sys::resident_pages(addr, len).map_err(err)
             }
             FileKind::GuestMemfd => Err(err(errno::Error::new(libc::EOPNOTSUPP))),
@@ -424,12 +435,19 @@ impl RegionBacking {
     }
 }
 
-fn residency_by_seek(fd: BorrowedFd<'_>, start: u64, len: u64, page: u64) -> Result<Vec<bool>, errno::Error> {
+fn residency_by_seek(
+    fd: BorrowedFd<'_>,
+    start: u64,
+    len: u64,
+    page: u64,
+) -> Result<Vec<bool>, errno::Error> {
     let end = start + len;
     let mut out = vec![false; len.div_ceil(page) as usize];
     let mut at = start;
     while at < end {
-        let Some(data) = sys::seek_data(fd, at)? else { break };
+        let Some(data) = sys::seek_data(fd, at)? else {
+            break;
+        };
         if data >= end {
             break;
         }
@@ -474,7 +492,13 @@ mod tests {
         let after = b.resident_pages(View::Shared, all).unwrap();
         assert_eq!(after.iter().positions(), [3]);
         assert_eq!(b.allocated_bytes(View::Shared).unwrap(), 4096);
-        assert_eq!(b.punch_stats(), PunchStats { calls: 1, bytes: 0x2000 });
+        assert_eq!(
+            b.punch_stats(),
+            PunchStats {
+                calls: 1,
+                bytes: 0x2000
+            }
+        );
     }
 
     #[test]
@@ -487,7 +511,10 @@ mod tests {
         let r = GpaRange::new(0, 0x4000).unwrap();
         assert!(matches!(
             b.punch_hole(View::Shared, r),
-            Err(BackingError::PunchHole { side: View::Shared, .. })
+            Err(BackingError::PunchHole {
+                side: View::Shared,
+                ..
+            })
         ));
         assert_eq!(b.allocated_bytes(View::Shared).unwrap(), 4096);
         assert!(matches!(
@@ -501,7 +528,10 @@ mod tests {
     }
     impl<'a, I: Iterator<Item = &'a bool>> Positions for I {
         fn positions(self) -> Vec<usize> {
-            self.enumerate().filter(|(_, r)| **r).map(|(i, _)| i).collect()
+            self.enumerate()
+                .filter(|(_, r)| **r)
+                .map(|(i, _)| i)
+                .collect()
         }
     }
 }

@@ -112,7 +112,9 @@ impl KvmSupport {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ModelError {
     /// No guest_memfd at all.
-    #[error("KVM lacks KVM_CAP_GUEST_MEMFD (guest_memfd needs Linux 6.8+ with CONFIG_KVM_GUEST_MEMFD)")]
+    #[error(
+        "KVM lacks KVM_CAP_GUEST_MEMFD (guest_memfd needs Linux 6.8+ with CONFIG_KVM_GUEST_MEMFD)"
+    )]
     NoGuestMemfd,
     /// No memslots that name a guest_memfd.
     #[error("KVM lacks KVM_CAP_USER_MEMORY2 (KVM_SET_USER_MEMORY_REGION2 needs Linux 6.8+)")]

@@ -1,11 +1,63 @@
 //! The integration layer a VMM embeds to give assigned devices DMA access to guest memory backed
 //! by KVM guest_memfd, keeping every IOMMU in step while the guest converts memory between shared
 //! and private.
-#![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks, missing_docs)]
+//!
+//! - [`GuestRam`]: regions, devices and the KVM attribute table; what the VMM holds.
+//! - [`RegionBacking`]: the files behind a region, classic (memfd + guest_memfd) or in-place
+//!   (mmap-able guest_memfd), chosen from what the kernel offers ([`KvmSupport`]).
+//! - [`engine`]: the order of every conversion, its rollback, and the discard policies.
+//! - [`dma`]: the listeners that map a view of a region into a device's IOMMU.
+//! - [`ConversionQueue`]: conversions from vCPU threads, merged and answered one by one.
+//! - [`exits`]: vCPU exits to conversion requests, results to what the guest reads.
+//!
+//! # Example
+//! A VMM with one 2 MiB confidential region and one assigned device (here the emulated IOMMU;
+//! a VFIO type1 or IOMMUFD backend from the `iommu` crate plugs in the same way):
+//! ```
+//! use std::sync::Arc;
+//! use gmem_dma::{DeviceConfig, DiscardPolicy, GuestRam, RecordingAttributes, RegionBacking, RegionSpec};
+//! use discard_manager::{Attribute, GpaRange};
+//! use iommu::EmulatedIommu;
+//!
+//! let ram = GuestRam::new(Arc::new(RecordingAttributes::new()));
+//! let backing = RegionBacking::software(0x1_0000_0000, 2 << 20)?; // or ::classic(&vm, ..) + bind
+//! let spec = RegionSpec { granularity: 4096, initial: Attribute::Private, policy: DiscardPolicy::Lazy { budget_bytes: 1 << 20 } };
+//! ram.add_region(backing, spec)?;
+//! let iommu = Arc::new(EmulatedIommu::new());
+//! let nic = ram.attach_device("nic", iommu.clone(), DeviceConfig::shared())?;
+//!
+//! // The guest shares a 16 KiB bounce buffer (a KVM_HC_MAP_GPA_RANGE exit), then takes it back.
+//! let bounce = GpaRange::new(0x1_0000_4000, 0x4000).unwrap();
+//! ram.convert(bounce, Attribute::Shared)?;
+//! assert_eq!(iommu.mapping_count(), 4); // one mapping per 4 KiB granule
+//! ram.convert(bounce, Attribute::Private)?;
+//! assert_eq!(ram.device_mappings(nic).unwrap().len(), 0);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+#![deny(
+    unsafe_op_in_unsafe_fn,
+    clippy::undocumented_unsafe_blocks,
+    missing_docs
+)]
 
 pub mod attributes;
 pub mod backing;
+pub mod dma;
+pub mod engine;
+pub mod exits;
 pub mod host;
 pub mod policy;
+mod queue;
+mod ram;
 mod range_set;
 pub mod sys;
+
+pub use attributes::{AttributeError, KvmAttributes, MemoryAttributes, RecordingAttributes};
+pub use backing::{BackingError, FileKind, RegionBacking};
+pub use dma::MapBy;
+pub use engine::{Conversion, ConversionError, DeviceId, Region};
+pub use exits::{ConversionRequest, RequestError, hypercall_return};
+pub use host::{BackingModel, KvmSupport, ModelChoice, ModelError};
+pub use policy::{DiscardPolicy, FlushReport, HeldBack};
+pub use queue::{ConversionQueue, QueueStats, Ticket};
+pub use ram::{AttachError, DetachError, DeviceConfig, GuestRam, RegionError, RegionSpec};

@@ -128,8 +128,7 @@ impl Discarder {
                 max_ranges,
                 max_bytes,
             } => {
-                self.held_shared.len() + self.held_private.len() >= max_ranges
-                    || bytes >= max_bytes
+                self.held_shared.len() + self.held_private.len() >= max_ranges || bytes >= max_bytes
             }
         }
     }

@@ -88,11 +88,6 @@ impl RangeSet {
             .is_some_and(|&(s, e)| s == start && e == end)
     }
 
-    /// True when some byte of `[start, end)` is in the set.
-    pub fn overlaps(&self, start: u64, end: u64) -> bool {
-        !self.intersection(start, end).is_empty()
-    }
-
     /// Total bytes in the set.
     pub fn bytes(&self) -> u64 {
         self.bytes
@@ -101,11 +96,6 @@ impl RangeSet {
     /// Number of extents.
     pub fn len(&self) -> usize {
         self.extents.len()
-    }
-
-    /// True when the set is empty.
-    pub fn is_empty(&self) -> bool {
-        self.extents.is_empty()
     }
 
     /// The extents in order.

@@ -189,7 +189,10 @@ mod tests {
         assert_eq!(offset_of!(kvm_create_guest_memfd, flags), 8);
         assert_eq!(size_of::<kvm_userspace_memory_region2>(), 160);
         assert_eq!(offset_of!(kvm_userspace_memory_region2, userspace_addr), 24);
-        assert_eq!(offset_of!(kvm_userspace_memory_region2, guest_memfd_offset), 32);
+        assert_eq!(
+            offset_of!(kvm_userspace_memory_region2, guest_memfd_offset),
+            32
+        );
         assert_eq!(offset_of!(kvm_userspace_memory_region2, guest_memfd), 40);
         assert_eq!(size_of::<kvm_memory_attributes>(), 32);
         assert_eq!(offset_of!(kvm_memory_attributes, attributes), 16);
@@ -225,14 +228,8 @@ mod tests {
         let page = vec![0xa5u8; 4096];
         for i in 0..4 {
             // SAFETY: `fd` is open; `page` is a readable buffer of the length passed.
-            let n = unsafe {
-                libc::pwrite(
-                    fd.as_raw_fd(),
-                    page.as_ptr().cast(),
-                    page.len(),
-                    i * 4096,
-                )
-            };
+            let n =
+                unsafe { libc::pwrite(fd.as_raw_fd(), page.as_ptr().cast(), page.len(), i * 4096) };
             assert_eq!(n, 4096);
         }
         assert_eq!(allocated_bytes(fd.as_fd()).unwrap(), 4 * 4096);

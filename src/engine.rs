@@ -1,0 +1,490 @@
+//! The conversion engine: the one place that decides the order of the steps of a conversion,
+//! what is undone when one fails, and when backing memory is freed.
+//!
+//! # Order of a conversion of `range` to `to`
+//! Under the region's conversion lock:
+//!
+//! 0. **Catch up.** Unmaps that failed earlier (stale mappings, see [`crate::dma`]) are retried.
+//! 1. **Budget.** Every device listening to the gaining view must have room for one mapping per
+//!    granule that joins it ([`iommu::Ledger::check_budget`]); type1 allows 65535 per container.
+//!    A conversion that would not fit is refused here, before anything changed.
+//! 2. **Transaction** ([`discard_manager::DiscardManager::convert_with`]), on exactly the
+//!    granules whose attribute changes:
+//!    1. *discard the losing view*: every device unmaps those granules (to private: the shared
+//!       view's DMA mappings go first, as TDX requires and in-place conversion enforces);
+//!    2. *the attribute step* ([`AttributeStep::apply`]): first check that every unmap of step
+//!       2.1 really happened, else fail (the manager re-populates the losing view: nothing
+//!       changed); then set the KVM attribute;
+//!    3. *populate the gaining view*: devices map the granules (to shared: mapped after the
+//!       attribute, so a device never maps a page the guest still treats as private).
+//!
+//!    A failure in 2.3 makes the manager discard what 2.3 mapped, call
+//!    [`AttributeStep::undo`] (the KVM attribute goes back), and re-populate the losing view.
+//! 3. **Free the vacated backing**, per the region's [`DiscardPolicy`]. Last on purpose:
+//!    punching a hole destroys data and cannot be undone, so it runs only once every fallible,
+//!    reversible step succeeded. A failed conversion therefore leaves the backings exactly as
+//!    they were (invariant 4). A hole punch that fails *after* the conversion succeeded does not
+//!    un-convert anything: the pages stay held back, are reported in [`HeldBack`], and the free
+//!    is retried at the next flush.
+//!
+//! QEMU's order (attribute, listeners, punch) neither undoes the attribute nor keeps the
+//! backings intact when a listener fails, and it stops the VM. Here every failure returns a
+//! [`ConversionError`] naming the step, the guest gets an error code and keeps running.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use discard_manager::{
+    Attribute, Change, DiscardManager, GpaRange, ListenerId, RangeError, RegionConfig,
+    TransactionError, TransactionStep, View,
+};
+use iommu::{Ledger, LedgerError};
+
+use crate::attributes::{AttributeError, MemoryAttributes};
+use crate::backing::RegionBacking;
+use crate::dma::{DmaListener, UnmapFailure, UnmapFailures};
+use crate::host::BackingModel;
+use crate::policy::{DiscardPolicy, Discarder, FlushReport, HeldBack};
+
+/// A conversion that was refused or failed, naming the step. Unless the variant says
+/// otherwise, nothing changed: state manager, KVM attributes, IOMMU mappings and backings are
+/// as they were.
+#[derive(Debug, thiserror::Error)]
+pub enum ConversionError {
+    /// The range is not granule-aligned or not inside the region.
+    #[error("conversion range is invalid")]
+    Range(#[source] RangeError),
+    /// No single region contains the range.
+    #[error("no guest RAM region contains {range}")]
+    NoRegion {
+        /// The range asked for.
+        range: GpaRange,
+    },
+    /// A device's mapping budget (type1's `dma_entry_limit`) cannot hold the mappings this
+    /// conversion needs.
+    #[error("device {device} has no room for the {needed} mappings converting {range} needs")]
+    MappingBudget {
+        /// The device.
+        device: String,
+        /// The range asked for.
+        range: GpaRange,
+        /// Mappings needed.
+        needed: u64,
+        /// The ledger's refusal, with what is left.
+        #[source]
+        source: LedgerError,
+    },
+    /// A device unmap failed while the losing view was discarded; rolled back.
+    #[error("device {} failed to unmap {} view {} ({} failure(s) in all); rolled back", .first.device, .first.view, .first.range, .count)]
+    Unmap {
+        /// The first failure.
+        #[source]
+        first: Box<UnmapFailure>,
+        /// How many unmaps failed.
+        count: usize,
+    },
+    /// Setting the KVM attribute failed; rolled back.
+    #[error("setting the KVM memory attribute failed; rolled back")]
+    Attribute(#[source] AttributeError),
+    /// A device refused to map the gaining view; rolled back.
+    #[error("device {device} failed to map {view} view {range}; rolled back")]
+    Map {
+        /// The device (or listener id, for listeners that are not devices).
+        device: String,
+        /// The view.
+        view: View,
+        /// The range it refused.
+        range: GpaRange,
+        /// Its error.
+        #[source]
+        source: discard_manager::ListenerError,
+    },
+    /// After a failed populate, setting the KVM attribute back failed: **KVM disagrees with the
+    /// state manager** for `range` (the manager and the devices are as before).
+    #[error(
+        "undoing the KVM attribute of {range} failed; KVM now disagrees with the state manager"
+    )]
+    AttributeRollback {
+        /// The run whose attribute could not be restored.
+        range: GpaRange,
+        /// The last error.
+        #[source]
+        source: AttributeError,
+    },
+    /// After a failure, a device refused to re-map the losing view and was detached from the
+    /// region (it lost DMA access to the region's view; attach it again).
+    #[error("rollback failed; {} device(s) lost access to the region and were detached: {}", .detached.len(), .detached.join(", "))]
+    RollbackFailed {
+        /// The devices detached.
+        detached: Vec<String>,
+        /// The manager's report.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The conversion queue shut down before running the request.
+    #[error("the conversion queue shut down before running the request")]
+    Shutdown,
+    /// The state manager refused the call (re-entrant or poisoned).
+    #[error("the state manager refused the conversion")]
+    Manager(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl ConversionError {
+    /// The errno the guest is told (returned negated by the hypercall): `EINVAL` for a bad
+    /// request, `ENOSPC` for an exhausted mapping budget, `EBUSY` when a device still holds a
+    /// page, the kernel's errno for an attribute failure, `EIO` otherwise.
+    pub fn guest_errno(&self) -> i32 {
+        match self {
+            ConversionError::Range(_) | ConversionError::NoRegion { .. } => libc::EINVAL,
+            ConversionError::MappingBudget { .. } => libc::ENOSPC,
+            ConversionError::Unmap { .. } => libc::EBUSY,
+            ConversionError::Attribute(e) => e.source.errno(),
+            _ => libc::EIO,
+        }
+    }
+}
+
+/// What a successful conversion did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Conversion {
+    /// The attribute the range has now.
+    pub to: Attribute,
+    /// The runs whose attribute changed (empty when the range already had it).
+    pub runs: Vec<GpaRange>,
+    /// Frees made at the end of this conversion.
+    pub flushed: FlushReport,
+    /// Backing the region holds back after it.
+    pub held: HeldBack,
+}
+
+impl Conversion {
+    /// Bytes whose attribute changed.
+    pub fn bytes(&self) -> u64 {
+        self.runs.iter().map(GpaRange::len).sum()
+    }
+}
+
+/// The KVM attribute change, as the transaction step of a conversion.
+pub struct AttributeStep<'a> {
+    attributes: &'a dyn MemoryAttributes,
+    to: Attribute,
+    failures: &'a UnmapFailures,
+    undo_failure: Option<AttributeError>,
+}
+
+/// Why [`AttributeStep::apply`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    /// A device unmap in the discard before the step failed.
+    #[error("a device unmap failed")]
+    Unmap(Vec<UnmapFailure>),
+    /// KVM refused the attribute.
+    #[error(transparent)]
+    Attribute(AttributeError),
+}
+
+const ATTRIBUTE_UNDO_TRIES: usize = 3;
+
+impl AttributeStep<'_> {
+    fn set_back(&mut self, runs: &[GpaRange]) {
+        let from = opposite(self.to);
+        for &run in runs.iter().rev() {
+            let mut last = None;
+            for _ in 0..ATTRIBUTE_UNDO_TRIES {
+                match self.attributes.set(run, from) {
+                    Ok(()) => {
+                        last = None;
+                        break;
+                    }
+                    Err(e) => last = Some(e),
+                }
+            }
+            if let Some(e) = last {
+                log::error!("KVM attribute of {run} could not be set back to {from:?}: {e}");
+                self.undo_failure.get_or_insert(e);
+            }
+        }
+    }
+}
+
+impl TransactionStep for AttributeStep<'_> {
+    type Error = StepError;
+
+    fn apply(&mut self, change: &Change) -> Result<(), StepError> {
+        let failed = self.failures.drain();
+        if !failed.is_empty() {
+            return Err(StepError::Unmap(failed));
+        }
+        for (i, &run) in change.runs().iter().enumerate() {
+            if let Err(e) = self.attributes.set(run, self.to) {
+                self.set_back(&change.runs()[..i]);
+                return Err(StepError::Attribute(e));
+            }
+        }
+        Ok(())
+    }
+
+    fn undo(&mut self, change: &Change) {
+        self.set_back(change.runs());
+    }
+}
+
+fn opposite(a: Attribute) -> Attribute {
+    match a {
+        Attribute::Shared => Attribute::Private,
+        Attribute::Private => Attribute::Shared,
+    }
+}
+
+/// Identifies a device attached to a [`crate::GuestRam`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DeviceId(pub(crate) u64);
+
+/// One device's listener on one region.
+pub(crate) struct Attached {
+    pub(crate) device: DeviceId,
+    pub(crate) name: String,
+    pub(crate) view: View,
+    pub(crate) id: ListenerId,
+    pub(crate) listener: Arc<DmaListener>,
+    pub(crate) ledger: Arc<Ledger>,
+}
+
+/// One guest RAM region: its state manager, backing, discard policy and device listeners.
+pub struct Region {
+    // Drop order: the manager (holding the listeners, which hold the ledgers) before the
+    // backing whose memory the ledgers map.
+    manager: DiscardManager,
+    attached: Mutex<Vec<Attached>>,
+    backing: Arc<RegionBacking>,
+    granularity: u64,
+    /// The conversion lock, and the held-back frees it protects.
+    discarder: Mutex<Discarder>,
+    failures: Arc<UnmapFailures>,
+}
+
+impl std::fmt::Debug for Region {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Region")
+            .field("range", &self.manager.region())
+            .field("backing", &self.backing)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section in this module leaves its data consistent before anything that
+    // can panic, so a poisoned lock still guards usable data.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Region {
+    pub(crate) fn new(
+        backing: RegionBacking,
+        config: RegionConfig,
+        policy: DiscardPolicy,
+    ) -> Result<Self, discard_manager::ConfigError> {
+        Ok(Self {
+            manager: DiscardManager::new(config)?,
+            attached: Mutex::new(Vec::new()),
+            backing: Arc::new(backing),
+            granularity: config.granularity,
+            discarder: Mutex::new(Discarder::new(policy)),
+            failures: Arc::default(),
+        })
+    }
+
+    /// The state manager (for queries, and for listeners other than devices, such as
+    /// migration; do not convert through it directly, or KVM and the backings fall behind).
+    pub fn manager(&self) -> &DiscardManager {
+        &self.manager
+    }
+
+    /// The backing.
+    pub fn backing(&self) -> &Arc<RegionBacking> {
+        &self.backing
+    }
+
+    /// The region's guest range.
+    pub fn range(&self) -> GpaRange {
+        self.manager.region()
+    }
+
+    /// The granularity of state and of every DMA mapping.
+    pub fn granularity(&self) -> u64 {
+        self.granularity
+    }
+
+    /// The discard policy.
+    pub fn policy(&self) -> DiscardPolicy {
+        lock(&self.discarder).policy()
+    }
+
+    /// Backing held back right now.
+    pub fn held_back(&self) -> HeldBack {
+        lock(&self.discarder).held()
+    }
+
+    /// True when `[start, end)` of `side` is held back (may be backed on both sides).
+    pub fn holds(&self, side: View, start: u64, end: u64) -> bool {
+        lock(&self.discarder).holds(side, start, end)
+    }
+
+    /// Frees everything held back now.
+    pub fn flush(&self) -> FlushReport {
+        let mut d = lock(&self.discarder);
+        d.flush(&self.backing)
+    }
+
+    pub(crate) fn failures(&self) -> &Arc<UnmapFailures> {
+        &self.failures
+    }
+
+    pub(crate) fn conversion_lock(&self) -> MutexGuard<'_, Discarder> {
+        lock(&self.discarder)
+    }
+
+    pub(crate) fn attached(&self) -> MutexGuard<'_, Vec<Attached>> {
+        lock(&self.attached)
+    }
+
+    /// GPA extents `[start, end)` that device `name`'s IOMMU still maps although the state
+    /// manager discarded them (unmaps that failed and will be retried).
+    pub fn stale_mappings(&self) -> Vec<(String, Vec<(u64, u64)>)> {
+        self.attached()
+            .iter()
+            .filter(|a| a.listener.stale_bytes() > 0)
+            .map(|a| (a.name.clone(), a.listener.stale_ranges()))
+            .collect()
+    }
+
+    fn retry_stale(&self) {
+        for a in self.attached().iter() {
+            a.listener.retry_stale();
+        }
+        // Failures of earlier rollbacks or retries are now in the stale sets; the next step
+        // must only see this conversion's own.
+        self.failures.drain();
+    }
+
+    fn check_budget(&self, range: GpaRange, to: Attribute) -> Result<(), ConversionError> {
+        let losing = opposite(to).view();
+        let joining = self
+            .manager
+            .view_runs(losing, range)
+            .map_err(|e| ConversionError::Manager(Box::new(e)))?;
+        let needed: u64 = joining.iter().map(|r| r.len() / self.granularity).sum();
+        if needed == 0 {
+            return Ok(());
+        }
+        for a in self.attached().iter().filter(|a| a.view == to.view()) {
+            a.ledger
+                .check_budget(needed)
+                .map_err(|source| ConversionError::MappingBudget {
+                    device: a.name.clone(),
+                    range,
+                    needed,
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Converts `range` to `to`; see the [module docs](self) for the order and the rollback.
+    ///
+    /// # Errors
+    /// [`ConversionError`] naming the step that failed.
+    pub fn convert(
+        &self,
+        range: GpaRange,
+        to: Attribute,
+        attributes: &dyn MemoryAttributes,
+    ) -> Result<Conversion, ConversionError> {
+        let mut discarder = lock(&self.discarder);
+        self.retry_stale();
+        self.check_budget(range, to)?;
+        let mut step = AttributeStep {
+            attributes,
+            to,
+            failures: &self.failures,
+            undo_failure: None,
+        };
+        let result = self.manager.convert_with(range, to, &mut step);
+        let undo_failure = step.undo_failure.take();
+        let change = match result {
+            Ok(change) => change,
+            Err(e) => {
+                let err = self.transaction_error(e);
+                // Unmaps that failed during the rollback are stale now; try them once more.
+                self.retry_stale();
+                return Err(match undo_failure {
+                    Some(source) => ConversionError::AttributeRollback { range, source },
+                    None => err,
+                });
+            }
+        };
+        let mut flushed = FlushReport::default();
+        if self.backing.model() == BackingModel::Classic && !change.is_empty() {
+            discarder.converted(change.runs(), to);
+            if discarder.due() {
+                flushed = discarder.flush(&self.backing);
+            }
+        }
+        let conversion = Conversion {
+            to,
+            runs: change.runs().to_vec(),
+            flushed,
+            held: discarder.held(),
+        };
+        log::debug!(
+            "converted {range} to {to:?}: {} bytes changed in {} run(s), {} bytes freed, {} held back",
+            conversion.bytes(),
+            conversion.runs.len(),
+            flushed.punched_bytes,
+            conversion.held.total()
+        );
+        Ok(conversion)
+    }
+
+    fn device_name(&self, id: ListenerId) -> String {
+        self.attached()
+            .iter()
+            .find(|a| a.id == id)
+            .map_or_else(|| format!("listener {id}"), |a| a.name.clone())
+    }
+
+    fn transaction_error(&self, e: TransactionError<StepError>) -> ConversionError {
+        match e {
+            TransactionError::Range(r) => ConversionError::Range(r),
+            TransactionError::StepFailed {
+                source: StepError::Attribute(a),
+            } => ConversionError::Attribute(a),
+            TransactionError::StepFailed {
+                source: StepError::Unmap(mut failures),
+            } => {
+                let count = failures.len();
+                ConversionError::Unmap {
+                    first: Box::new(failures.swap_remove(0)),
+                    count,
+                }
+            }
+            TransactionError::Refused { refusal } => ConversionError::Map {
+                device: self.device_name(refusal.listener),
+                view: refusal.view,
+                range: refusal.range,
+                source: refusal.source,
+            },
+            TransactionError::RollbackFailed { cause, detached } => {
+                let ids: Vec<ListenerId> = detached.iter().map(|d| d.listener).collect();
+                let names = ids.iter().map(|&id| self.device_name(id)).collect();
+                // The manager unregistered them; forget them here too.
+                self.attached().retain(|a| !ids.contains(&a.id));
+                let source = format!("{cause}; {} detached", detached.len());
+                ConversionError::RollbackFailed {
+                    detached: names,
+                    source: source.into(),
+                }
+            }
+            other => ConversionError::Manager(Box::new(other)),
+        }
+    }
+}

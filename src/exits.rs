@@ -1,0 +1,167 @@
+//! Guest conversion requests from vCPU exits, and the value the guest gets back.
+//!
+//! Two exits ask for a conversion: `KVM_EXIT_MEMORY_FAULT` (an access whose kind, private or
+//! shared, disagrees with the attribute; [`ConversionRequest::from_memory_fault`]) and the
+//! `KVM_HC_MAP_GPA_RANGE` hypercall (SNP page-state change, TDX MapGPA;
+//! [`ConversionRequest::from_map_gpa_range`]). A failed conversion is answered with a negative
+//! errno ([`hypercall_return`]); the VM keeps running.
+
+use discard_manager::{Attribute, GpaRange};
+use kvm_bindings::KVM_MEMORY_EXIT_FLAG_PRIVATE;
+
+use crate::engine::{Conversion, ConversionError};
+use crate::sys::{
+    KVM_HC_MAP_GPA_RANGE, KVM_MAP_GPA_RANGE_ENCRYPTED, KVM_MAP_GPA_RANGE_PAGE_SZ_1G,
+    KVM_MAP_GPA_RANGE_PAGE_SZ_2M, KVM_MAP_GPA_RANGE_PAGE_SZ_4K, KVM_MAP_GPA_RANGE_PAGE_SZ_MASK,
+};
+
+/// A conversion the guest asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConversionRequest {
+    /// The range.
+    pub range: GpaRange,
+    /// The attribute it must get.
+    pub to: Attribute,
+}
+
+/// An exit that does not describe a valid conversion; answer the guest with `EINVAL`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    /// The hypercall is not `KVM_HC_MAP_GPA_RANGE`.
+    #[error("hypercall {nr} is not KVM_HC_MAP_GPA_RANGE")]
+    NotMapGpaRange {
+        /// The hypercall number.
+        nr: u64,
+    },
+    /// Empty or overflowing range.
+    #[error("range of {len:#x} bytes at {gpa:#x} is empty or overflows")]
+    BadRange {
+        /// Start.
+        gpa: u64,
+        /// Length in bytes (saturated).
+        len: u64,
+    },
+    /// The page-size field holds the reserved value 3.
+    #[error("page-size field of attrs {attrs:#x} is reserved")]
+    BadPageSize {
+        /// The attrs argument.
+        attrs: u64,
+    },
+}
+
+impl RequestError {
+    /// The errno the guest is told.
+    pub fn guest_errno(&self) -> i32 {
+        libc::EINVAL
+    }
+}
+
+impl ConversionRequest {
+    /// From `KVM_EXIT_MEMORY_FAULT` (`VcpuExit::MemoryFault { flags, gpa, size }`): the guest
+    /// accessed `[gpa, gpa + size)` as private when `flags` has `KVM_MEMORY_EXIT_FLAG_PRIVATE`,
+    /// as shared otherwise, so the range must become that.
+    ///
+    /// # Errors
+    /// [`RequestError::BadRange`].
+    pub fn from_memory_fault(flags: u64, gpa: u64, size: u64) -> Result<Self, RequestError> {
+        let range = GpaRange::new(gpa, size).ok_or(RequestError::BadRange { gpa, len: size })?;
+        let to = if flags & u64::from(KVM_MEMORY_EXIT_FLAG_PRIVATE) != 0 {
+            Attribute::Private
+        } else {
+            Attribute::Shared
+        };
+        Ok(Self { range, to })
+    }
+
+    /// From a `KVM_EXIT_HYPERCALL` with `nr` and `args` (`HypercallExit`): for
+    /// `KVM_HC_MAP_GPA_RANGE`, `args[0]` = GPA, `args[1]` = number of pages, `args[2]` = attrs
+    /// (bits 0-1: page size 4K/2M/1G; bit 4: encrypted, i.e. private).
+    ///
+    /// # Errors
+    /// [`RequestError`] for another hypercall, a reserved page size or a bad range.
+    pub fn from_map_gpa_range(nr: u64, args: &[u64; 6]) -> Result<Self, RequestError> {
+        if nr != KVM_HC_MAP_GPA_RANGE {
+            return Err(RequestError::NotMapGpaRange { nr });
+        }
+        let (gpa, pages, attrs) = (args[0], args[1], args[2]);
+        let page_size: u64 = match attrs & KVM_MAP_GPA_RANGE_PAGE_SZ_MASK {
+            KVM_MAP_GPA_RANGE_PAGE_SZ_4K => 1 << 12,
+            KVM_MAP_GPA_RANGE_PAGE_SZ_2M => 1 << 21,
+            KVM_MAP_GPA_RANGE_PAGE_SZ_1G => 1 << 30,
+            _ => return Err(RequestError::BadPageSize { attrs }),
+        };
+        let len = pages.saturating_mul(page_size);
+        let range = pages
+            .checked_mul(page_size)
+            .and_then(|len| GpaRange::new(gpa, len))
+            .ok_or(RequestError::BadRange { gpa, len })?;
+        let to = if attrs & KVM_MAP_GPA_RANGE_ENCRYPTED != 0 {
+            Attribute::Private
+        } else {
+            Attribute::Shared
+        };
+        Ok(Self { range, to })
+    }
+}
+
+/// The hypercall return value (`HypercallExit::ret`) for a conversion result: 0 on success,
+/// `-errno` (two's complement) on failure.
+pub fn hypercall_return(result: &Result<Conversion, ConversionError>) -> u64 {
+    match result {
+        Ok(_) => 0,
+        Err(e) => negative_errno(e.guest_errno()),
+    }
+}
+
+/// `-errno` as the 64-bit register value the guest reads.
+pub fn negative_errno(errno: i32) -> u64 {
+    (-i64::from(errno)) as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn map_gpa_range_decodes_page_size_and_direction() {
+        let r =
+            ConversionRequest::from_map_gpa_range(12, &[0x20_0000, 2, 1 | 16, 0, 0, 0]).unwrap();
+        assert_eq!(r.range, GpaRange::new(0x20_0000, 4 << 20).unwrap());
+        assert_eq!(r.to, Attribute::Private);
+        let r = ConversionRequest::from_map_gpa_range(12, &[0x1000, 3, 0, 0, 0, 0]).unwrap();
+        assert_eq!((r.range.len(), r.to), (0x3000, Attribute::Shared));
+        assert_eq!(
+            ConversionRequest::from_map_gpa_range(12, &[0, 1, 3, 0, 0, 0]),
+            Err(RequestError::BadPageSize { attrs: 3 })
+        );
+        assert_eq!(
+            ConversionRequest::from_map_gpa_range(11, &[0; 6]),
+            Err(RequestError::NotMapGpaRange { nr: 11 })
+        );
+        assert!(matches!(
+            ConversionRequest::from_map_gpa_range(12, &[0x1000, 0, 0, 0, 0, 0]),
+            Err(RequestError::BadRange { .. })
+        ));
+        assert!(matches!(
+            ConversionRequest::from_map_gpa_range(12, &[u64::MAX - 0xfff, 2, 0, 0, 0, 0]),
+            Err(RequestError::BadRange { .. })
+        ));
+    }
+
+    #[test]
+    fn memory_fault_direction_follows_the_private_flag() {
+        let r = ConversionRequest::from_memory_fault(8, 0x1000, 0x1000).unwrap();
+        assert_eq!(r.to, Attribute::Private);
+        let r = ConversionRequest::from_memory_fault(0, 0x1000, 0x1000).unwrap();
+        assert_eq!(r.to, Attribute::Shared);
+        assert!(ConversionRequest::from_memory_fault(0, 0x1000, 0).is_err());
+    }
+
+    #[test]
+    fn errors_reach_the_guest_as_negative_errno() {
+        let err: Result<Conversion, ConversionError> = Err(ConversionError::NoRegion {
+            range: GpaRange::new(0, 0x1000).unwrap(),
+        });
+        assert_eq!(hypercall_return(&err) as i64, -i64::from(libc::EINVAL));
+    }
+}
