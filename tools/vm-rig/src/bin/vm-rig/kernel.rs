@@ -1,0 +1,308 @@
+//! The guest kernel: built from Debian's kernel source package with the options in
+//! `tools/vm-rig/kernel.config`, and cached outside the source tree so only the first run pays.
+//!
+//! Cache: `${XDG_CACHE_HOME:-$HOME/.cache}/gmem-dma/kernel-<key>/bzImage`, where the key hashes
+//! the option list (order and comments do not matter), the source package's version and the
+//! build recipe's version. A build happens in a temporary directory next to the cache entry and is
+//! renamed into place only when it succeeded, so an interrupted build never leaves a bad entry.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+
+use crate::host;
+
+/// Bump when the way the kernel is built changes in a way the option list does not show.
+const RECIPE_VERSION: &str = "vm-rig kernel recipe 1: tinyconfig + options + olddefconfig";
+
+/// The options file, relative to the vm-rig package directory.
+pub const OPTIONS_FILE: &str = "kernel.config";
+
+/// Reads the option names from the options file's text: one per line, without `CONFIG_`,
+/// `#` comments and blank lines ignored.
+pub fn parse_options(text: &str) -> Result<Vec<String>> {
+    let mut options = Vec::new();
+    for (number, line) in text.lines().enumerate() {
+        let option = line.split('#').next().unwrap_or("").trim();
+        if option.is_empty() {
+            continue;
+        }
+        let valid = option
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_');
+        if !valid || option.starts_with("CONFIG_") {
+            bail!(
+                "{OPTIONS_FILE} line {}: {option:?} is not a Kconfig option name (write e.g. VFIO, without CONFIG_)",
+                number + 1
+            );
+        }
+        options.push(option.to_string());
+    }
+    Ok(options)
+}
+
+/// The cache key for a kernel built with `options` from source package `source_version`.
+pub fn cache_key(options: &[String], source_version: &str) -> String {
+    let mut sorted: Vec<&str> = options.iter().map(String::as_str).collect();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut text = format!(
+        "{RECIPE_VERSION}\n{}\n{source_version}\n",
+        host::KERNEL_SOURCE_PACKAGE
+    );
+    for option in sorted {
+        text.push_str(option);
+        text.push('\n');
+    }
+    format!("{:016x}", fnv1a64(text.as_bytes()))
+}
+
+/// FNV-1a, 64 bit: a fixed, dependency-free hash (std's `DefaultHasher` may change between Rust
+/// releases, which would silently invalidate every cache).
+fn fnv1a64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| {
+        (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// Where cached kernels live.
+pub fn cache_root() -> Result<PathBuf> {
+    let base = match std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(
+            std::env::var_os("HOME").context("neither XDG_CACHE_HOME nor HOME is set")?,
+        )
+        .join(".cache"),
+    };
+    Ok(base.join("gmem-dma"))
+}
+
+/// Returns the cached bzImage for the options in `rig_dir`, building it first if needed.
+pub fn ensure(rig_dir: &Path) -> Result<PathBuf> {
+    let options_path = rig_dir.join(OPTIONS_FILE);
+    let text = fs::read_to_string(&options_path)
+        .with_context(|| format!("reading {}", options_path.display()))?;
+    let options = parse_options(&text)?;
+    let tarball = host::kernel_tarball().with_context(|| {
+        format!(
+            "no /usr/src/{}.tar.* (apt-get install {0})",
+            host::KERNEL_SOURCE_PACKAGE
+        )
+    })?;
+    let version = host::package_version(host::KERNEL_SOURCE_PACKAGE)?;
+    let root = cache_root()?;
+    let entry = root.join(format!("kernel-{}", cache_key(&options, &version)));
+    let image = entry.join("bzImage");
+    if image.is_file() {
+        eprintln!("vm-rig: kernel (cached): {}", image.display());
+        return Ok(image);
+    }
+    fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
+    let started = Instant::now();
+    eprintln!(
+        "vm-rig: building the guest kernel from {} ({version}) into {} (takes minutes; later runs reuse it)",
+        tarball.display(),
+        entry.display()
+    );
+    let scratch = TempDir::new(root.join(format!(".build-{}", std::process::id())))?;
+    let log_path = root.join(format!("build-{}.log", std::process::id()));
+    let built = build(&tarball, &options, &scratch.0, &log_path);
+    if let Err(error) = built {
+        let log = fs::read_to_string(&log_path).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(40).collect();
+        eprintln!("--- last lines of {}:", log_path.display());
+        for line in tail.into_iter().rev() {
+            eprintln!("{line}");
+        }
+        return Err(error.context(format!(
+            "kernel build failed; full log: {}",
+            log_path.display()
+        )));
+    }
+    // Assemble the entry beside its final name, then rename: readers see all of it or nothing.
+    let staging = TempDir::new(root.join(format!(".kernel-{}", std::process::id())))?;
+    let source = scratch.0.join("src");
+    fs::copy(
+        source.join("arch/x86/boot/bzImage"),
+        staging.0.join("bzImage"),
+    )?;
+    fs::copy(source.join(".config"), staging.0.join("config"))?;
+    fs::write(
+        staging.0.join("source"),
+        format!("{} {version}\n", tarball.display()),
+    )?;
+    match fs::rename(&staging.0, &entry) {
+        Ok(()) => std::mem::forget(staging),
+        Err(_) if image.is_file() => {} // a concurrent run won the race; its kernel is the same
+        Err(e) => {
+            return Err(e).with_context(|| format!("moving the kernel into {}", entry.display()));
+        }
+    }
+    fs::remove_file(&log_path).ok();
+    eprintln!(
+        "vm-rig: kernel built in {:.0?}: {}",
+        started.elapsed(),
+        image.display()
+    );
+    Ok(image)
+}
+
+fn build(tarball: &Path, options: &[String], dir: &Path, log_path: &Path) -> Result<()> {
+    let log = fs::File::create(log_path)?;
+    let run = |what: &str, cmd: &mut Command| -> Result<()> {
+        writeln!(&log, "$ {what}")?;
+        let status = cmd
+            .stdout(log.try_clone()?)
+            .stderr(log.try_clone()?)
+            .stdin(Stdio::null())
+            .status()
+            .with_context(|| format!("starting {what}"))?;
+        if !status.success() {
+            bail!("{what} failed: {status}");
+        }
+        Ok(())
+    };
+    let src = dir.join("src");
+    fs::create_dir_all(&src)?;
+    run(
+        "tar -x",
+        Command::new("tar")
+            .arg("-xf")
+            .arg(tarball)
+            .arg("-C")
+            .arg(&src)
+            .arg("--strip-components=1"),
+    )?;
+    let make = |args: &[&str]| {
+        let mut cmd = Command::new("make");
+        cmd.current_dir(&src).args(args);
+        cmd
+    };
+    run("make tinyconfig", &mut make(&["tinyconfig"]))?;
+    let mut config = Command::new("./scripts/config");
+    config.current_dir(&src);
+    for option in options {
+        config.arg("-e").arg(option);
+    }
+    run("scripts/config -e ...", &mut config)?;
+    run("make olddefconfig", &mut make(&["olddefconfig"]))?;
+    let dot_config = fs::read_to_string(src.join(".config"))?;
+    let lost = options_not_enabled(options, &dot_config);
+    if !lost.is_empty() {
+        bail!(
+            "these options did not survive `make olddefconfig` (misspelt, or a dependency is missing from {OPTIONS_FILE}): {}",
+            lost.join(" ")
+        );
+    }
+    let jobs = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .to_string();
+    run("make bzImage", &mut make(&["-j", &jobs, "bzImage"]))
+}
+
+/// The options that are not `=y` in a generated `.config`.
+pub fn options_not_enabled(options: &[String], dot_config: &str) -> Vec<String> {
+    options
+        .iter()
+        .filter(|option| {
+            !dot_config
+                .lines()
+                .any(|line| line == format!("CONFIG_{option}=y"))
+        })
+        .cloned()
+        .collect()
+}
+
+/// A directory removed (with its contents) when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(path: PathBuf) -> Result<Self> {
+        if path.exists() {
+            fs::remove_dir_all(&path)?;
+        }
+        fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(Self(path))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(names: &[&str]) -> Vec<String> {
+        names.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn options_parse_without_comments_and_blank_lines() {
+        let text = "# header\n\nVFIO\n  IOMMUFD  # cdev path\nKVM\n";
+        assert_eq!(
+            parse_options(text).unwrap(),
+            opts(&["VFIO", "IOMMUFD", "KVM"])
+        );
+    }
+
+    #[test]
+    fn options_with_prefix_or_values_are_rejected_with_their_line() {
+        let err = parse_options("VFIO\nCONFIG_KVM\n").unwrap_err().to_string();
+        assert!(
+            err.contains("line 2") && err.contains("CONFIG_KVM"),
+            "{err}"
+        );
+        assert!(parse_options("KVM=y\n").is_err());
+        assert!(parse_options("kvm\n").is_err());
+    }
+
+    #[test]
+    fn cache_key_is_stable_under_reordering_and_duplicates() {
+        let a = cache_key(&opts(&["VFIO", "KVM", "IOMMUFD"]), "6.12.117-1");
+        assert_eq!(
+            a,
+            cache_key(&opts(&["IOMMUFD", "VFIO", "KVM", "KVM"]), "6.12.117-1")
+        );
+        assert_eq!(a.len(), 16);
+    }
+
+    #[test]
+    fn cache_key_changes_with_options_and_source_version() {
+        let base = cache_key(&opts(&["VFIO", "KVM"]), "6.12.117-1");
+        assert_ne!(
+            base,
+            cache_key(&opts(&["VFIO", "KVM", "IOMMUFD"]), "6.12.117-1")
+        );
+        assert_ne!(base, cache_key(&opts(&["VFIO"]), "6.12.117-1"));
+        assert_ne!(base, cache_key(&opts(&["VFIO", "KVM"]), "6.12.118-1"));
+        assert_ne!(
+            cache_key(&opts(&["AB", "C"]), "v"),
+            cache_key(&opts(&["A", "BC"]), "v")
+        );
+    }
+
+    #[test]
+    fn fnv1a64_matches_reference_vectors() {
+        assert_eq!(fnv1a64(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a64(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(fnv1a64(b"foobar"), 0x8594_4171_f739_67e8);
+    }
+
+    #[test]
+    fn options_that_olddefconfig_dropped_are_named() {
+        let config =
+            "CONFIG_VFIO=y\n# CONFIG_IOMMUFD is not set\nCONFIG_KVM=m\nCONFIG_KVM_AMD_SEV=y\n";
+        assert_eq!(
+            options_not_enabled(&opts(&["VFIO", "IOMMUFD", "KVM", "KVM_AMD"]), config),
+            opts(&["IOMMUFD", "KVM", "KVM_AMD"])
+        );
+    }
+}
