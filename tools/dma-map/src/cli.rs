@@ -70,6 +70,13 @@ pub enum BackendChoice {
     Noiommu,
 }
 
+impl std::fmt::Display for BackendChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = self.to_possible_value().map(|v| v.get_name().to_string());
+        f.write_str(name.as_deref().unwrap_or("?"))
+    }
+}
+
 /// Which backing holds the region's memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]

@@ -11,6 +11,7 @@ mod cli;
 mod cmd;
 mod exit;
 mod report;
+mod setup;
 mod stats;
 mod trace;
 mod units;
@@ -45,6 +46,21 @@ fn dispatch(cli: &Cli) -> anyhow::Result<bool> {
             }
             Ok(true)
         }
+        Some(Command::Map(args)) => {
+            let s = cmd::map::run(args)?;
+            if cli.json {
+                println!("{}", report::json(&s));
+            } else {
+                print!("{}", cmd::map::render(&s));
+            }
+            if !s.ok() {
+                return Err(exit::error(
+                    exit::Class::Failed,
+                    "the device test failed: the mapping does not behave as the IOMMU should (see the FAIL lines)",
+                ));
+            }
+            Ok(true)
+        }
         _ => Err(exit::error(exit::Class::Usage, "not yet")),
     }
 }
@@ -56,7 +72,7 @@ fn main() -> ExitCode {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(exit::Class::Failed.code()),
         Err(e) => {
-            log::error!("{e:#}");
+            log::debug!("{e:?}");
             eprintln!("dma-map: error: {e:#}");
             ExitCode::from(exit::code_of(&e))
         }

@@ -1,3 +1,4 @@
 //! The commands: each one calls the libraries and returns what to print.
 
 pub mod probe;
+pub mod map;

@@ -1,0 +1,237 @@
+//! Opening what the commands work on, through the libraries: a guest RAM region (in-place,
+//! classic or memfd-only backing) and a DMA backend (emulated, or a kernel backend for a device).
+//! Every fallback is returned as a sentence so the reports can say what was used instead.
+
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use kvm_ioctls::{Kvm, VmFd};
+
+use gmem_dma::backing::RegionBacking;
+use gmem_dma::host::{BackingModel, KvmSupport, ModelChoice};
+use iommu::{
+    DmaBackend, EmulatedIommu, IommufdBackend, NoIommuBackend, NoIommuDevice, OpenError,
+    PciAddress, Type1Backend, VfioPciDevice,
+};
+
+use crate::cli::{BackendChoice, RegionChoice};
+use crate::exit::{Class, error};
+
+/// Guest-physical base of every region the tool creates (4 GiB, above the PCI hole, as a VMM
+/// would place high RAM).
+pub const REGION_BASE: u64 = 0x1_0000_0000;
+
+/// KVM as the tool found it: the VM regions are created on, and what it supports.
+pub struct Kvm0 {
+    /// The VM (default type) regions are created on.
+    pub vm: VmFd,
+    /// The library's probe of it.
+    pub support: KvmSupport,
+}
+
+/// Opens KVM and a default-type VM, or says why not.
+pub fn open_kvm() -> Result<Kvm0, String> {
+    let kvm = Kvm::new().map_err(|e| format!("/dev/kvm cannot be opened ({e})"))?;
+    let vm = kvm
+        .create_vm()
+        .map_err(|e| format!("KVM refused to create a VM ({e})"))?;
+    let support = KvmSupport::probe(&kvm, &vm);
+    Ok(Kvm0 { vm, support })
+}
+
+/// A region's backing with the VM it belongs to and the fallbacks taken to get it.
+pub struct Region {
+    /// The files and host mapping.
+    pub backing: RegionBacking,
+    /// The VM (dropped after the backing).
+    pub kvm: Option<Kvm0>,
+    /// What was asked for and not available.
+    pub fallbacks: Vec<String>,
+    /// A short name of what it is.
+    pub name: String,
+}
+
+/// Creates a region of `size` bytes at [`REGION_BASE`] with the backing `choice` asks for.
+///
+/// `Auto` takes the best this host offers and records every step down; an explicit choice the
+/// host cannot give is an error of class [`Class::HostLacks`].
+pub fn region(choice: RegionChoice, size: u64) -> anyhow::Result<Region> {
+    let mut fallbacks = Vec::new();
+    if choice == RegionChoice::MemfdOnly {
+        return software(size, None, fallbacks);
+    }
+    let kvm = match open_kvm() {
+        Ok(kvm) => kvm,
+        Err(why) if choice == RegionChoice::Auto => {
+            fallbacks.push(format!(
+                "no KVM: {why}; the region is a plain memfd (private pages are only discarded)"
+            ));
+            return software(size, None, fallbacks);
+        }
+        Err(why) => {
+            return Err(error(
+                Class::HostLacks,
+                format!(
+                    "{why}: guest_memfd regions need KVM; load kvm_intel or kvm_amd, or run with \
+                     --region memfd-only"
+                ),
+            ));
+        }
+    };
+    let model = match choice {
+        RegionChoice::InPlace => ModelChoice::InPlace,
+        RegionChoice::Classic => ModelChoice::Classic,
+        _ => ModelChoice::Auto,
+    };
+    let model = match kvm.support.choose_model(model) {
+        Ok(model) => model,
+        Err(why) if choice == RegionChoice::Auto => {
+            fallbacks.push(format!("{why}; the region is a plain memfd"));
+            return software(size, Some(kvm), fallbacks);
+        }
+        Err(why) => {
+            return Err(error(
+                Class::HostLacks,
+                format!("this host cannot give a {choice:?} region: {why}"),
+            ));
+        }
+    };
+    if choice == RegionChoice::Auto && model == BackingModel::Classic {
+        fallbacks.push(
+            "guest_memfd is not mmap-able here (needs Linux 6.18 MMAP|INIT_SHARED): classic \
+             memfd + guest_memfd backing"
+                .to_string(),
+        );
+    }
+    let backing = match model {
+        BackingModel::InPlace => RegionBacking::in_place(&kvm.vm, REGION_BASE, size),
+        BackingModel::Classic => RegionBacking::classic(&kvm.vm, REGION_BASE, size),
+    }
+    .with_context(|| format!("creating a {model} region of {size:#x} bytes"))?;
+    Ok(Region {
+        backing,
+        kvm: Some(kvm),
+        fallbacks,
+        name: model.to_string(),
+    })
+}
+
+fn software(size: u64, kvm: Option<Kvm0>, fallbacks: Vec<String>) -> anyhow::Result<Region> {
+    let backing = RegionBacking::software(REGION_BASE, size)
+        .with_context(|| format!("creating a memfd region of {size:#x} bytes"))?;
+    Ok(Region {
+        backing,
+        kvm,
+        fallbacks,
+        name: "memfd only (no guest_memfd)".to_string(),
+    })
+}
+
+/// The device a kernel backend opened.
+pub enum Device {
+    /// Opened through VFIO type1 or IOMMUFD.
+    Vfio(Arc<VfioPciDevice>),
+    /// Opened through a VFIO no-IOMMU group.
+    NoIommu(Arc<NoIommuDevice>, Arc<NoIommuBackend>),
+}
+
+/// A DMA backend ready for a ledger, and the device it serves.
+pub struct Backend {
+    /// The backend.
+    pub backend: Arc<dyn DmaBackend>,
+    /// The emulated IOMMU, when that is the backend (for device-side accesses and its page table).
+    pub emulated: Option<Arc<EmulatedIommu>>,
+    /// The device, for kernel backends.
+    pub device: Option<(PciAddress, Device)>,
+    /// Its name for reports.
+    pub name: String,
+}
+
+/// Parses a `--device` PCI address (a usage error when malformed).
+pub fn parse_device(text: &str) -> anyhow::Result<PciAddress> {
+    text.parse::<PciAddress>().map_err(|e| {
+        error(
+            Class::Usage,
+            format!("--device {text}: {e}; write a PCI address like 0000:00:03.0"),
+        )
+    })
+}
+
+fn open_error(address: PciAddress, backend: BackendChoice, e: OpenError) -> anyhow::Error {
+    match e {
+        // sysfs says the device cannot be used as it is: the host lacks it (or its setup).
+        OpenError::Device(d) => error(
+            Class::HostLacks,
+            format!("cannot use {address} with the {backend} backend: {d}"),
+        ),
+        other => anyhow::Error::new(other)
+            .context(format!("opening {address} with the {backend} backend")),
+    }
+}
+
+/// The emulated IOMMU, in the shape of a kernel backend.
+pub fn emulated() -> Backend {
+    let emu = Arc::new(EmulatedIommu::new());
+    Backend {
+        backend: emu.clone(),
+        emulated: Some(emu),
+        device: None,
+        name: "emulated IOMMU".to_string(),
+    }
+}
+
+/// Opens `choice` for `device`. Without a device only the emulated IOMMU exists: a kernel
+/// backend without `--device` is a usage error.
+pub fn backend(choice: BackendChoice, device: Option<&str>) -> anyhow::Result<Backend> {
+    let address = device.map(parse_device).transpose()?;
+    let Some(address) = address else {
+        if choice != BackendChoice::Emulated {
+            return Err(error(
+                Class::Usage,
+                format!(
+                    "the {choice} backend maps for a device: pass --device <PCI address> of a \
+                     device bound to vfio-pci (see `dma-map probe`), or use --backend emulated"
+                ),
+            ));
+        }
+        return Ok(emulated());
+    };
+    let opened = match choice {
+        BackendChoice::Emulated => {
+            return Err(error(
+                Class::Usage,
+                "--device needs a kernel backend: --backend type1, iommufd or noiommu",
+            ));
+        }
+        BackendChoice::Type1 => Type1Backend::open(&address).map(|(b, d)| {
+            (
+                Arc::new(b) as Arc<dyn DmaBackend>,
+                Device::Vfio(d),
+                "VFIO type1",
+            )
+        }),
+        BackendChoice::Iommufd => IommufdBackend::open(&address).map(|(b, d)| {
+            (
+                Arc::new(b) as Arc<dyn DmaBackend>,
+                Device::Vfio(d),
+                "IOMMUFD",
+            )
+        }),
+        BackendChoice::Noiommu => NoIommuBackend::open(&address).map(|(b, d)| {
+            let b = Arc::new(b);
+            (
+                b.clone() as Arc<dyn DmaBackend>,
+                Device::NoIommu(d, b),
+                "VFIO no-IOMMU",
+            )
+        }),
+    }
+    .map_err(|e| open_error(address, choice, e))?;
+    let (backend, device, kind) = opened;
+    Ok(Backend {
+        backend,
+        emulated: None,
+        device: Some((address, device)),
+        name: format!("{kind} ({address})"),
+    })
+}
