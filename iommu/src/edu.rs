@@ -27,8 +27,9 @@ const CMD_START: u32 = 1 << 0;
 const CMD_TO_RAM: u32 = 1 << 1;
 /// The device-side address of edu's DMA buffer.
 const DEVICE_BUFFER: u32 = 0x4_0000;
-/// PCI config space: the command register and its bus-master bit.
+/// PCI config space: the command register, its memory-decode and bus-master bits.
 const PCI_COMMAND: u64 = 0x04;
+const PCI_COMMAND_MEMORY: u16 = 1 << 1;
 const PCI_COMMAND_MASTER: u16 = 1 << 2;
 
 /// What edu's identification register holds (version 1.0, "ed").
@@ -97,7 +98,7 @@ impl<R: DeviceRegions> Edu<R> {
     /// QEMU's default `dma_mask` property: 28 bits.
     pub const DEFAULT_DMA_MASK: u64 = (1 << 28) - 1;
 
-    /// Checks the identification register and turns on bus mastering.
+    /// Turns on memory decode and bus mastering, then checks the identification register.
     ///
     /// # Errors
     /// [`EduError::NotEdu`] for another device; [`EduError::Region`] when BAR0 or config
@@ -108,28 +109,14 @@ impl<R: DeviceRegions> Edu<R> {
             dma_mask: Self::DEFAULT_DMA_MASK,
             timeout: Duration::from_secs(10),
         };
+        // vfio-pci refuses BAR accesses while memory decode is off. Bus mastering (which lets
+        // the device DMA) is turned on only once the device proved to be edu.
+        edu.set_command_bits(PCI_COMMAND_MEMORY)?;
         let found = edu.read32(REG_ID, "reading the identification register")?;
         if found != EDU_ID {
             return Err(EduError::NotEdu { found });
         }
-        let mut command = [0u8; 2];
-        edu.regions
-            .read_region(VFIO_PCI_CONFIG_REGION_INDEX, PCI_COMMAND, &mut command)
-            .map_err(|source| EduError::Region {
-                what: "reading the PCI command register",
-                source,
-            })?;
-        let command = u16::from_le_bytes(command) | PCI_COMMAND_MASTER;
-        edu.regions
-            .write_region(
-                VFIO_PCI_CONFIG_REGION_INDEX,
-                PCI_COMMAND,
-                &command.to_le_bytes(),
-            )
-            .map_err(|source| EduError::Region {
-                what: "setting bus master in the PCI command register",
-                source,
-            })?;
+        edu.set_command_bits(PCI_COMMAND_MASTER)?;
         Ok(edu)
     }
 
@@ -213,6 +200,27 @@ impl<R: DeviceRegions> Edu<R> {
         }
     }
 
+    fn set_command_bits(&self, bits: u16) -> Result<(), EduError> {
+        let mut command = [0u8; 2];
+        self.regions
+            .read_region(VFIO_PCI_CONFIG_REGION_INDEX, PCI_COMMAND, &mut command)
+            .map_err(|source| EduError::Region {
+                what: "reading the PCI command register",
+                source,
+            })?;
+        let command = u16::from_le_bytes(command) | bits;
+        self.regions
+            .write_region(
+                VFIO_PCI_CONFIG_REGION_INDEX,
+                PCI_COMMAND,
+                &command.to_le_bytes(),
+            )
+            .map_err(|source| EduError::Region {
+                what: "writing the PCI command register",
+                source,
+            })
+    }
+
     fn read32(&self, reg: u64, what: &'static str) -> Result<u32, EduError> {
         let mut word = [0u8; 4];
         self.regions
@@ -242,7 +250,7 @@ mod tests {
     struct FakeEdu {
         null: File,
         id: u32,
-        config: RefCell<[u8; 256]>,
+        config: std::rc::Rc<RefCell<[u8; 256]>>,
         writes: RefCell<Vec<(u64, u32)>>,
         busy_polls: RefCell<u32>,
     }
@@ -252,7 +260,7 @@ mod tests {
             FakeEdu {
                 null: File::open("/dev/null").unwrap(),
                 id,
-                config: RefCell::new([0; 256]),
+                config: std::rc::Rc::new(RefCell::new([0; 256])),
                 writes: RefCell::new(Vec::new()),
                 busy_polls: RefCell::new(0),
             }
@@ -311,12 +319,19 @@ mod tests {
     #[test]
     fn new_checks_the_id_and_sets_bus_master() {
         let edu = Edu::new(FakeEdu::new(EDU_ID)).unwrap();
-        assert_eq!(edu.regions().config.borrow()[4] & 0x4, 0x4);
-        match Edu::new(FakeEdu::new(0x1234)) {
+        assert_eq!(edu.regions().config.borrow()[4] & 0x6, 0x6);
+        let other = FakeEdu::new(0x1234);
+        let config = other.config.clone();
+        match Edu::new(other) {
             Err(EduError::NotEdu { found }) => assert_eq!(found, 0x1234),
             Err(other) => panic!("{other}"),
             Ok(_) => panic!("a device with another id was accepted"),
         }
+        assert_eq!(
+            config.borrow()[4] & 0x4,
+            0,
+            "bus master enabled on a device that is not edu"
+        );
     }
 
     #[test]
