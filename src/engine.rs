@@ -368,10 +368,10 @@ impl Region {
 
     fn check_budget(&self, range: GpaRange, to: Attribute) -> Result<(), ConversionError> {
         let losing = opposite(to).view();
-        let joining = self
-            .manager
-            .view_runs(losing, range)
-            .map_err(|e| ConversionError::Manager(Box::new(e)))?;
+        let joining = self.manager.view_runs(losing, range).map_err(|e| match e {
+            discard_manager::Error::Range(r) => ConversionError::Range(r),
+            other => ConversionError::Manager(Box::new(other)),
+        })?;
         let needed: u64 = joining.iter().map(|r| r.len() / self.granularity).sum();
         if needed == 0 {
             return Ok(());

@@ -370,27 +370,35 @@ impl GuestRam {
             return Ok(UnmapReport::default());
         };
         let device = devices.remove(pos);
+        let before = device.ledger.stats();
         let regions = self.regions();
         for r in &regions {
             detach_from_region(id, r);
         }
         let result = device.ledger.unmap_all();
+        let after = device.ledger.stats();
         log::info!("detached {}", device.name);
-        result.map_err(|source| {
-            log::warn!(
-                "detaching {} left {} mappings",
-                device.name,
-                device.ledger.mapping_count()
-            );
-            lock(&self.orphans).push(Orphan {
-                _ledger: Arc::clone(&device.ledger),
-                _backings: regions.iter().map(|r| Arc::clone(r.backing())).collect(),
-            });
-            DetachError {
-                device: device.name.clone(),
-                source,
-            }
-        })
+        result
+            .map(|_| UnmapReport {
+                calls: after.unmap_calls - before.unmap_calls,
+                bytes: after.bytes_unmapped - before.bytes_unmapped,
+                mappings: before.mappings - after.mappings,
+            })
+            .map_err(|source| {
+                log::warn!(
+                    "detaching {} left {} mappings",
+                    device.name,
+                    device.ledger.mapping_count()
+                );
+                lock(&self.orphans).push(Orphan {
+                    _ledger: Arc::clone(&device.ledger),
+                    _backings: regions.iter().map(|r| Arc::clone(r.backing())).collect(),
+                });
+                DetachError {
+                    device: device.name.clone(),
+                    source,
+                }
+            })
     }
 
     /// The live mappings of a device's IOMMU, as its ledger records them.

@@ -1,0 +1,264 @@
+//! Shared test rig: guest RAM over a software backing, emulated IOMMUs, and one checker for the
+//! five invariants.
+#![allow(dead_code)]
+
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+use discard_manager::{Attribute, GpaRange, View};
+use gmem_dma::{
+    DeviceConfig, DeviceId, DiscardPolicy, GuestRam, RecordingAttributes, Region, RegionBacking,
+    RegionSpec,
+};
+use iommu::EmulatedIommu;
+use iommu::emulated::{Call, CallKind, TableEntry};
+
+pub const PAGE: u64 = 4096;
+
+pub fn range(start: u64, len: u64) -> GpaRange {
+    GpaRange::new(start, len).unwrap()
+}
+
+/// One device as the tests see it: its IOMMU and its id.
+pub struct Dev {
+    pub iommu: Arc<EmulatedIommu>,
+    pub id: DeviceId,
+    pub view: View,
+}
+
+pub struct Rig {
+    pub ram: GuestRam,
+    pub attrs: Arc<RecordingAttributes>,
+    pub region: Arc<Region>,
+}
+
+impl Rig {
+    /// A confidential region (all private) of `pages` pages at `base`, software backing.
+    pub fn new(base: u64, pages: u64, policy: DiscardPolicy) -> Self {
+        let attrs = Arc::new(RecordingAttributes::new());
+        let ram = GuestRam::new(attrs.clone());
+        let backing = RegionBacking::software(base, pages * PAGE).unwrap();
+        let region = ram
+            .add_region(
+                backing,
+                RegionSpec {
+                    granularity: PAGE,
+                    initial: Attribute::Private,
+                    policy,
+                },
+            )
+            .unwrap();
+        Self { ram, attrs, region }
+    }
+
+    pub fn attach(&self, name: &str, iommu: EmulatedIommu, config: DeviceConfig) -> Dev {
+        let iommu = Arc::new(iommu);
+        let id = self.ram.attach_device(name, iommu.clone(), config).unwrap();
+        Dev {
+            iommu,
+            id,
+            view: config.view,
+        }
+    }
+
+    /// Converts and, on success, uses the gaining side of what changed (as the guest would).
+    pub fn convert(
+        &self,
+        r: GpaRange,
+        to: Attribute,
+    ) -> Result<gmem_dma::Conversion, gmem_dma::ConversionError> {
+        let c = self.ram.convert(r, to)?;
+        for &run in &c.runs {
+            self.touch(to.view(), run);
+        }
+        Ok(c)
+    }
+
+    pub fn base(&self) -> u64 {
+        self.region.range().start()
+    }
+
+    /// Writes a byte into every page of `r` on `side`, so the backing holds memory there.
+    pub fn touch(&self, side: View, r: GpaRange) {
+        let b = self.region.backing();
+        let mut gpa = r.start();
+        while gpa < r.end() {
+            match side {
+                View::Shared => {
+                    let p = b.host_addr(gpa).unwrap();
+                    // SAFETY: `p` is inside the live shared mapping; no Rust reference to it.
+                    unsafe { p.write_volatile(0x5a) };
+                }
+                View::Private => {
+                    b.private_file()
+                        .write_all_at(&[0xa5], b.file_offset(gpa))
+                        .unwrap();
+                }
+            }
+            gpa += PAGE;
+        }
+    }
+
+    /// Everything the invariants compare, captured at one moment.
+    pub fn snapshot(&self, devs: &[&Dev]) -> Snapshot {
+        let all = self.region.range();
+        let b = self.region.backing();
+        Snapshot {
+            runs: self
+                .region
+                .manager()
+                .runs(all)
+                .unwrap()
+                .iter()
+                .map(|r| (r.range, r.attribute))
+                .collect(),
+            private: self.attrs.private_ranges(),
+            tables: devs.iter().map(|d| d.iommu.page_table()).collect(),
+            shared_resident: b.resident_pages(View::Shared, all).unwrap(),
+            private_resident: b.resident_pages(View::Private, all).unwrap(),
+        }
+    }
+
+    /// Checks invariants 1, 3 and 5 and that manager, KVM table, IOMMUs and ledgers agree.
+    /// `new_calls[i]` are the calls device `i` received during the last operation, which was
+    /// a conversion of `op_range` (for invariant 2).
+    pub fn check(&self, devs: &[&Dev], new_calls: &[Vec<Call>], op_range: Option<GpaRange>) {
+        let all = self.region.range();
+        let mgr = self.region.manager();
+        let runs = mgr.runs(all).unwrap();
+        // KVM's table equals the manager's attributes.
+        let private: Vec<(u64, u64)> = merge(
+            runs.iter()
+                .filter(|r| r.attribute == Attribute::Private)
+                .map(|r| (r.range.start(), r.range.end())),
+        );
+        assert_eq!(
+            self.attrs.private_ranges(),
+            private,
+            "KVM attributes vs manager"
+        );
+        let stale: Vec<(String, Vec<(u64, u64)>)> = self.region.stale_mappings();
+        for (i, d) in devs.iter().enumerate() {
+            let name = &self
+                .ram
+                .devices()
+                .into_iter()
+                .find(|x| x.0 == d.id)
+                .unwrap()
+                .1;
+            let stale_of: Vec<(u64, u64)> = stale
+                .iter()
+                .filter(|(n, _)| n == name)
+                .flat_map(|(_, s)| s.clone())
+                .collect();
+            let table = d.iommu.page_table();
+            let ledger = self.ram.device_mappings(d.id).unwrap();
+            // Exact ledger: the record equals the page table, mapping for mapping.
+            let t: Vec<(u64, u64)> = table.iter().map(|e| (e.iova, e.len)).collect();
+            let l: Vec<(u64, u64)> = ledger.iter().map(|m| (m.iova, m.len)).collect();
+            assert_eq!(t, l, "ledger vs emulated page table of {name}");
+            // One mapping per granule, exactly the device's view (plus reported stale ones).
+            let mut expected: Vec<(u64, u64)> = Vec::new();
+            for r in mgr.view_runs(d.view, all).unwrap() {
+                expected.extend(granules(r.start(), r.end()));
+            }
+            for &(s, e) in &stale_of {
+                expected.extend(granules(s, e));
+            }
+            expected.sort_unstable();
+            assert_eq!(t, expected, "mappings of {name} vs its view");
+            // Isolation: a shared-view mapping never covers a private page, unless it is a
+            // stale mapping the engine reports (only ever after a failed call).
+            if d.view == View::Shared {
+                for e in &table {
+                    let r = range(e.iova, e.len);
+                    let private_hit = runs.iter().any(|run| {
+                        run.attribute == Attribute::Private && run.range.intersect(&r).is_some()
+                    });
+                    if private_hit {
+                        assert!(
+                            stale_of
+                                .iter()
+                                .any(|&(s, end)| s <= e.iova && e.iova + e.len <= end),
+                            "isolation: {name} maps private page {:#x}",
+                            e.iova
+                        );
+                    }
+                }
+            }
+            // Every call the rules refused would be a bug (bisecting unmap, overlap, ...).
+            for c in &new_calls[i] {
+                assert!(c.result.is_ok() || c.injected, "{name}: refused call {c:?}");
+                // No window: unmaps touch only the converted range.
+                if c.kind == CallKind::Unmap {
+                    if let Some(op) = op_range {
+                        assert!(
+                            op.start() <= c.iova && c.iova + c.len <= op.end(),
+                            "no window: {name} unmapped {:#x}+{:#x} outside {op}",
+                            c.iova,
+                            c.len
+                        );
+                    }
+                }
+            }
+        }
+        self.check_backings(&runs);
+    }
+
+    /// Invariant 5: a page is backed on its own side, and on the other side only if held back.
+    fn check_backings(&self, runs: &[discard_manager::Run]) {
+        let all = self.region.range();
+        let b = self.region.backing();
+        let shared = b.resident_pages(View::Shared, all).unwrap();
+        let private = b.resident_pages(View::Private, all).unwrap();
+        let mut double = 0;
+        for run in runs {
+            let mut gpa = run.range.start();
+            while gpa < run.range.end() {
+                let p = ((gpa - all.start()) / PAGE) as usize;
+                let (own, other, other_side) = match run.attribute {
+                    Attribute::Shared => (shared[p], private[p], View::Private),
+                    Attribute::Private => (private[p], shared[p], View::Shared),
+                };
+                assert!(own, "page {gpa:#x} lost its {:?} backing", run.attribute);
+                if other {
+                    double += PAGE;
+                    assert!(
+                        self.region.holds(other_side, gpa, gpa + PAGE),
+                        "page {gpa:#x} ({:?}) is backed on the {other_side} side without being held",
+                        run.attribute
+                    );
+                }
+                gpa += PAGE;
+            }
+        }
+        assert!(
+            double <= self.region.held_back().total(),
+            "double allocation beyond the reported bound"
+        );
+    }
+}
+
+#[derive(Debug, PartialEq)]
+pub struct Snapshot {
+    pub runs: Vec<(GpaRange, Attribute)>,
+    pub private: Vec<(u64, u64)>,
+    pub tables: Vec<Vec<TableEntry>>,
+    pub shared_resident: Vec<bool>,
+    pub private_resident: Vec<bool>,
+}
+
+pub fn granules(start: u64, end: u64) -> impl Iterator<Item = (u64, u64)> {
+    (start..end).step_by(PAGE as usize).map(|g| (g, PAGE))
+}
+
+fn merge(it: impl Iterator<Item = (u64, u64)>) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (s, e) in it {
+        match out.last_mut() {
+            Some(last) if last.1 == s => last.1 = e,
+            _ => out.push((s, e)),
+        }
+    }
+    out
+}

@@ -1,0 +1,375 @@
+//! The conversion engine against the emulated IOMMU and the recording attribute table: the order
+//! of steps, each failure's rollback, the budget, the discard policies, devices coming and going.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{PAGE, Rig, range};
+use discard_manager::{Attribute, View};
+use gmem_dma::{
+    AttachError, ConversionError, DeviceConfig, DiscardPolicy, MapBy, hypercall_return,
+};
+use iommu::emulated::CallKind;
+use iommu::{EmulatedIommu, FileMapSupport};
+
+const BASE: u64 = 0x1_0000_0000;
+
+fn rig(policy: DiscardPolicy) -> Rig {
+    let rig = Rig::new(BASE, 16, policy);
+    rig.touch(View::Private, rig.region.range());
+    rig
+}
+
+#[test]
+fn sharing_maps_each_granule_and_unsharing_unmaps_them_in_one_call() {
+    let rig = rig(DiscardPolicy::Eager);
+    let dev = rig.attach("nic", EmulatedIommu::new(), DeviceConfig::shared());
+    let r = range(BASE + 4 * PAGE, 4 * PAGE);
+    let c = rig.convert(r, Attribute::Shared).unwrap();
+    assert_eq!(c.runs, [r]);
+    let calls = dev.iommu.take_calls();
+    assert_eq!(
+        calls.iter().filter(|c| c.kind == CallKind::MapVa).count(),
+        4
+    );
+    rig.check(&[&dev], &[calls], Some(r));
+    rig.convert(r, Attribute::Private).unwrap();
+    let calls = dev.iommu.take_calls();
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert_eq!(
+        (calls[0].kind, calls[0].iova, calls[0].len),
+        (CallKind::Unmap, r.start(), r.len())
+    );
+    rig.check(&[&dev], &[calls], Some(r));
+    // Eager: the shared side was freed at the end of the conversion.
+    assert_eq!(
+        rig.region.backing().allocated_bytes(View::Shared).unwrap(),
+        0
+    );
+}
+
+#[test]
+fn converting_part_of_a_shared_range_leaves_the_rest_mapped() {
+    let rig = rig(DiscardPolicy::Eager);
+    let dev = rig.attach("nic", EmulatedIommu::new(), DeviceConfig::shared());
+    rig.convert(range(BASE, 8 * PAGE), Attribute::Shared)
+        .unwrap();
+    dev.iommu.take_calls();
+    let middle = range(BASE + 3 * PAGE, 2 * PAGE);
+    rig.convert(middle, Attribute::Private).unwrap();
+    let calls = dev.iommu.take_calls();
+    // No window: only the middle two pages were unmapped; DMA to the rest still works.
+    rig.check(&[&dev], &[calls], Some(middle));
+    let mut buf = [0u8; 1];
+    dev.iommu.dma_read(BASE + 2 * PAGE, &mut buf).unwrap();
+    dev.iommu.dma_read(BASE + 5 * PAGE, &mut buf).unwrap();
+    assert!(dev.iommu.dma_read(BASE + 3 * PAGE, &mut buf).is_err());
+}
+
+#[test]
+fn a_failed_unmap_fails_the_conversion_to_private_and_changes_nothing() {
+    let rig = rig(DiscardPolicy::Eager);
+    let dev = rig.attach("nic", EmulatedIommu::new(), DeviceConfig::shared());
+    let r = range(BASE, 4 * PAGE);
+    rig.convert(r, Attribute::Shared).unwrap();
+    dev.iommu.take_calls();
+    let before = rig.snapshot(&[&dev]);
+    dev.iommu
+        .inject_failures(|kind, _, _| (*kind == CallKind::Unmap).then_some(libc::EIO));
+    let err = rig.convert(r, Attribute::Private).unwrap_err();
+    assert!(matches!(err, ConversionError::Unmap { .. }), "{err:?}");
+    assert_eq!(err.guest_errno(), libc::EBUSY);
+    assert_eq!(hypercall_return(&Err(err)) as i64, -i64::from(libc::EBUSY));
+    // Isolation: the conversion did not succeed, the pages stay shared and mapped, KVM was
+    // never asked, and no backing was freed.
+    assert_eq!(rig.snapshot(&[&dev]), before);
+    assert!(
+        rig.attrs
+            .calls()
+            .iter()
+            .all(|c| c.attribute == Attribute::Shared || c.range != r)
+    );
+    dev.iommu.clear_failures();
+    rig.convert(r, Attribute::Private).unwrap();
+    let calls = dev.iommu.take_calls();
+    rig.check(&[&dev], &[calls], Some(r));
+}
+
+#[test]
+fn a_partly_failed_unmap_is_rolled_back_by_remapping_what_was_unmapped() {
+    let rig = rig(DiscardPolicy::Eager);
+    let dev = rig.attach("nic", EmulatedIommu::new(), DeviceConfig::shared());
+    // Two separate shared runs: the discard unmaps them in two ledger calls.
+    rig.convert(range(BASE, 2 * PAGE), Attribute::Shared)
+        .unwrap();
+    rig.convert(range(BASE + 4 * PAGE, 2 * PAGE), Attribute::Shared)
+        .unwrap();
+    dev.iommu.take_calls();
+    let before = rig.snapshot(&[&dev]);
+    // The first run's unmap succeeds, the second fails.
+    dev.iommu.inject_failures(|kind, iova, _| {
+        (*kind == CallKind::Unmap && iova == BASE + 4 * PAGE).then_some(libc::EIO)
+    });
+    let r = range(BASE, 8 * PAGE);
+    let err = rig.convert(r, Attribute::Private).unwrap_err();
+    assert!(
+        matches!(err, ConversionError::Unmap { count: 1, .. }),
+        "{err:?}"
+    );
+    dev.iommu.clear_failures();
+    let calls = dev.iommu.take_calls();
+    // The first run was re-mapped, the second never left: same table as before.
+    assert_eq!(rig.snapshot(&[&dev]), before);
+    rig.check(&[&dev], &[calls], Some(r));
+}
+
+#[test]
+fn a_failed_map_rolls_back_the_attribute_and_keeps_both_backings() {
+    let rig = rig(DiscardPolicy::Eager);
+    let dev = rig.attach("nic", EmulatedIommu::new(), DeviceConfig::shared());
+    let before = rig.snapshot(&[&dev]);
+    // The third page's map fails.
+    dev.iommu.inject_failures(|kind, iova, _| {
+        (*kind == CallKind::MapVa && iova == BASE + 2 * PAGE).then_some(libc::ENOMEM)
+    });
+    let r = range(BASE, 4 * PAGE);
+    let err = rig.convert(r, Attribute::Shared).unwrap_err();
+    match &err {
+        ConversionError::Map {
+            device,
+            view,
+            range: refused,
+            ..
+        } => {
+            assert_eq!((device.as_str(), *view, *refused), ("nic", View::Shared, r));
+        }
+        other => panic!("{other:?}"),
+    }
+    dev.iommu.clear_failures();
+    // The attribute went to shared and back; the private data was not punched.
+    let attr_calls = rig.attrs.calls();
+    let last_two: Vec<_> = attr_calls[attr_calls.len() - 2..]
+        .iter()
+        .map(|c| c.attribute)
+        .collect();
+    assert_eq!(last_two, [Attribute::Shared, Attribute::Private]);
+    assert_eq!(rig.snapshot(&[&dev]), before);
+    assert_eq!(rig.region.backing().punch_stats().calls, 0);
+    let calls = dev.iommu.take_calls();
+    rig.check(&[&dev], &[calls], Some(r));
+}
+
+#[test]
+fn a_failed_attribute_change_remaps_the_shared_view() {
+    let rig = rig(DiscardPolicy::Eager);
+    let dev = rig.attach("nic", EmulatedIommu::new(), DeviceConfig::shared());
+    let r = range(BASE, 4 * PAGE);
+    rig.convert(r, Attribute::Shared).unwrap();
+    let before = rig.snapshot(&[&dev]);
+    rig.attrs.inject_failures(|_, a| a == Attribute::Private);
+    let err = rig.convert(r, Attribute::Private).unwrap_err();
+    assert!(matches!(err, ConversionError::Attribute(_)), "{err:?}");
+    assert_eq!(err.guest_errno(), libc::EIO);
+    rig.attrs.clear_failures();
+    assert_eq!(rig.snapshot(&[&dev]), before);
+    let calls = dev.iommu.take_calls();
+    rig.check(&[&dev], &[calls], Some(r));
+}
+
+#[test]
+fn a_conversion_beyond_the_mapping_budget_is_refused_up_front() {
+    let rig = rig(DiscardPolicy::Eager);
+    let dev = rig.attach(
+        "type1-nic",
+        EmulatedIommu::builder().mapping_budget(Some(3)).build(),
+        DeviceConfig::shared(),
+    );
+    let before = rig.snapshot(&[&dev]);
+    let calls_before = rig.attrs.calls().len();
+    let err = rig
+        .convert(range(BASE, 4 * PAGE), Attribute::Shared)
+        .unwrap_err();
+    match &err {
+        ConversionError::MappingBudget { device, needed, .. } => {
+            assert_eq!((device.as_str(), *needed), ("type1-nic", 4));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(err.to_string().contains("no room for the 4 mappings"));
+    assert_eq!(err.guest_errno(), libc::ENOSPC);
+    assert_eq!(rig.snapshot(&[&dev]), before);
+    assert_eq!(rig.attrs.calls().len(), calls_before, "KVM was not asked");
+    assert!(dev.iommu.take_calls().is_empty(), "the IOMMU was not asked");
+    // Three pages fit.
+    rig.convert(range(BASE, 3 * PAGE), Attribute::Shared)
+        .unwrap();
+    assert_eq!(rig.ram.device_budget(dev.id), Some(0));
+}
+
+#[test]
+fn a_failed_free_after_success_is_held_back_and_retried() {
+    let rig = rig(DiscardPolicy::Eager);
+    let dev = rig.attach("nic", EmulatedIommu::new(), DeviceConfig::shared());
+    let r = range(BASE, 2 * PAGE);
+    rig.region.backing().inject_punch_failures(|_, _| true);
+    let c = rig.convert(r, Attribute::Shared).unwrap();
+    assert_eq!(c.flushed.failed_ranges, 1);
+    assert_eq!(c.held.private_bytes, 2 * PAGE);
+    assert_eq!(c.held.failed_bytes, 2 * PAGE);
+    // The conversion stands: the pages are shared and mapped.
+    let calls = dev.iommu.take_calls();
+    rig.check(&[&dev], &[calls], Some(r));
+    rig.region.backing().clear_punch_failures();
+    let f = rig.ram.flush_discards();
+    assert_eq!(f.punched_bytes, 2 * PAGE);
+    assert_eq!(rig.ram.held_back().total(), 0);
+    assert_eq!(
+        rig.region.backing().allocated_bytes(View::Private).unwrap(),
+        14 * PAGE
+    );
+}
+
+fn flip_flop(policy: DiscardPolicy) -> u64 {
+    let rig = rig(policy);
+    let dev = rig.attach("nic", EmulatedIommu::new(), DeviceConfig::shared());
+    let bounce = range(BASE + 8 * PAGE, PAGE);
+    for _ in 0..50 {
+        rig.convert(bounce, Attribute::Shared).unwrap();
+        rig.convert(bounce, Attribute::Private).unwrap();
+    }
+    let calls = dev.iommu.take_calls();
+    rig.check(&[&dev], &[calls], None);
+    rig.region.backing().punch_stats().calls
+}
+
+#[test]
+fn lazy_discard_makes_flip_flops_free_and_eager_punches_every_time() {
+    assert_eq!(flip_flop(DiscardPolicy::Eager), 100);
+    assert_eq!(
+        flip_flop(DiscardPolicy::Lazy {
+            budget_bytes: 64 * PAGE
+        }),
+        0
+    );
+    // A budget below one page flushes every time, like eager.
+    assert_eq!(flip_flop(DiscardPolicy::Lazy { budget_bytes: 0 }), 100);
+}
+
+#[test]
+fn batched_discard_coalesces_adjacent_frees() {
+    let rig = rig(DiscardPolicy::Batched {
+        max_ranges: 4,
+        max_bytes: 8 * PAGE,
+    });
+    for p in 0..8 {
+        let c = rig
+            .convert(range(BASE + p * PAGE, PAGE), Attribute::Shared)
+            .unwrap();
+        assert_eq!(c.flushed.punched_ranges, u64::from(p == 7), "page {p}");
+    }
+    // Eight single-page conversions, one fallocate.
+    assert_eq!(rig.region.backing().punch_stats().calls, 1);
+    rig.check(&[], &[], None);
+}
+
+#[test]
+fn trusted_io_device_maps_private_memory_by_file() {
+    let rig = rig(DiscardPolicy::Eager);
+    let tio = rig.attach("tdisp", EmulatedIommu::new(), DeviceConfig::trusted_io());
+    let nic = rig.attach("nic", EmulatedIommu::new(), DeviceConfig::shared());
+    // The whole region starts private: the trusted device maps it all, by file.
+    assert_eq!(tio.iommu.mapping_count(), 16);
+    assert!(
+        tio.iommu
+            .calls()
+            .iter()
+            .all(|c| c.kind == CallKind::MapFile)
+    );
+    let mut buf = [0u8; 1];
+    tio.iommu.dma_read(BASE + PAGE, &mut buf).unwrap();
+    assert_eq!(buf, [0xa5], "the device reads the private backing");
+    let r = range(BASE, 4 * PAGE);
+    rig.convert(r, Attribute::Shared).unwrap();
+    assert_eq!(tio.iommu.mapping_count(), 12);
+    assert_eq!(nic.iommu.mapping_count(), 4);
+    let calls = [tio.iommu.take_calls(), nic.iommu.take_calls()];
+    rig.check(&[&tio, &nic], &calls, None);
+}
+
+#[test]
+fn a_backend_that_cannot_map_guest_memfd_is_refused_at_attach_with_the_reason() {
+    let rig = rig(DiscardPolicy::Eager);
+    let mainline = Arc::new(
+        EmulatedIommu::builder()
+            .map_file(FileMapSupport::Memfd)
+            .build(),
+    );
+    let err = rig
+        .ram
+        .attach_device("tdisp", mainline.clone(), DeviceConfig::trusted_io())
+        .unwrap_err();
+    assert!(matches!(err, AttachError::Unsupported { .. }), "{err:?}");
+    assert!(err.to_string().contains("guest_memfd"), "{err}");
+    let type1 = Arc::new(
+        EmulatedIommu::builder()
+            .map_file(FileMapSupport::None)
+            .build(),
+    );
+    let by_file = DeviceConfig {
+        map_by: MapBy::File,
+        ..DeviceConfig::shared()
+    };
+    assert!(rig.ram.attach_device("nic", type1, by_file).is_err());
+    assert!(rig.ram.devices().is_empty());
+    assert_eq!(mainline.mapping_count(), 0);
+}
+
+#[test]
+fn attaching_to_a_running_guest_replays_the_shared_view_and_detaching_unmaps_it() {
+    let rig = rig(DiscardPolicy::Eager);
+    rig.convert(range(BASE, 2 * PAGE), Attribute::Shared)
+        .unwrap();
+    rig.convert(range(BASE + 8 * PAGE, 3 * PAGE), Attribute::Shared)
+        .unwrap();
+    let offset = 0x8000_0000;
+    let dev = rig.attach(
+        "nic",
+        EmulatedIommu::new(),
+        DeviceConfig {
+            iova_offset: offset,
+            ..DeviceConfig::shared()
+        },
+    );
+    let iovas: Vec<u64> = dev
+        .iommu
+        .page_table()
+        .iter()
+        .map(|e| e.iova - offset)
+        .collect();
+    assert_eq!(
+        iovas,
+        [0, 1, 8, 9, 10].map(|p| BASE + p * PAGE),
+        "identity + offset, one mapping per granule"
+    );
+    let report = rig.ram.detach_device(dev.id).unwrap();
+    assert_eq!(report.mappings, 5);
+    assert_eq!(report.calls, 2, "one unmap per run");
+    assert_eq!(dev.iommu.mapping_count(), 0);
+    // Conversions after detach do not reach it.
+    rig.convert(range(BASE + 4 * PAGE, PAGE), Attribute::Shared)
+        .unwrap();
+    assert_eq!(dev.iommu.mapping_count(), 0);
+}
+
+#[test]
+fn conversions_outside_every_region_are_refused() {
+    let rig = rig(DiscardPolicy::Eager);
+    let err = rig.convert(range(0, PAGE), Attribute::Shared).unwrap_err();
+    assert!(matches!(err, ConversionError::NoRegion { .. }));
+    let err = rig
+        .convert(range(BASE + 1, PAGE), Attribute::Shared)
+        .unwrap_err();
+    assert!(matches!(err, ConversionError::Range(_)), "{err:?}");
+    assert_eq!(err.guest_errno(), libc::EINVAL);
+}
