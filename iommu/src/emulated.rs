@@ -199,7 +199,8 @@ impl EmulatedIommuBuilder {
         self
     }
 
-    /// Sets the IOVA ranges a mapping may use.
+    /// Sets the IOVA ranges a mapping may use; an empty list allows any IOVA, as type1 does when
+    /// the kernel reports no ranges.
     pub fn iova_ranges(mut self, ranges: Vec<IovaRange>) -> Self {
         self.iova_ranges = ranges;
         self
@@ -493,12 +494,9 @@ impl EmulatedIommu {
         if state.budget == Some(0) {
             return Err(errno::Error::new(libc::ENOSPC));
         }
-        if !self
-            .config
-            .iova_ranges
-            .iter()
-            .any(|r| r.contains(iova, len))
-        {
+        // As `vfio_iommu_iova_dma_valid()`: an empty list restricts nothing.
+        let ranges = &self.config.iova_ranges;
+        if !ranges.is_empty() && !ranges.iter().any(|r| r.contains(iova, len)) {
             return Err(einval);
         }
         let target = match source {
@@ -1102,6 +1100,9 @@ mod tests {
         map(&iommu, &mem, 8 * PAGE, 4 * PAGE).unwrap();
         map(&iommu, &mem, 0, 4 * PAGE).unwrap();
         assert_eq!(iommu.mapping_count(), 2);
+        let unrestricted = EmulatedIommu::builder().iova_ranges(vec![]).build();
+        // SAFETY: never accessed; `mem` outlives `unrestricted` anyway.
+        unsafe { unrestricted.map_va(1 << 60, PAGE, mem.at(0), DmaProt::READ_WRITE) }.unwrap();
     }
 
     #[test]

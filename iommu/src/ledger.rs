@@ -7,7 +7,7 @@
 //! removed on failure. So the [`Ledger`] keeps its own exact record and checks every request
 //! against it before the kernel sees it:
 //! - a map that is empty, has no access, is misaligned to the smallest IOMMU page, wraps around,
-//!   falls outside the IOVA ranges, overlaps a live mapping or exceeds the mapping budget is
+//!   falls outside the IOVA ranges (when the backend reports any), overlaps a live mapping or exceeds the mapping budget is
 //!   refused with nothing changed;
 //! - an unmap whose range would bisect a mapping is refused, naming the mapping; any other unmap
 //!   becomes the fewest kernel calls that cover whole mappings (one, gaps allowed, unless the span
@@ -577,7 +577,10 @@ impl Ledger {
                 len,
             });
         }
-        if !self.caps.iova_ranges.iter().any(|r| r.contains(iova, len)) {
+        // An empty list means the backend reported none, and then the kernel restricts nothing
+        // (type1's `vfio_iommu_iova_dma_valid()` accepts any IOVA when its list is empty).
+        let ranges = &self.caps.iova_ranges;
+        if !ranges.is_empty() && !ranges.iter().any(|r| r.contains(iova, len)) {
             return Err(LedgerError::OutsideIovaRanges {
                 iova,
                 len,
@@ -950,6 +953,11 @@ mod tests {
         assert!(matches!(err, LedgerError::NoAccess { .. }));
         assert!(iommu.calls().is_empty());
         assert!(ledger.mappings().is_empty());
+        // A backend that reports no IOVA ranges is not restricted (type1 without the capability).
+        let (_, unrestricted) = ledger_on(EmulatedIommu::builder().iova_ranges(vec![]).build());
+        // SAFETY: `mem` outlives `unrestricted`, which unmaps it when dropped.
+        unsafe { unrestricted.map_va(1 << 60, PAGE, mem.at(0), DmaProt::READ_WRITE) }.unwrap();
+        assert!(unrestricted.is_mapped(1 << 60, PAGE));
     }
 
     #[test]
