@@ -10,6 +10,7 @@
 mod cli;
 mod cmd;
 mod exit;
+mod instrument;
 mod report;
 mod setup;
 mod stats;
@@ -61,8 +62,38 @@ fn dispatch(cli: &Cli) -> anyhow::Result<bool> {
             }
             Ok(true)
         }
+        Some(Command::Run(args)) => {
+            let w = cmd::run::load_workload(&args.workload, args.setup.region_size)?;
+            let s = cmd::run::run_workload(
+                &w,
+                &args.setup,
+                args.setup.backend,
+                args.policy,
+                !args.no_progress && !cli.json,
+            )?;
+            if cli.json {
+                println!("{}", report::json(&s));
+            } else {
+                print!("{}", report::render_run(&s));
+            }
+            finished(&s)
+        }
         _ => Err(exit::error(exit::Class::Usage, "not yet")),
     }
+}
+
+/// A finished run: exit 1 with a sentence when it stopped early or a check failed.
+fn finished(s: &report::RunSummary) -> anyhow::Result<bool> {
+    if let Some(f) = &s.failure {
+        return Err(exit::error(exit::Class::Failed, format!("the workload stopped: {f}")));
+    }
+    if !s.ok() {
+        return Err(exit::error(
+            exit::Class::Failed,
+            "an invariant check failed (see the FAIL lines above); rerun with -vv for the library's log",
+        ));
+    }
+    Ok(true)
 }
 
 fn main() -> ExitCode {

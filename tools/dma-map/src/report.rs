@@ -59,13 +59,14 @@ pub struct RunSummary {
     pub bytes_changed: u64,
     /// Wall time of the conversions, seconds.
     pub elapsed_s: f64,
-    /// Completed requests per second.
+    /// Completed requests per second of time spent inside the engine's convert calls.
     pub conversions_per_s: f64,
     /// Latency of one request.
     pub latency: Percentiles,
     /// Calls by kind.
     pub kernel_calls: KernelCalls,
-    /// Most IOMMU mappings alive at once.
+    /// Most IOMMU mappings alive at once (peak mapped bytes / granule: the engine maps one
+    /// granule per mapping, which a check confirms).
     pub peak_mappings: u64,
     /// Mappings alive at the end.
     pub final_mappings: u64,
@@ -75,12 +76,16 @@ pub struct RunSummary {
     pub final_held_back_bytes: u64,
     /// Invariant checks made after the run.
     pub checks: Vec<Check>,
+    /// Why the run stopped early, when a conversion failed.
+    pub failure: Option<String>,
 }
 
 impl RunSummary {
     /// True when every request completed and every check held.
     pub fn ok(&self) -> bool {
-        self.conversions_done == self.requests && self.checks.iter().all(|c| c.passed)
+        self.failure.is_none()
+            && self.conversions_done == self.requests
+            && self.checks.iter().all(|c| c.passed)
     }
 }
 
@@ -167,6 +172,9 @@ pub fn render_run(s: &RunSummary) -> String {
         "conversions done".to_string(),
         format!("{} of {}", s.conversions_done, s.requests),
     ]);
+    if let Some(f) = &s.failure {
+        t.row(["stopped".to_string(), f.clone()]);
+    }
     t.row(["bytes changed".to_string(), Bytes(s.bytes_changed).to_string()]);
     t.row(["elapsed".to_string(), format!("{:.3} s", s.elapsed_s)]);
     t.row([
@@ -304,8 +312,12 @@ mod tests {
                 passed: true,
                 detail: String::new(),
             }],
+            failure: None,
         };
         assert!(s.ok());
+        s.failure = Some("EIO".into());
+        assert!(!s.ok());
+        s.failure = None;
         s.conversions_done = 1;
         assert!(!s.ok());
         s.conversions_done = 2;

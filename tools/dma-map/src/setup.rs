@@ -21,22 +21,44 @@ use crate::exit::{Class, error};
 /// would place high RAM).
 pub const REGION_BASE: u64 = 0x1_0000_0000;
 
+/// `KVM_X86_SW_PROTECTED_VM`: the VM type with private memory attributes and no hardware.
+const SW_PROTECTED_VM: u64 = 1;
+
 /// KVM as the tool found it: the VM regions are created on, and what it supports.
 pub struct Kvm0 {
-    /// The VM (default type) regions are created on.
-    pub vm: VmFd,
+    /// The VM regions are created on.
+    pub vm: Arc<VmFd>,
+    /// Its type (0 default, 1 sw-protected).
+    pub vm_type: u64,
     /// The library's probe of it.
     pub support: KvmSupport,
 }
 
-/// Opens KVM and a default-type VM, or says why not.
+/// Opens KVM and a VM: the sw-protected type when KVM lists it and gives it private memory
+/// attributes (so conversions reach KVM), else the default type. `Err` says why there is none.
 pub fn open_kvm() -> Result<Kvm0, String> {
     let kvm = Kvm::new().map_err(|e| format!("/dev/kvm cannot be opened ({e})"))?;
     let vm = kvm
         .create_vm()
         .map_err(|e| format!("KVM refused to create a VM ({e})"))?;
     let support = KvmSupport::probe(&kvm, &vm);
-    Ok(Kvm0 { vm, support })
+    if !support.has_private_attribute() && support.vm_types & (1 << SW_PROTECTED_VM) != 0 {
+        if let Ok(private_vm) = kvm.create_vm_with_type(SW_PROTECTED_VM) {
+            let private_support = KvmSupport::probe(&kvm, &private_vm);
+            if private_support.has_private_attribute() {
+                return Ok(Kvm0 {
+                    vm: Arc::new(private_vm),
+                    vm_type: SW_PROTECTED_VM,
+                    support: private_support,
+                });
+            }
+        }
+    }
+    Ok(Kvm0 {
+        vm: Arc::new(vm),
+        vm_type: 0,
+        support,
+    })
 }
 
 /// A region's backing with the VM it belongs to and the fallbacks taken to get it.
@@ -108,11 +130,15 @@ pub fn region(choice: RegionChoice, size: u64) -> anyhow::Result<Region> {
         BackingModel::Classic => RegionBacking::classic(&kvm.vm, REGION_BASE, size),
     }
     .with_context(|| format!("creating a {model} region of {size:#x} bytes"))?;
+    backing
+        .bind(&kvm.vm, 0)
+        .with_context(|| format!("binding the {model} region to KVM memslot 0"))?;
+    let name = format!("{model}, VM type {}", kvm.vm_type);
     Ok(Region {
         backing,
         kvm: Some(kvm),
         fallbacks,
-        name: model.to_string(),
+        name,
     })
 }
 
@@ -171,7 +197,8 @@ fn open_error(address: PciAddress, backend: BackendChoice, e: OpenError) -> anyh
 
 /// The emulated IOMMU, in the shape of a kernel backend.
 pub fn emulated() -> Backend {
-    let emu = Arc::new(EmulatedIommu::new());
+    // No call log: a long run would keep every call in memory; the counters do the counting.
+    let emu = Arc::new(EmulatedIommu::builder().record_calls(false).build());
     Backend {
         backend: emu.clone(),
         emulated: Some(emu),

@@ -281,6 +281,46 @@ pub fn random_mixed(region_size: u64, count: u64, seed: u64) -> Result<Workload,
     })
 }
 
+/// The shared extents `[start, end)` after every request of `w` applied in order to a region
+/// that starts all private: the oracle a run's final state is checked against, computed
+/// independently of the library.
+pub fn final_shared(w: &Workload) -> Vec<(u64, u64)> {
+    use std::collections::BTreeMap;
+    // Disjoint, non-adjacent extents: start -> end.
+    let mut set: BTreeMap<u64, u64> = BTreeMap::new();
+    for r in &w.requests {
+        let (mut start, mut end) = (r.gpa, r.gpa + r.len);
+        // Every extent touching [start, end) (overlapping or adjacent) is cut or merged.
+        let touching: Vec<(u64, u64)> = set
+            .range(..=end)
+            .rev()
+            .take_while(|&(_, &e)| e >= start)
+            .map(|(&s, &e)| (s, e))
+            .collect();
+        for (s, e) in touching {
+            set.remove(&s);
+            match r.to {
+                Target::Shared => {
+                    start = start.min(s);
+                    end = end.max(e);
+                }
+                Target::Private => {
+                    if s < start {
+                        set.insert(s, start);
+                    }
+                    if e > end {
+                        set.insert(end, e);
+                    }
+                }
+            }
+        }
+        if r.to == Target::Shared {
+            set.insert(start, end);
+        }
+    }
+    set.into_iter().collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -375,6 +415,37 @@ mod tests {
         assert!(w.requests.iter().any(|r| (2 * PAGE..16 * PAGE).contains(&r.len)));
         assert!(w.requests.iter().any(|r| r.len > 16 * PAGE));
         assert!(w.requests.iter().all(|r| r.len <= 2 << 20));
+    }
+
+    #[test]
+    fn final_shared_replays_requests_in_order() {
+        let req = |to, gpa, len| Request {
+            time_ns: 0,
+            to,
+            gpa,
+            len,
+        };
+        let w = Workload {
+            name: String::new(),
+            region_size: 1 << 20,
+            requests: vec![
+                req(Target::Shared, 0x1000, 0x4000),
+                req(Target::Shared, 0x5000, 0x1000), // adjacent: merges
+                req(Target::Private, 0x2000, 0x1000), // splits
+                req(Target::Shared, 0x10000, 0x1000),
+                req(Target::Private, 0x0, 0x1000), // already private: no change
+                req(Target::Private, 0x5000, 0x20000), // cuts the tail and the lone page
+            ],
+        };
+        assert_eq!(final_shared(&w), [(0x1000, 0x2000), (0x3000, 0x5000)]);
+        // Firmware bounce ends where it started: everything private.
+        assert!(final_shared(&firmware_bounce(1 << 20, 100, 1).unwrap()).is_empty());
+        let boot = linux_boot(1 << 30, 2 << 20, 1).unwrap();
+        let pool = &boot.requests;
+        assert_eq!(
+            final_shared(&boot),
+            [(pool[0].gpa, pool[pool.len() - 1].gpa + pool[pool.len() - 1].len)]
+        );
     }
 
     #[test]
