@@ -120,6 +120,15 @@ pub enum ConversionError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// A device still maps pages of the range that earlier failed unmaps left behind (retried
+    /// just now, in vain); converting the range to private would leave them mapped.
+    #[error("device {device} still maps {range} after earlier unmaps failed")]
+    StaleMapping {
+        /// The device.
+        device: String,
+        /// The range asked for.
+        range: GpaRange,
+    },
     /// The conversion queue shut down before running the request.
     #[error("the conversion queue shut down before running the request")]
     Shutdown,
@@ -136,7 +145,7 @@ impl ConversionError {
         match self {
             ConversionError::Range(_) | ConversionError::NoRegion { .. } => libc::EINVAL,
             ConversionError::MappingBudget { .. } => libc::ENOSPC,
-            ConversionError::Unmap { .. } => libc::EBUSY,
+            ConversionError::Unmap { .. } | ConversionError::StaleMapping { .. } => libc::EBUSY,
             ConversionError::Attribute(e) => e.source.errno(),
             _ => libc::EIO,
         }
@@ -366,6 +375,25 @@ impl Region {
         self.failures.drain();
     }
 
+    /// Isolation: a stale mapping is a private page still mapped for a device; converting its
+    /// range to private must not report success while it exists.
+    fn refuse_stale(&self, range: GpaRange) -> Result<(), ConversionError> {
+        for a in self.attached().iter() {
+            let hit = a
+                .listener
+                .stale_ranges()
+                .iter()
+                .any(|&(s, e)| s < range.end() && range.start() < e);
+            if hit {
+                return Err(ConversionError::StaleMapping {
+                    device: a.name.clone(),
+                    range,
+                });
+            }
+        }
+        Ok(())
+    }
+
     fn check_budget(&self, range: GpaRange, to: Attribute) -> Result<(), ConversionError> {
         let losing = opposite(to).view();
         let joining = self.manager.view_runs(losing, range).map_err(|e| match e {
@@ -401,6 +429,9 @@ impl Region {
     ) -> Result<Conversion, ConversionError> {
         let mut discarder = lock(&self.discarder);
         self.retry_stale();
+        if to == Attribute::Private {
+            self.refuse_stale(range)?;
+        }
         self.check_budget(range, to)?;
         let mut step = AttributeStep {
             attributes,
