@@ -78,7 +78,43 @@ fn dispatch(cli: &Cli) -> anyhow::Result<bool> {
             }
             finished(&s)
         }
-        _ => Err(exit::error(exit::Class::Usage, "not yet")),
+        Some(Command::Compare(args)) => {
+            let w = cmd::run::load_workload(&args.workload, args.setup.region_size)?;
+            let backends = if args.backends.is_empty() {
+                vec![args.setup.backend]
+            } else {
+                args.backends.clone()
+            };
+            let c = cmd::compare::compare(
+                &w,
+                &args.setup,
+                &backends,
+                &args.policies,
+                !args.no_progress && !cli.json,
+            )?;
+            if cli.json {
+                println!("{}", report::json(&c));
+            } else {
+                print!("{}", cmd::compare::render(&c));
+            }
+            for r in &c.runs {
+                finished(r)?;
+            }
+            Ok(true)
+        }
+        None => {
+            let job = cmd::main_job::run(!cli.json)?;
+            if cli.json {
+                println!("{}", report::json(&job));
+            } else {
+                print!("{}", cmd::main_job::render(&job));
+            }
+            finished(&job.run)?;
+            for r in &job.compare.runs {
+                finished(r)?;
+            }
+            Ok(true)
+        }
     }
 }
 

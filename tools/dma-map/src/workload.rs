@@ -58,13 +58,6 @@ pub struct Workload {
     pub requests: Vec<Request>,
 }
 
-impl Workload {
-    /// Bytes the requests ask to convert, counting a page each time it is named.
-    pub fn requested_bytes(&self) -> u64 {
-        self.requests.iter().map(|r| r.len).sum()
-    }
-}
-
 /// The base page size every generated request is a multiple of.
 pub const PAGE: u64 = 4096;
 
@@ -378,14 +371,14 @@ mod tests {
         all_inside_and_aligned(&w);
         assert_eq!(w.requests.len(), 32);
         assert!(w.requests.iter().all(|r| r.to == Target::Shared));
-        assert_eq!(w.requested_bytes(), 64 << 20);
+        assert_eq!(w.requests.iter().map(|r| r.len).sum::<u64>(), 64 << 20);
         // Contiguous, no page twice.
         for pair in w.requests.windows(2) {
             assert_eq!(pair[0].gpa + pair[0].len, pair[1].gpa);
         }
         // A chunk that does not divide the pool leaves a shorter last request.
         let w = linux_boot(1 << 30, 3 << 20, 5).unwrap();
-        assert_eq!(w.requested_bytes(), 64 << 20);
+        assert_eq!(w.requests.iter().map(|r| r.len).sum::<u64>(), 64 << 20);
         assert_eq!(w.requests.last().unwrap().len, (64 << 20) % (3 << 20));
     }
 

@@ -3,3 +3,5 @@
 pub mod probe;
 pub mod map;
 pub mod run;
+pub mod compare;
+pub mod main_job;
