@@ -228,7 +228,8 @@ pub enum LedgerError {
         source: DmaError,
     },
     /// The backend reported unmapping a different number of bytes than the ledger recorded in
-    /// the call's range: the record and the kernel disagreed. The kernel holds no mapping in the
+    /// the call's range (or returned [`DmaError::PartialUnmap`]): the record and the kernel
+    /// disagreed. The kernel holds no mapping in the
     /// range after a successful unmap, so the ledger drops its records there and, where the
     /// backend reports a mapping budget, re-reads the budget from it.
     #[error(
@@ -689,6 +690,9 @@ impl Ledger {
             let call_len = call_last - call_start + 1;
             let unmapped = match self.backend.unmap(call_start, call_len) {
                 Ok(unmapped) => unmapped,
+                // The call succeeded but the backend found the count impossible: handled below
+                // as the mismatch it is.
+                Err(DmaError::PartialUnmap { unmapped, .. }) => unmapped,
                 Err(source) => {
                     state.stats.failed_calls += 1;
                     return Err(LedgerError::Unmap {
@@ -1170,6 +1174,64 @@ mod tests {
         assert!(ledger.mappings().is_empty());
         // Budget re-read from the backend rather than counted from a wrong record.
         assert_eq!(ledger.remaining_budget(), Some(10));
+    }
+
+    /// Reports one page more than it unmapped, as a kernel bug would, through the backends'
+    /// `PartialUnmap`.
+    #[derive(Debug)]
+    struct OverReporting(EmulatedIommu);
+
+    impl DmaBackend for OverReporting {
+        fn capabilities(&self) -> Result<Capabilities, DmaError> {
+            self.0.capabilities()
+        }
+        unsafe fn map_va(
+            &self,
+            iova: u64,
+            len: u64,
+            a: *mut u8,
+            p: DmaProt,
+        ) -> Result<(), DmaError> {
+            // SAFETY: the caller's contract, passed on unchanged.
+            unsafe { self.0.map_va(iova, len, a, p) }
+        }
+        fn map_file(
+            &self,
+            iova: u64,
+            len: u64,
+            f: BorrowedFd<'_>,
+            o: u64,
+            p: DmaProt,
+        ) -> Result<(), DmaError> {
+            self.0.map_file(iova, len, f, o, p)
+        }
+        fn unmap(&self, iova: u64, len: u64) -> Result<u64, DmaError> {
+            let unmapped = self.0.unmap(iova, len)? + PAGE;
+            Err(DmaError::PartialUnmap {
+                kind: crate::BackendKind::Emulated,
+                iova,
+                len,
+                unmapped,
+            })
+        }
+    }
+
+    #[test]
+    fn partial_unmap_from_the_backend_is_a_mismatch_and_the_record_is_cleared() {
+        let mem = HostMem::new(4 * PAGE as usize);
+        let backend = Arc::new(OverReporting(EmulatedIommu::new()));
+        let ledger = Ledger::new(backend.clone()).unwrap();
+        map(&ledger, &mem, 0, 2 * PAGE).unwrap();
+        match ledger.unmap(0, 2 * PAGE) {
+            Err(LedgerError::UnmapMismatch {
+                expected, unmapped, ..
+            }) => {
+                assert_eq!((expected, unmapped), (2 * PAGE, 3 * PAGE))
+            }
+            other => panic!("expected UnmapMismatch, got {other:?}"),
+        }
+        assert!(ledger.mappings().is_empty());
+        assert_eq!(backend.0.mapping_count(), 0);
     }
 
     #[test]
