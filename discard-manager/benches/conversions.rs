@@ -1,0 +1,464 @@
+//! This crate's extents against a per-granule bitmap baseline, on the same traces.
+//!
+//! The baseline (`Bitmap`) is written here and follows QEMU's `RamBlockAttributes`: one bit
+//! per 4 KiB granule (1 = shared), a mixed-range conversion walks and notifies granule by
+//! granule, and a replay walks every granule of the section (QEMU 2026
+//! `replay_by_populated_state`). A second replay baseline scans 64-bit words and skips empty
+//! ones (`find_next_bit` style, as the pre-2026 `RamBlockAttributes` replay does), to show
+//! the gap is not only the naive walk. Both sides lock a mutex per call and notify the same
+//! counting listener.
+//!
+//! Measured:
+//! * `bounce/*`: the firmware bounce pattern, 1-2 granules converted shared and, 64 buffers
+//!   later, private again, at random places; 1 GiB and 1 TiB regions (and 1 TiB already
+//!   holding 10,000 shared runs elsewhere); one listener. Throughput = conversions/s.
+//! * `replay/*`: registering a listener on a 1 TiB region holding 10,000 shared runs.
+//! * memory per run (printed): live heap bytes of the structure, measured with the counting
+//!   global allocator below (bytes allocated minus bytes freed while the manager is built),
+//!   divided by its number of runs; next to the crate's own `memory_bytes()` estimate.
+//!
+//! Run: `cargo bench -p discard-manager --bench conversions`
+#![deny(clippy::undocumented_unsafe_blocks)]
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::hint::black_box;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use discard_manager::{
+    Attribute, DiscardManager, GpaRange, ListenerError, RegionConfig, View, ViewListener,
+};
+
+/// Counts live heap bytes and allocation calls, forwarding everything to `System`.
+struct CountingAlloc;
+
+static LIVE_BYTES: AtomicUsize = AtomicUsize::new(0);
+static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: every method forwards to `System` with the caller's arguments unchanged, so the
+// `GlobalAlloc` contract is `System`'s; the counters are plain atomics and never touch memory
+// handed out.
+unsafe impl GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: the caller upholds `alloc`'s contract (non-zero size), passed on as is.
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            LIVE_BYTES.fetch_add(layout.size(), Ordering::Relaxed);
+            ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: `ptr` was allocated by `System` (through `alloc`/`realloc` above) with
+        // `layout`, as the caller guarantees.
+        unsafe { System.dealloc(ptr, layout) };
+        LIVE_BYTES.fetch_sub(layout.size(), Ordering::Relaxed);
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: the caller guarantees `ptr`/`layout` came from this allocator (i.e. from
+        // `System`) and that `new_size` is valid for `layout`'s alignment.
+        let p = unsafe { System.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            LIVE_BYTES.fetch_add(new_size, Ordering::Relaxed);
+            LIVE_BYTES.fetch_sub(layout.size(), Ordering::Relaxed);
+            ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        }
+        p
+    }
+}
+
+#[global_allocator]
+static GLOBAL: CountingAlloc = CountingAlloc;
+
+const G: u64 = 4096;
+const BASE: u64 = 1 << 32;
+const GIB: u64 = 1 << 30;
+const TIB: u64 = 1 << 40;
+
+/// The listener both sides notify: counts calls and bytes, like a cheap DMA mapper.
+#[derive(Default)]
+struct Counter {
+    calls: AtomicU64,
+    bytes: AtomicU64,
+}
+
+impl ViewListener for Counter {
+    fn populate(&self, _: View, range: GpaRange) -> Result<(), ListenerError> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.bytes.fetch_add(range.len(), Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn discard(&self, _: View, range: GpaRange) {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.bytes.fetch_sub(range.len(), Ordering::Relaxed);
+    }
+}
+
+/// The baseline: QEMU `RamBlockAttributes` style, one bit per granule, 1 = shared.
+struct Bitmap {
+    region: GpaRange,
+    inner: Mutex<BitmapInner>,
+}
+
+struct BitmapInner {
+    bits: Vec<u64>,
+    listeners: Vec<(GpaRange, Arc<dyn ViewListener>)>,
+}
+
+impl BitmapInner {
+    fn get(&self, g: u64) -> bool {
+        self.bits[(g / 64) as usize] >> (g % 64) & 1 == 1
+    }
+
+    fn set(&mut self, g: u64, shared: bool) {
+        let word = &mut self.bits[(g / 64) as usize];
+        if shared {
+            *word |= 1 << (g % 64);
+        } else {
+            *word &= !(1 << (g % 64));
+        }
+    }
+
+    fn notify(&self, range: GpaRange, shared: bool) -> Result<(), ListenerError> {
+        for (section, l) in &self.listeners {
+            if let Some(r) = section.intersect(&range) {
+                if shared {
+                    l.populate(View::Shared, r)?;
+                } else {
+                    l.discard(View::Shared, r);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Bitmap {
+    fn new(size: u64) -> Self {
+        Self {
+            region: GpaRange::new(BASE, size).unwrap(),
+            inner: Mutex::new(BitmapInner {
+                bits: vec![0; (size / G).div_ceil(64) as usize],
+                listeners: Vec::new(),
+            }),
+        }
+    }
+
+    fn granule(&self, addr: u64) -> u64 {
+        (addr - self.region.start()) / G
+    }
+
+    /// `ram_block_attributes_state_change`: all-same ranges in one call, mixed ranges granule
+    /// by granule.
+    fn convert(&self, range: GpaRange, to: Attribute) -> Result<(), ListenerError> {
+        if range.start() % G != 0 || range.len() % G != 0 || !self.region.contains(&range) {
+            return Err("invalid range".into());
+        }
+        let shared = to == Attribute::Shared;
+        let (a, b) = (self.granule(range.start()), self.granule(range.end()));
+        let mut inner = self.inner.lock().unwrap();
+        if (a..b).all(|g| inner.get(g) == shared) {
+            return Ok(());
+        }
+        if (a..b).all(|g| inner.get(g) != shared) {
+            for g in a..b {
+                inner.set(g, shared);
+            }
+            return inner.notify(range, shared);
+        }
+        for g in a..b {
+            if inner.get(g) != shared {
+                inner.set(g, shared);
+                let start = self.region.start() + g * G;
+                inner.notify(GpaRange::new(start, G).unwrap(), shared)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Registration with a replay that tests every granule of the section.
+    fn register_walk(&self, section: GpaRange, l: Arc<dyn ViewListener>) {
+        let mut inner = self.inner.lock().unwrap();
+        let (a, b) = (self.granule(section.start()), self.granule(section.end()));
+        let mut run: Option<u64> = None;
+        for g in a..=b {
+            let populated = g < b && inner.get(g);
+            match (run, populated) {
+                (None, true) => run = Some(g),
+                (Some(s), false) => {
+                    let r = GpaRange::new(self.region.start() + s * G, (g - s) * G).unwrap();
+                    l.populate(View::Shared, r).unwrap();
+                    run = None;
+                }
+                _ => {}
+            }
+        }
+        inner.listeners.push((section, l));
+    }
+
+    /// Registration with a replay that skips all-zero / all-one words (`find_next_bit`).
+    fn register_word_scan(&self, section: GpaRange, l: Arc<dyn ViewListener>) {
+        let mut inner = self.inner.lock().unwrap();
+        let (a, b) = (self.granule(section.start()), self.granule(section.end()));
+        let next = |inner: &BitmapInner, mut g: u64, value: bool| -> u64 {
+            while g < b {
+                if g % 64 == 0 {
+                    let w = inner.bits[(g / 64) as usize];
+                    let w = if value { w } else { !w };
+                    if w == 0 {
+                        g += 64;
+                        continue;
+                    }
+                    g += u64::from(w.trailing_zeros());
+                    return g.min(b);
+                }
+                if inner.get(g) == value {
+                    return g;
+                }
+                g += 1;
+            }
+            b
+        };
+        let mut g = a;
+        while g < b {
+            let s = next(&inner, g, true);
+            if s >= b {
+                break;
+            }
+            let e = next(&inner, s, false);
+            let r = GpaRange::new(self.region.start() + s * G, (e - s) * G).unwrap();
+            l.populate(View::Shared, r).unwrap();
+            g = e;
+        }
+        inner.listeners.push((section, l));
+    }
+
+    fn unregister_all(&self) {
+        self.inner.lock().unwrap().listeners.clear();
+    }
+
+    fn heap_bytes(&self) -> usize {
+        self.inner.lock().unwrap().bits.capacity() * 8
+    }
+}
+
+fn extents(size: u64) -> DiscardManager {
+    DiscardManager::new(RegionConfig {
+        base: BASE,
+        size,
+        granularity: G,
+        initial_attribute: Attribute::Private,
+        initially_plugged: true,
+    })
+    .unwrap()
+}
+
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// Firmware bounce buffers: each of `buffers` buffers (1-2 granules at a random place in
+/// `[0, granules)`) is converted shared, and converted back to private 64 buffers later;
+/// the trace ends with every granule private again, so it can be replayed forever.
+fn bounce_trace(granules: u64, buffers: usize, seed: u64) -> Vec<(GpaRange, Attribute)> {
+    const OUTSTANDING: usize = 64;
+    let mut rng = XorShift(seed);
+    let mut live = std::collections::VecDeque::new();
+    let mut trace = Vec::with_capacity(buffers * 2);
+    for _ in 0..buffers {
+        let len = 1 + rng.next() % 2;
+        let first = rng.next() % (granules - len);
+        let r = GpaRange::new(BASE + first * G, len * G).unwrap();
+        trace.push((r, Attribute::Shared));
+        live.push_back(r);
+        if live.len() > OUTSTANDING {
+            trace.push((live.pop_front().unwrap(), Attribute::Private));
+        }
+    }
+    trace.extend(live.into_iter().map(|r| (r, Attribute::Private)));
+    trace
+}
+
+/// 10,000 shared runs of 1-16 granules, one at a random place in each of 10,000 equal
+/// slots of granules `[first, first + granules)` (so they never touch).
+fn scattered_runs(first: u64, granules: u64, runs: u64, seed: u64) -> Vec<GpaRange> {
+    let mut rng = XorShift(seed);
+    let slot = granules / runs;
+    (0..runs)
+        .map(|i| {
+            let len = 1 + rng.next() % 16;
+            let offset = rng.next() % (slot - len);
+            GpaRange::new(BASE + (first + i * slot + offset) * G, len * G).unwrap()
+        })
+        .collect()
+}
+
+fn bench_bounce(c: &mut Criterion) {
+    let mut group = c.benchmark_group("bounce");
+    for (name, size, background) in [
+        ("1GiB", GIB, 0),
+        ("1TiB", TIB, 0),
+        ("1TiB-10k-runs", TIB, 10_000),
+    ] {
+        let granules = size / G;
+        // Bounce buffers in the lower half, background runs in the upper half.
+        let trace = bounce_trace(granules / 2, 4096, 0x5eed ^ size);
+        group.throughput(Throughput::Elements(trace.len() as u64));
+
+        let mgr = extents(size);
+        let bitmap = Bitmap::new(size);
+        for r in scattered_runs(granules / 2, granules / 2, background.max(1), 7)
+            .into_iter()
+            .take(background as usize)
+        {
+            mgr.convert(r, Attribute::Shared).unwrap();
+            bitmap.convert(r, Attribute::Shared).unwrap();
+        }
+        let region = GpaRange::new(BASE, size).unwrap();
+        let counter = Arc::new(Counter::default());
+        mgr.register(View::Shared, region, counter.clone()).unwrap();
+        bitmap.register_word_scan(region, Arc::new(Counter::default()));
+
+        // No heap allocation per conversion on the hot path (after the first pass).
+        for &(r, to) in &trace {
+            mgr.convert(r, to).unwrap();
+        }
+        let before = ALLOCATIONS.load(Ordering::Relaxed);
+        for &(r, to) in &trace {
+            black_box(mgr.convert(r, to).unwrap());
+        }
+        let allocs = ALLOCATIONS.load(Ordering::Relaxed) - before;
+        println!(
+            "bounce/{name}: {} conversions, {allocs} heap allocations in one pass (extents)",
+            trace.len()
+        );
+
+        group.bench_function(format!("{name}/extents"), |b| {
+            b.iter(|| {
+                for &(r, to) in &trace {
+                    black_box(mgr.convert(r, to).unwrap());
+                }
+            })
+        });
+        group.bench_function(format!("{name}/bitmap"), |b| {
+            b.iter(|| {
+                for &(r, to) in &trace {
+                    bitmap.convert(r, to).unwrap();
+                }
+            })
+        });
+    }
+    group.finish();
+}
+
+fn bench_replay(c: &mut Criterion) {
+    let granules = TIB / G;
+    let runs = scattered_runs(0, granules, 10_000, 42);
+    let region = GpaRange::new(BASE, TIB).unwrap();
+    let mgr = extents(TIB);
+    let bitmap = Bitmap::new(TIB);
+    for &r in &runs {
+        mgr.convert(r, Attribute::Shared).unwrap();
+        bitmap.convert(r, Attribute::Shared).unwrap();
+    }
+    // Both replays hand the same runs to the listener.
+    let (a, b) = (Arc::new(Counter::default()), Arc::new(Counter::default()));
+    let id = mgr.register(View::Shared, region, a.clone()).unwrap();
+    bitmap.register_walk(region, b.clone());
+    assert_eq!(a.calls.load(Ordering::Relaxed), 10_000);
+    assert_eq!(b.calls.load(Ordering::Relaxed), 10_000);
+    assert_eq!(a.bytes.load(Ordering::Relaxed), b.bytes.load(Ordering::Relaxed));
+    mgr.unregister(id).unwrap();
+    bitmap.unregister_all();
+
+    let mut group = c.benchmark_group("replay-1TiB-10k-runs");
+    group.bench_function("extents", |bch| {
+        bch.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let l = Arc::new(Counter::default());
+                let t = Instant::now();
+                let id = mgr.register(View::Shared, region, l).unwrap();
+                total += t.elapsed();
+                mgr.unregister(id).unwrap();
+            }
+            total
+        })
+    });
+    group.bench_function("bitmap-word-scan", |bch| {
+        bch.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let l = Arc::new(Counter::default());
+                let t = Instant::now();
+                bitmap.register_word_scan(region, l);
+                total += t.elapsed();
+                bitmap.unregister_all();
+            }
+            total
+        })
+    });
+    group.bench_function("bitmap-per-granule", |bch| {
+        bch.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let l = Arc::new(Counter::default());
+                let t = Instant::now();
+                bitmap.register_walk(region, l);
+                total += t.elapsed();
+                bitmap.unregister_all();
+            }
+            total
+        })
+    });
+    group.finish();
+}
+
+/// Prints live heap bytes per run, measured with the counting allocator.
+fn report_memory(_c: &mut Criterion) {
+    for count in [1_000u64, 10_000, 100_000] {
+        let granules = TIB / G;
+        let runs = scattered_runs(0, granules, count, count);
+        let before = LIVE_BYTES.load(Ordering::Relaxed);
+        let mgr = extents(TIB);
+        for &r in &runs {
+            mgr.convert(r, Attribute::Shared).unwrap();
+        }
+        let live = LIVE_BYTES.load(Ordering::Relaxed) - before;
+        let extents = mgr.extent_count().unwrap();
+        let estimate = mgr.memory_bytes().unwrap();
+        drop(mgr);
+        let bitmap = Bitmap::new(TIB);
+        println!(
+            "memory/1TiB-{count}-shared-runs: extents {extents} runs, {live} heap bytes measured \
+             = {:.1} B/run (memory_bytes() estimate incl. struct: {estimate} B = {:.1} B/run); \
+             bitmap {} bytes = {:.0} B/run",
+            live as f64 / extents as f64,
+            estimate as f64 / extents as f64,
+            bitmap.heap_bytes(),
+            bitmap.heap_bytes() as f64 / extents as f64,
+        );
+    }
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(2))
+        .sample_size(10);
+    targets = report_memory, bench_bounce, bench_replay
+}
+criterion_main!(benches);
