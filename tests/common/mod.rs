@@ -27,7 +27,7 @@ pub struct Dev {
 }
 
 pub struct Rig {
-    pub ram: GuestRam,
+    pub ram: Arc<GuestRam>,
     pub attrs: Arc<RecordingAttributes>,
     pub region: Arc<Region>,
 }
@@ -36,7 +36,7 @@ impl Rig {
     /// A confidential region (all private) of `pages` pages at `base`, software backing.
     pub fn new(base: u64, pages: u64, policy: DiscardPolicy) -> Self {
         let attrs = Arc::new(RecordingAttributes::new());
-        let ram = GuestRam::new(attrs.clone());
+        let ram = Arc::new(GuestRam::new(attrs.clone()));
         let backing = RegionBacking::software(base, pages * PAGE).unwrap();
         let region = ram
             .add_region(
