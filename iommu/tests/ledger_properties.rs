@@ -179,6 +179,8 @@ struct Harness {
     ledger: Ledger,
     model: Model,
     style: UnmapStyle,
+    /// How often each outcome happened, to show the random sequences reach every path.
+    outcomes: BTreeMap<&'static str, u64>,
 }
 
 impl Harness {
@@ -201,6 +203,7 @@ impl Harness {
                 budget,
             },
             style,
+            outcomes: BTreeMap::new(),
         }
     }
 
@@ -228,6 +231,7 @@ impl Harness {
         let inside_ranges = usable_ranges().iter().any(|r| r.contains(iova, len));
         match result {
             Ok(()) => {
+                self.note("map ok");
                 assert!(inside_ranges && !before.overlaps(iova, len));
                 assert!(before.budget.is_none_or(|b| b >= pieces));
                 for i in 0..pieces {
@@ -250,10 +254,12 @@ impl Harness {
                 );
             }
             Err(LedgerError::OutsideIovaRanges { .. }) => {
+                self.note("map outside ranges");
                 assert!(!inside_ranges);
                 assert!(calls.is_empty());
             }
             Err(LedgerError::Overlap { existing, .. }) => {
+                self.note("map overlap");
                 assert!(inside_ranges && before.overlaps(iova, len));
                 assert!(before.mappings.contains_key(&existing.iova));
                 assert!(calls.is_empty());
@@ -262,6 +268,7 @@ impl Harness {
                 requested,
                 remaining,
             }) => {
+                self.note("map over budget");
                 assert!(inside_ranges && !before.overlaps(iova, len));
                 assert_eq!(requested, pieces);
                 assert_eq!(Some(remaining), before.budget);
@@ -269,10 +276,12 @@ impl Harness {
                 assert!(calls.is_empty());
             }
             Err(LedgerError::Map(_)) => {
+                self.note("map failed");
                 // Something was injected; nothing may be left of this request.
                 assert!(calls.iter().any(|c| c.injected), "{calls:?}");
             }
             Err(LedgerError::Rollback { left_mapped, .. }) => {
+                self.note("map rollback failed");
                 assert!(calls.iter().filter(|c| c.injected).count() >= 2);
                 for i in 0..left_mapped {
                     self.model.mappings.insert(
@@ -304,6 +313,7 @@ impl Harness {
         let inside = before.inside(iova, len);
         match result {
             Ok(report) => {
+                self.note("unmap ok");
                 assert!(range.is_none() || !before.bisects(iova, len));
                 assert_eq!(report.mappings, inside.len() as u64);
                 let bytes: u64 = inside.iter().map(|s| before.mappings[s].len).sum();
@@ -322,6 +332,7 @@ impl Harness {
                 }
             }
             Err(LedgerError::Bisects { mapping, .. }) => {
+                self.note("unmap bisects");
                 assert!(before.bisects(iova, len));
                 assert!(before.mappings.contains_key(&mapping.iova));
                 assert!(
@@ -330,6 +341,7 @@ impl Harness {
                 );
             }
             Err(LedgerError::Unmap { done_calls: 0, .. }) => {
+                self.note("unmap failed");
                 assert!(calls.len() == 1 && calls[0].injected, "{calls:?}");
             }
             Err(other) => panic!("unmap({iova:#x}, {len:#x}): unexpected {other:?}"),
@@ -381,6 +393,10 @@ impl Harness {
         }
     }
 
+    fn note(&mut self, outcome: &'static str) {
+        *self.outcomes.entry(outcome).or_default() += 1;
+    }
+
     fn device_access(&mut self, iova: u64, len: u64, write: bool) {
         let expect_ok = self.model.covered(iova, len, write);
         let faults_before = self.iommu.faults().len();
@@ -397,6 +413,11 @@ impl Harness {
             let mut buf = vec![0u8; len as usize];
             self.iommu.dma_read(iova, &mut buf)
         };
+        self.note(if expect_ok {
+            "device access ok"
+        } else {
+            "device fault"
+        });
         assert_eq!(
             result.is_ok(),
             expect_ok,
@@ -483,7 +504,8 @@ impl Harness {
     }
 
     /// Tears down through `close` with failures off: everything the model holds is unmapped.
-    fn finish(self) {
+    /// Returns the outcome counts.
+    fn finish(self) -> BTreeMap<&'static str, u64> {
         self.iommu.clear_failures();
         let expected = self.model.mappings.len() as u64;
         let report = self.ledger.close().unwrap();
@@ -494,6 +516,7 @@ impl Harness {
         });
         // `backing` drops only now, after every mapping of it is gone.
         drop(self.backing);
+        self.outcomes
     }
 }
 
@@ -517,6 +540,59 @@ proptest! {
             h.run(op);
         }
         h.finish();
+    }
+}
+
+/// The random sequences above are only worth something if they reach every path: run a fixed
+/// set of them and require each outcome to have happened.
+#[test]
+fn random_sequences_reach_every_outcome() {
+    use proptest::strategy::ValueTree;
+    use proptest::test_runner::TestRunner;
+
+    let mut runner = TestRunner::deterministic();
+    let mut totals: BTreeMap<&'static str, u64> = BTreeMap::new();
+    for case in 0..64u64 {
+        let style = if case % 2 == 0 {
+            UnmapStyle::Type1v2
+        } else {
+            UnmapStyle::Iommufd
+        };
+        let budget = (case % 4 == 1).then_some(6 + case % 20);
+        let mut h = Harness::new(
+            style,
+            budget,
+            case.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+            4 + case % 6,
+        );
+        let ops = prop::collection::vec(op(), 150)
+            .new_tree(&mut runner)
+            .unwrap()
+            .current();
+        for op in &ops {
+            h.run(op);
+        }
+        for (outcome, n) in h.finish() {
+            *totals.entry(outcome).or_default() += n;
+        }
+    }
+    for outcome in [
+        "map ok",
+        "map outside ranges",
+        "map overlap",
+        "map over budget",
+        "map failed",
+        "map rollback failed",
+        "unmap ok",
+        "unmap bisects",
+        "unmap failed",
+        "device access ok",
+        "device fault",
+    ] {
+        assert!(
+            totals.get(outcome).copied().unwrap_or(0) > 0,
+            "never reached {outcome:?}: {totals:?}"
+        );
     }
 }
 
