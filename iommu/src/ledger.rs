@@ -16,6 +16,32 @@
 //! - [`Ledger::map_va_pieces`] / [`Ledger::map_file_pieces`] map a range as equal pieces, all or
 //!   nothing.
 //!
+//! ```
+//! # use std::os::fd::AsFd;
+//! # use std::sync::Arc;
+//! use iommu::emulated::{CallKind, EmulatedIommu};
+//! use iommu::{DmaProt, Ledger, LedgerError};
+//!
+//! let iommu = Arc::new(EmulatedIommu::builder().mapping_budget(Some(100)).build());
+//! let ledger = Ledger::new(iommu.clone())?;
+//! # let path = std::env::temp_dir().join(format!("ledger-doc-{}", std::process::id()));
+//! # let file = std::fs::File::options().read(true).write(true).create(true).open(&path)?;
+//! # std::fs::remove_file(&path)?;
+//! # file.set_len(0x4000)?;
+//! // Four 4 KiB granules of a file, each its own mapping, so each can be unmapped alone later.
+//! ledger.map_file_pieces(0x10_0000, 0x4000, file.as_fd(), 0, 0x1000, DmaProt::READ_WRITE)?;
+//! assert_eq!(ledger.remaining_budget(), Some(96));
+//!
+//! // Half of a mapping cannot be unmapped: refused before the backend sees it.
+//! assert!(matches!(ledger.unmap(0x10_0000, 0x800), Err(LedgerError::Bisects { .. })));
+//! // Three whole mappings become one backend call.
+//! assert_eq!(ledger.unmap(0x10_1000, 0x3000)?.calls, 1);
+//! let last = iommu.calls().last().map(|c| (c.kind, c.iova, c.len));
+//! assert_eq!(last, Some((CallKind::Unmap, 0x10_1000, 0x3000)));
+//! assert!(ledger.is_mapped(0x10_0000, 0x1000));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
 //! # Locking
 //! One mutex guards the record, the budget and the statistics, and is held across the backend
 //! calls of one operation: checking the record and changing the kernel must be one step, or two
@@ -376,9 +402,11 @@ impl Ledger {
     ///
     /// # Safety
     /// As [`DmaBackend::map_va`]: `[host_addr, host_addr + len)` must stay mapped in this process
-    /// until this mapping has been unmapped through this ledger (or the ledger dropped), and while
-    /// it is mapped a device may read and write it at any time, so no Rust reference assuming
-    /// exclusive or immutable access may exist to it.
+    /// until this mapping has been unmapped through this ledger (an `unmap`, `unmap_all` or
+    /// `close` that covered it returned success, or the ledger was dropped; if that teardown
+    /// failed, until the backend itself is closed), and while it is mapped a device may read and
+    /// write it at any time, so no Rust reference assuming exclusive or immutable access may exist
+    /// to it.
     ///
     /// # Errors
     /// A refusal ([`LedgerError::Overlap`], [`LedgerError::Misaligned`],
