@@ -12,7 +12,7 @@
 
 mod backend;
 pub mod emulated;
-mod ledger;
+pub mod ledger;
 
 // Kernel backends and device access (VFIO type1, IOMMUFD, no-IOMMU, sysfs, edu).
 mod device;
