@@ -1,0 +1,252 @@
+//! Real-kernel tests, run by the VM rig inside a QEMU guest whose kernel has KVM private memory
+//! (`KVM_X86_SW_PROTECTED_VM`), VFIO type1, IOMMUFD and the edu device.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{PAGE, Rig, range};
+use discard_manager::{Attribute, View};
+use gmem_dma::{
+    BackingModel, DeviceConfig, DiscardPolicy, GuestRam, KvmAttributes, KvmSupport, MapBy,
+    ModelChoice, RegionBacking, RegionSpec,
+};
+use iommu::{
+    DmaBackend, Edu, EmulatedIommu, IommufdBackend, PciAddress, Type1Backend, VfioPciDevice,
+};
+use kvm_ioctls::Kvm;
+use vm_rig::Feature;
+
+const KVM_X86_SW_PROTECTED_VM: u64 = 1;
+
+#[test]
+fn kernel_sw_protected_vm_converts_both_ways_with_real_memory_attributes() {
+    let name = "kernel_sw_protected_vm_converts_both_ways_with_real_memory_attributes";
+    if !vm_rig::need(name, &[Feature::Kvm, Feature::KvmPrivateMemory]) {
+        return;
+    }
+    let kvm = Kvm::new().unwrap();
+    let vm = kvm.create_vm_with_type(KVM_X86_SW_PROTECTED_VM).unwrap();
+    let support = KvmSupport::probe(&kvm, &vm);
+    assert!(support.has_private_attribute(), "{support:?}");
+    // guest_memfd on a VM with private memory offers no INIT_SHARED: in-place is refused with
+    // the reason, classic is what such a VM gets.
+    assert!(support.choose_model(ModelChoice::InPlace).is_err());
+    assert_eq!(
+        support.choose_model(ModelChoice::Auto),
+        Ok(BackingModel::Classic)
+    );
+    let base = 0x1_0000_0000;
+    let size = 1 << 20;
+    let backing = RegionBacking::classic(&vm, base, size).unwrap();
+    backing.bind(&vm, 0).unwrap();
+    let ram = GuestRam::new(Arc::new(KvmAttributes::new(Arc::new(vm))));
+    let region = ram
+        .add_region(
+            backing,
+            RegionSpec {
+                granularity: PAGE,
+                initial: Attribute::Private,
+                policy: DiscardPolicy::Eager,
+            },
+        )
+        .unwrap();
+    let nic = Arc::new(EmulatedIommu::new());
+    let tio = Arc::new(EmulatedIommu::new());
+    ram.attach_device("nic", nic.clone(), DeviceConfig::shared())
+        .unwrap();
+    ram.attach_device("tdisp", tio.clone(), DeviceConfig::trusted_io())
+        .unwrap();
+    assert_eq!(tio.mapping_count() as u64, size / PAGE);
+    let r = range(base + 16 * PAGE, 8 * PAGE);
+    ram.convert(r, Attribute::Shared).unwrap();
+    assert_eq!(
+        (nic.mapping_count(), tio.mapping_count() as u64),
+        (8, size / PAGE - 8)
+    );
+    nic.dma_write(r.start(), &[0x11; 8 * PAGE as usize])
+        .unwrap();
+    let b = region.backing();
+    assert_eq!(b.allocated_bytes(View::Shared).unwrap(), 8 * PAGE);
+    // A failed map rolls the real KVM attribute back (an undo failure would be reported).
+    nic.inject_failures(|k, _, _| (*k == iommu::emulated::CallKind::MapVa).then_some(libc::ENOMEM));
+    let err = ram
+        .convert(range(base, PAGE), Attribute::Shared)
+        .unwrap_err();
+    assert!(
+        matches!(err, gmem_dma::ConversionError::Map { .. }),
+        "{err:?}"
+    );
+    nic.clear_failures();
+    // Back to private: unmapped from the shared device, the memfd freed, the trusted device
+    // maps the pages again.
+    ram.convert(r, Attribute::Private).unwrap();
+    assert_eq!(
+        (nic.mapping_count(), tio.mapping_count() as u64),
+        (0, size / PAGE)
+    );
+    assert_eq!(b.allocated_bytes(View::Shared).unwrap(), 0);
+}
+
+fn edu_address() -> PciAddress {
+    let text = vm_rig::edu_device().expect("vm_rig::need(Edu) passed, so edu is bound");
+    text.parse().expect("GMEM_DMA_EDU is a PCI address")
+}
+
+fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len).map(|i| seed.wrapping_add(i as u8)).collect()
+}
+
+/// The edu device really DMAs through the IOMMU the engine keeps in step with conversions:
+/// shared pages are reachable, a page converted to private is not (isolation), and a neighbour
+/// that stayed shared still is (no window).
+fn edu_dma_follows_conversions(
+    backend: Arc<dyn DmaBackend>,
+    device: Arc<VfioPciDevice>,
+    map_by: MapBy,
+) {
+    let edu = Edu::new(device).expect("edu answers with its id");
+    // Inside edu's 28-bit DMA mask, identity IOVA.
+    let base = 0x100_0000;
+    let rig = Rig::new(base, 64, DiscardPolicy::Eager);
+    rig.touch(View::Private, rig.region.range());
+    let config = DeviceConfig {
+        map_by,
+        ..DeviceConfig::shared()
+    };
+    rig.ram.attach_device("edu", backend, config).unwrap();
+    let page = |p: u64| base + p * PAGE;
+    rig.convert(range(page(0), 4 * PAGE), Attribute::Shared)
+        .unwrap();
+    let host = |p: u64| rig.region.backing().host_addr(page(p)).unwrap();
+    let write = |p: u64, data: &[u8]| {
+        for (i, &b) in data.iter().enumerate() {
+            // SAFETY: inside the live shared mapping; only raw-pointer access to guest RAM.
+            unsafe { host(p).add(i).write_volatile(b) };
+        }
+    };
+    let read = |p: u64, len: usize| -> Vec<u8> {
+        // SAFETY: as in `write`.
+        (0..len)
+            .map(|i| unsafe { host(p).add(i).read_volatile() })
+            .collect()
+    };
+    let len = Edu::<Arc<VfioPciDevice>>::MAX_DMA as usize;
+    let first = pattern(0x21, len);
+    write(1, &first);
+    edu.copy_to_device(page(1), len as u32).unwrap();
+    edu.copy_from_device(page(2), len as u32).unwrap();
+    assert_eq!(read(2, len), first, "DMA reaches shared pages");
+    // Page 2 becomes private: unmapped before the conversion returns.
+    rig.convert(range(page(2), PAGE), Attribute::Private)
+        .unwrap();
+    write(2, &[0x5a; 64]);
+    let second = pattern(0x33, len);
+    write(1, &second);
+    edu.copy_to_device(page(1), len as u32).unwrap();
+    let outcome = edu.copy_from_device(page(2), len as u32);
+    eprintln!("DMA to the page converted to private returned {outcome:?}");
+    assert_eq!(
+        read(2, 64),
+        [0x5a; 64],
+        "isolation: the device reached a private page"
+    );
+    // Page 3 stayed shared all along: still reachable.
+    edu.copy_from_device(page(3), len as u32).unwrap();
+    assert_eq!(
+        read(3, len),
+        second,
+        "no window: a page that stayed shared is reachable"
+    );
+    rig.check(&[], &[], None);
+}
+
+#[test]
+fn kernel_type1_edu_dma_follows_conversions() {
+    let name = "kernel_type1_edu_dma_follows_conversions";
+    if !vm_rig::need(name, &[Feature::Edu, Feature::VfioType1]) {
+        return;
+    }
+    let (backend, device) = Type1Backend::open(&edu_address()).expect("open edu through type1");
+    edu_dma_follows_conversions(Arc::new(backend), device, MapBy::Address);
+}
+
+#[test]
+fn kernel_iommufd_edu_dma_follows_conversions_by_address() {
+    let name = "kernel_iommufd_edu_dma_follows_conversions_by_address";
+    if !vm_rig::need(name, &[Feature::Edu, Feature::Iommufd]) {
+        return;
+    }
+    let (backend, device) = IommufdBackend::open(&edu_address()).expect("open edu through IOMMUFD");
+    edu_dma_follows_conversions(Arc::new(backend), device, MapBy::Address);
+}
+
+#[test]
+fn kernel_iommufd_edu_dma_follows_conversions_by_memfd() {
+    let name = "kernel_iommufd_edu_dma_follows_conversions_by_memfd";
+    if !vm_rig::need(name, &[Feature::Edu, Feature::Iommufd]) {
+        return;
+    }
+    let (backend, device) = IommufdBackend::open(&edu_address()).expect("open edu through IOMMUFD");
+    edu_dma_follows_conversions(Arc::new(backend), device, MapBy::File);
+}
+
+/// Sets type1's `dma_entry_limit` (read by containers opened afterwards) and restores it on drop.
+struct EntryLimit(String);
+
+const ENTRY_LIMIT: &str = "/sys/module/vfio_iommu_type1/parameters/dma_entry_limit";
+
+impl EntryLimit {
+    fn set(limit: u64) -> Self {
+        let old = std::fs::read_to_string(ENTRY_LIMIT).expect("vfio_iommu_type1 is loaded");
+        std::fs::write(ENTRY_LIMIT, limit.to_string()).expect("dma_entry_limit is writable (root)");
+        Self(old.trim().to_string())
+    }
+}
+
+impl Drop for EntryLimit {
+    fn drop(&mut self) {
+        // Test teardown: if restoring fails, later containers get the small limit, which the
+        // next test's own budget assertions would show.
+        let _ = std::fs::write(ENTRY_LIMIT, &self.0);
+    }
+}
+
+#[test]
+fn kernel_type1_budget_refuses_a_conversion_up_front() {
+    let name = "kernel_type1_budget_refuses_a_conversion_up_front";
+    if !vm_rig::need(name, &[Feature::Edu, Feature::VfioType1]) {
+        return;
+    }
+    let (backend, _device) = {
+        let _limit = EntryLimit::set(8);
+        Type1Backend::open(&edu_address()).expect("open edu through type1")
+    };
+    let backend: Arc<dyn DmaBackend> = Arc::new(backend);
+    assert_eq!(backend.capabilities().unwrap().mapping_budget, Some(8));
+    let base = 0x100_0000;
+    let rig = Rig::new(base, 64, DiscardPolicy::Eager);
+    let dev = rig
+        .ram
+        .attach_device("edu", backend, DeviceConfig::shared())
+        .unwrap();
+    // Nine pages need nine mappings: refused before any map, by the ledger's count of what the
+    // kernel has left, with nothing changed.
+    let err = rig
+        .ram
+        .convert(range(base, 9 * PAGE), Attribute::Shared)
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            gmem_dma::ConversionError::MappingBudget { needed: 9, .. }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(rig.ram.device_mappings(dev).unwrap().len(), 0);
+    rig.ram
+        .convert(range(base, 8 * PAGE), Attribute::Shared)
+        .unwrap();
+    assert_eq!(rig.ram.device_budget(dev), Some(0));
+    assert_eq!(rig.ram.device_mappings(dev).unwrap().len(), 8);
+}
