@@ -9,7 +9,10 @@
 use discard_manager::{Attribute, GpaRange};
 use kvm_bindings::KVM_MEMORY_EXIT_FLAG_PRIVATE;
 
+use kvm_ioctls::HypercallExit;
+
 use crate::engine::{Conversion, ConversionError};
+use crate::ram::GuestRam;
 use crate::sys::{
     KVM_HC_MAP_GPA_RANGE, KVM_MAP_GPA_RANGE_ENCRYPTED, KVM_MAP_GPA_RANGE_PAGE_SZ_1G,
     KVM_MAP_GPA_RANGE_PAGE_SZ_2M, KVM_MAP_GPA_RANGE_PAGE_SZ_4K, KVM_MAP_GPA_RANGE_PAGE_SZ_MASK,
@@ -104,6 +107,70 @@ impl ConversionRequest {
     }
 }
 
+/// A vCPU exit that asked for a conversion and did not get it.
+#[derive(Debug, thiserror::Error)]
+pub enum ExitError {
+    /// The exit does not describe a valid conversion.
+    #[error(transparent)]
+    Request(#[from] RequestError),
+    /// The conversion failed (nothing changed unless the error says otherwise).
+    #[error(transparent)]
+    Conversion(#[from] ConversionError),
+}
+
+impl ExitError {
+    /// The errno the guest is told.
+    pub fn guest_errno(&self) -> i32 {
+        match self {
+            ExitError::Request(e) => e.guest_errno(),
+            ExitError::Conversion(e) => e.guest_errno(),
+        }
+    }
+}
+
+/// Handles a `KVM_EXIT_HYPERCALL` (`VcpuExit::Hypercall`): converts the range of a
+/// `KVM_HC_MAP_GPA_RANGE` and writes what the guest reads back into `exit.ret` (0, or
+/// `-errno`). The vCPU then simply resumes; a failure never stops the VM.
+///
+/// # Errors
+/// What went wrong, for the VMM's log; the guest was already answered.
+pub fn handle_map_gpa_range(
+    ram: &GuestRam,
+    exit: &mut HypercallExit<'_>,
+) -> Result<Conversion, ExitError> {
+    let result = ConversionRequest::from_map_gpa_range(exit.nr, &exit.args)
+        .map_err(ExitError::from)
+        .and_then(|req| ram.convert(req.range, req.to).map_err(ExitError::from));
+    *exit.ret = match &result {
+        Ok(_) => 0,
+        Err(e) => negative_errno(e.guest_errno()),
+    };
+    if let Err(e) = &result {
+        log::debug!(
+            "KVM_HC_MAP_GPA_RANGE {:x?} answered -{}: {e}",
+            &exit.args[..3],
+            e.guest_errno()
+        );
+    }
+    result
+}
+
+/// Handles a `KVM_EXIT_MEMORY_FAULT` (`VcpuExit::MemoryFault { flags, gpa, size }`): converts
+/// the range to the kind of access the guest made. On success the vCPU re-runs the access; on
+/// failure the VMM decides (the fault repeats if it simply resumes).
+///
+/// # Errors
+/// The request or the conversion failed.
+pub fn handle_memory_fault(
+    ram: &GuestRam,
+    flags: u64,
+    gpa: u64,
+    size: u64,
+) -> Result<Conversion, ExitError> {
+    let req = ConversionRequest::from_memory_fault(flags, gpa, size)?;
+    Ok(ram.convert(req.range, req.to)?)
+}
+
 /// The hypercall return value (`HypercallExit::ret`) for a conversion result: 0 on success,
 /// `-errno` (two's complement) on failure.
 pub fn hypercall_return(result: &Result<Conversion, ConversionError>) -> u64 {
@@ -155,6 +222,40 @@ mod tests {
         let r = ConversionRequest::from_memory_fault(0, 0x1000, 0x1000).unwrap();
         assert_eq!(r.to, Attribute::Shared);
         assert!(ConversionRequest::from_memory_fault(0, 0x1000, 0).is_err());
+    }
+
+    #[test]
+    fn a_map_gpa_range_exit_is_converted_and_answered() {
+        use std::sync::Arc;
+        let ram = GuestRam::new(Arc::new(crate::RecordingAttributes::new()));
+        let backing = crate::RegionBacking::software(0x10_0000, 0x10_0000).unwrap();
+        let spec = crate::RegionSpec {
+            granularity: 4096,
+            initial: Attribute::Private,
+            policy: crate::DiscardPolicy::Eager,
+        };
+        ram.add_region(backing, spec).unwrap();
+        let mut ret = u64::MAX;
+        let mut exit = HypercallExit {
+            nr: KVM_HC_MAP_GPA_RANGE,
+            args: [0x10_2000, 2, 0, 0, 0, 0],
+            ret: &mut ret,
+            longmode: 1,
+        };
+        let c = handle_map_gpa_range(&ram, &mut exit).unwrap();
+        assert_eq!((c.to, c.bytes()), (Attribute::Shared, 0x2000));
+        assert_eq!(ret, 0);
+        // Outside every region: the guest reads -EINVAL and the VM goes on.
+        let mut exit = HypercallExit {
+            nr: KVM_HC_MAP_GPA_RANGE,
+            args: [0x8000_0000, 1, 16, 0, 0, 0],
+            ret: &mut ret,
+            longmode: 1,
+        };
+        assert!(handle_map_gpa_range(&ram, &mut exit).is_err());
+        assert_eq!(ret as i64, -i64::from(libc::EINVAL));
+        let c = handle_memory_fault(&ram, 8, 0x10_2000, 0x1000).unwrap();
+        assert_eq!(c.to, Attribute::Private);
     }
 
     #[test]

@@ -56,7 +56,10 @@ pub use attributes::{AttributeError, KvmAttributes, MemoryAttributes, RecordingA
 pub use backing::{BackingError, FileKind, RegionBacking};
 pub use dma::MapBy;
 pub use engine::{Conversion, ConversionError, DeviceId, Region};
-pub use exits::{ConversionRequest, RequestError, hypercall_return};
+pub use exits::{
+    ConversionRequest, ExitError, RequestError, handle_map_gpa_range, handle_memory_fault,
+    hypercall_return,
+};
 pub use host::{BackingModel, KvmSupport, ModelChoice, ModelError};
 pub use policy::{DiscardPolicy, FlushReport, HeldBack};
 pub use queue::{ConversionQueue, QueueStats, Ticket};
