@@ -379,7 +379,10 @@ fn bench_replay(c: &mut Criterion) {
     bitmap.register_walk(region, b.clone());
     assert_eq!(a.calls.load(Ordering::Relaxed), 10_000);
     assert_eq!(b.calls.load(Ordering::Relaxed), 10_000);
-    assert_eq!(a.bytes.load(Ordering::Relaxed), b.bytes.load(Ordering::Relaxed));
+    assert_eq!(
+        a.bytes.load(Ordering::Relaxed),
+        b.bytes.load(Ordering::Relaxed)
+    );
     mgr.unregister(id).unwrap();
     bitmap.unregister_all();
 

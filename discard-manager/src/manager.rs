@@ -572,9 +572,9 @@ impl DiscardManager {
         Ok(self.lock()?.guard.extents.len())
     }
 
-    /// Estimated bytes the manager occupies: the struct itself, the extent map's B-tree
-    /// nodes (an upper bound from std's node layout, see the benchmark for the measured
-    /// figure), the listener table and the reusable transaction buffers.
+    /// Bytes the manager occupies, from the capacities of its allocations: the struct
+    /// itself, the extents (chunk table, first-key table, chunk buffers), the listener table
+    /// and the reusable transaction buffers. (Allocator bookkeeping is not included.)
     ///
     /// # Errors
     /// [`Error::Reentrant`], [`Error::Poisoned`].
@@ -582,9 +582,9 @@ impl DiscardManager {
         let locked = self.lock()?;
         let inner = &*locked.guard;
         Ok(size_of::<Self>()
-            + inner.extents.heap_bytes_estimate()
+            + inner.extents.heap_bytes()
             + inner.listeners.capacity() * size_of::<Entry>()
-            + inner.plan.pieces.capacity() * size_of::<crate::extents::Piece>()
+            + inner.plan.heap_bytes()
             + (inner.sent_discards.capacity() + inner.sent_populates.capacity())
                 * size_of::<Sent>())
     }
