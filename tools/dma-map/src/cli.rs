@@ -120,7 +120,8 @@ pub struct SetupArgs {
     /// DMA backend.
     #[arg(long, value_enum, default_value_t = BackendChoice::Emulated)]
     pub backend: BackendChoice,
-    /// PCI address (0000:00:03.0) of the device bound to vfio-pci, for the kernel backends.
+    /// PCI address (0000:00:03.0) of the device bound to vfio-pci, for the kernel backends
+    /// (`edu` finds QEMU's edu device).
     #[arg(long, value_name = "BDF")]
     pub device: Option<String>,
     /// Region backing.
@@ -166,7 +167,8 @@ pub struct WorkloadArgs {
 /// `dma-map map`.
 #[derive(Clone, Debug, Args)]
 pub struct MapArgs {
-    /// PCI address (0000:00:03.0) of a device bound to vfio-pci; without it, the emulated IOMMU.
+    /// PCI address (0000:00:03.0) of a device bound to vfio-pci (`edu` finds QEMU's edu
+    /// device); without it, the emulated IOMMU.
     #[arg(long, value_name = "BDF")]
     pub device: Option<String>,
     /// DMA backend for --device.

@@ -145,8 +145,12 @@ mod tests {
     fn counting_backend_counts_calls_and_tracks_the_peak() {
         let emu = Arc::new(EmulatedIommu::new());
         let counting = CountingBackend::new(emu.clone());
-        let mut page = vec![0u8; 3 * 4096];
+        // Three page-aligned pages (the IOMMU maps whole pages only).
+        let mut page = vec![0u8; 4 * 4096];
         let base = page.as_mut_ptr();
+        // SAFETY: `align_offset` is below 4096, so the result stays inside `page`, which has
+        // room for three whole pages after it.
+        let base = unsafe { base.add(base.align_offset(4096)) };
         for i in 0..3u64 {
             // SAFETY: `page` outlives every mapping (all are unmapped below before it drops),
             // and no reference into it is used while mapped.

@@ -173,8 +173,31 @@ pub struct Backend {
     pub name: String,
 }
 
-/// Parses a `--device` PCI address (a usage error when malformed).
+/// PCI vendor and device id of QEMU's `edu` test device.
+const EDU_PCI_ID: (u16, u16) = (0x1234, 0x11e8);
+
+/// Parses a `--device` PCI address (a usage error when malformed). `edu` names QEMU's edu
+/// device: the address in `GMEM_DMA_EDU` (as the VM rig sets it), else the first PCI device with
+/// its id, so a fixed command line works in any guest.
 pub fn parse_device(text: &str) -> anyhow::Result<PciAddress> {
+    if text == "edu" {
+        if let Ok(address) = std::env::var("GMEM_DMA_EDU") {
+            return parse_device(&address);
+        }
+        let devices = iommu::HostPaths::default()
+            .list_pci_devices()
+            .context("listing PCI devices to find the edu device")?;
+        return devices
+            .iter()
+            .find(|d| (d.vendor, d.device) == EDU_PCI_ID)
+            .map(|d| d.address)
+            .ok_or_else(|| {
+                error(
+                    Class::HostLacks,
+                    "--device edu: no edu device (PCI 1234:11e8) on this machine; start QEMU with                      -device edu and bind it to vfio-pci, or name a device by its PCI address",
+                )
+            });
+    }
     text.parse::<PciAddress>().map_err(|e| {
         error(
             Class::Usage,

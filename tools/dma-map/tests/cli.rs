@@ -1,0 +1,301 @@
+//! The built `dma-map` binary, run as a user would: exit codes, messages, and summaries whose
+//! numbers must agree with each other and with the workload.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn dma_map(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_dma-map"))
+        .args(args)
+        .env_remove("RUST_LOG")
+        .env_remove("GMEM_DMA_EDU")
+        .output()
+        .expect("the dma-map binary runs")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Runs with `--json` and parses stdout; panics with stderr when it does not exit 0.
+fn json(args: &[&str]) -> Value {
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    let o = dma_map(&all);
+    assert_eq!(o.status.code(), Some(0), "dma-map {args:?}: {}", stderr(&o));
+    serde_json::from_slice(&o.stdout).expect("stdout is JSON")
+}
+
+fn u(v: &Value, key: &str) -> u64 {
+    v[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{key} missing in {v}"))
+}
+
+fn all_checks_passed(run: &Value) {
+    let checks = run["checks"].as_array().expect("checks");
+    assert!(checks.len() >= 9, "too few checks: {checks:?}");
+    for c in checks {
+        assert_eq!(c["passed"], Value::Bool(true), "check failed: {c}");
+    }
+    assert_eq!(run["failure"], Value::Null);
+}
+
+fn temp_path(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("dma-map-test-{}-{name}", std::process::id()))
+}
+
+#[test]
+fn probe_reports_the_guest_memfd_this_host_really_has() {
+    let p = json(&["probe"]);
+    let kvm_direct = vm_rig::Feature::Kvm.probe().is_ok();
+    let mmap_direct = vm_rig::Feature::GuestMemfdMmap.probe().is_ok();
+    assert_eq!(p["kvm"]["unavailable"].is_null(), kvm_direct, "{}", p["kvm"]);
+    let row = |item: &str| {
+        p["findings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["item"] == item)
+            .cloned()
+    };
+    if kvm_direct {
+        let default = &p["kvm"]["vm_types"][0];
+        assert_eq!(default["vm_type"], 0);
+        let flags = default["support"]["Ok"]["guest_memfd_flags"].as_u64().unwrap();
+        assert_eq!(flags & 3 == 3, mmap_direct, "flags {flags:#x}");
+        let f = row("guest_memfd flags").expect("a guest_memfd flags finding");
+        assert_eq!(f["status"], if mmap_direct { "yes" } else { "no" });
+    } else {
+        assert_eq!(row("/dev/kvm").unwrap()["status"], "no");
+    }
+    // Every missing piece says what it blocks and how to get it.
+    for f in p["findings"].as_array().unwrap() {
+        if f["status"] == "no" {
+            assert!(f["blocks"].as_str().is_some_and(|s| !s.is_empty()), "{f}");
+            assert!(f["fix"].as_str().is_some_and(|s| !s.is_empty()), "{f}");
+        }
+    }
+    // The emulated backend is always usable.
+    assert_eq!(p["backends"][0], "emulated");
+}
+
+#[test]
+fn probe_table_names_each_area() {
+    let o = dma_map(&["probe"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = stdout(&o);
+    for needle in ["KVM", "guest_memfd", "VFIO", "IOMMUFD", "RLIMIT_MEMLOCK", "PCI devices"] {
+        assert!(out.contains(needle), "{needle} missing from:\n{out}");
+    }
+}
+
+#[test]
+fn firmware_bounce_run_counts_add_up() {
+    let r = json(&["run", "--workload", "firmware-bounce", "--count", "500", "--region-size", "64M"]);
+    assert_eq!(u(&r, "requests"), 1000);
+    assert_eq!(u(&r, "conversions_done"), 1000);
+    all_checks_passed(&r);
+    let k = &r["kernel_calls"];
+    // Every request flips the pages it names (private -> shared -> private).
+    assert_eq!(u(k, "attribute_sets"), 1000);
+    // One map per page shared (1 or 2 per transaction), one merged unmap per transaction.
+    assert!((500..=1000).contains(&u(k, "iommu_maps")), "{k}");
+    assert_eq!(u(k, "iommu_unmaps"), 500);
+    assert_eq!(u(&r, "final_mappings"), 0);
+    assert!(u(&r, "peak_mappings") <= 2);
+    assert_eq!(u(&r["latency"], "count"), 1000);
+    let l = &r["latency"];
+    assert!(u(l, "p50_ns") <= u(l, "p90_ns") && u(l, "p90_ns") <= u(l, "p99_ns"));
+    assert!(u(l, "p99_ns") <= u(l, "max_ns"));
+}
+
+#[test]
+fn linux_boot_run_maps_the_whole_pool_once() {
+    let r = json(&["run", "--workload", "linux-boot", "--region-size", "256M", "--chunk", "4M"]);
+    let pool_pages = (64u64 << 20) / 4096;
+    assert_eq!(u(&r, "requests"), 16);
+    assert_eq!(u(&r, "conversions_done"), 16);
+    all_checks_passed(&r);
+    assert_eq!(u(&r, "bytes_changed"), 64 << 20);
+    assert_eq!(u(&r["kernel_calls"], "iommu_maps"), pool_pages);
+    assert_eq!(u(&r["kernel_calls"], "iommu_unmaps"), 0);
+    assert_eq!(u(&r, "final_mappings"), pool_pages);
+    assert_eq!(u(&r, "peak_mappings"), pool_pages);
+}
+
+#[test]
+fn random_mixed_run_passes_every_check() {
+    let r = json(&["run", "--workload", "random-mixed", "--count", "400", "--region-size", "64M", "--seed", "9"]);
+    assert_eq!(u(&r, "conversions_done"), 400);
+    all_checks_passed(&r);
+    assert!(u(&r, "final_mappings") <= u(&r, "peak_mappings"));
+    assert!(u(&r["kernel_calls"], "attribute_sets") <= 400);
+}
+
+#[test]
+fn eager_discard_punches_and_lazy_holds_back_within_its_budget() {
+    let eager = json(&["run", "--region", "classic", "--region-size", "64M", "--count", "300", "--policy", "eager"]);
+    all_checks_passed(&eager);
+    // Each transaction vacates both sides once: two hole punches.
+    assert_eq!(u(&eager["kernel_calls"], "hole_punches"), 600);
+    assert_eq!(u(&eager, "peak_held_back_bytes"), 0);
+    let lazy = json(&[
+        "run", "--region", "classic", "--region-size", "64M", "--count", "300", "--policy", "lazy",
+        "--lazy-budget", "256K",
+    ]);
+    all_checks_passed(&lazy);
+    assert!(u(&lazy, "peak_held_back_bytes") <= 256 << 10);
+    assert!(u(&lazy, "peak_held_back_bytes") > 0);
+    assert!(u(&lazy["kernel_calls"], "hole_punches") < 600);
+}
+
+#[test]
+fn compare_runs_each_policy_on_the_same_workload() {
+    let c = json(&["compare", "--region", "classic", "--region-size", "64M", "--count", "200"]);
+    let runs = c["runs"].as_array().unwrap();
+    let policies: Vec<&str> = runs
+        .iter()
+        .map(|r| r["setup"]["policy"].as_str().unwrap().split(' ').next().unwrap())
+        .collect();
+    assert_eq!(policies, ["eager", "lazy", "batched"]);
+    for r in runs {
+        all_checks_passed(r);
+        // Same workload: the same attribute sets and IOMMU calls whatever the policy.
+        assert_eq!(r["kernel_calls"]["attribute_sets"], runs[0]["kernel_calls"]["attribute_sets"]);
+        assert_eq!(r["kernel_calls"]["iommu_maps"], runs[0]["kernel_calls"]["iommu_maps"]);
+    }
+    let punches = |i: usize| u(&runs[i]["kernel_calls"], "hole_punches");
+    assert!(punches(0) > punches(1), "eager {} vs lazy {}", punches(0), punches(1));
+    let table = stdout(&dma_map(&["compare", "--region-size", "64M", "--count", "50"]));
+    assert!(table.contains("eager") && table.contains("batched"), "{table}");
+}
+
+#[test]
+fn a_saved_trace_replays_to_the_same_counts() {
+    let path = temp_path("roundtrip.trace");
+    let p = path.to_str().unwrap();
+    let first = json(&["run", "--count", "100", "--region-size", "16M", "--seed", "4", "--save-trace", p]);
+    let again = json(&["run", "--trace", p, "--region-size", "16M"]);
+    std::fs::remove_file(&path).ok();
+    assert_eq!(first["requests"], again["requests"]);
+    assert_eq!(first["kernel_calls"], again["kernel_calls"]);
+    assert!(again["workload"].as_str().unwrap().starts_with("trace"));
+}
+
+#[test]
+fn a_bad_trace_line_is_named_by_its_number() {
+    let path = temp_path("bad.trace");
+    std::fs::write(&path, "# ok\n0 shared 0x1000 0x1000\n10 sideways 0x1000 0x1000\n").unwrap();
+    let o = dma_map(&["run", "--trace", path.to_str().unwrap(), "--region-size", "16M"]);
+    std::fs::remove_file(&path).ok();
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(e.contains("line 3") && e.contains("sideways"), "{e}");
+}
+
+#[test]
+fn a_missing_trace_file_is_a_usage_error() {
+    let o = dma_map(&["run", "--trace", "/nonexistent/x.trace"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("cannot read the trace file /nonexistent/x.trace"));
+}
+
+#[test]
+fn bad_arguments_exit_2_with_a_helpful_message() {
+    let o = dma_map(&["run", "--workload", "nope"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("firmware-bounce"), "{}", stderr(&o));
+
+    let o = dma_map(&["run", "--region-size", "lots"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("'lots' is not a size"), "{}", stderr(&o));
+
+    let o = dma_map(&["run", "--backend", "type1"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("--device"), "{}", stderr(&o));
+
+    let o = dma_map(&["map", "--device", "zz"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("0000:00:03.0"), "{}", stderr(&o));
+
+    let o = dma_map(&["run", "--workload", "linux-boot", "--region-size", "32M"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("--region-size"), "{}", stderr(&o));
+}
+
+#[test]
+fn a_missing_device_is_named_and_exits_3() {
+    let o = dma_map(&["map", "--device", "0000:99:00.0", "--verify"]);
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(e.contains("0000:99:00.0") && e.contains("does not exist"), "{e}");
+}
+
+#[test]
+fn map_without_a_device_verifies_through_the_emulated_iommu() {
+    let m = json(&["map", "--size", "64K", "--verify"]);
+    assert_eq!(u(&m, "mappings"), 16);
+    assert_eq!(u(&m, "unmapped_bytes"), 64 << 10);
+    let steps = m["verify"].as_array().unwrap();
+    assert_eq!(steps.len(), 2);
+    for s in steps {
+        assert_eq!(s["passed"], Value::Bool(true), "{s}");
+    }
+}
+
+#[test]
+fn help_documents_the_exit_codes() {
+    for args in [&["--help"][..], &["run", "--help"], &["map", "--help"]] {
+        let o = dma_map(args);
+        assert_eq!(o.status.code(), Some(0));
+        let out = stdout(&o);
+        assert!(out.contains("Exit codes:") && out.contains("3  this host lacks"), "{out}");
+    }
+}
+
+#[test]
+fn the_main_job_probes_runs_and_compares() {
+    let o = dma_map(&[]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = stdout(&o);
+    for needle in ["Host probe", "Run: firmware-bounce", "invariant checks: ", "Compare:", "eager", "lazy", "batched"] {
+        assert!(out.contains(needle), "{needle} missing from:\n{out}");
+    }
+    assert!(!out.contains("FAIL"), "{out}");
+    if vm_rig::Feature::Kvm.probe().is_err() {
+        assert!(out.contains("no KVM"), "{out}");
+    }
+}
+
+/// In the VM rig: the real edu device through VFIO type1, DMA in and out, and no DMA after unmap.
+#[test]
+fn kernel_dma_map_verifies_edu_through_type1() {
+    if !vm_rig::need(
+        "kernel_dma_map_verifies_edu_through_type1",
+        &[vm_rig::Feature::Edu, vm_rig::Feature::VfioType1],
+    ) {
+        return;
+    }
+    let m = json(&["map", "--device", "edu", "--backend", "type1", "--verify"]);
+    assert!(m["verify"].as_array().unwrap().iter().all(|s| s["passed"] == true), "{m}");
+}
+
+/// In the VM rig: the same through IOMMUFD.
+#[test]
+fn kernel_dma_map_verifies_edu_through_iommufd() {
+    if !vm_rig::need(
+        "kernel_dma_map_verifies_edu_through_iommufd",
+        &[vm_rig::Feature::Edu, vm_rig::Feature::Iommufd],
+    ) {
+        return;
+    }
+    let m = json(&["map", "--device", "edu", "--backend", "iommufd", "--verify"]);
+    assert!(m["verify"].as_array().unwrap().iter().all(|s| s["passed"] == true), "{m}");
+}
