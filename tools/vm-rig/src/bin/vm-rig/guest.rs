@@ -41,12 +41,19 @@ pub fn write_initramfs(path: &Path, payload: &Payload<'_>) -> Result<u64> {
     let mut dirs: Vec<String> = ["bin", "dev", "etc", "etc/rig", "proc", "sys", "tmp"]
         .map(String::from)
         .to_vec();
+    // The kernel's unpacker creates no missing parents: list every ancestor, outermost first.
     for (guest, _) in payload.files {
-        let parent = Path::new(guest.trim_start_matches('/'))
-            .parent()
-            .map(|p| p.to_string_lossy().into_owned());
-        if let Some(parent) = parent.filter(|p| !p.is_empty() && !dirs.contains(p)) {
-            dirs.push(parent);
+        let mut ancestors: Vec<String> = Path::new(guest.trim_start_matches('/'))
+            .ancestors()
+            .skip(1)
+            .map(|p| p.to_string_lossy().into_owned())
+            .filter(|p| !p.is_empty())
+            .collect();
+        ancestors.reverse();
+        for dir in ancestors {
+            if !dirs.contains(&dir) {
+                dirs.push(dir);
+            }
         }
     }
     for dir in &dirs {
@@ -311,6 +318,41 @@ pub fn tail(path: &Path, n: usize) -> String {
 mod tests {
     use super::*;
     use crate::configs::{CONFIGS, by_name};
+
+    #[test]
+    fn initramfs_lists_every_ancestor_directory_before_its_files() {
+        let dir = std::env::temp_dir().join(format!("vm-rig-initramfs-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let (busybox, exe) = (dir.join("busybox"), dir.join("exe"));
+        fs::write(&busybox, b"bb").unwrap();
+        fs::write(&exe, b"exe").unwrap();
+        let files = [
+            ("/w/x/debug/tool".to_string(), exe),
+            ("/t/0".to_string(), busybox.clone()),
+        ];
+        let payload = Payload {
+            busybox: &busybox,
+            env: "A=1\n".into(),
+            plan: String::new(),
+            files: &files,
+        };
+        let image = dir.join("initramfs");
+        write_initramfs(&image, &payload).unwrap();
+        let bytes = fs::read(&image).unwrap();
+        fs::remove_dir_all(&dir).unwrap();
+        let text = String::from_utf8_lossy(&bytes);
+        let at = |name: &str| {
+            text.find(&format!("{name}\0"))
+                .unwrap_or_else(|| panic!("{name} missing"))
+        };
+        assert!(
+            at("w") < at("w/x")
+                && at("w/x") < at("w/x/debug")
+                && at("w/x/debug") < at("w/x/debug/tool")
+        );
+        assert!(at("t") < at("t/0") && at("bin/sh") > at("bin"));
+        assert!(at("init") > 0 && at("etc/rig/env") > at("etc/rig"));
+    }
 
     #[test]
     fn qemu_gets_the_iommu_before_edu_and_the_config_cmdline() {

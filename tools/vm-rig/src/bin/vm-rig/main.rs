@@ -158,7 +158,8 @@ fn probe(strict: bool) -> bool {
 struct Plan {
     items: Vec<(PlanItem, String)>,
     files: Vec<(String, PathBuf)>,
-    commands: Vec<(manifest::CommandSpec, PlanItem)>,
+    /// Manifest commands with their plan item and the binary's path in the guest.
+    commands: Vec<(manifest::CommandSpec, PlanItem, String)>,
 }
 
 impl Plan {
@@ -173,16 +174,15 @@ impl Plan {
                 ));
             }
         }
-        for (spec, item) in self
+        for (spec, item, binary) in self
             .commands
             .iter()
-            .filter(|(s, _)| s.applies_to(config.name))
+            .filter(|(s, _, _)| s.applies_to(config.name))
         {
             text.push_str(&format!(
-                "cmd {} {} /b/{} {}\n",
+                "cmd {} {} {binary} {}\n",
                 item.id,
                 item.limit_secs,
-                spec.binary,
                 spec.args.join(" ")
             ));
         }
@@ -194,8 +194,8 @@ impl Plan {
         let commands = self
             .commands
             .iter()
-            .filter(|(s, _)| s.applies_to(config.name))
-            .map(|(_, item)| item.clone());
+            .filter(|(s, _, _)| s.applies_to(config.name))
+            .map(|(_, item, _)| item.clone());
         tests.chain(commands).collect()
     }
 }
@@ -247,6 +247,11 @@ fn make_plan(
             plan.files.push((guest_path, binary.path.clone()));
         }
     }
+    // Every workspace binary goes in at its host path: tests find them through
+    // env!("CARGO_BIN_EXE_<name>"), which is that absolute path.
+    for path in built.bins.values() {
+        plan.files.push((path.display().to_string(), path.clone()));
+    }
     let names: Vec<&str> = configs::CONFIGS.iter().map(|c| c.name).collect();
     let manifest_path = rig_dir().join(manifest::FILE);
     let text = fs::read_to_string(&manifest_path)
@@ -269,10 +274,6 @@ fn make_plan(
             });
             continue;
         };
-        let guest_path = format!("/b/{}", spec.binary);
-        if !plan.files.iter().any(|(g, _)| *g == guest_path) {
-            plan.files.push((guest_path, host_path.clone()));
-        }
         let id = format!("c{}", plan.commands.len() + 1);
         let item = PlanItem {
             id,
@@ -282,7 +283,8 @@ fn make_plan(
             },
             limit_secs,
         };
-        plan.commands.push((spec, item));
+        plan.commands
+            .push((spec, item, host_path.display().to_string()));
     }
     Ok(plan)
 }
