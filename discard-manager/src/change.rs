@@ -25,61 +25,6 @@ pub struct ViewRange {
     pub range: GpaRange,
 }
 
-/// A list that keeps its first two items inline, so the common single-run transaction
-/// returns its [`Change`] without a heap allocation.
-#[derive(Clone, Debug)]
-struct SmallList<T: Copy> {
-    inline: [T; 2],
-    len: usize,
-    heap: Vec<T>,
-}
-
-impl<T: Copy> SmallList<T> {
-    fn new(filler: T) -> Self {
-        Self {
-            inline: [filler; 2],
-            len: 0,
-            heap: Vec::new(),
-        }
-    }
-
-    fn as_slice(&self) -> &[T] {
-        if self.heap.is_empty() {
-            &self.inline[..self.len]
-        } else {
-            &self.heap
-        }
-    }
-
-    fn last_mut(&mut self) -> Option<&mut T> {
-        if self.heap.is_empty() {
-            self.inline[..self.len].last_mut()
-        } else {
-            self.heap.last_mut()
-        }
-    }
-
-    fn push(&mut self, item: T) {
-        if self.len < self.inline.len() {
-            self.inline[self.len] = item;
-        } else {
-            if self.heap.is_empty() {
-                self.heap.extend_from_slice(&self.inline);
-            }
-            self.heap.push(item);
-        }
-        self.len += 1;
-    }
-}
-
-impl<T: Copy + PartialEq> PartialEq for SmallList<T> {
-    fn eq(&self, other: &Self) -> bool {
-        self.as_slice() == other.as_slice()
-    }
-}
-
-impl<T: Copy + Eq> Eq for SmallList<T> {}
-
 /// What a transaction changed (or, inside a [`crate::TransactionStep`], is changing).
 ///
 /// * [`Change::runs`]: the maximal runs whose *source* state changes (the attribute for a
@@ -94,23 +39,45 @@ impl<T: Copy + Eq> Eq for SmallList<T> {}
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Change {
     kind: ChangeKind,
-    runs: SmallList<GpaRange>,
-    discarded: SmallList<ViewRange>,
-    populated: SmallList<ViewRange>,
+    lists: Lists,
+}
+
+/// The three lists. The common transaction (one run, at most one discard and one populate)
+/// keeps them inline so that `Change` is small to return and needs no heap allocation;
+/// anything larger moves to one boxed set of vectors.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Lists {
+    Inline {
+        run: Option<GpaRange>,
+        discarded: Option<ViewRange>,
+        populated: Option<ViewRange>,
+    },
+    Heap(Box<HeapLists>),
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct HeapLists {
+    runs: Vec<GpaRange>,
+    discarded: Vec<ViewRange>,
+    populated: Vec<ViewRange>,
+}
+
+/// Which list an item goes to.
+#[derive(Clone, Copy)]
+enum Which {
+    Discarded,
+    Populated,
 }
 
 impl Change {
     pub(crate) fn new(kind: ChangeKind) -> Self {
-        let filler = GpaRange::from_bounds(0, 1);
-        let view_filler = ViewRange {
-            view: View::Shared,
-            range: filler,
-        };
         Self {
             kind,
-            runs: SmallList::new(filler),
-            discarded: SmallList::new(view_filler),
-            populated: SmallList::new(view_filler),
+            lists: Lists::Inline {
+                run: None,
+                discarded: None,
+                populated: None,
+            },
         }
     }
 
@@ -121,22 +88,31 @@ impl Change {
 
     /// Maximal runs whose source state changes, in address order.
     pub fn runs(&self) -> &[GpaRange] {
-        self.runs.as_slice()
+        match &self.lists {
+            Lists::Inline { run, .. } => run.as_slice(),
+            Lists::Heap(h) => &h.runs,
+        }
     }
 
     /// Maximal runs leaving a view, in address order (notified first, as discard).
     pub fn discarded(&self) -> &[ViewRange] {
-        self.discarded.as_slice()
+        match &self.lists {
+            Lists::Inline { discarded, .. } => discarded.as_slice(),
+            Lists::Heap(h) => &h.discarded,
+        }
     }
 
     /// Maximal runs joining a view, in address order (notified last, as populate).
     pub fn populated(&self) -> &[ViewRange] {
-        self.populated.as_slice()
+        match &self.lists {
+            Lists::Inline { populated, .. } => populated.as_slice(),
+            Lists::Heap(h) => &h.populated,
+        }
     }
 
     /// `true` when nothing changes: the whole range was already in the requested state.
     pub fn is_empty(&self) -> bool {
-        self.runs.as_slice().is_empty()
+        self.runs().is_empty()
     }
 
     /// Total bytes in [`Change::runs`].
@@ -144,33 +120,95 @@ impl Change {
         self.runs().iter().map(GpaRange::len).sum()
     }
 
-    pub(crate) fn push_run(&mut self, range: GpaRange) {
-        if let Some(last) = self.runs.last_mut() {
-            if last.end() == range.start() {
-                *last = GpaRange::from_bounds(last.start(), range.end());
-                return;
-            }
+    fn heap(&mut self) -> &mut HeapLists {
+        if let Lists::Inline {
+            run,
+            discarded,
+            populated,
+        } = self.lists
+        {
+            self.lists = Lists::Heap(Box::new(HeapLists {
+                runs: run.into_iter().collect(),
+                discarded: discarded.into_iter().collect(),
+                populated: populated.into_iter().collect(),
+            }));
         }
-        self.runs.push(range);
+        match &mut self.lists {
+            Lists::Heap(h) => h,
+            Lists::Inline { .. } => unreachable!("converted to the heap form above"),
+        }
+    }
+
+    pub(crate) fn push_run(&mut self, range: GpaRange) {
+        match &mut self.lists {
+            Lists::Inline {
+                run: run @ None, ..
+            } => *run = Some(range),
+            Lists::Inline {
+                run: Some(last), ..
+            } if last.end() == range.start() => {
+                *last = GpaRange::from_bounds(last.start(), range.end());
+            }
+            Lists::Heap(h) if h.runs.last().is_some_and(|l| l.end() == range.start()) => {
+                if let Some(last) = h.runs.last_mut() {
+                    *last = GpaRange::from_bounds(last.start(), range.end());
+                }
+            }
+            _ => self.heap().runs.push(range),
+        }
     }
 
     pub(crate) fn push_discarded(&mut self, view: View, range: GpaRange) {
-        push_view_run(&mut self.discarded, view, range);
+        self.push_view_run(Which::Discarded, ViewRange { view, range });
     }
 
     pub(crate) fn push_populated(&mut self, view: View, range: GpaRange) {
-        push_view_run(&mut self.populated, view, range);
+        self.push_view_run(Which::Populated, ViewRange { view, range });
+    }
+
+    fn push_view_run(&mut self, which: Which, item: ViewRange) {
+        if let Lists::Inline {
+            discarded,
+            populated,
+            ..
+        } = &mut self.lists
+        {
+            let slot = match which {
+                Which::Discarded => discarded,
+                Which::Populated => populated,
+            };
+            match slot {
+                None => {
+                    *slot = Some(item);
+                    return;
+                }
+                Some(last) => {
+                    if extend(last, item) {
+                        return;
+                    }
+                }
+            }
+        }
+        let h = self.heap();
+        let list = match which {
+            Which::Discarded => &mut h.discarded,
+            Which::Populated => &mut h.populated,
+        };
+        if list.last_mut().is_some_and(|last| extend(last, item)) {
+            return;
+        }
+        list.push(item);
     }
 }
 
-fn push_view_run(list: &mut SmallList<ViewRange>, view: View, range: GpaRange) {
-    if let Some(last) = list.last_mut() {
-        if last.view == view && last.range.end() == range.start() {
-            last.range = GpaRange::from_bounds(last.range.start(), range.end());
-            return;
-        }
+/// Extends `last` by `item` when they are adjacent runs of the same view.
+fn extend(last: &mut ViewRange, item: ViewRange) -> bool {
+    if last.view == item.view && last.range.end() == item.range.start() {
+        last.range = GpaRange::from_bounds(last.range.start(), item.range.end());
+        true
+    } else {
+        false
     }
-    list.push(ViewRange { view, range });
 }
 
 #[cfg(test)]

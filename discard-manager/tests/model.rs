@@ -556,7 +556,10 @@ fn manager_and_listeners_follow_a_per_granule_model() {
     let o = outcomes.into_inner().unwrap();
     println!("{o:?}");
     assert!(o.ok > 10_000, "{o:?}");
-    assert!(o.max_runs > 64, "never enough runs to split storage chunks: {o:?}");
+    assert!(
+        o.max_runs > 64,
+        "never enough runs to split storage chunks: {o:?}"
+    );
     for (name, n) in [
         ("bad range", o.bad_range),
         ("step failed", o.step_failed),
