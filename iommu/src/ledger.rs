@@ -16,6 +16,10 @@
 //! - [`Ledger::map_va_pieces`] / [`Ledger::map_file_pieces`] map a range as equal pieces, all or
 //!   nothing.
 //!
+//! The record keeps runs of equal, back-to-back pieces (one entry for a 1 GiB range mapped as
+//! 262144 separate 4 KiB mappings), so its memory and its queries grow with the number of runs,
+//! like the discard manager's extents, while every piece stays a mapping of its own.
+//!
 //! ```
 //! # use std::os::fd::AsFd;
 //! # use std::sync::Arc;
@@ -274,31 +278,223 @@ pub enum LedgerError {
     },
 }
 
-#[derive(Clone, Copy, Debug)]
-struct Record {
-    len: u64,
+/// `count` mappings of `piece_len` bytes each, back to back from the IOVA that keys the run, with
+/// their sources back to back too. Each piece is one kernel mapping; keeping runs instead of one
+/// entry per piece makes the record's size grow with the number of runs, not with the number of
+/// 4 KiB granules mapped one by one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Run {
+    piece_len: u64,
+    count: u64,
     prot: DmaProt,
     source: MappingSource,
 }
 
-impl Record {
-    fn last(&self, iova: u64) -> u64 {
-        iova + (self.len - 1)
+impl Run {
+    /// Last IOVA of the run starting at `start` (cannot overflow: every piece was checked).
+    fn last(&self, start: u64) -> u64 {
+        start + self.piece_len * (self.count - 1) + (self.piece_len - 1)
     }
 
-    fn mapping(&self, iova: u64) -> Mapping {
+    /// Bytes in the run (fits: a run lies inside the 64-bit space and is not all of it).
+    fn bytes(&self) -> u64 {
+        self.piece_len * self.count
+    }
+
+    /// Piece `i` of the run starting at `start`.
+    fn piece(&self, start: u64, i: u64) -> Mapping {
+        let delta = i * self.piece_len;
         Mapping {
-            iova,
-            len: self.len,
+            iova: start + delta,
+            len: self.piece_len,
             prot: self.prot,
-            source: self.source,
+            source: self.source.advance(delta),
         }
+    }
+
+    /// The piece of the run starting at `start` that contains `iova` (inside the run).
+    fn piece_at(&self, start: u64, iova: u64) -> Mapping {
+        self.piece(start, (iova - start) / self.piece_len)
+    }
+
+    /// True when a piece of `piece_len` bytes at `iova` from `source` continues this run.
+    fn continues(
+        &self,
+        start: u64,
+        iova: u64,
+        piece_len: u64,
+        prot: DmaProt,
+        source: MappingSource,
+    ) -> bool {
+        self.piece_len == piece_len
+            && self.prot == prot
+            && self.last(start).checked_add(1) == Some(iova)
+            && self.source.advance(self.bytes()) == source
+    }
+}
+
+impl MappingSource {
+    /// The source `delta` bytes further on.
+    fn advance(self, delta: u64) -> Self {
+        match self {
+            MappingSource::HostVa { addr } => MappingSource::HostVa {
+                addr: addr.wrapping_add(delta as usize),
+            },
+            MappingSource::File { fd, offset } => MappingSource::File {
+                fd,
+                offset: offset.wrapping_add(delta),
+            },
+        }
+    }
+}
+
+/// The live mappings, as runs keyed by IOVA. Runs never overlap; adjacent compatible runs are
+/// merged when a piece is added, and split where an unmap begins or ends inside one.
+#[derive(Debug, Default)]
+struct Record {
+    runs: BTreeMap<u64, Run>,
+    /// Live mappings (pieces) in all runs.
+    mappings: u64,
+}
+
+impl Record {
+    /// The run containing `iova`, with its start.
+    fn containing(&self, iova: u64) -> Option<(u64, &Run)> {
+        match self.runs.range(..=iova).next_back() {
+            Some((&start, run)) if run.last(start) >= iova => Some((start, run)),
+            _ => None,
+        }
+    }
+
+    /// The live mapping containing `iova`.
+    fn mapping_at(&self, iova: u64) -> Option<Mapping> {
+        self.containing(iova)
+            .map(|(start, run)| run.piece_at(start, iova))
+    }
+
+    /// The lowest live mapping overlapping `[iova, last]`.
+    fn first_overlap(&self, iova: u64, last: u64) -> Option<Mapping> {
+        self.mapping_at(iova).or_else(|| {
+            self.runs
+                .range(iova..=last)
+                .next()
+                .map(|(&start, run)| run.piece(start, 0))
+        })
+    }
+
+    /// A live mapping that `[iova, last]` would cut in two: any such one straddles an end.
+    fn bisected(&self, iova: u64, last: u64) -> Option<Mapping> {
+        let at_start = self.mapping_at(iova).filter(|m| m.iova < iova);
+        at_start.or_else(|| self.mapping_at(last).filter(|m| m.last() > last))
+    }
+
+    /// Records one new mapping, extending or joining neighbouring runs it continues.
+    fn push(&mut self, iova: u64, piece_len: u64, prot: DmaProt, source: MappingSource) {
+        self.mappings += 1;
+        let next_start = iova.checked_add(piece_len);
+        let follower = next_start.and_then(|n| {
+            self.runs
+                .get(&n)
+                .filter(|r| {
+                    r.piece_len == piece_len
+                        && r.prot == prot
+                        && source.advance(piece_len) == r.source
+                })
+                .map(|r| (n, r.count))
+        });
+        let extended = match self.runs.range_mut(..iova).next_back() {
+            Some((&start, run)) if run.continues(start, iova, piece_len, prot, source) => {
+                run.count += 1;
+                if let Some((_, count)) = follower {
+                    run.count += count;
+                }
+                true
+            }
+            _ => false,
+        };
+        if !extended {
+            let count = 1 + follower.map_or(0, |(_, c)| c);
+            self.runs.insert(
+                iova,
+                Run {
+                    piece_len,
+                    count,
+                    prot,
+                    source,
+                },
+            );
+        }
+        if let Some((n, _)) = follower {
+            self.runs.remove(&n);
+        }
+    }
+
+    /// Makes `at` the start of a run if it falls inside one, on a piece boundary (callers check
+    /// boundaries first: an unmap never cuts a piece).
+    fn split_at(&mut self, at: u64) {
+        let Some((start, run)) = self.containing(at).map(|(s, r)| (s, *r)) else {
+            return;
+        };
+        if start == at {
+            return;
+        }
+        let head = (at - start) / run.piece_len;
+        let tail = Run {
+            count: run.count - head,
+            source: run.source.advance(head * run.piece_len),
+            ..run
+        };
+        if let Some(r) = self.runs.get_mut(&start) {
+            r.count = head;
+        }
+        self.runs.insert(at, tail);
+    }
+
+    /// Removes every run starting in `[first, last]`; returns the mappings removed.
+    fn remove_runs(&mut self, first: u64, last: u64) -> u64 {
+        let mut removed = 0;
+        while let Some((&start, _)) = self.runs.range(first..=last).next() {
+            if let Some(run) = self.runs.remove(&start) {
+                removed += run.count;
+            }
+        }
+        self.mappings -= removed;
+        removed
+    }
+
+    /// Mappings in the runs starting in `[first, last]`.
+    fn count_runs(&self, first: u64, last: u64) -> u64 {
+        self.runs.range(first..=last).map(|(_, r)| r.count).sum()
+    }
+
+    /// True when `[iova, last]` is covered by live mappings without a gap.
+    fn covers(&self, iova: u64, last: u64) -> bool {
+        let mut cur = iova;
+        loop {
+            match self.containing(cur) {
+                Some((start, run)) => {
+                    let end = run.last(start);
+                    if end >= last {
+                        return true;
+                    }
+                    cur = end + 1;
+                }
+                None => return false,
+            }
+        }
+    }
+
+    /// Every live mapping, in IOVA order.
+    fn mappings(&self) -> impl Iterator<Item = Mapping> + '_ {
+        self.runs
+            .iter()
+            .flat_map(|(&start, run)| (0..run.count).map(move |i| run.piece(start, i)))
     }
 }
 
 #[derive(Debug)]
 struct State {
-    mappings: BTreeMap<u64, Record>,
+    record: Record,
     budget: Option<u64>,
     stats: LedgerStats,
 }
@@ -349,7 +545,8 @@ impl fmt::Debug for Ledger {
         let state = self.lock();
         f.debug_struct("Ledger")
             .field("backend", &self.backend)
-            .field("mappings", &state.mappings.len())
+            .field("mappings", &state.record.mappings)
+            .field("runs", &state.record.runs.len())
             .field("budget", &state.budget)
             .finish()
     }
@@ -366,7 +563,7 @@ impl Ledger {
         Ok(Self {
             page_size: caps.min_page_size(),
             state: Mutex::new(State {
-                mappings: BTreeMap::new(),
+                record: Record::default(),
                 budget: caps.mapping_budget,
                 stats: LedgerStats::default(),
             }),
@@ -510,21 +707,17 @@ impl Ledger {
                 state.stats.failed_calls += 1;
                 return Err(self.undo_pieces(&mut state, iova, len, delta, map_error));
             }
-            state.mappings.insert(
-                piece_iova,
-                Record {
-                    len: piece_len,
-                    prot,
-                    source: piece_source.record(),
-                },
-            );
+            state
+                .record
+                .push(piece_iova, piece_len, prot, piece_source.record());
             if let Some(budget) = state.budget.as_mut() {
                 *budget -= 1;
             }
+            let live = state.record.mappings;
             let stats = &mut state.stats;
             stats.map_calls += 1;
             stats.bytes_mapped += piece_len;
-            stats.mappings += 1;
+            stats.mappings = live;
             stats.peak_mappings = stats.peak_mappings.max(stats.mappings);
         }
         Ok(())
@@ -548,7 +741,7 @@ impl Ledger {
                 iova,
                 len,
                 map_error,
-                left_mapped: state.mappings.range(iova..iova + done).count() as u64,
+                left_mapped: state.record.count_runs(iova, iova + (done - 1)),
                 source: Box::new(undo),
             },
         }
@@ -616,19 +809,11 @@ impl Ledger {
                 ranges: self.caps.iova_ranges.clone(),
             });
         }
-        let lowest_overlap = match state.mappings.range(..iova).next_back() {
-            Some((&start, r)) if r.last(start) >= iova => Some((start, r)),
-            _ => state
-                .mappings
-                .range(iova..=last)
-                .next()
-                .map(|(&s, r)| (s, r)),
-        };
-        if let Some((start, r)) = lowest_overlap {
+        if let Some(existing) = state.record.first_overlap(iova, last) {
             return Err(LedgerError::Overlap {
                 iova,
                 len,
-                existing: r.mapping(start),
+                existing,
             });
         }
         let pieces = len / piece_len;
@@ -677,43 +862,43 @@ impl Ledger {
                 len,
             });
         };
-        // Any bisected mapping straddles one end of the range.
-        let straddles_start = match state.mappings.range(..iova).next_back() {
-            Some((&start, r)) if r.last(start) >= iova => Some(r.mapping(start)),
-            _ => None,
-        };
-        let straddles_end = match state.mappings.range(iova..=last).next_back() {
-            Some((&start, r)) if r.last(start) > last => Some(r.mapping(start)),
-            _ => None,
-        };
-        match straddles_start.or(straddles_end) {
+        match state.record.bisected(iova, last) {
             Some(mapping) => Err(LedgerError::Bisects { iova, len, mapping }),
             None => Ok(last),
         }
     }
 
-    /// Unmaps every recorded mapping starting in `[first, last]` (the caller made sure none
-    /// straddles `last`), merging them into as few calls as the call length limit allows.
+    /// Unmaps every recorded mapping inside `[first, last]` (the caller made sure none
+    /// straddles either end), merging them into as few calls as the call length limit allows.
     fn remove_whole(
         &self,
         state: &mut State,
         first: u64,
         last: u64,
     ) -> Result<UnmapReport, LedgerError> {
+        // Runs may still straddle the ends on piece boundaries: cut them there. This changes how
+        // the record is stored, not which mappings it holds.
+        state.record.split_at(first);
+        if let Some(after) = last.checked_add(1) {
+            state.record.split_at(after);
+        }
         let mut report = UnmapReport::default();
-        while let Some((&call_start, r)) = state.mappings.range(first..=last).next() {
-            let mut call_last = r.last(call_start);
-            let mut expected = r.len;
-            let mut count = 1u64;
-            if call_last < last {
-                for (&start, r) in state.mappings.range(call_last + 1..=last) {
-                    if r.last(start) - call_start > MAX_UNMAP_CALL_LEN - 1 {
-                        break;
-                    }
-                    call_last = r.last(start);
-                    expected += r.len;
-                    count += 1;
+        while let Some((&call_start, &run)) = state.record.runs.range(first..=last).next() {
+            if run.last(call_start) - call_start > MAX_UNMAP_CALL_LEN - 1 {
+                // One run longer than a call may be (only possible from IOVA 0): cut it.
+                let fit = (MAX_UNMAP_CALL_LEN / run.piece_len).max(1);
+                state.record.split_at(call_start + fit * run.piece_len);
+            }
+            let mut call_last = call_start;
+            let mut expected = 0u64;
+            let mut count = 0u64;
+            for (&start, run) in state.record.runs.range(call_start..=last) {
+                if count > 0 && run.last(start) - call_start > MAX_UNMAP_CALL_LEN - 1 {
+                    break;
                 }
+                call_last = run.last(start);
+                expected += run.bytes();
+                count += run.count;
             }
             let call_len = call_last - call_start + 1;
             let unmapped = match self.backend.unmap(call_start, call_len) {
@@ -730,20 +915,15 @@ impl Ledger {
                 }
             };
             // The kernel holds nothing in the call's range now, whatever it reported.
-            if count == 1 {
-                state.mappings.remove(&call_start);
-            } else {
-                while let Some((&start, _)) = state.mappings.range(call_start..=call_last).next() {
-                    state.mappings.remove(&start);
-                }
-            }
+            state.record.remove_runs(call_start, call_last);
             report.calls += 1;
-            report.bytes += unmapped;
+            report.bytes = report.bytes.saturating_add(unmapped);
             report.mappings += count;
+            let live = state.record.mappings;
             let stats = &mut state.stats;
             stats.unmap_calls += 1;
-            stats.bytes_unmapped += unmapped;
-            stats.mappings -= count;
+            stats.bytes_unmapped = stats.bytes_unmapped.saturating_add(unmapped);
+            stats.mappings = live;
             if unmapped != expected {
                 // The record was wrong; trust the backend's own count where it keeps one.
                 state.budget = match self.backend.capabilities() {
@@ -788,43 +968,31 @@ impl Ledger {
 
     /// The live mappings, in IOVA order.
     pub fn mappings(&self) -> Vec<Mapping> {
-        let state = self.lock();
-        state.mappings.iter().map(|(&s, r)| r.mapping(s)).collect()
+        self.lock().record.mappings().collect()
     }
 
     /// Number of live mappings.
     pub fn mapping_count(&self) -> u64 {
-        self.lock().mappings.len() as u64
+        self.lock().record.mappings
+    }
+
+    /// Number of runs the record keeps for them (equal pieces back to back count once): what the
+    /// record's memory grows with.
+    pub fn record_runs(&self) -> u64 {
+        self.lock().record.runs.len() as u64
     }
 
     /// The live mapping containing `iova`, if any.
     pub fn mapping_at(&self, iova: u64) -> Option<Mapping> {
-        let state = self.lock();
-        match state.mappings.range(..=iova).next_back() {
-            Some((&start, r)) if r.last(start) >= iova => Some(r.mapping(start)),
-            _ => None,
-        }
+        self.lock().record.mapping_at(iova)
     }
 
     /// True when every byte of `[iova, iova + len)` is covered by live mappings (false for an
     /// empty or wrapping range).
     pub fn is_mapped(&self, iova: u64, len: u64) -> bool {
-        let Some(last) = len.checked_sub(1).and_then(|l| iova.checked_add(l)) else {
-            return false;
-        };
-        let state = self.lock();
-        let mut cur = iova;
-        loop {
-            match state.mappings.range(..=cur).next_back() {
-                Some((&start, r)) if r.last(start) >= cur => {
-                    let end = r.last(start);
-                    if end >= last {
-                        return true;
-                    }
-                    cur = end + 1;
-                }
-                _ => return false,
-            }
+        match len.checked_sub(1).and_then(|l| iova.checked_add(l)) {
+            Some(last) => self.lock().record.covers(iova, last),
+            None => false,
         }
     }
 
@@ -851,7 +1019,7 @@ impl Ledger {
 impl Drop for Ledger {
     fn drop(&mut self) {
         let state = self.state.get_mut().unwrap_or_else(PoisonError::into_inner);
-        let nothing_mapped = state.mappings.is_empty();
+        let nothing_mapped = state.record.mappings == 0;
         if nothing_mapped {
             return;
         }
@@ -1103,6 +1271,50 @@ mod tests {
             Some(5 * PAGE)
         );
         assert_eq!(ledger.mapping_at(3 * PAGE), None);
+    }
+
+    #[test]
+    fn the_record_grows_with_runs_not_with_granules() {
+        let mem = HostMem::new(1024 * PAGE as usize);
+        let (iommu, ledger) = ledger_on(EmulatedIommu::builder().record_calls(false).build());
+        map_pieces(&ledger, &mem, 0, 512 * PAGE, PAGE).unwrap();
+        // Continues the run from the same memory, one page at a time.
+        for page in 512..1024 {
+            map(&ledger, &mem, page * PAGE, PAGE).unwrap();
+        }
+        assert_eq!((ledger.mapping_count(), ledger.record_runs()), (1024, 1));
+        // A page flips to private in the middle: two runs, each piece still its own mapping.
+        ledger.unmap(100 * PAGE, PAGE).unwrap();
+        assert_eq!((ledger.mapping_count(), ledger.record_runs()), (1023, 2));
+        assert_eq!(ledger.mappings().len(), 1023);
+        assert_eq!(
+            ledger.mapping_at(101 * PAGE + 5),
+            Some(Mapping {
+                iova: 101 * PAGE,
+                len: PAGE,
+                prot: DmaProt::READ_WRITE,
+                source: MappingSource::HostVa {
+                    addr: mem.at(101 * PAGE) as usize
+                },
+            })
+        );
+        // And back: the hole is filled and the runs join again.
+        map(&ledger, &mem, 100 * PAGE, PAGE).unwrap();
+        assert_eq!((ledger.mapping_count(), ledger.record_runs()), (1024, 1));
+        // Memory that does not continue the run (another host page) starts a run of its own.
+        ledger.unmap(1023 * PAGE, PAGE).unwrap();
+        // SAFETY: as in `map`.
+        unsafe { ledger.map_va(1023 * PAGE, PAGE, mem.at(0), DmaProt::READ_WRITE) }.unwrap();
+        assert_eq!(ledger.record_runs(), 2);
+        // Still: half a piece cannot be unmapped, and a run is unmapped in one call.
+        assert!(matches!(
+            ledger.unmap(5 * PAGE, PAGE / 2),
+            Err(LedgerError::Bisects { mapping, .. }) if mapping.iova == 5 * PAGE
+        ));
+        let report = ledger.unmap(8 * PAGE, 100 * PAGE).unwrap();
+        assert_eq!((report.calls, report.mappings), (1, 100));
+        assert_eq!(iommu.mapping_count(), 924);
+        assert_eq!(ledger.record_runs(), 3);
     }
 
     #[test]
