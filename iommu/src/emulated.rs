@@ -19,7 +19,10 @@
 //! It records every call ([`EmulatedIommu::calls`]), lets a test "DMA" through the table from the
 //! device side ([`EmulatedIommu::dma_read`], [`EmulatedIommu::dma_write`]) and records every fault
 //! ([`EmulatedIommu::faults`]), and injects failures on demand
-//! ([`EmulatedIommu::inject_failures`]).
+//! ([`EmulatedIommu::inject_failures`]). Device accesses reach host-address mappings through the
+//! recorded pointer, and file mappings through `pread`/`pwrite` on the emulator's own duplicate of
+//! the fd, or, for files without read/write methods (an mmap-able guest_memfd answers `ESPIPE`),
+//! through a temporary shared mapping of the file.
 
 use std::collections::BTreeMap;
 use std::fmt;
