@@ -13,9 +13,10 @@
 //!   later, private again, at random places; 1 GiB and 1 TiB regions (and 1 TiB already
 //!   holding 10,000 shared runs elsewhere); one listener. Throughput = conversions/s.
 //! * `replay/*`: registering a listener on a 1 TiB region holding 10,000 shared runs.
-//! * memory per run (printed): live heap bytes of the structure, measured with the counting
-//!   global allocator below (bytes allocated minus bytes freed while the manager is built),
-//!   divided by its number of runs; next to the crate's own `memory_bytes()` estimate.
+//! * memory per run (printed): live heap bytes of the manager, measured with the counting
+//!   global allocator below (bytes allocated minus bytes freed while the manager is created
+//!   and filled), divided by its number of runs; next to the crate's own `memory_bytes()`
+//!   (computed from the capacities of its allocations, plus the struct itself).
 //!
 //! Run: `cargo bench -p discard-manager --bench conversions`
 #![deny(clippy::undocumented_unsafe_blocks)]
@@ -446,7 +447,7 @@ fn report_memory(_c: &mut Criterion) {
         let bitmap = Bitmap::new(TIB);
         println!(
             "memory/1TiB-{count}-shared-runs: extents {extents} runs, {live} heap bytes measured \
-             = {:.1} B/run (memory_bytes() estimate incl. struct: {estimate} B = {:.1} B/run); \
+             = {:.1} B/run (memory_bytes(): {estimate} B = {:.1} B/run); \
              bitmap {} bytes = {:.0} B/run",
             live as f64 / extents as f64,
             estimate as f64 / extents as f64,

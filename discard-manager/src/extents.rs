@@ -18,6 +18,9 @@ use crate::range::{Attribute, View};
 /// Maximum entries per chunk (one chunk = 512 bytes of entries).
 const CHUNK: usize = 64;
 
+/// Emptied chunk buffers kept for reuse.
+const SPARE_CHUNKS: usize = 4;
+
 /// Combined state of one granule: the two sources of truth.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) struct State {
@@ -104,6 +107,10 @@ pub(crate) struct Extents {
     /// Granules per state, indexed by `State::index`.
     totals: [u64; 4],
     len: usize,
+    /// Emptied chunk buffers (capacity `CHUNK`) kept for reuse.
+    spare: Vec<Vec<u64>>,
+    /// Buffer for the rare chunk overflow.
+    scratch: Vec<u64>,
 }
 
 impl Extents {
@@ -118,6 +125,8 @@ impl Extents {
             granules,
             totals,
             len: 1,
+            spare: Vec::new(),
+            scratch: Vec::new(),
         }
     }
 
@@ -283,10 +292,12 @@ impl Extents {
         self.len = self.len - (end - i) + replacement.len();
         let mut next = c + 1;
         if chunk.len() - (end - i) + replacement.len() <= CHUNK {
-            chunk.splice(i..end, replacement.iter().copied());
+            replace_range(chunk, i, end, replacement);
         } else {
             // Rare: the chunk overflows. Rebuild it as half-full chunks.
-            let mut all = Vec::with_capacity(chunk.len() + replacement.len());
+            let mut all = std::mem::take(&mut self.scratch);
+            all.clear();
+            let chunk = &mut self.chunks[c];
             all.extend_from_slice(&chunk[..i]);
             all.extend_from_slice(replacement);
             all.extend_from_slice(&chunk[end..]);
@@ -294,11 +305,18 @@ impl Extents {
             chunk.clear();
             chunk.extend_from_slice(parts.next().unwrap_or(&[]));
             for part in parts {
-                let mut fresh = Vec::with_capacity(CHUNK);
+                let mut fresh = self
+                    .spare
+                    .pop()
+                    .unwrap_or_else(|| Vec::with_capacity(CHUNK));
                 fresh.extend_from_slice(part);
                 self.firsts.insert(next, key_of(part[0]));
                 self.chunks.insert(next, fresh);
                 next += 1;
+            }
+            // Keep a small scratch buffer; drop one grown by a huge conversion.
+            if all.capacity() <= 4 * CHUNK {
+                self.scratch = all;
             }
         }
         // Entries with keys in [a, b] may continue in the following chunks.
@@ -311,8 +329,7 @@ impl Extents {
             chunk.drain(..n);
             self.len -= n;
             if chunk.is_empty() {
-                self.chunks.remove(next);
-                self.firsts.remove(next);
+                self.remove_chunk(next);
                 continue;
             }
             self.firsts[next] = key_of(chunk[0]);
@@ -321,8 +338,7 @@ impl Extents {
         }
         if self.chunks[c].is_empty() {
             // Never the only chunk: key 0 is outside [a, b] or in `replacement`.
-            self.chunks.remove(c);
-            self.firsts.remove(c);
+            self.remove_chunk(c);
         } else {
             self.firsts[c] = key_of(self.chunks[c][0]);
             self.rebalance(c);
@@ -337,26 +353,39 @@ impl Extents {
         }
         let limit = CHUNK * 3 / 4;
         if c + 1 < self.chunks.len() && self.chunks[c].len() + self.chunks[c + 1].len() <= limit {
-            let tail = self.chunks.remove(c + 1);
-            self.firsts.remove(c + 1);
-            self.chunks[c].extend_from_slice(&tail);
+            let (head, tail) = self.chunks.split_at_mut(c + 1);
+            head[c].extend_from_slice(&tail[0]);
+            self.remove_chunk(c + 1);
         } else if c > 0 && self.chunks[c - 1].len() + self.chunks[c].len() <= limit {
-            let tail = self.chunks.remove(c);
-            self.firsts.remove(c);
-            self.chunks[c - 1].extend_from_slice(&tail);
+            let (head, tail) = self.chunks.split_at_mut(c);
+            head[c - 1].extend_from_slice(&tail[0]);
+            self.remove_chunk(c);
         }
     }
 
-    /// Heap bytes of the storage, exactly as allocated: the chunk table, the `firsts`
-    /// table and every chunk's buffer (by capacity).
+    /// Removes chunk `c`, keeping its buffer for reuse so that chunks oscillating between
+    /// split and merge do not allocate.
+    fn remove_chunk(&mut self, c: usize) {
+        let mut chunk = self.chunks.remove(c);
+        self.firsts.remove(c);
+        if self.spare.len() < SPARE_CHUNKS {
+            chunk.clear();
+            self.spare.push(chunk);
+        }
+    }
+
+    /// Heap bytes of the storage, exactly as allocated (by capacity): the chunk table, the
+    /// `firsts` table, every chunk's buffer, the spare buffers and the overflow scratch.
     pub(crate) fn heap_bytes(&self) -> usize {
-        self.chunks.capacity() * size_of::<Vec<u64>>()
-            + self.firsts.capacity() * size_of::<u64>()
-            + self
-                .chunks
-                .iter()
-                .map(|c| c.capacity() * size_of::<u64>())
-                .sum::<usize>()
+        let buffers: usize = self
+            .chunks
+            .iter()
+            .chain(&self.spare)
+            .map(|c| c.capacity() * size_of::<u64>())
+            .sum();
+        (self.chunks.capacity() + self.spare.capacity()) * size_of::<Vec<u64>>()
+            + (self.firsts.capacity() + self.scratch.capacity()) * size_of::<u64>()
+            + buffers
     }
 
     #[cfg(test)]
@@ -384,6 +413,20 @@ impl Extents {
         assert_eq!(count, self.len);
         assert_eq!(self.totals.iter().sum::<u64>(), self.granules);
     }
+}
+
+/// `chunk[i..end] = replacement`, shifting the tail once, within the chunk's capacity.
+fn replace_range(chunk: &mut Vec<u64>, i: usize, end: usize, replacement: &[u64]) {
+    let old_len = chunk.len();
+    let new_end = i + replacement.len();
+    if new_end > end {
+        chunk.resize(old_len + (new_end - end), 0);
+        chunk.copy_within(end..old_len, new_end);
+    } else if new_end < end {
+        chunk.copy_within(end..old_len, new_end);
+        chunk.truncate(old_len - (end - new_end));
+    }
+    chunk[i..new_end].copy_from_slice(replacement);
 }
 
 /// Iterator over `(start, end, state)` of clipped maximal runs.

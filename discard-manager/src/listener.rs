@@ -92,9 +92,13 @@ pub trait TransactionStep {
     /// unchanged. `apply` must itself be all-or-nothing: `undo` is not called after it fails.
     fn apply(&mut self, change: &Change) -> Result<(), Self::Error>;
 
-    /// Undoes a successful `apply` because a later populate failed. Cannot fail: a step
-    /// whose undo may fail must make `apply` restartable instead (e.g. set the attribute
-    /// back with a retry) — there is no state the manager could fall back to.
+    /// Undoes a successful `apply` because a later populate failed; called after the
+    /// gaining view's listeners were rolled back and before the losing view is re-populated.
+    ///
+    /// It returns nothing because the manager has no state to fall back to if it fails. A
+    /// step whose undo can fail (e.g. `KVM_SET_MEMORY_ATTRIBUTES` returning `ENOMEM`) keeps
+    /// the failure in itself (the caller still owns the step, passed as `&mut`) and the
+    /// caller surfaces it after the transaction returns its error — never only in a log.
     fn undo(&mut self, change: &Change);
 }
 
