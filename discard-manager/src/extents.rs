@@ -88,8 +88,8 @@ pub(crate) struct Plan {
     replacement: Vec<u64>,
     /// Where the first entry with key `>= a` is (or would be inserted).
     at: Pos,
-    /// End of the range (exclusive granule index).
-    end: u64,
+    /// How many entries have a key in `[a, b]` (all replaced by `replacement`).
+    existing: usize,
 }
 
 impl Plan {
@@ -209,7 +209,6 @@ impl Extents {
     pub(crate) fn plan(&self, a: u64, b: u64, f: impl Fn(State) -> State, plan: &mut Plan) {
         plan.pieces.clear();
         plan.replacement.clear();
-        plan.end = b;
         let pos = self.locate(a);
         let first = self.entry(pos);
         let (k0, s0) = (key_of(first), state_of(first));
@@ -226,6 +225,7 @@ impl Extents {
                 index: pos.index + 1,
             }
         };
+        plan.existing = usize::from(k0 == a);
         let (mut start, mut state) = (a, s0);
         let mut right = None;
         let mut cur = self.next_pos(pos);
@@ -235,6 +235,7 @@ impl Extents {
             if k >= b {
                 if k == b {
                     right = Some(state_of(e));
+                    plan.existing += 1;
                 }
                 break;
             }
@@ -245,6 +246,7 @@ impl Extents {
                 new: f(state),
             });
             (start, state) = (k, state_of(e));
+            plan.existing += 1;
             cur = self.next_pos(p);
         }
         plan.pieces.push(Piece {
@@ -277,19 +279,19 @@ impl Extents {
             self.totals[p.old.index()] -= len;
             self.totals[p.new.index()] += len;
         }
-        self.splice(plan.at, plan.end, &plan.replacement);
+        self.splice(plan.at, plan.existing, &plan.replacement);
     }
 
-    /// Replaces every entry with a key in `[key(at), b]` by `replacement` (sorted, all keys
-    /// in that interval). `at` is the position of the first entry with key `>= a`, or the
-    /// insertion point at the end of its chunk.
-    fn splice(&mut self, at: Pos, b: u64, replacement: &[u64]) {
+    /// Replaces the `existing` entries from position `at` on (the entries with a key in
+    /// `[a, b]`; they may continue into the following chunks) by `replacement` (sorted, keys
+    /// in `[a, b]`). `at` may be the insertion point at the end of its chunk.
+    fn splice(&mut self, at: Pos, existing: usize, replacement: &[u64]) {
         let c = at.chunk;
         let chunk = &mut self.chunks[c];
         let i = at.index;
-        let end = i + chunk[i..].partition_point(|&e| key_of(e) <= b);
-        let spills = end == chunk.len();
-        self.len = self.len - (end - i) + replacement.len();
+        let end = i + existing.min(chunk.len() - i);
+        let mut spilled = existing - (end - i);
+        self.len = self.len - existing + replacement.len();
         let mut next = c + 1;
         if chunk.len() - (end - i) + replacement.len() <= CHUNK {
             replace_range(chunk, i, end, replacement);
@@ -320,14 +322,11 @@ impl Extents {
             }
         }
         // Entries with keys in [a, b] may continue in the following chunks.
-        while spills && next < self.chunks.len() {
+        while spilled > 0 && next < self.chunks.len() {
             let chunk = &mut self.chunks[next];
-            let n = chunk.partition_point(|&e| key_of(e) <= b);
-            if n == 0 {
-                break;
-            }
+            let n = spilled.min(chunk.len());
             chunk.drain(..n);
-            self.len -= n;
+            spilled -= n;
             if chunk.is_empty() {
                 self.remove_chunk(next);
                 continue;

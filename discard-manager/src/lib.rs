@@ -21,8 +21,15 @@
 //! calls, which the DMA invariants (isolation, no window) need; finer locking would let two
 //! overlapping conversions interleave their discards and populates. The cost is that
 //! concurrent vCPU conversions of one region wait for each other; they would serialise on
-//! the IOMMU's own lock anyway, and the manager's own work per conversion is a few
-//! B-tree operations. Queries take the same lock (they are O(runs in the range), counts O(1)).
+//! the IOMMU's own lock anyway, and the manager's own work per conversion is two binary
+//! searches and one short in-chunk shift. Queries take the same lock (they are
+//! O(log runs + runs in the range); counts are O(1)).
+//!
+//! # Storage
+//! Each region's state is a sorted list of runs (one packed `u64` per run, in chunks of 64),
+//! so memory, replay and queries grow with the number of runs, never with the region size:
+//! a 1 TiB region with 10,000 shared runs takes about 350 KiB and replays in well under a
+//! millisecond (see `benches/conversions.rs`), where a 4 KiB bitmap takes 32 MiB.
 //!
 //! # Re-entrancy rule
 //! Listeners and steps run on the calling thread with the lock held. Any call they make
