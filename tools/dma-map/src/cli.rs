@@ -212,7 +212,12 @@ pub struct CompareArgs {
     #[command(flatten)]
     pub workload: WorkloadArgs,
     /// Policies to compare.
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "eager,lazy,batched")]
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "eager,lazy,batched"
+    )]
     pub policies: Vec<PolicyChoice>,
     /// Backends to compare (each with every policy); default: --backend.
     #[arg(long, value_enum, value_delimiter = ',')]

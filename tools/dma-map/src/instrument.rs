@@ -156,7 +156,12 @@ mod tests {
             // and no reference into it is used while mapped.
             unsafe {
                 counting
-                    .map_va(i * 4096, 4096, base.add(i as usize * 4096), DmaProt::READ_WRITE)
+                    .map_va(
+                        i * 4096,
+                        4096,
+                        base.add(i as usize * 4096),
+                        DmaProt::READ_WRITE,
+                    )
                     .unwrap()
             };
         }

@@ -5,7 +5,11 @@
 //! `discard-manager`): the modules here parse arguments ([`cli`]), generate and parse workloads
 //! ([`workload`], [`trace`]), measure ([`stats`]) and print ([`report`]); the commands ([`cmd`])
 //! only call the libraries. Errors are `anyhow` sentences classified into exit codes ([`exit`]).
-#![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks, missing_docs)]
+#![deny(
+    unsafe_op_in_unsafe_fn,
+    clippy::undocumented_unsafe_blocks,
+    missing_docs
+)]
 
 mod cli;
 mod cmd;
@@ -121,7 +125,10 @@ fn dispatch(cli: &Cli) -> anyhow::Result<bool> {
 /// A finished run: exit 1 with a sentence when it stopped early or a check failed.
 fn finished(s: &report::RunSummary) -> anyhow::Result<bool> {
     if let Some(f) = &s.failure {
-        return Err(exit::error(exit::Class::Failed, format!("the workload stopped: {f}")));
+        return Err(exit::error(
+            exit::Class::Failed,
+            format!("the workload stopped: {f}"),
+        ));
     }
     if !s.ok() {
         return Err(exit::error(

@@ -175,10 +175,13 @@ pub fn render_run(s: &RunSummary) -> String {
     if let Some(f) = &s.failure {
         t.row(["stopped".to_string(), f.clone()]);
     }
-    t.row(["bytes changed".to_string(), Bytes(s.bytes_changed).to_string()]);
+    t.row([
+        "bytes changed".to_string(),
+        Bytes(s.bytes_changed).to_string(),
+    ]);
     t.row(["elapsed".to_string(), format!("{:.3} s", s.elapsed_s)]);
     t.row([
-        "conversions/s".to_string(),
+        "conversions/s (time in convert)".to_string(),
         format!("{:.0}", s.conversions_per_s),
     ]);
     t.row([
@@ -192,10 +195,7 @@ pub fn render_run(s: &RunSummary) -> String {
         ),
     ]);
     let k = &s.kernel_calls;
-    t.row([
-        "attribute sets".to_string(),
-        k.attribute_sets.to_string(),
-    ]);
+    t.row(["attribute sets".to_string(), k.attribute_sets.to_string()]);
     t.row(["IOMMU maps".to_string(), k.iommu_maps.to_string()]);
     t.row(["IOMMU unmaps".to_string(), k.iommu_unmaps.to_string()]);
     t.row(["hole punches".to_string(), k.hole_punches.to_string()]);
@@ -228,8 +228,19 @@ pub fn render_run(s: &RunSummary) -> String {
 /// Several runs of one workload side by side.
 pub fn render_compare(runs: &[RunSummary]) -> String {
     let mut t = Table::new([
-        "backend", "policy", "conv/s", "p50", "p99", "max", "attr sets", "maps", "unmaps",
-        "punches", "peak maps", "peak held", "checks",
+        "backend",
+        "policy",
+        "conv/s",
+        "p50",
+        "p99",
+        "max",
+        "attr sets",
+        "maps",
+        "unmaps",
+        "punches",
+        "peak maps",
+        "peak held",
+        "checks",
     ]);
     for s in runs {
         let passed = s.checks.iter().filter(|c| c.passed).count();
@@ -272,10 +283,7 @@ mod tests {
         let mut t = Table::new(["a", "bb"]);
         t.row(["longer", "x"]);
         t.row(["y"]);
-        assert_eq!(
-            t.render(),
-            "a       bb\n------  --\nlonger  x\ny\n"
-        );
+        assert_eq!(t.render(), "a       bb\n------  --\nlonger  x\ny\n");
     }
 
     #[test]

@@ -86,7 +86,10 @@ mod tests {
             (100, 50, 90, 99, 100, 50)
         );
         let p = of([10, 1000]);
-        assert_eq!((p.p50_ns, p.p90_ns, p.p99_ns, p.max_ns), (10, 1000, 1000, 1000));
+        assert_eq!(
+            (p.p50_ns, p.p90_ns, p.p99_ns, p.max_ns),
+            (10, 1000, 1000, 1000)
+        );
     }
 
     #[test]

@@ -181,8 +181,7 @@ pub fn parse(text: &str, region_size: u64, name: &str) -> Result<Workload, Trace
         if fields.is_empty() {
             continue;
         }
-        let request =
-            parse_line(&fields, region_size).map_err(|kind| TraceError { line, kind })?;
+        let request = parse_line(&fields, region_size).map_err(|kind| TraceError { line, kind })?;
         if let Some(previous) = requests.last() {
             if request.time_ns < previous.time_ns {
                 return Err(TraceError {
@@ -268,7 +267,10 @@ mod tests {
         let cases: [(&str, TraceErrorKind); 8] = [
             ("0 shared 0x0", TraceErrorKind::FieldCount { found: 3 }),
             ("x shared 0 1000", TraceErrorKind::BadTime("x".into())),
-            ("0 public 0 1000", TraceErrorKind::BadDirection("public".into())),
+            (
+                "0 public 0 1000",
+                TraceErrorKind::BadDirection("public".into()),
+            ),
             (
                 "0 shared 0xg 1000",
                 TraceErrorKind::BadHex {
@@ -311,7 +313,10 @@ mod tests {
     fn time_going_back_is_an_error_on_the_later_line() {
         let e = error_of("5 shared 0 1000\n4 private 0 1000\n");
         assert_eq!(e.line, 2);
-        assert!(e.to_string().starts_with("line 2: time 4 is earlier"), "{e}");
+        assert!(
+            e.to_string().starts_with("line 2: time 4 is earlier"),
+            "{e}"
+        );
     }
 
     #[test]

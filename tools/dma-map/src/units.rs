@@ -30,7 +30,9 @@ impl fmt::Display for Bytes {
 /// A sentence naming the text and the accepted forms.
 pub fn parse_size(text: &str) -> Result<u64, String> {
     let bad = || {
-        format!("'{text}' is not a size: write bytes (4096, 0x1000) or a number with K, M, G or T (64M, 1G)")
+        format!(
+            "'{text}' is not a size: write bytes (4096, 0x1000) or a number with K, M, G or T (64M, 1G)"
+        )
     };
     let t = text.trim();
     if let Some(hex) = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
@@ -71,7 +73,11 @@ mod tests {
         let e = parse_size("lots").unwrap_err();
         assert!(e.contains("'lots'") && e.contains("64M"), "{e}");
         assert!(parse_size("12Q").is_err());
-        assert!(parse_size("99999999999T").unwrap_err().contains("too large"));
+        assert!(
+            parse_size("99999999999T")
+                .unwrap_err()
+                .contains("too large")
+        );
     }
 
     #[test]

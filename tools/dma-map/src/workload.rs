@@ -322,7 +322,11 @@ mod tests {
         for r in &w.requests {
             assert!(r.len > 0 && r.len % PAGE == 0, "{r:?}");
             assert_eq!(r.gpa % PAGE, 0, "{r:?}");
-            assert!(r.gpa + r.len <= w.region_size, "{r:?} outside {}", w.region_size);
+            assert!(
+                r.gpa + r.len <= w.region_size,
+                "{r:?} outside {}",
+                w.region_size
+            );
         }
         assert!(w.requests.windows(2).all(|p| p[0].time_ns <= p[1].time_ns));
     }
@@ -361,7 +365,10 @@ mod tests {
     #[test]
     fn swiotlb_pool_follows_the_kernel_clamp() {
         assert_eq!(swiotlb_pool_size(1 << 30), 64 << 20);
-        assert_eq!(swiotlb_pool_size(4 << 30), (4u64 << 30) / 100 * 6 / PAGE * PAGE);
+        assert_eq!(
+            swiotlb_pool_size(4 << 30),
+            (4u64 << 30) / 100 * 6 / PAGE * PAGE
+        );
         assert_eq!(swiotlb_pool_size(64 << 30), 1 << 30);
     }
 
@@ -405,7 +412,11 @@ mod tests {
         let shared = w.requests.iter().filter(|r| r.to == Target::Shared).count();
         assert!((800..1200).contains(&shared), "{shared} of 2000 shared");
         assert!(w.requests.iter().any(|r| r.len == PAGE));
-        assert!(w.requests.iter().any(|r| (2 * PAGE..16 * PAGE).contains(&r.len)));
+        assert!(
+            w.requests
+                .iter()
+                .any(|r| (2 * PAGE..16 * PAGE).contains(&r.len))
+        );
         assert!(w.requests.iter().any(|r| r.len > 16 * PAGE));
         assert!(w.requests.iter().all(|r| r.len <= 2 << 20));
     }
@@ -437,7 +448,10 @@ mod tests {
         let pool = &boot.requests;
         assert_eq!(
             final_shared(&boot),
-            [(pool[0].gpa, pool[pool.len() - 1].gpa + pool[pool.len() - 1].len)]
+            [(
+                pool[0].gpa,
+                pool[pool.len() - 1].gpa + pool[pool.len() - 1].len
+            )]
         );
     }
 

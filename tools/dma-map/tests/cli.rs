@@ -56,7 +56,12 @@ fn probe_reports_the_guest_memfd_this_host_really_has() {
     let p = json(&["probe"]);
     let kvm_direct = vm_rig::Feature::Kvm.probe().is_ok();
     let mmap_direct = vm_rig::Feature::GuestMemfdMmap.probe().is_ok();
-    assert_eq!(p["kvm"]["unavailable"].is_null(), kvm_direct, "{}", p["kvm"]);
+    assert_eq!(
+        p["kvm"]["unavailable"].is_null(),
+        kvm_direct,
+        "{}",
+        p["kvm"]
+    );
     let row = |item: &str| {
         p["findings"]
             .as_array()
@@ -68,7 +73,9 @@ fn probe_reports_the_guest_memfd_this_host_really_has() {
     if kvm_direct {
         let default = &p["kvm"]["vm_types"][0];
         assert_eq!(default["vm_type"], 0);
-        let flags = default["support"]["Ok"]["guest_memfd_flags"].as_u64().unwrap();
+        let flags = default["support"]["Ok"]["guest_memfd_flags"]
+            .as_u64()
+            .unwrap();
         assert_eq!(flags & 3 == 3, mmap_direct, "flags {flags:#x}");
         let f = row("guest_memfd flags").expect("a guest_memfd flags finding");
         assert_eq!(f["status"], if mmap_direct { "yes" } else { "no" });
@@ -91,14 +98,29 @@ fn probe_table_names_each_area() {
     let o = dma_map(&["probe"]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let out = stdout(&o);
-    for needle in ["KVM", "guest_memfd", "VFIO", "IOMMUFD", "RLIMIT_MEMLOCK", "PCI devices"] {
+    for needle in [
+        "KVM",
+        "guest_memfd",
+        "VFIO",
+        "IOMMUFD",
+        "RLIMIT_MEMLOCK",
+        "PCI devices",
+    ] {
         assert!(out.contains(needle), "{needle} missing from:\n{out}");
     }
 }
 
 #[test]
 fn firmware_bounce_run_counts_add_up() {
-    let r = json(&["run", "--workload", "firmware-bounce", "--count", "500", "--region-size", "64M"]);
+    let r = json(&[
+        "run",
+        "--workload",
+        "firmware-bounce",
+        "--count",
+        "500",
+        "--region-size",
+        "64M",
+    ]);
     assert_eq!(u(&r, "requests"), 1000);
     assert_eq!(u(&r, "conversions_done"), 1000);
     all_checks_passed(&r);
@@ -118,7 +140,15 @@ fn firmware_bounce_run_counts_add_up() {
 
 #[test]
 fn linux_boot_run_maps_the_whole_pool_once() {
-    let r = json(&["run", "--workload", "linux-boot", "--region-size", "256M", "--chunk", "4M"]);
+    let r = json(&[
+        "run",
+        "--workload",
+        "linux-boot",
+        "--region-size",
+        "256M",
+        "--chunk",
+        "4M",
+    ]);
     let pool_pages = (64u64 << 20) / 4096;
     assert_eq!(u(&r, "requests"), 16);
     assert_eq!(u(&r, "conversions_done"), 16);
@@ -132,7 +162,17 @@ fn linux_boot_run_maps_the_whole_pool_once() {
 
 #[test]
 fn random_mixed_run_passes_every_check() {
-    let r = json(&["run", "--workload", "random-mixed", "--count", "400", "--region-size", "64M", "--seed", "9"]);
+    let r = json(&[
+        "run",
+        "--workload",
+        "random-mixed",
+        "--count",
+        "400",
+        "--region-size",
+        "64M",
+        "--seed",
+        "9",
+    ]);
     assert_eq!(u(&r, "conversions_done"), 400);
     all_checks_passed(&r);
     assert!(u(&r, "final_mappings") <= u(&r, "peak_mappings"));
@@ -141,14 +181,33 @@ fn random_mixed_run_passes_every_check() {
 
 #[test]
 fn eager_discard_punches_and_lazy_holds_back_within_its_budget() {
-    let eager = json(&["run", "--region", "classic", "--region-size", "64M", "--count", "300", "--policy", "eager"]);
+    let eager = json(&[
+        "run",
+        "--region",
+        "classic",
+        "--region-size",
+        "64M",
+        "--count",
+        "300",
+        "--policy",
+        "eager",
+    ]);
     all_checks_passed(&eager);
     // Each transaction vacates both sides once: two hole punches.
     assert_eq!(u(&eager["kernel_calls"], "hole_punches"), 600);
     assert_eq!(u(&eager, "peak_held_back_bytes"), 0);
     let lazy = json(&[
-        "run", "--region", "classic", "--region-size", "64M", "--count", "300", "--policy", "lazy",
-        "--lazy-budget", "256K",
+        "run",
+        "--region",
+        "classic",
+        "--region-size",
+        "64M",
+        "--count",
+        "300",
+        "--policy",
+        "lazy",
+        "--lazy-budget",
+        "256K",
     ]);
     all_checks_passed(&lazy);
     assert!(u(&lazy, "peak_held_back_bytes") <= 256 << 10);
@@ -158,30 +217,75 @@ fn eager_discard_punches_and_lazy_holds_back_within_its_budget() {
 
 #[test]
 fn compare_runs_each_policy_on_the_same_workload() {
-    let c = json(&["compare", "--region", "classic", "--region-size", "64M", "--count", "200"]);
+    let c = json(&[
+        "compare",
+        "--region",
+        "classic",
+        "--region-size",
+        "64M",
+        "--count",
+        "200",
+    ]);
     let runs = c["runs"].as_array().unwrap();
     let policies: Vec<&str> = runs
         .iter()
-        .map(|r| r["setup"]["policy"].as_str().unwrap().split(' ').next().unwrap())
+        .map(|r| {
+            r["setup"]["policy"]
+                .as_str()
+                .unwrap()
+                .split(' ')
+                .next()
+                .unwrap()
+        })
         .collect();
     assert_eq!(policies, ["eager", "lazy", "batched"]);
     for r in runs {
         all_checks_passed(r);
         // Same workload: the same attribute sets and IOMMU calls whatever the policy.
-        assert_eq!(r["kernel_calls"]["attribute_sets"], runs[0]["kernel_calls"]["attribute_sets"]);
-        assert_eq!(r["kernel_calls"]["iommu_maps"], runs[0]["kernel_calls"]["iommu_maps"]);
+        assert_eq!(
+            r["kernel_calls"]["attribute_sets"],
+            runs[0]["kernel_calls"]["attribute_sets"]
+        );
+        assert_eq!(
+            r["kernel_calls"]["iommu_maps"],
+            runs[0]["kernel_calls"]["iommu_maps"]
+        );
     }
     let punches = |i: usize| u(&runs[i]["kernel_calls"], "hole_punches");
-    assert!(punches(0) > punches(1), "eager {} vs lazy {}", punches(0), punches(1));
-    let table = stdout(&dma_map(&["compare", "--region-size", "64M", "--count", "50"]));
-    assert!(table.contains("eager") && table.contains("batched"), "{table}");
+    assert!(
+        punches(0) > punches(1),
+        "eager {} vs lazy {}",
+        punches(0),
+        punches(1)
+    );
+    let table = stdout(&dma_map(&[
+        "compare",
+        "--region-size",
+        "64M",
+        "--count",
+        "50",
+    ]));
+    assert!(
+        table.contains("eager") && table.contains("batched"),
+        "{table}"
+    );
 }
 
 #[test]
 fn a_saved_trace_replays_to_the_same_counts() {
     let path = temp_path("roundtrip.trace");
     let p = path.to_str().unwrap();
-    let first = json(&["run", "--count", "100", "--region-size", "16M", "--seed", "4", "--save-trace", p]);
+    let first = json(&[
+        "run",
+        "--count",
+        "100",
+        "--region-size",
+        "16M",
+        "--seed",
+        "4",
+        "--save-trace",
+        p,
+    ]);
     let again = json(&["run", "--trace", p, "--region-size", "16M"]);
     std::fs::remove_file(&path).ok();
     assert_eq!(first["requests"], again["requests"]);
@@ -192,8 +296,18 @@ fn a_saved_trace_replays_to_the_same_counts() {
 #[test]
 fn a_bad_trace_line_is_named_by_its_number() {
     let path = temp_path("bad.trace");
-    std::fs::write(&path, "# ok\n0 shared 0x1000 0x1000\n10 sideways 0x1000 0x1000\n").unwrap();
-    let o = dma_map(&["run", "--trace", path.to_str().unwrap(), "--region-size", "16M"]);
+    std::fs::write(
+        &path,
+        "# ok\n0 shared 0x1000 0x1000\n10 sideways 0x1000 0x1000\n",
+    )
+    .unwrap();
+    let o = dma_map(&[
+        "run",
+        "--trace",
+        path.to_str().unwrap(),
+        "--region-size",
+        "16M",
+    ]);
     std::fs::remove_file(&path).ok();
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     let e = stderr(&o);
@@ -215,7 +329,11 @@ fn bad_arguments_exit_2_with_a_helpful_message() {
 
     let o = dma_map(&["run", "--region-size", "lots"]);
     assert_eq!(o.status.code(), Some(2));
-    assert!(stderr(&o).contains("'lots' is not a size"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("'lots' is not a size"),
+        "{}",
+        stderr(&o)
+    );
 
     let o = dma_map(&["run", "--backend", "type1"]);
     assert_eq!(o.status.code(), Some(2));
@@ -235,7 +353,10 @@ fn a_missing_device_is_named_and_exits_3() {
     let o = dma_map(&["map", "--device", "0000:99:00.0", "--verify"]);
     assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
     let e = stderr(&o);
-    assert!(e.contains("0000:99:00.0") && e.contains("does not exist"), "{e}");
+    assert!(
+        e.contains("0000:99:00.0") && e.contains("does not exist"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -256,7 +377,10 @@ fn help_documents_the_exit_codes() {
         let o = dma_map(args);
         assert_eq!(o.status.code(), Some(0));
         let out = stdout(&o);
-        assert!(out.contains("Exit codes:") && out.contains("3  this host lacks"), "{out}");
+        assert!(
+            out.contains("Exit codes:") && out.contains("3  this host lacks"),
+            "{out}"
+        );
     }
 }
 
@@ -265,7 +389,15 @@ fn the_main_job_probes_runs_and_compares() {
     let o = dma_map(&[]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let out = stdout(&o);
-    for needle in ["Host probe", "Run: firmware-bounce", "invariant checks: ", "Compare:", "eager", "lazy", "batched"] {
+    for needle in [
+        "Host probe",
+        "Run: firmware-bounce",
+        "invariant checks: ",
+        "Compare:",
+        "eager",
+        "lazy",
+        "batched",
+    ] {
         assert!(out.contains(needle), "{needle} missing from:\n{out}");
     }
     assert!(!out.contains("FAIL"), "{out}");
@@ -284,7 +416,14 @@ fn kernel_dma_map_verifies_edu_through_type1() {
         return;
     }
     let m = json(&["map", "--device", "edu", "--backend", "type1", "--verify"]);
-    assert!(m["verify"].as_array().unwrap().iter().all(|s| s["passed"] == true), "{m}");
+    assert!(
+        m["verify"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["passed"] == true),
+        "{m}"
+    );
 }
 
 /// In the VM rig: the same through IOMMUFD.
@@ -297,5 +436,12 @@ fn kernel_dma_map_verifies_edu_through_iommufd() {
         return;
     }
     let m = json(&["map", "--device", "edu", "--backend", "iommufd", "--verify"]);
-    assert!(m["verify"].as_array().unwrap().iter().all(|s| s["passed"] == true), "{m}");
+    assert!(
+        m["verify"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["passed"] == true),
+        "{m}"
+    );
 }

@@ -26,7 +26,9 @@ pub fn compare(
     let mut runs = Vec::new();
     for &backend in backends {
         for &policy in policies {
-            runs.push(super::run::run_workload(w, setup, backend, policy, progress)?);
+            runs.push(super::run::run_workload(
+                w, setup, backend, policy, progress,
+            )?);
         }
     }
     Ok(Comparison {
@@ -50,7 +52,10 @@ pub fn render(c: &Comparison) -> String {
     }
     for r in &c.runs {
         if let Some(f) = &r.failure {
-            out.push_str(&format!("  {} / {}: stopped: {f}\n", r.setup.backend, r.setup.policy));
+            out.push_str(&format!(
+                "  {} / {}: stopped: {f}\n",
+                r.setup.backend, r.setup.policy
+            ));
         }
         for chk in r.checks.iter().filter(|c| !c.passed) {
             out.push_str(&format!(

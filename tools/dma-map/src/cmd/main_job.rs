@@ -4,7 +4,9 @@
 
 use serde::Serialize;
 
-use crate::cli::{BackendChoice, PolicyChoice, RegionChoice, SetupArgs, WorkloadArgs, WorkloadChoice};
+use crate::cli::{
+    BackendChoice, PolicyChoice, RegionChoice, SetupArgs, WorkloadArgs, WorkloadChoice,
+};
 use crate::report::{RunSummary, render_run};
 
 use super::compare::{self, Comparison};
@@ -55,7 +57,13 @@ pub fn run(progress: bool) -> anyhow::Result<MainJob> {
     let probe = probe::probe();
     let main = setup(RegionChoice::Auto);
     let w = run::load_workload(&workload(MAIN_TRANSACTIONS), main.region_size)?;
-    let summary = run::run_workload(&w, &main, BackendChoice::Emulated, PolicyChoice::Lazy, progress)?;
+    let summary = run::run_workload(
+        &w,
+        &main,
+        BackendChoice::Emulated,
+        PolicyChoice::Lazy,
+        progress,
+    )?;
     // Discard policies only differ where a conversion frees backing: the classic model. Without
     // guest_memfd, the memfd-only region has the same two-file shape.
     let has_guest_memfd = probe.kvm.default_vm().is_some_and(|s| s.guest_memfd);
@@ -69,7 +77,11 @@ pub fn run(progress: bool) -> anyhow::Result<MainJob> {
         &w,
         &classic,
         &[BackendChoice::Emulated],
-        &[PolicyChoice::Eager, PolicyChoice::Lazy, PolicyChoice::Batched],
+        &[
+            PolicyChoice::Eager,
+            PolicyChoice::Lazy,
+            PolicyChoice::Batched,
+        ],
         progress,
     )?;
     Ok(MainJob {
@@ -84,7 +96,9 @@ pub fn render(job: &MainJob) -> String {
     let mut out = probe::render(&job.probe);
     out.push('\n');
     out.push_str(&render_run(&job.run));
-    out.push_str("\nDiscard policies side by side (classic backing, where a conversion frees memory):\n");
+    out.push_str(
+        "\nDiscard policies side by side (classic backing, where a conversion frees memory):\n",
+    );
     out.push_str(&compare::render(&job.compare));
     out
 }

@@ -186,7 +186,8 @@ pub fn run(args: &MapArgs) -> anyhow::Result<MapSummary> {
     }
     let region = setup::region(RegionChoice::Auto, args.size)?;
     fallbacks.extend(region.fallbacks.iter().cloned());
-    let ledger = Ledger::new(backend.backend.clone()).context("reading the backend's capabilities")?;
+    let ledger =
+        Ledger::new(backend.backend.clone()).context("reading the backend's capabilities")?;
     let host = region
         .backing
         .host_addr(REGION_BASE)
@@ -208,7 +209,11 @@ pub fn run(args: &MapArgs) -> anyhow::Result<MapSummary> {
     let mut verify = Vec::new();
     let mem = region.backing.mapping();
     let len_for_test = |t: &Tester| t.chunk().min((args.size / 2) as usize);
-    let tester = if args.verify { Some(tester(&backend)?) } else { None };
+    let tester = if args.verify {
+        Some(tester(&backend)?)
+    } else {
+        None
+    };
     if let Some(t) = &tester {
         let n = len_for_test(t);
         let p = pattern(n, 0x5a);
@@ -225,12 +230,20 @@ pub fn run(args: &MapArgs) -> anyhow::Result<MapSummary> {
                 "device reads and writes mapped memory",
                 back == p,
                 if back == p {
-                    format!("{n} bytes DMA'd from iova {:#x} to {:#x} arrived intact", args.iova, args.iova + n as u64)
+                    format!(
+                        "{n} bytes DMA'd from iova {:#x} to {:#x} arrived intact",
+                        args.iova,
+                        args.iova + n as u64
+                    )
                 } else {
                     format!("{n} bytes DMA'd, but the target differs from the pattern")
                 },
             ),
-            Err(e) => step("device reads and writes mapped memory", false, format!("{e:#}")),
+            Err(e) => step(
+                "device reads and writes mapped memory",
+                false,
+                format!("{e:#}"),
+            ),
         });
     }
     let report = ledger.unmap_all().context("unmapping the region")?;
@@ -249,8 +262,12 @@ pub fn run(args: &MapArgs) -> anyhow::Result<MapSummary> {
                 untouched,
                 match (&moved, untouched) {
                     (Err(e), true) => format!("the DMA was refused: {e:#}"),
-                    (Ok(()), true) => "the DMA did not reach memory (the IOMMU dropped it)".to_string(),
-                    (_, false) => "memory changed after the unmap: the device still reaches it".to_string(),
+                    (Ok(()), true) => {
+                        "the DMA did not reach memory (the IOMMU dropped it)".to_string()
+                    }
+                    (_, false) => {
+                        "memory changed after the unmap: the device still reaches it".to_string()
+                    }
                 },
             ));
         } else {

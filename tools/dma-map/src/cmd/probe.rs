@@ -222,7 +222,11 @@ fn kvm_findings(kvm: &KvmProbe, out: &mut Vec<Finding>) {
         ));
     }
     if base.user_memory2 {
-        out.push(yes("KVM", "memslots with guest_memfd", "KVM_SET_USER_MEMORY_REGION2"));
+        out.push(yes(
+            "KVM",
+            "memslots with guest_memfd",
+            "KVM_SET_USER_MEMORY_REGION2",
+        ));
     } else {
         out.push(no(
             "KVM",
@@ -244,7 +248,11 @@ fn kvm_findings(kvm: &KvmProbe, out: &mut Vec<Finding>) {
         Some(t) => out.push(yes(
             "KVM",
             "private memory attributes",
-            format!("PRIVATE on VM type {t} ({}); {}", vm_type_name(t), attrs.join(", ")),
+            format!(
+                "PRIVATE on VM type {t} ({}); {}",
+                vm_type_name(t),
+                attrs.join(", ")
+            ),
         )),
         None => out.push(no(
             "KVM",
@@ -470,7 +478,10 @@ pub fn probe() -> Probe {
             (VfioMode::Iommufd, "iommufd"),
             (VfioMode::NoIommu, "noiommu"),
         ] {
-            if let Some(d) = devices.iter().find(|d| paths.check(&d.info.address, mode).is_ok()) {
+            if let Some(d) = devices
+                .iter()
+                .find(|d| paths.check(&d.info.address, mode).is_ok())
+            {
                 backends.push(format!("{name} (--device {})", d.info.address));
             }
         }
@@ -510,7 +521,14 @@ pub fn render(p: &Probe) -> String {
     match &p.pci {
         Ok(devices) if devices.is_empty() => out.push_str("  none\n"),
         Ok(devices) => {
-            let mut t = Table::new(["address", "id", "class", "driver", "group", "usable through"]);
+            let mut t = Table::new([
+                "address",
+                "id",
+                "class",
+                "driver",
+                "group",
+                "usable through",
+            ]);
             for d in devices {
                 let i = &d.info;
                 t.row([

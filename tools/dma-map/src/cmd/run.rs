@@ -37,12 +37,8 @@ pub fn load_workload(args: &WorkloadArgs, region_size: u64) -> anyhow::Result<Wo
                     format!("cannot read the trace file {}: {e}", path.display()),
                 )
             })?;
-            trace::parse(&text, region_size, &path.display().to_string()).map_err(|e| {
-                error(
-                    Class::Usage,
-                    format!("trace file {}: {e}", path.display()),
-                )
-            })?
+            trace::parse(&text, region_size, &path.display().to_string())
+                .map_err(|e| error(Class::Usage, format!("trace file {}: {e}", path.display())))?
         }
         None => match args.workload {
             WorkloadChoice::FirmwareBounce => {
@@ -143,7 +139,10 @@ pub fn run_workload(
     let region = setup::region(setup_args.region, w.region_size)?;
     let mut fallbacks = region.fallbacks.clone();
     if backend.emulated.is_some() {
-        fallbacks.push("no device: the emulated IOMMU stands in (pass --device and --backend for VFIO)".to_string());
+        fallbacks.push(
+            "no device: the emulated IOMMU stands in (pass --device and --backend for VFIO)"
+                .to_string(),
+        );
     }
     let recording = Arc::new(RecordingAttributes::new());
     let table: Arc<dyn MemoryAttributes> = match &region.kvm {
@@ -265,11 +264,7 @@ pub fn run_workload(
         checks.push(check(
             "final state equals the workload replayed",
             got == expected,
-            format!(
-                "{} shared extents, {} expected",
-                got.len(),
-                expected.len()
-            ),
+            format!("{} shared extents, {} expected", got.len(), expected.len()),
         ));
     }
     let over_private = mappings
@@ -282,7 +277,10 @@ pub fn run_workload(
     checks.push(check(
         "isolation: no device mapping over a private page",
         over_private == 0,
-        format!("{} mappings, {over_private} over private pages", mappings.len()),
+        format!(
+            "{} mappings, {over_private} over private pages",
+            mappings.len()
+        ),
     ));
     let shared_bytes: u64 = shared_runs.iter().map(GpaRange::len).sum();
     let mapped_bytes: u64 = mappings.iter().map(|m| m.len).sum();
@@ -311,7 +309,11 @@ pub fn run_workload(
         checks.push(check(
             "ledger equals the emulated IOMMU page table",
             table == ledger,
-            format!("{} ledger entries, {} page-table entries", ledger.len(), table.len()),
+            format!(
+                "{} ledger entries, {} page-table entries",
+                ledger.len(),
+                table.len()
+            ),
         ));
     }
     if attributes_are_recorded(&region.kvm) {
@@ -329,7 +331,11 @@ pub fn run_workload(
         checks.push(check(
             "attribute table equals the state manager",
             private == expected,
-            format!("{} private extents recorded, {} in the manager", private.len(), expected.len()),
+            format!(
+                "{} private extents recorded, {} in the manager",
+                private.len(),
+                expected.len()
+            ),
         ));
     }
     let stale = engine_region.stale_mappings();
@@ -339,10 +345,14 @@ pub fn run_workload(
         format!("{} devices with stale mappings", stale.len()),
     ));
     let (bound_ok, bound) = match policy {
-        DiscardPolicy::Eager => (peak_held == 0, "nothing held after a conversion".to_string()),
-        DiscardPolicy::Lazy { budget_bytes } => {
-            (peak_held <= budget_bytes, format!("at most {}", Bytes(budget_bytes)))
-        }
+        DiscardPolicy::Eager => (
+            peak_held == 0,
+            "nothing held after a conversion".to_string(),
+        ),
+        DiscardPolicy::Lazy { budget_bytes } => (
+            peak_held <= budget_bytes,
+            format!("at most {}", Bytes(budget_bytes)),
+        ),
         DiscardPolicy::Batched { max_bytes, .. } => {
             (peak_held < max_bytes, format!("below {}", Bytes(max_bytes)))
         }
@@ -381,7 +391,12 @@ pub fn run_workload(
         "teardown unmaps every mapping",
         teardown.is_ok() && left == 0,
         match &teardown {
-            Ok(r) => format!("{} mappings in {} unmap calls, {} left", r.mappings, r.calls, Bytes(left)),
+            Ok(r) => format!(
+                "{} mappings in {} unmap calls, {} left",
+                r.mappings,
+                r.calls,
+                Bytes(left)
+            ),
             Err(e) => format!("{:#}", anyhow::anyhow!("{e}")),
         },
     ));
@@ -413,5 +428,6 @@ pub fn run_workload(
 }
 
 fn attributes_are_recorded(kvm: &Option<setup::Kvm0>) -> bool {
-    !kvm.as_ref().is_some_and(|k| k.support.has_private_attribute())
+    !kvm.as_ref()
+        .is_some_and(|k| k.support.has_private_attribute())
 }
