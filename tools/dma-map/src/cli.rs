@@ -139,6 +139,10 @@ pub struct SetupArgs {
     /// Holes the batched policy collects before punching.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
     pub batch: u64,
+    /// Emulated IOMMU only: refuse more than N live mappings, as VFIO type1 does
+    /// (dma_entry_limit, 65535 by default = 256 MiB of shared memory at 4 KiB).
+    #[arg(long, value_name = "N")]
+    pub mapping_budget: Option<u64>,
 }
 
 /// Which workload to run.

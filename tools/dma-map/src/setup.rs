@@ -218,21 +218,41 @@ fn open_error(address: PciAddress, backend: BackendChoice, e: OpenError) -> anyh
     }
 }
 
-/// The emulated IOMMU, in the shape of a kernel backend.
-pub fn emulated() -> Backend {
+/// The emulated IOMMU, in the shape of a kernel backend; `budget` limits its live mappings as
+/// type1's `dma_entry_limit` does.
+pub fn emulated(budget: Option<u64>) -> Backend {
     // No call log: a long run would keep every call in memory; the counters do the counting.
-    let emu = Arc::new(EmulatedIommu::builder().record_calls(false).build());
+    let emu = Arc::new(
+        EmulatedIommu::builder()
+            .record_calls(false)
+            .mapping_budget(budget)
+            .build(),
+    );
     Backend {
         backend: emu.clone(),
         emulated: Some(emu),
         device: None,
-        name: "emulated IOMMU".to_string(),
+        name: match budget {
+            Some(n) => format!("emulated IOMMU ({n}-mapping budget)"),
+            None => "emulated IOMMU".to_string(),
+        },
     }
 }
 
 /// Opens `choice` for `device`. Without a device only the emulated IOMMU exists: a kernel
-/// backend without `--device` is a usage error.
-pub fn backend(choice: BackendChoice, device: Option<&str>) -> anyhow::Result<Backend> {
+/// backend without `--device` is a usage error, and so is `budget` with a kernel backend (the
+/// kernel has its own).
+pub fn backend(
+    choice: BackendChoice,
+    device: Option<&str>,
+    budget: Option<u64>,
+) -> anyhow::Result<Backend> {
+    if budget.is_some() && choice != BackendChoice::Emulated {
+        return Err(error(
+            Class::Usage,
+            "--mapping-budget applies to the emulated IOMMU only; a kernel backend reports its own",
+        ));
+    }
     let address = device.map(parse_device).transpose()?;
     let Some(address) = address else {
         if choice != BackendChoice::Emulated {
@@ -244,7 +264,7 @@ pub fn backend(choice: BackendChoice, device: Option<&str>) -> anyhow::Result<Ba
                 ),
             ));
         }
-        return Ok(emulated());
+        return Ok(emulated(budget));
     };
     let opened = match choice {
         BackendChoice::Emulated => {

@@ -445,3 +445,48 @@ fn kernel_dma_map_verifies_edu_through_iommufd() {
         "{m}"
     );
 }
+
+#[test]
+fn a_type1_sized_mapping_budget_stops_a_large_boot_and_leaves_state_consistent() {
+    // 6 % of 8 GiB is a 491 MiB pool: more than 65535 mappings of 4 KiB (256 MiB).
+    let o = dma_map(&[
+        "--json",
+        "run",
+        "--workload",
+        "linux-boot",
+        "--region-size",
+        "8G",
+        "--mapping-budget",
+        "65535",
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("mapping budget"), "{}", stderr(&o));
+    let r: Value = serde_json::from_slice(&o.stdout).expect("the summary is still printed");
+    let done = u(&r, "conversions_done");
+    assert!(done > 0 && done < u(&r, "requests"), "{done}");
+    assert!(u(&r, "peak_mappings") <= 65535);
+    // The refused conversion changed nothing: every check on the state still passes.
+    let checks = r["checks"].as_array().unwrap();
+    assert!(checks.iter().all(|c| c["passed"] == true), "{checks:?}");
+    assert!(
+        r["failure"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("request {}", done + 1))
+    );
+}
+
+#[test]
+fn a_mapping_budget_with_a_kernel_backend_is_a_usage_error() {
+    let o = dma_map(&[
+        "run",
+        "--backend",
+        "type1",
+        "--device",
+        "0000:99:00.0",
+        "--mapping-budget",
+        "5",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("emulated IOMMU only"), "{}", stderr(&o));
+}

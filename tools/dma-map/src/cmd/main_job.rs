@@ -38,6 +38,7 @@ fn setup(region: RegionChoice) -> SetupArgs {
         granule: 4096,
         lazy_budget: 16 << 20,
         batch: 64,
+        mapping_budget: None,
     }
 }
 

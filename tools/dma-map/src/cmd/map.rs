@@ -171,8 +171,8 @@ pub fn run(args: &MapArgs) -> anyhow::Result<MapSummary> {
         ));
     }
     let backend = match &args.device {
-        Some(device) => setup::backend(args.backend, Some(device))?,
-        None => setup::emulated(),
+        Some(device) => setup::backend(args.backend, Some(device), None)?,
+        None => setup::emulated(None),
     };
     let mut fallbacks = Vec::new();
     if args.device.is_none() {

@@ -135,7 +135,11 @@ pub fn run_workload(
             ),
         ));
     }
-    let backend = setup::backend(backend_choice, setup_args.device.as_deref())?;
+    let backend = setup::backend(
+        backend_choice,
+        setup_args.device.as_deref(),
+        setup_args.mapping_budget,
+    )?;
     let region = setup::region(setup_args.region, w.region_size)?;
     let mut fallbacks = region.fallbacks.clone();
     if backend.emulated.is_some() {
