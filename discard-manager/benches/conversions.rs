@@ -12,6 +12,10 @@
 //! * `bounce/*`: the firmware bounce pattern, 1-2 granules converted shared and, 64 buffers
 //!   later, private again, at random places; 1 GiB and 1 TiB regions (and 1 TiB already
 //!   holding 10,000 shared runs elsewhere); one listener. Throughput = conversions/s.
+//! * `mixed-2MiB/*`: 2 MiB blocks (boot-time or driver-sized conversions) that already hold
+//!   4 shared granules are converted shared as a whole, then private, then the 4 granules
+//!   shared again. The bitmap notifies the mixed conversion page by page (508 calls), the
+//!   extents once per changed run (5 calls). Throughput = blocks/s.
 //! * `replay/*`: registering a listener on a 1 TiB region holding 10,000 shared runs.
 //! * memory per run (printed): live heap bytes of the manager, measured with the counting
 //!   global allocator below (bytes allocated minus bytes freed while the manager is created
@@ -364,6 +368,72 @@ fn bench_bounce(c: &mut Criterion) {
     group.finish();
 }
 
+/// The `mixed-2MiB` trace over a 1 GiB region: per 2 MiB block, the whole block to shared
+/// (mixed: 4 granules already are), the whole block to private, the 4 granules to shared.
+fn mixed_trace() -> (Vec<GpaRange>, Vec<(GpaRange, Attribute)>) {
+    const BLOCK: u64 = 2 << 20;
+    let mut rng = XorShift(0xb10c);
+    let mut seeds = Vec::new();
+    let mut trace = Vec::new();
+    for block in 0..GIB / BLOCK {
+        let start = BASE + block * BLOCK;
+        let granules: Vec<GpaRange> = (0..4)
+            .map(|i| {
+                let g = i * (BLOCK / G / 4) + rng.next() % (BLOCK / G / 4);
+                GpaRange::new(start + g * G, G).unwrap()
+            })
+            .collect();
+        let whole = GpaRange::new(start, BLOCK).unwrap();
+        trace.push((whole, Attribute::Shared));
+        trace.push((whole, Attribute::Private));
+        trace.extend(granules.iter().map(|&g| (g, Attribute::Shared)));
+        seeds.extend(granules);
+    }
+    (seeds, trace)
+}
+
+fn bench_mixed(c: &mut Criterion) {
+    let (seeds, trace) = mixed_trace();
+    let region = GpaRange::new(BASE, GIB).unwrap();
+    let mgr = extents(GIB);
+    let bitmap = Bitmap::new(GIB);
+    for &g in &seeds {
+        mgr.convert(g, Attribute::Shared).unwrap();
+        bitmap.convert(g, Attribute::Shared).unwrap();
+    }
+    let (a, b) = (Arc::new(Counter::default()), Arc::new(Counter::default()));
+    mgr.register(View::Shared, region, a.clone()).unwrap();
+    bitmap.register_word_scan(region, b.clone());
+    let (a0, b0) = (a.calls.load(Ordering::Relaxed), b.calls.load(Ordering::Relaxed));
+    for &(r, to) in &trace {
+        mgr.convert(r, to).unwrap();
+        bitmap.convert(r, to).unwrap();
+    }
+    let blocks = (trace.len() / 6) as u64;
+    println!(
+        "mixed-2MiB: listener calls per block: extents {}, bitmap {}",
+        (a.calls.load(Ordering::Relaxed) - a0) / blocks,
+        (b.calls.load(Ordering::Relaxed) - b0) / blocks
+    );
+    let mut group = c.benchmark_group("mixed-2MiB");
+    group.throughput(Throughput::Elements(blocks));
+    group.bench_function("extents", |bch| {
+        bch.iter(|| {
+            for &(r, to) in &trace {
+                black_box(mgr.convert(r, to).unwrap());
+            }
+        })
+    });
+    group.bench_function("bitmap", |bch| {
+        bch.iter(|| {
+            for &(r, to) in &trace {
+                bitmap.convert(r, to).unwrap();
+            }
+        })
+    });
+    group.finish();
+}
+
 fn bench_replay(c: &mut Criterion) {
     let granules = TIB / G;
     let runs = scattered_runs(0, granules, 10_000, 42);
@@ -463,6 +533,6 @@ criterion_group! {
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(2))
         .sample_size(10);
-    targets = report_memory, bench_bounce, bench_replay
+    targets = report_memory, bench_bounce, bench_mixed, bench_replay
 }
 criterion_main!(benches);
