@@ -555,3 +555,140 @@ pub fn render(p: &Probe) -> String {
     ));
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use iommu::{MemlockLimit, VfioContainerReport};
+
+    fn kvm(flags: u64, attributes: u64) -> KvmProbe {
+        KvmProbe {
+            unavailable: None,
+            vm_types: vec![VmTypeSupport {
+                vm_type: 0,
+                name: "default",
+                support: Ok(KvmSupport {
+                    vm_types: 1,
+                    guest_memfd: true,
+                    guest_memfd_flags: flags,
+                    user_memory2: true,
+                    memory_attributes: attributes,
+                }),
+            }],
+        }
+    }
+
+    fn host(vfio: bool, iommufd: bool, noiommu: Option<bool>) -> HostReport {
+        HostReport {
+            vfio: VfioContainerReport {
+                node: if vfio {
+                    NodeState::Present
+                } else {
+                    NodeState::Absent
+                },
+                api_version: vfio.then_some(0),
+                type1: vfio,
+                type1v2: vfio,
+                unmap_all: vfio,
+                noiommu: false,
+            },
+            iommufd: if iommufd {
+                NodeState::Present
+            } else {
+                NodeState::Absent
+            },
+            noiommu_mode: noiommu,
+            type1_dma_entry_limit: vfio.then_some(65535),
+            memlock: Some(MemlockLimit {
+                soft: Some(8 << 20),
+                hard: None,
+            }),
+        }
+    }
+
+    fn status(findings: &[Finding], item: &str) -> &'static str {
+        findings
+            .iter()
+            .find(|f| f.item == item)
+            .unwrap_or_else(|| panic!("no finding {item}"))
+            .status
+    }
+
+    #[test]
+    fn a_6_18_host_without_private_memory_is_described_as_such() {
+        let mut f = Vec::new();
+        kvm_findings(&kvm(3, 0), &mut f);
+        assert_eq!(status(&f, "guest_memfd"), "yes");
+        assert_eq!(status(&f, "guest_memfd flags"), "yes");
+        assert_eq!(status(&f, "private memory attributes"), "no");
+        let attrs = f
+            .iter()
+            .find(|f| f.item == "private memory attributes")
+            .unwrap();
+        assert!(
+            attrs
+                .fix
+                .as_deref()
+                .unwrap()
+                .contains("KVM_SW_PROTECTED_VM")
+        );
+    }
+
+    #[test]
+    fn missing_mmap_flags_block_only_the_in_place_model() {
+        let mut f = Vec::new();
+        kvm_findings(&kvm(0, 8), &mut f);
+        let flags = f.iter().find(|f| f.item == "guest_memfd flags").unwrap();
+        assert_eq!(flags.status, "no");
+        assert!(flags.blocks.as_deref().unwrap().contains("in-place"));
+        assert!(flags.fix.as_deref().unwrap().contains("6.18"));
+        assert_eq!(status(&f, "private memory attributes"), "yes");
+    }
+
+    #[test]
+    fn no_kvm_says_how_to_get_it_and_nothing_else() {
+        let mut f = Vec::new();
+        let none = KvmProbe {
+            unavailable: Some("/dev/kvm cannot be opened".into()),
+            vm_types: vec![],
+        };
+        kvm_findings(&none, &mut f);
+        assert_eq!(f.len(), 1);
+        assert!(f[0].fix.as_deref().unwrap().contains("modprobe"));
+    }
+
+    #[test]
+    fn vfio_and_iommufd_present_are_yes_and_absent_are_no_with_a_fix() {
+        let mut f = Vec::new();
+        vfio_findings(&host(true, true, Some(true)), &mut f);
+        for item in [
+            "/dev/vfio/vfio",
+            "IOMMU types",
+            "no-IOMMU mode",
+            "/dev/iommu",
+        ] {
+            assert_eq!(status(&f, item), "yes", "{item}");
+        }
+        let budget = f.iter().find(|f| f.item == "type1 mapping budget").unwrap();
+        assert!(budget.value.contains("65535") && budget.value.contains("256.0 MiB"));
+        let memlock = f.iter().find(|f| f.item == "RLIMIT_MEMLOCK").unwrap();
+        assert!(
+            memlock.value.contains("soft 8 MiB, hard unlimited"),
+            "{}",
+            memlock.value
+        );
+
+        let mut f = Vec::new();
+        vfio_findings(&host(false, false, None), &mut f);
+        for item in ["/dev/vfio/vfio", "no-IOMMU mode", "/dev/iommu", "MAP_FILE"] {
+            assert_eq!(status(&f, item), "no", "{item}");
+        }
+        for missing in f.iter().filter(|f| f.status == "no") {
+            assert!(
+                missing.blocks.is_some() && missing.fix.is_some(),
+                "{}",
+                missing.item
+            );
+        }
+    }
+}
