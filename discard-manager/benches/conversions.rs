@@ -404,7 +404,10 @@ fn bench_mixed(c: &mut Criterion) {
     let (a, b) = (Arc::new(Counter::default()), Arc::new(Counter::default()));
     mgr.register(View::Shared, region, a.clone()).unwrap();
     bitmap.register_word_scan(region, b.clone());
-    let (a0, b0) = (a.calls.load(Ordering::Relaxed), b.calls.load(Ordering::Relaxed));
+    let (a0, b0) = (
+        a.calls.load(Ordering::Relaxed),
+        b.calls.load(Ordering::Relaxed),
+    );
     for &(r, to) in &trace {
         mgr.convert(r, to).unwrap();
         bitmap.convert(r, to).unwrap();

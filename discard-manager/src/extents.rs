@@ -10,7 +10,9 @@
 //! Why not `BTreeMap`: a conversion touches two or three neighbouring keys. Here it costs one
 //! binary search over `firsts` (contiguous, in cache), one inside a chunk, and one in-chunk
 //! shift of at most 512 bytes; a B-tree with B = 6 walks several nodes per lookup and does
-//! several lookups. Memory is 8 bytes per run plus chunk slack, exactly accountable.
+//! several lookups. Memory is 8 bytes per run plus chunk slack, exactly accountable. The
+//! first version used `BTreeMap<u64, State>`; on the bounce benchmark this layout is about
+//! twice as fast and takes 17.7 instead of 23.6 heap bytes per run.
 //! Granule indices fit in 62 bits (a region has at most 2^64 / 4 KiB = 2^52 granules).
 
 use crate::range::{Attribute, View};

@@ -149,6 +149,12 @@ fn take(log: &Log) -> Vec<Event> {
 
 use Event::{Apply, Discard, Populate, Undo};
 
+/// vCPU threads share one manager: it must be `Send + Sync` (checked at compile time).
+const _: fn() = || {
+    fn shareable<T: Send + Sync>() {}
+    shareable::<DiscardManager>();
+};
+
 #[test]
 fn conversion_of_a_mixed_range_notifies_one_call_per_changed_run() {
     let mgr = manager(64, Attribute::Private, true);
