@@ -202,9 +202,10 @@ impl DiscardManager {
             }
             let run = self.geometry.range_of(s, e);
             if let Err(source) = listener.populate(view, run) {
-                for (s, e, state) in inner.extents.runs(granules.0, s) {
-                    if state.view() == Some(view) {
-                        listener.discard(view, self.geometry.range_of(s, e));
+                // Undo the replay: exactly the runs before the refused one.
+                for (done_start, done_end, done) in inner.extents.runs(granules.0, s) {
+                    if done.view() == Some(view) {
+                        listener.discard(view, self.geometry.range_of(done_start, done_end));
                     }
                 }
                 return Err(Error::ReplayRefused {
