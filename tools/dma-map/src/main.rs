@@ -11,6 +11,8 @@
     missing_docs
 )]
 
+mod bench;
+mod checks;
 mod cli;
 mod cmd;
 mod exit;
