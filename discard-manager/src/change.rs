@@ -81,6 +81,27 @@ impl Change {
         }
     }
 
+    /// The change of one run `range` moving from view `old` to view `new` (`None` =
+    /// unplugged): the fast path's change.
+    pub(crate) fn single(
+        kind: ChangeKind,
+        range: GpaRange,
+        old: Option<View>,
+        new: Option<View>,
+    ) -> Self {
+        let moved = old != new;
+        let in_view =
+            |view: Option<View>| view.filter(|_| moved).map(|view| ViewRange { view, range });
+        Self {
+            kind,
+            lists: Lists::Inline {
+                run: Some(range),
+                discarded: in_view(old),
+                populated: in_view(new),
+            },
+        }
+    }
+
     /// The kind of transaction (and for a conversion, the target attribute).
     pub fn kind(&self) -> ChangeKind {
         self.kind

@@ -73,6 +73,17 @@ pub(crate) struct Piece {
     pub(crate) new: State,
 }
 
+/// A range's enclosing run, from [`Extents::within_one_run`]: valid until the extents change.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Within {
+    pos: Pos,
+    start: u64,
+    end: u64,
+    next: Option<Pos>,
+    /// State of the run.
+    pub(crate) state: State,
+}
+
 /// Position of an entry: chunk and index in it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct Pos {
@@ -205,6 +216,60 @@ impl Extents {
             cur: Some((a, state_of(self.entry(pos)))),
             end: b,
         }
+    }
+
+    /// The run containing `[a, b)` if the range lies inside one run (the common case of a
+    /// one- or two-granule conversion): the fast path that avoids building a [`Plan`].
+    pub(crate) fn within_one_run(&self, a: u64, b: u64) -> Option<Within> {
+        let pos = self.locate(a);
+        let entry = self.entry(pos);
+        let next = self.next_pos(pos);
+        let end = next.map_or(self.granules, |p| key_of(self.entry(p)));
+        (b <= end).then_some(Within {
+            pos,
+            start: key_of(entry),
+            end,
+            next,
+            state: state_of(entry),
+        })
+    }
+
+    /// Sets `[a, b)`, which lies inside run `w` (from [`Extents::within_one_run`] on the
+    /// unchanged extents), to `new != w.state`; keeps runs maximal like [`Extents::commit`].
+    pub(crate) fn set_within(&mut self, w: Within, a: u64, b: u64, new: State) {
+        let len = b - a;
+        self.totals[w.state.index()] -= len;
+        self.totals[new.index()] += len;
+        let left = if w.start < a {
+            Some(w.state)
+        } else {
+            self.prev_pos(w.pos).map(|p| state_of(self.entry(p)))
+        };
+        let right = if b < w.end {
+            Some(w.state)
+        } else {
+            w.next.map(|p| state_of(self.entry(p)))
+        };
+        let mut replacement = [0u64; 2];
+        let mut n = 0;
+        if left != Some(new) {
+            replacement[n] = pack(a, new);
+            n += 1;
+        }
+        if let Some(r) = right.filter(|&r| r != new) {
+            replacement[n] = pack(b, r);
+            n += 1;
+        }
+        let existing = usize::from(w.start == a) + usize::from(b == w.end && w.next.is_some());
+        let at = if w.start == a {
+            w.pos
+        } else {
+            Pos {
+                chunk: w.pos.chunk,
+                index: w.pos.index + 1,
+            }
+        };
+        self.splice(at, existing, &replacement[..n]);
     }
 
     /// Computes the update that sets every granule `g` in `[a, b)` to `f(state(g))`.
@@ -469,7 +534,23 @@ mod tests {
         attribute: Attribute::Private,
     };
 
+    /// Sets `[a, b)` through the fast path when it applies (as the manager does), else
+    /// through a plan.
     fn set(e: &mut Extents, a: u64, b: u64, to: State) {
+        match e.within_one_run(a, b) {
+            Some(w) if w.state == to => {}
+            Some(w) => e.set_within(w, a, b, to),
+            None => {
+                let mut plan = Plan::default();
+                e.plan(a, b, |_| to, &mut plan);
+                e.commit(&plan);
+            }
+        }
+        e.check_invariants();
+    }
+
+    /// Sets `[a, b)` through a plan, whatever the shape.
+    fn set_planned(e: &mut Extents, a: u64, b: u64, to: State) {
         let mut plan = Plan::default();
         e.plan(a, b, |_| to, &mut plan);
         e.commit(&plan);
@@ -553,7 +634,11 @@ mod tests {
             let a = x % granules;
             let b = a + 1 + (x >> 8) % (granules - a).min(max_len);
             let to = states[(x >> 20) as usize % 4];
-            set(&mut e, a, b, to);
+            if x & (1 << 40) == 0 {
+                set(&mut e, a, b, to);
+            } else {
+                set_planned(&mut e, a, b, to);
+            }
             model[a as usize..b as usize].fill(to);
             max_runs = max_runs.max(e.len());
             let flat: Vec<State> = e

@@ -367,8 +367,21 @@ impl DiscardManager {
                 ..s
             },
         };
-        inner.extents.plan(a, b, update, &mut inner.plan);
-        let change = self.describe(&inner.plan, kind);
+        // Fast path: the range lies inside one run (one- or two-granule conversions).
+        let within = inner.extents.within_one_run(a, b);
+        let change = match within {
+            Some(w) => {
+                let new = update(w.state);
+                if new == w.state {
+                    return Ok(Change::new(kind));
+                }
+                Change::single(kind, range, w.state.view(), new.view())
+            }
+            None => {
+                inner.extents.plan(a, b, update, &mut inner.plan);
+                self.describe(&inner.plan, kind)
+            }
+        };
         if change.is_empty() {
             return Ok(change);
         }
@@ -433,7 +446,10 @@ impl DiscardManager {
             }
         }
 
-        inner.extents.commit(&inner.plan);
+        match within {
+            Some(w) => inner.extents.set_within(w, a, b, update(w.state)),
+            None => inner.extents.commit(&inner.plan),
+        }
         Ok(change)
     }
 
