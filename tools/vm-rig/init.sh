@@ -10,7 +10,8 @@
 #   @@RIG END <id> <exit status> <centiseconds>
 #   @@RIG DONE                             every plan item ran; the guest powers off next
 export PATH=/bin
-mount -t proc proc /proc
+/bin/busybox mount -t proc proc /proc
+/bin/busybox --install -s /bin # resolves its own path through /proc/self/exe
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
 mount -t tmpfs tmpfs /tmp

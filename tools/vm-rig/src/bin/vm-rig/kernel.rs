@@ -102,6 +102,7 @@ pub fn ensure(rig_dir: &Path) -> Result<PathBuf> {
         return Ok(image);
     }
     fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
+    remove_abandoned(&root);
     let started = Instant::now();
     eprintln!(
         "vm-rig: building the guest kernel from {} ({version}) into {} (takes minutes; later runs reuse it)",
@@ -204,6 +205,37 @@ fn build(tarball: &Path, options: &[String], dir: &Path, log_path: &Path) -> Res
     run("make bzImage", &mut make(&["-j", &jobs, "bzImage"]))
 }
 
+/// Removes what killed builds left behind (`.build-<pid>`, `.kernel-<pid>`, `build-<pid>.log`
+/// of processes that no longer exist).
+fn remove_abandoned(root: &Path) {
+    let Ok(entries) = fs::read_dir(root) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = abandoned_pid(&name) else {
+            continue;
+        };
+        if !Path::new("/proc").join(pid.to_string()).exists() {
+            let path = entry.path();
+            let _ = if path.is_dir() {
+                fs::remove_dir_all(&path)
+            } else {
+                fs::remove_file(&path)
+            };
+        }
+    }
+}
+
+/// The pid in the name of a temporary the build makes, if `name` is one.
+fn abandoned_pid(name: &str) -> Option<u32> {
+    let pid = name
+        .strip_prefix(".build-")
+        .or_else(|| name.strip_prefix(".kernel-"))
+        .or_else(|| name.strip_prefix("build-")?.strip_suffix(".log"))?;
+    pid.parse().ok()
+}
+
 /// The options that are not `=y` in a generated `.config`.
 pub fn options_not_enabled(options: &[String], dot_config: &str) -> Vec<String> {
     options
@@ -287,6 +319,15 @@ mod tests {
             cache_key(&opts(&["AB", "C"]), "v"),
             cache_key(&opts(&["A", "BC"]), "v")
         );
+    }
+
+    #[test]
+    fn only_the_build_temporaries_carry_a_pid() {
+        assert_eq!(abandoned_pid(".build-42"), Some(42));
+        assert_eq!(abandoned_pid(".kernel-7"), Some(7));
+        assert_eq!(abandoned_pid("build-9.log"), Some(9));
+        assert_eq!(abandoned_pid("kernel-995e9ae4eefe8ea5"), None);
+        assert_eq!(abandoned_pid(".build-x"), None);
     }
 
     #[test]
