@@ -23,32 +23,48 @@ const CHUNK: usize = 64;
 /// Emptied chunk buffers kept for reuse.
 const SPARE_CHUNKS: usize = 4;
 
-/// Combined state of one granule: the two sources of truth.
+/// Combined state of one granule: the two sources of truth, packed in two bits
+/// (bit 1 = plugged, bit 0 = private) so that comparing and storing states is one byte.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub(crate) struct State {
-    pub(crate) plugged: bool,
-    pub(crate) attribute: Attribute,
-}
+pub(crate) struct State(u8);
 
 impl State {
+    pub(crate) const fn new(plugged: bool, attribute: Attribute) -> State {
+        let private = matches!(attribute, Attribute::Private);
+        State((plugged as u8) << 1 | private as u8)
+    }
+
+    pub(crate) fn plugged(self) -> bool {
+        self.0 & 2 != 0
+    }
+
+    pub(crate) fn attribute(self) -> Attribute {
+        if self.0 & 1 != 0 {
+            Attribute::Private
+        } else {
+            Attribute::Shared
+        }
+    }
+
+    pub(crate) fn with_plugged(self, plugged: bool) -> State {
+        State::new(plugged, self.attribute())
+    }
+
+    pub(crate) fn with_attribute(self, attribute: Attribute) -> State {
+        State::new(self.plugged(), attribute)
+    }
+
     /// The view this granule belongs to, `None` when unplugged.
     pub(crate) fn view(self) -> Option<View> {
-        self.plugged.then(|| self.attribute.view())
+        self.plugged().then(|| self.attribute().view())
     }
 
     fn index(self) -> usize {
-        usize::from(self.plugged) * 2 + usize::from(self.attribute == Attribute::Private)
+        usize::from(self.0)
     }
 
     fn from_index(i: u64) -> State {
-        State {
-            plugged: i & 2 != 0,
-            attribute: if i & 1 != 0 {
-                Attribute::Private
-            } else {
-                Attribute::Shared
-            },
-        }
+        State((i & 3) as u8)
     }
 }
 
@@ -150,7 +166,7 @@ impl Extents {
 
     /// Granules currently in `state`.
     pub(crate) fn total(&self, plugged: bool, attribute: Attribute) -> u64 {
-        self.totals[State { plugged, attribute }.index()]
+        self.totals[State::new(plugged, attribute).index()]
     }
 
     /// Position of the last entry with key `<= g` (the run containing `g`).
@@ -399,7 +415,9 @@ impl Extents {
                 continue;
             }
             self.firsts[next] = key_of(chunk[0]);
-            self.rebalance(next);
+            if chunk.len() < CHUNK / 4 {
+                self.rebalance(next);
+            }
             break;
         }
         if self.chunks[c].is_empty() {
@@ -407,16 +425,15 @@ impl Extents {
             self.remove_chunk(c);
         } else {
             self.firsts[c] = key_of(self.chunks[c][0]);
-            self.rebalance(c);
+            if self.chunks[c].len() < CHUNK / 4 {
+                self.rebalance(c);
+            }
         }
     }
 
     /// Merges chunk `c` into a neighbour when it is below a quarter full and the merged
     /// chunk stays at most three quarters full, so chunks stay dense without thrashing.
     fn rebalance(&mut self, c: usize) {
-        if c >= self.chunks.len() || self.chunks[c].len() >= CHUNK / 4 {
-            return;
-        }
         let limit = CHUNK * 3 / 4;
         if c + 1 < self.chunks.len() && self.chunks[c].len() + self.chunks[c + 1].len() <= limit {
             let (head, tail) = self.chunks.split_at_mut(c + 1);
@@ -492,7 +509,10 @@ fn replace_range(chunk: &mut Vec<u64>, i: usize, end: usize, replacement: &[u64]
         chunk.copy_within(end..old_len, new_end);
         chunk.truncate(old_len - (end - new_end));
     }
-    chunk[i..new_end].copy_from_slice(replacement);
+    // A few entries: a loop, not a call to `memcpy`.
+    for (slot, &entry) in chunk[i..new_end].iter_mut().zip(replacement) {
+        *slot = entry;
+    }
 }
 
 /// Iterator over `(start, end, state)` of clipped maximal runs.
@@ -525,14 +545,8 @@ impl Iterator for RunIter<'_> {
 mod tests {
     use super::*;
 
-    const SHARED: State = State {
-        plugged: true,
-        attribute: Attribute::Shared,
-    };
-    const PRIVATE: State = State {
-        plugged: true,
-        attribute: Attribute::Private,
-    };
+    const SHARED: State = State::new(true, Attribute::Shared);
+    const PRIVATE: State = State::new(true, Attribute::Private);
 
     /// Sets `[a, b)` through the fast path when it applies (as the manager does), else
     /// through a plan.
@@ -614,14 +628,8 @@ mod tests {
         let states = [
             SHARED,
             PRIVATE,
-            State {
-                plugged: false,
-                attribute: Attribute::Shared,
-            },
-            State {
-                plugged: false,
-                attribute: Attribute::Private,
-            },
+            State::new(false, Attribute::Shared),
+            State::new(false, Attribute::Private),
         ];
         let mut e = Extents::new(granules, PRIVATE);
         let mut model = vec![PRIVATE; granules as usize];

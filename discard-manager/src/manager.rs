@@ -137,10 +137,7 @@ impl DiscardManager {
     /// [`ConfigError`] naming what is wrong with `config`.
     pub fn new(config: RegionConfig) -> Result<Self, ConfigError> {
         let geometry = Geometry::new(&config)?;
-        let initial = State {
-            plugged: config.initially_plugged,
-            attribute: config.initial_attribute,
-        };
+        let initial = State::new(config.initially_plugged, config.initial_attribute);
         Ok(Self {
             config,
             geometry,
@@ -360,12 +357,9 @@ impl DiscardManager {
         let mut locked = self.lock()?;
         let inner = &mut *locked.guard;
         let update = move |s: State| match kind {
-            ChangeKind::Convert { to } => State { attribute: to, ..s },
-            ChangeKind::Plug => State { plugged: true, ..s },
-            ChangeKind::Unplug => State {
-                plugged: false,
-                ..s
-            },
+            ChangeKind::Convert { to } => s.with_attribute(to),
+            ChangeKind::Plug => s.with_plugged(true),
+            ChangeKind::Unplug => s.with_plugged(false),
         };
         // Fast path: the range lies inside one run (one- or two-granule conversions).
         let within = inner.extents.within_one_run(a, b);
@@ -527,8 +521,8 @@ impl DiscardManager {
             .runs(a, b)
             .map(|(s, e, state)| Run {
                 range: self.geometry.range_of(s, e),
-                attribute: state.attribute,
-                plugged: state.plugged,
+                attribute: state.attribute(),
+                plugged: state.plugged(),
             })
             .collect())
     }
