@@ -1,5 +1,7 @@
 //! What a transaction changed.
 
+use std::fmt;
+
 use crate::range::{Attribute, GpaRange, View};
 
 /// The kind of transaction.
@@ -36,23 +38,16 @@ pub struct ViewRange {
 /// * [`Change::populated`]: the maximal view runs that join a view, in address order.
 ///
 /// Listeners receive `discarded` and `populated`, clipped to their own ranges.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone)]
 pub struct Change {
     kind: ChangeKind,
-    lists: Lists,
-}
-
-/// The three lists. The common transaction (one run, at most one discard and one populate)
-/// keeps them inline so that `Change` is small to return and needs no heap allocation;
-/// anything larger moves to one boxed set of vectors.
-#[derive(Clone, Debug, PartialEq, Eq)]
-enum Lists {
-    Inline {
-        run: Option<GpaRange>,
-        discarded: Option<ViewRange>,
-        populated: Option<ViewRange>,
-    },
-    Heap(Box<HeapLists>),
+    // The common transaction (one run, at most one discard and one populate) keeps its
+    // lists inline, so that `Change` is small to return and needs no heap allocation;
+    // anything larger moves all three lists to `heap`, which then replaces them.
+    run: Option<GpaRange>,
+    discarded: Option<ViewRange>,
+    populated: Option<ViewRange>,
+    heap: Option<Box<HeapLists>>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -73,11 +68,10 @@ impl Change {
     pub(crate) fn new(kind: ChangeKind) -> Self {
         Self {
             kind,
-            lists: Lists::Inline {
-                run: None,
-                discarded: None,
-                populated: None,
-            },
+            run: None,
+            discarded: None,
+            populated: None,
+            heap: None,
         }
     }
 
@@ -94,11 +88,10 @@ impl Change {
             |view: Option<View>| view.filter(|_| moved).map(|view| ViewRange { view, range });
         Self {
             kind,
-            lists: Lists::Inline {
-                run: Some(range),
-                discarded: in_view(old),
-                populated: in_view(new),
-            },
+            run: Some(range),
+            discarded: in_view(old),
+            populated: in_view(new),
+            heap: None,
         }
     }
 
@@ -109,25 +102,25 @@ impl Change {
 
     /// Maximal runs whose source state changes, in address order.
     pub fn runs(&self) -> &[GpaRange] {
-        match &self.lists {
-            Lists::Inline { run, .. } => run.as_slice(),
-            Lists::Heap(h) => &h.runs,
+        match &self.heap {
+            Some(h) => &h.runs,
+            None => self.run.as_slice(),
         }
     }
 
     /// Maximal runs leaving a view, in address order (notified first, as discard).
     pub fn discarded(&self) -> &[ViewRange] {
-        match &self.lists {
-            Lists::Inline { discarded, .. } => discarded.as_slice(),
-            Lists::Heap(h) => &h.discarded,
+        match &self.heap {
+            Some(h) => &h.discarded,
+            None => self.discarded.as_slice(),
         }
     }
 
     /// Maximal runs joining a view, in address order (notified last, as populate).
     pub fn populated(&self) -> &[ViewRange] {
-        match &self.lists {
-            Lists::Inline { populated, .. } => populated.as_slice(),
-            Lists::Heap(h) => &h.populated,
+        match &self.heap {
+            Some(h) => &h.populated,
+            None => self.populated.as_slice(),
         }
     }
 
@@ -141,41 +134,38 @@ impl Change {
         self.runs().iter().map(GpaRange::len).sum()
     }
 
+    /// The heap lists, created from the inline ones on first use.
     fn heap(&mut self) -> &mut HeapLists {
-        if let Lists::Inline {
-            run,
-            discarded,
-            populated,
-        } = self.lists
-        {
-            self.lists = Lists::Heap(Box::new(HeapLists {
+        let (run, discarded, populated) = (self.run, self.discarded, self.populated);
+        self.heap.get_or_insert_with(|| {
+            Box::new(HeapLists {
                 runs: run.into_iter().collect(),
                 discarded: discarded.into_iter().collect(),
                 populated: populated.into_iter().collect(),
-            }));
-        }
-        match &mut self.lists {
-            Lists::Heap(h) => h,
-            Lists::Inline { .. } => unreachable!("converted to the heap form above"),
-        }
+            })
+        })
     }
 
     pub(crate) fn push_run(&mut self, range: GpaRange) {
-        match &mut self.lists {
-            Lists::Inline {
-                run: run @ None, ..
-            } => *run = Some(range),
-            Lists::Inline {
-                run: Some(last), ..
-            } if last.end() == range.start() => {
+        if self.heap.is_none() {
+            match &mut self.run {
+                None => {
+                    self.run = Some(range);
+                    return;
+                }
+                Some(last) if last.end() == range.start() => {
+                    *last = GpaRange::from_bounds(last.start(), range.end());
+                    return;
+                }
+                Some(_) => {}
+            }
+        }
+        let runs = &mut self.heap().runs;
+        match runs.last_mut() {
+            Some(last) if last.end() == range.start() => {
                 *last = GpaRange::from_bounds(last.start(), range.end());
             }
-            Lists::Heap(h) if h.runs.last().is_some_and(|l| l.end() == range.start()) => {
-                if let Some(last) = h.runs.last_mut() {
-                    *last = GpaRange::from_bounds(last.start(), range.end());
-                }
-            }
-            _ => self.heap().runs.push(range),
+            _ => runs.push(range),
         }
     }
 
@@ -188,15 +178,10 @@ impl Change {
     }
 
     fn push_view_run(&mut self, which: Which, item: ViewRange) {
-        if let Lists::Inline {
-            discarded,
-            populated,
-            ..
-        } = &mut self.lists
-        {
+        if self.heap.is_none() {
             let slot = match which {
-                Which::Discarded => discarded,
-                Which::Populated => populated,
+                Which::Discarded => &mut self.discarded,
+                Which::Populated => &mut self.populated,
             };
             match slot {
                 None => {
@@ -219,6 +204,28 @@ impl Change {
             return;
         }
         list.push(item);
+    }
+}
+
+impl PartialEq for Change {
+    fn eq(&self, other: &Self) -> bool {
+        self.kind == other.kind
+            && self.runs() == other.runs()
+            && self.discarded() == other.discarded()
+            && self.populated() == other.populated()
+    }
+}
+
+impl Eq for Change {}
+
+impl fmt::Debug for Change {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Change")
+            .field("kind", &self.kind)
+            .field("runs", &self.runs())
+            .field("discarded", &self.discarded())
+            .field("populated", &self.populated())
+            .finish()
     }
 }
 
