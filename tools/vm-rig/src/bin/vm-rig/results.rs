@@ -246,7 +246,12 @@ fn judge_test(name: &str, done: &Finished) -> Outcome {
                 return Outcome::Failed("exited 0 without a libtest summary".into());
             };
             if passed == 1 {
-                match done.output.lines().find_map(|l| l.strip_prefix("SKIPPED ")) {
+                // With --nocapture, need()'s line lands after libtest's `test <name> ... `.
+                let skipped = done
+                    .output
+                    .lines()
+                    .find_map(|l| Some(&l[l.find("SKIPPED ")? + 8..]));
+                match skipped {
                     Some(rest) => Outcome::Skipped(
                         rest.split_once(": ")
                             .map_or(rest, |(_, why)| why)
@@ -368,11 +373,17 @@ mod tests {
             output: output.into(),
         };
         assert_eq!(judge(&item, &done(PASS)), Outcome::Ok);
-        let skipped =
-            format!("running 1 test\nSKIPPED kernel_a: iommufd: /dev/iommu does not exist\n{PASS}");
+        let skipped = format!(
+            "running 1 test\ntest kernel_a ... SKIPPED kernel_a: iommufd: /dev/iommu does not exist\nok\n{PASS}"
+        );
         assert_eq!(
             judge(&item, &done(&skipped)),
             Outcome::Skipped("iommufd: /dev/iommu does not exist".into())
+        );
+        let alone = format!("running 1 test\nSKIPPED kernel_a: edu: none\n{PASS}");
+        assert_eq!(
+            judge(&item, &done(&alone)),
+            Outcome::Skipped("edu: none".into())
         );
         let ignored = "running 1 test\ntest kernel_a ... ignored\n\ntest result: ok. 0 passed; 0 failed; 1 ignored; 0 measured";
         assert_eq!(judge(&item, &done(ignored)), Outcome::Ignored);
