@@ -65,6 +65,11 @@ const NEEDS: &[Need] = &[
         package: "xz-utils",
     },
     Need {
+        what: "strip",
+        present: || on_path("strip"),
+        package: "binutils",
+    },
+    Need {
         what: "perl",
         present: || on_path("perl"),
         package: "perl",
