@@ -89,3 +89,34 @@ fn kernel_noiommu_physical_addresses_are_reached_by_dma() {
     assert_eq!(backend.unmap(0, total).unwrap(), total);
     assert_eq!(backend.physical_address(0), None);
 }
+
+#[test]
+fn kernel_noiommu_translating_backends_refuse_the_device_and_probe_sees_the_mode() {
+    let name = "kernel_noiommu_translating_backends_refuse_the_device_and_probe_sees_the_mode";
+    if !vm_rig::need(name, &[Feature::Edu, Feature::NoIommu]) {
+        return;
+    }
+    let edu = edu_address();
+    let err = iommu::Type1Backend::open(&edu).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            iommu::OpenError::Device(iommu::DeviceError::WrongMode { .. })
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("no-IOMMU group noiommu-"), "{err}");
+    let err = iommu::IommufdBackend::open(&edu).unwrap_err();
+    assert!(matches!(err, iommu::OpenError::Device(_)), "{err}");
+    eprintln!("IOMMUFD refuses: {err}");
+
+    let report = iommu::HostPaths::default().probe_host();
+    eprintln!("{report:?}");
+    assert_eq!(report.noiommu_mode, Some(true));
+    assert!(
+        report.vfio.noiommu,
+        "VFIO_CHECK_EXTENSION(VFIO_NOIOMMU_IOMMU)"
+    );
+    let info = iommu::HostPaths::default().inspect(&edu).unwrap();
+    assert!(info.noiommu_group);
+}

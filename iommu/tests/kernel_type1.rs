@@ -134,3 +134,45 @@ fn kernel_type1_refuses_what_it_cannot_do_without_calling_the_kernel() {
         caps.mapping_budget
     );
 }
+
+#[test]
+fn kernel_type1_host_probe_and_device_list_describe_this_guest() {
+    if !vm_rig::need(
+        "kernel_type1_host_probe_and_device_list_describe_this_guest",
+        &[Feature::Edu, Feature::VfioType1],
+    ) {
+        return;
+    }
+    let paths = iommu::HostPaths::default();
+    let report = paths.probe_host();
+    eprintln!("{report:?}");
+    assert_eq!(report.vfio.node, iommu::NodeState::Present);
+    assert_eq!(report.vfio.api_version, Some(0));
+    assert!(report.vfio.type1v2 && report.vfio.type1);
+    assert!(
+        !report.vfio.noiommu,
+        "no-IOMMU is not enabled in an IOMMU configuration"
+    );
+    let limit: u64 =
+        std::fs::read_to_string("/sys/module/vfio_iommu_type1/parameters/dma_entry_limit")
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+    assert_eq!(report.type1_dma_entry_limit, Some(limit));
+    let edu = edu_address();
+    let devices = paths.list_pci_devices().unwrap();
+    let found = devices
+        .iter()
+        .find(|d| d.address == edu)
+        .expect("edu is listed");
+    assert_eq!((found.vendor, found.device), (0x1234, 0x11e8));
+    assert_eq!(found.driver.as_deref(), Some("vfio-pci"));
+    assert!(found.iommu_group.is_some() && !found.noiommu_group);
+    // The same device through the no-IOMMU backend is refused with the reason.
+    let err = iommu::NoIommuBackend::open(&edu).unwrap_err();
+    assert!(
+        err.to_string().contains("open it with type1 or IOMMUFD"),
+        "{err}"
+    );
+}
