@@ -148,3 +148,19 @@ fn kernel_iommufd_map_file_of_a_memfd_is_reached_by_dma() {
     assert_eq!(backend.unmap(DST_IOVA, PAGE).unwrap(), PAGE);
     assert_eq!(backend.unmap(SRC_IOVA, PAGE).unwrap(), PAGE);
 }
+
+#[test]
+fn kernel_iommufd_second_device_joins_the_ioas_and_its_mappings() {
+    let name = "kernel_iommufd_second_device_joins_the_ioas_and_its_mappings";
+    if !vm_rig::need(name, &[Feature::Edu, Feature::Iommufd]) {
+        return;
+    }
+    let Some(second) = second_edu() else {
+        eprintln!("SKIPPED {name}: only one edu device (boot QEMU with two -device edu)");
+        return;
+    };
+    let (backend, first) = open();
+    let device = backend.attach(&second).expect("attach the second edu");
+    let other = Edu::new(device).unwrap();
+    both_devices_share_the_mappings(&backend, &first, &other);
+}

@@ -176,3 +176,19 @@ fn kernel_type1_host_probe_and_device_list_describe_this_guest() {
         "{err}"
     );
 }
+
+#[test]
+fn kernel_type1_second_device_joins_the_container_and_its_mappings() {
+    let name = "kernel_type1_second_device_joins_the_container_and_its_mappings";
+    if !vm_rig::need(name, &[Feature::Edu, Feature::VfioType1]) {
+        return;
+    }
+    let Some(second) = second_edu() else {
+        eprintln!("SKIPPED {name}: only one edu device (boot QEMU with two -device edu)");
+        return;
+    };
+    let (backend, first) = open();
+    let device = backend.attach(&second).expect("attach the second edu");
+    let other = Edu::new(device).unwrap();
+    both_devices_share_the_mappings(&backend, &first, &other);
+}

@@ -281,3 +281,59 @@ pub fn dma_does_not_reach_unmapped_memory<R: iommu::DeviceRegions>(
         );
     }
 }
+
+/// Another edu device bound to vfio-pci besides [`edu_address`], if the machine has one (the
+/// rig boots one; a second `-device edu` makes the attach tests run).
+pub fn second_edu() -> Option<PciAddress> {
+    let first = edu_address();
+    iommu::HostPaths::default()
+        .list_pci_devices()
+        .ok()?
+        .into_iter()
+        .find(|d| {
+            (d.vendor, d.device) == vm_rig::EDU_VENDOR_DEVICE
+                && d.driver.as_deref() == Some("vfio-pci")
+                && d.address != first
+        })
+        .map(|d| d.address)
+}
+
+/// Both devices of one address space reach the same mappings: edu `a` reads a buffer mapped
+/// before `b` joined, `b` writes it to another, and the data arrives.
+pub fn both_devices_share_the_mappings<R: iommu::DeviceRegions, S: iommu::DeviceRegions>(
+    backend: &dyn iommu::DmaBackend,
+    a: &iommu::Edu<R>,
+    b: &iommu::Edu<S>,
+) {
+    let src = MemfdBuf::new(PAGE as usize);
+    let dst = MemfdBuf::new(PAGE as usize);
+    let data = pattern(0x77, DMA_LEN);
+    src.write(0, &data);
+    dst.fill(0);
+    // SAFETY: both buffers outlive their mappings (unmapped below).
+    unsafe {
+        backend
+            .map_va(SRC_IOVA, PAGE, src.addr(0), iommu::DmaProt::READ_WRITE)
+            .unwrap();
+        backend
+            .map_va(DST_IOVA, PAGE, dst.addr(0), iommu::DmaProt::READ_WRITE)
+            .unwrap();
+    }
+    b.copy_to_device(SRC_IOVA, DMA_LEN as u32).unwrap();
+    b.copy_from_device(DST_IOVA, DMA_LEN as u32).unwrap();
+    assert_eq!(
+        dst.read(0, DMA_LEN),
+        data,
+        "the second device did not reach the mapping"
+    );
+    dst.fill(0);
+    a.copy_to_device(SRC_IOVA, DMA_LEN as u32).unwrap();
+    a.copy_from_device(DST_IOVA, DMA_LEN as u32).unwrap();
+    assert_eq!(
+        dst.read(0, DMA_LEN),
+        data,
+        "the first device lost the mapping"
+    );
+    assert_eq!(backend.unmap(SRC_IOVA, PAGE).unwrap(), PAGE);
+    assert_eq!(backend.unmap(DST_IOVA, PAGE).unwrap(), PAGE);
+}
