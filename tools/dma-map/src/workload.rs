@@ -363,7 +363,7 @@ mod tests {
     }
 
     #[test]
-    fn swiotlb_pool_follows_the_kernel_clamp() {
+    fn swiotlb_pool_is_six_percent_clamped_to_64m_1g() {
         assert_eq!(swiotlb_pool_size(1 << 30), 64 << 20);
         assert_eq!(
             swiotlb_pool_size(4 << 30),
