@@ -118,9 +118,7 @@ impl RecordingAttributes {
     }
 
     fn lock(&self) -> MutexGuard<'_, Recording> {
-        // A panic while holding the lock cannot leave the table half-updated (every update is
-        // a single RangeSet call), so a poisoned lock is still consistent.
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        crate::lock(&self.inner)
     }
 
     /// The attribute of the byte at `gpa`.

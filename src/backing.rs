@@ -333,8 +333,7 @@ impl RegionBacking {
     }
 
     fn punch_log(&self) -> MutexGuard<'_, PunchLog> {
-        // Counters only: a poisoned lock still holds usable numbers.
-        self.punches.lock().unwrap_or_else(|p| p.into_inner())
+        crate::lock(&self.punches)
     }
 
     /// Frees `range` of the `side` backing (fallocate `PUNCH_HOLE | KEEP_SIZE`). Irreversible:

@@ -65,8 +65,7 @@ pub struct UnmapFailures {
 
 impl UnmapFailures {
     fn lock(&self) -> MutexGuard<'_, Vec<UnmapFailure>> {
-        // A Vec push/drain cannot be left half-done by a panic elsewhere.
-        self.log.lock().unwrap_or_else(|p| p.into_inner())
+        crate::lock(&self.log)
     }
 
     pub(crate) fn record(&self, failure: UnmapFailure) {
@@ -138,8 +137,7 @@ impl DmaListener {
     }
 
     fn stale(&self) -> MutexGuard<'_, RangeSet> {
-        // RangeSet updates are single calls; a poisoned lock still holds a consistent set.
-        self.stale.lock().unwrap_or_else(|p| p.into_inner())
+        crate::lock(&self.stale)
     }
 
     fn iova(&self, gpa: u64) -> u64 {

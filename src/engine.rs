@@ -27,6 +27,13 @@
 //!    un-convert anything: the pages stay held back, are reported in [`HeldBack`], and the free
 //!    is retried at the next flush.
 //!
+//! # Locking
+//! One conversion lock per region (it also guards the held-back frees) serialises
+//! conversions, device attach and detach on that region; regions convert in parallel. Order, outer
+//! to inner: `GuestRam` device list → region conversion lock → state manager → region's
+//! attached-device list → a listener's stale set → a device's ledger. Nothing takes an outer
+//! lock while holding an inner one, and no listener calls back into the manager.
+//!
 //! QEMU's order (attribute, listeners, punch) neither undoes the attribute nor keeps the
 //! backings intact when a listener fails, and it stops the VM. Here every failure returns a
 //! [`ConversionError`] naming the step, the guest gets an error code and keeps running.
@@ -280,11 +287,7 @@ impl std::fmt::Debug for Region {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Every critical section in this module leaves its data consistent before anything that
-    // can panic, so a poisoned lock still guards usable data.
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+use crate::lock;
 
 impl Region {
     pub(crate) fn new(

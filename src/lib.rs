@@ -52,6 +52,13 @@ mod ram;
 mod range_set;
 pub mod sys;
 
+/// Locks `m`, ignoring poison. Every critical section in this crate leaves its data consistent
+/// before anything that can panic (single map/set/vec updates, counters), so a panic elsewhere
+/// must not make guest RAM unusable or its teardown impossible.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 pub use attributes::{AttributeError, KvmAttributes, MemoryAttributes, RecordingAttributes};
 pub use backing::{BackingError, FileKind, RegionBacking};
 pub use dma::MapBy;

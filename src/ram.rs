@@ -1,7 +1,7 @@
 //! [`GuestRam`]: what a VMM holds. Regions, the devices that DMA into them, and the KVM
 //! attribute table, wired so that every conversion goes through the engine.
 
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use discard_manager::{Attribute, GpaRange, RegionConfig, View};
 use iommu::{
@@ -212,10 +212,7 @@ impl std::fmt::Debug for GuestRam {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Each critical section leaves the list consistent before anything that can panic.
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+use crate::lock;
 
 impl GuestRam {
     /// Empty guest RAM whose attributes live in `attributes` ([`crate::KvmAttributes`] on a VM

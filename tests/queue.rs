@@ -164,3 +164,26 @@ fn many_vcpu_threads_converting_at_once_leave_everything_consistent() {
     }
     rig.check(&[&dev], &[vec![]], None);
 }
+
+#[test]
+fn shutdown_runs_what_is_already_queued() {
+    let rig = Rig::new(BASE, 64, DiscardPolicy::Eager);
+    let (entered, release) = gated(&rig);
+    let queue = ConversionQueue::start(rig.ram.clone()).unwrap();
+    let first = share(&queue, range(BASE + 60 * PAGE, PAGE));
+    entered.recv_timeout(Duration::from_secs(10)).unwrap();
+    let queued: Vec<_> = (0..8)
+        .map(|p| share(&queue, range(BASE + p * 2 * PAGE, PAGE)))
+        .collect();
+    let stopper = std::thread::spawn(move || queue.shutdown());
+    release.send(()).unwrap();
+    stopper.join().unwrap();
+    first.wait().unwrap();
+    for t in queued {
+        assert_eq!(t.wait().unwrap().bytes(), PAGE);
+    }
+    assert_eq!(
+        rig.region.manager().counts().unwrap().shared_bytes,
+        9 * PAGE
+    );
+}
