@@ -15,7 +15,7 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 use iommufd_bindings::iommufd::{
     IOMMUFD_CMD_IOAS_IOVA_RANGES, IOMMUFD_CMD_IOAS_MAP_FILE, IOMMUFD_TYPE, iommu_ioas_iova_ranges,
-    iommu_iova_range,
+    iommu_ioas_map, iommu_ioas_map_file, iommu_ioas_unmap, iommu_iova_range,
 };
 use vfio_bindings::bindings::vfio::{
     VFIO_BASE, VFIO_TYPE, vfio_device_info, vfio_group_status, vfio_iommu_type1_dma_unmap,
@@ -77,6 +77,22 @@ const _: () = {
     assert!(offset_of!(iommu_ioas_iova_ranges, out_iova_alignment) == 24);
     assert!(size_of::<iommu_iova_range>() == 16);
     assert!(offset_of!(iommu_iova_range, last) == 8);
+    // Built in iommufd.rs and handed to iommufd-ioctls' wrappers.
+    assert!(size_of::<iommu_ioas_map>() == 40);
+    assert!(offset_of!(iommu_ioas_map, flags) == 4);
+    assert!(offset_of!(iommu_ioas_map, ioas_id) == 8);
+    assert!(offset_of!(iommu_ioas_map, user_va) == 16);
+    assert!(offset_of!(iommu_ioas_map, length) == 24);
+    assert!(offset_of!(iommu_ioas_map, iova) == 32);
+    assert!(size_of::<iommu_ioas_map_file>() == 40);
+    assert!(offset_of!(iommu_ioas_map_file, fd) == 12);
+    assert!(offset_of!(iommu_ioas_map_file, start) == 16);
+    assert!(offset_of!(iommu_ioas_map_file, length) == 24);
+    assert!(offset_of!(iommu_ioas_map_file, iova) == 32);
+    assert!(size_of::<iommu_ioas_unmap>() == 24);
+    assert!(offset_of!(iommu_ioas_unmap, ioas_id) == 4);
+    assert!(offset_of!(iommu_ioas_unmap, iova) == 8);
+    assert!(offset_of!(iommu_ioas_unmap, length) == 16);
     // Lengths and addresses travel as u64 in the uAPI; usize must fit.
     assert!(size_of::<u64>() >= size_of::<usize>());
 };
