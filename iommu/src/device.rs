@@ -996,6 +996,35 @@ impl fmt::Debug for VfioPciDevice {
     }
 }
 
+/// The devices a type1 container or an IOAS keeps attached for its whole life.
+#[derive(Default)]
+pub(crate) struct AttachedDevices(std::sync::Mutex<Vec<std::sync::Arc<VfioPciDevice>>>);
+
+impl AttachedDevices {
+    /// Records `device` and hands it back.
+    pub(crate) fn keep(&self, device: VfioPciDevice) -> std::sync::Arc<VfioPciDevice> {
+        let device = std::sync::Arc::new(device);
+        // The list is only pushed to; a panic while holding the lock cannot leave it torn.
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .push(std::sync::Arc::clone(&device));
+        device
+    }
+}
+
+impl fmt::Debug for AttachedDevices {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let list = self
+            .0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        f.debug_list()
+            .entries(list.iter().map(|d| d.address))
+            .finish()
+    }
+}
+
 impl DeviceRegions for VfioPciDevice {
     fn region(&self, index: u32) -> Option<RegionInfo> {
         // vfio-ioctls answers 0 for a region it does not have; a real region has a size.

@@ -9,7 +9,7 @@
 
 use std::fmt;
 use std::os::fd::{AsRawFd, BorrowedFd};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use iommufd_bindings::iommufd::{
     iommu_ioas_map, iommu_ioas_map_file, iommu_ioas_unmap,
@@ -24,7 +24,7 @@ use vmm_sys_util::errno;
 use crate::backend::{
     BackendKind, Capabilities, DmaBackend, DmaError, DmaProt, FileMapSupport, IovaRange,
 };
-use crate::device::{HostPaths, OpenError, PciAddress, VfioMode, VfioPciDevice};
+use crate::device::{AttachedDevices, HostPaths, OpenError, PciAddress, VfioMode, VfioPciDevice};
 use crate::sys::{self, OwnsFd};
 
 const KIND: BackendKind = BackendKind::Iommufd;
@@ -32,20 +32,15 @@ const KIND: BackendKind = BackendKind::Iommufd;
 /// An IOMMUFD IOAS with at least one device attached.
 pub struct IommufdBackend {
     // Field order is drop order: devices detach before the IOAS and the iommufd close.
-    devices: Mutex<Vec<Arc<VfioPciDevice>>>,
+    devices: AttachedDevices,
     vfio: Arc<VfioIommufd>,
     map_file: FileMapSupport,
 }
 
 impl fmt::Debug for IommufdBackend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let devices: Vec<PciAddress> = self
-            .devices
-            .lock()
-            .map(|d| d.iter().map(|d| d.address()).collect())
-            .unwrap_or_default();
         f.debug_struct("IommufdBackend")
-            .field("devices", &devices)
+            .field("devices", &self.devices)
             .field("ioas", &self.vfio.ioas().id())
             .field("map_file", &self.map_file)
             .finish()
@@ -109,7 +104,7 @@ impl IommufdBackend {
             }
         };
         let backend = IommufdBackend {
-            devices: Mutex::new(Vec::new()),
+            devices: AttachedDevices::default(),
             vfio: Arc::new(vfio),
             map_file,
         };
@@ -139,12 +134,7 @@ impl IommufdBackend {
                 step: "opening the vfio cdev, binding it to the iommufd and attaching the IOAS",
                 source,
             })?;
-        let device = Arc::new(VfioPciDevice::new(*address, device));
-        self.devices
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .push(Arc::clone(&device));
-        Ok(device)
+        Ok(self.devices.keep(VfioPciDevice::new(*address, device)))
     }
 
     /// The IOAS id.

@@ -12,7 +12,7 @@
 use std::fmt;
 use std::os::fd::BorrowedFd;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use vfio_ioctls::{VfioContainer, VfioDevice, VfioError, VfioOps};
 use vmm_sys_util::errno;
@@ -20,7 +20,7 @@ use vmm_sys_util::errno;
 use crate::backend::{
     BackendKind, Capabilities, DmaBackend, DmaError, DmaProt, FileMapSupport, IovaRange,
 };
-use crate::device::{HostPaths, OpenError, PciAddress, VfioMode, VfioPciDevice};
+use crate::device::{AttachedDevices, HostPaths, OpenError, PciAddress, VfioMode, VfioPciDevice};
 use crate::sys::{self, OwnsFd, type1_info_layout as L};
 
 const KIND: BackendKind = BackendKind::Type1;
@@ -154,20 +154,15 @@ pub(crate) fn check_aligned(iova: u64, len: u64, addr: u64, page: u64) -> Result
 /// A VFIO type1v2 container with at least one device attached.
 pub struct Type1Backend {
     // Field order is drop order: devices leave the container before it closes.
-    devices: Mutex<Vec<Arc<VfioPciDevice>>>,
+    devices: AttachedDevices,
     container: Arc<VfioContainer>,
     min_page: u64,
 }
 
 impl fmt::Debug for Type1Backend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let devices: Vec<PciAddress> = self
-            .devices
-            .lock()
-            .map(|d| d.iter().map(|d| d.address()).collect())
-            .unwrap_or_default();
         f.debug_struct("Type1Backend")
-            .field("devices", &devices)
+            .field("devices", &self.devices)
             .field("min_page", &self.min_page)
             .finish_non_exhaustive()
     }
@@ -198,10 +193,11 @@ impl Type1Backend {
             sizes => 1 << sizes.trailing_zeros(),
         };
         let backend = Type1Backend {
-            devices: Mutex::new(vec![Arc::clone(&device)]),
+            devices: AttachedDevices::default(),
             container,
             min_page,
         };
+        let device = backend.devices.keep(device);
         Ok((backend, device))
     }
 
@@ -213,11 +209,7 @@ impl Type1Backend {
     pub fn attach(&self, address: &PciAddress) -> Result<Arc<VfioPciDevice>, OpenError> {
         let usable = HostPaths::default().check(address, VfioMode::Type1)?;
         let device = open_device(address, &usable.sysfs_dir, &self.container)?;
-        self.devices
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .push(Arc::clone(&device));
-        Ok(device)
+        Ok(self.devices.keep(device))
     }
 
     /// The container's page sizes, IOVA ranges and remaining mapping budget, as the kernel
@@ -234,14 +226,14 @@ fn open_device(
     address: &PciAddress,
     sysfs_dir: &Path,
     container: &Arc<VfioContainer>,
-) -> Result<Arc<VfioPciDevice>, OpenError> {
+) -> Result<VfioPciDevice, OpenError> {
     let ops: Arc<dyn VfioOps> = Arc::clone(container) as Arc<dyn VfioOps>;
     let device = VfioDevice::new(sysfs_dir, ops, false).map_err(|source| OpenError::Vfio {
         address: *address,
         step: "attaching the group to the container and opening the device",
         source,
     })?;
-    Ok(Arc::new(VfioPciDevice::new(*address, device)))
+    Ok(VfioPciDevice::new(*address, device))
 }
 
 fn query_info(container: BorrowedFd<'_>) -> Result<Type1Info, DmaError> {
