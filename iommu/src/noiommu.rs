@@ -440,10 +440,15 @@ mod tests {
         /// A backend with no device behind it (fds on /dev/null): exercises the table, mlock
         /// and pagemap on any machine.
         fn detached() -> NoIommuBackend {
+            Self::detached_with(File::open("/proc/self/pagemap").unwrap())
+        }
+
+        /// As `detached`, reading page frames from `pagemap` instead of the kernel's.
+        fn detached_with(pagemap: File) -> NoIommuBackend {
             let null = || File::open("/dev/null").unwrap();
             NoIommuBackend {
                 table: Mutex::new(BTreeMap::new()),
-                pagemap: File::open("/proc/self/pagemap").unwrap(),
+                pagemap,
                 device: Arc::new(NoIommuDevice {
                     address: "0000:00:00.0".parse().unwrap(),
                     regions: Vec::new(),
@@ -514,6 +519,74 @@ mod tests {
         // Whole unmap over a larger range returns exactly the mapped bytes.
         assert_eq!(backend.unmap(0x10_0000, 0x10_0000).unwrap(), 2 * PAGE_SIZE);
         assert_eq!(backend.physical_address(0x10_0000), None);
+    }
+
+    /// A sparse stand-in for /proc/self/pagemap holding `entries` for the pages at `va`.
+    fn fake_pagemap(name: &str, va: u64, entries: &[u64]) -> (File, std::path::PathBuf) {
+        let path =
+            std::env::temp_dir().join(format!("iommu-pagemap-{name}-{}", std::process::id()));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        let bytes: Vec<u8> = entries.iter().flat_map(|e| e.to_ne_bytes()).collect();
+        file.write_all_at(&bytes, va / PAGE_SIZE * 8).unwrap();
+        (file, path)
+    }
+
+    #[test]
+    fn hidden_pfns_are_refused_naming_cap_sys_admin_and_nothing_is_recorded() {
+        let mut mem = Pages::new(2);
+        let va = mem.at(0) as u64;
+        // What an unprivileged reader sees: present pages, PFN 0.
+        let (pagemap, path) = fake_pagemap("hidden", va, &[1 << 63, 1 << 63]);
+        let backend = NoIommuBackend::detached_with(pagemap);
+        // SAFETY: refused after mlock (and undone); no device exists.
+        let result =
+            unsafe { backend.map_va(0x4000, 2 * PAGE_SIZE, mem.at(0), DmaProt::READ_WRITE) };
+        let _ = std::fs::remove_file(path);
+        match result {
+            Err(DmaError::PhysicalAddress {
+                reason,
+                iova,
+                host_addr,
+                ..
+            }) => {
+                assert!(reason.contains("CAP_SYS_ADMIN"), "{reason}");
+                assert_eq!((iova, host_addr), (0x4000, va));
+            }
+            other => panic!("hidden PFNs answered {other:?}"),
+        }
+        assert_eq!(backend.physical_address(0x4000), None);
+        assert!(backend.physical_pages(0x4000).is_none());
+    }
+
+    #[test]
+    fn a_page_missing_after_mlock_is_refused_by_its_own_address() {
+        let mut mem = Pages::new(2);
+        let va = mem.at(0) as u64;
+        // Second page not present.
+        let (pagemap, path) = fake_pagemap("absent", va, &[(1 << 63) | 0x1234, 0]);
+        let backend = NoIommuBackend::detached_with(pagemap);
+        // SAFETY: as above.
+        let result = unsafe { backend.map_va(0, 2 * PAGE_SIZE, mem.at(0), DmaProt::READ_WRITE) };
+        let _ = std::fs::remove_file(path);
+        match result {
+            Err(DmaError::PhysicalAddress {
+                reason,
+                iova,
+                host_addr,
+                ..
+            }) => {
+                assert!(reason.contains("not present"), "{reason}");
+                assert_eq!((iova, host_addr), (PAGE_SIZE, va + PAGE_SIZE));
+            }
+            other => panic!("a missing page answered {other:?}"),
+        }
+        assert_eq!(backend.physical_address(0), None);
     }
 
     #[test]
