@@ -373,3 +373,51 @@ fn conversions_outside_every_region_are_refused() {
     assert!(matches!(err, ConversionError::Range(_)), "{err:?}");
     assert_eq!(err.guest_errno(), libc::EINVAL);
 }
+
+#[test]
+fn dma_to_pages_that_stay_shared_never_faults_while_their_neighbours_flip() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let rig = rig(DiscardPolicy::Lazy {
+        budget_bytes: 4 * PAGE,
+    });
+    let dev = rig.attach("nic", EmulatedIommu::new(), DeviceConfig::shared());
+    rig.convert(range(BASE, 8 * PAGE), Attribute::Shared)
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let device = {
+        let (iommu, stop) = (dev.iommu.clone(), stop.clone());
+        // The device keeps DMAing to pages 3 and 4, which stay shared throughout.
+        std::thread::spawn(move || {
+            let mut transfers = 0u64;
+            let mut buf = [0u8; 2 * PAGE as usize];
+            while !stop.load(Ordering::Relaxed) || transfers == 0 {
+                iommu.dma_write(BASE + 3 * PAGE, &buf).unwrap();
+                iommu.dma_read(BASE + 3 * PAGE, &mut buf).unwrap();
+                transfers += 1;
+            }
+            transfers
+        })
+    };
+    // Meanwhile the guest flips the pages right next to them, alone and in runs.
+    for i in 0..200u64 {
+        let to = if i % 2 == 0 {
+            Attribute::Private
+        } else {
+            Attribute::Shared
+        };
+        let r = match i % 4 {
+            0 | 1 => range(BASE + 2 * PAGE, PAGE),
+            _ => range(BASE + 5 * PAGE, 3 * PAGE),
+        };
+        rig.convert(r, to).unwrap();
+    }
+    stop.store(true, Ordering::Relaxed);
+    let transfers = device
+        .join()
+        .expect("no DMA to a page that stayed shared faulted");
+    assert!(transfers > 0);
+    let faults = dev.iommu.faults();
+    assert!(faults.is_empty(), "{faults:?}");
+    let calls = dev.iommu.take_calls();
+    rig.check(&[&dev], &[calls], None);
+}
