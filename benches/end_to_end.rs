@@ -1,0 +1,1059 @@
+//! End-to-end conversion cost: the bare kernel-call floor, the project under each discard
+//! policy, and QEMU's strategy reproduced here, on the same workloads and the same backings.
+//!
+//! Strategies (every one runs on its own classic region: memfd for shared pages, the host's
+//! real guest_memfd for private ones when /dev/kvm has it, else a second memfd):
+//! - `floor`: the minimum kernel calls the eager project makes, precomputed from the workload
+//!   and issued directly in a tight loop: the attribute change per changed run, one IOMMU map
+//!   per shared granule (emulated IOMMU, called directly), one unmap per run leaving the shared
+//!   view, one `fallocate(PUNCH_HOLE|KEEP_SIZE)` per vacated run.
+//! - `eager`, `lazy-16M`, `batched-64`: `gmem_dma::GuestRam` with that discard policy and one
+//!   device on the emulated IOMMU.
+//! - `no-discard`: the project with a lazy budget of `u64::MAX` (never punches): the bound the
+//!   lazy policy is measured against.
+//! - `qemu`: QEMU's `kvm_convert_memory` + `RamBlockAttributes` + VFIO listener: the attribute
+//!   set over the whole request, a 4 KiB bitmap, one map per granule, one unmap per uniform
+//!   range but one notification (one map or unmap) per granule on a mixed range, and an eager
+//!   punch of the whole request on the vacated side.
+//!
+//! This host has no `KVM_CAP_MEMORY_ATTRIBUTES`: every strategy sends attribute changes to the
+//! same in-memory stand-in that only counts them ([`CountingAttributes`]).
+//!
+//! Workloads (each ends with the region all private again, so an iteration can repeat):
+//! - `firmware-bounce`: OVMF-style, 1-2 pages of a fixed 8-slot bounce area flipped shared
+//!   (and written, as the firmware fills the buffer) and straight back to private.
+//! - `linux-boot`: the SWIOTLB pool (64 MiB, the minimum) converted shared in 2 MiB requests,
+//!   16 of its pages taken back one by one (`dma_free_coherent`), then the whole pool converted
+//!   back to private in one request: a large range made shared piece by piece, now mixed.
+//! - `random-mixed`: random direction, place and length (60 % one page, 30 % 2-16 pages, 10 %
+//!   up to 2 MiB), like `dma-map --workload random-mixed`.
+//! - `trace`: `benches/sample.trace` in `dma-map`'s trace format.
+//!
+//! `cargo bench --bench end_to_end` first prints a summary table (time per conversion, kernel
+//! calls per conversion, peak memory held back, ratios to the floor and to QEMU), then runs the
+//! criterion groups `e2e/<workload>/<strategy>`. `E2E_ONLY=<workload>/<strategy> E2E_RUNS=n`
+//! runs just that, `n` times inside `measured_runs` (for `valgrind --tool=callgrind
+//! --toggle-collect='*measured_runs*'`), and prints the conversion count. The workloads
+//! `manager-bounce/extents` and `manager-bounce/bitmap` measure the state manager alone against
+//! a per-granule bitmap with one counting listener.
+
+use std::hint::black_box;
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, Throughput};
+use discard_manager::{
+    Attribute, DiscardManager, GpaRange, ListenerError, RegionConfig, View, ViewListener,
+};
+use gmem_dma::attributes::AttributeError;
+use gmem_dma::{
+    DeviceConfig, DiscardPolicy, GuestRam, MemoryAttributes, RegionBacking, RegionSpec,
+};
+use iommu::{Capabilities, DmaBackend, DmaError, DmaProt, EmulatedIommu};
+
+const G: u64 = 4096;
+const BASE: u64 = 0x1_0000_0000;
+const REGION: u64 = 256 << 20;
+const POOL: u64 = 64 << 20;
+
+// ---------------------------------------------------------------------------------------------
+// Workloads
+
+#[derive(Clone, Copy, Debug)]
+struct Req {
+    range: GpaRange,
+    to: Attribute,
+}
+
+struct Workload {
+    name: &'static str,
+    reqs: Vec<Req>,
+}
+
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+fn req(offset: u64, len: u64, to: Attribute) -> Req {
+    Req {
+        range: GpaRange::new(BASE + offset, len).expect("workload ranges are valid"),
+        to,
+    }
+}
+
+fn all_private() -> Req {
+    req(0, REGION, Attribute::Private)
+}
+
+fn firmware_bounce(transactions: usize) -> Workload {
+    const SLOTS: u64 = 8;
+    const AREA: u64 = 1 << 20;
+    let mut rng = XorShift(0x0f1f_2f3f);
+    let mut reqs = Vec::with_capacity(transactions * 2);
+    for _ in 0..transactions {
+        let pages = 1 + rng.below(2);
+        let slot = rng.below(SLOTS);
+        for to in [Attribute::Shared, Attribute::Private] {
+            reqs.push(req(AREA + slot * 2 * G, pages * G, to));
+        }
+    }
+    Workload {
+        name: "firmware-bounce",
+        reqs,
+    }
+}
+
+fn linux_boot() -> Workload {
+    const CHUNK: u64 = 2 << 20;
+    let pool = 64 << 20;
+    let mut reqs: Vec<Req> = (0..POOL / CHUNK)
+        .map(|i| req(pool + i * CHUNK, CHUNK, Attribute::Shared))
+        .collect();
+    let mut rng = XorShift(0xb007);
+    for _ in 0..16 {
+        reqs.push(req(pool + rng.below(POOL / G) * G, G, Attribute::Private));
+    }
+    reqs.push(req(pool, POOL, Attribute::Private));
+    Workload {
+        name: "linux-boot",
+        reqs,
+    }
+}
+
+fn random_mixed(count: usize) -> Workload {
+    let mut rng = XorShift(0x5eed_0001);
+    let granules = REGION / G;
+    let mut reqs = Vec::with_capacity(count + 1);
+    for _ in 0..count {
+        let pick = rng.below(100);
+        let len = if pick < 60 {
+            1
+        } else if pick < 90 {
+            2 + rng.below(15)
+        } else {
+            1 + rng.below(512)
+        };
+        let start = rng.below(granules - len + 1);
+        let to = if rng.below(2) == 0 {
+            Attribute::Shared
+        } else {
+            Attribute::Private
+        };
+        reqs.push(req(start * G, len * G, to));
+    }
+    reqs.push(all_private());
+    Workload {
+        name: "random-mixed",
+        reqs,
+    }
+}
+
+/// Parses `dma-map`'s trace format v1: `<time_ns> <shared|private> <gpa hex> <len hex>`, GPAs
+/// relative to the region base, `#` comments.
+fn trace(text: &str) -> Workload {
+    let hex = |s: &str| u64::from_str_radix(s.trim_start_matches("0x"), 16);
+    let mut reqs: Vec<Req> = text
+        .lines()
+        .enumerate()
+        .filter_map(|(n, line)| {
+            let fields: Vec<&str> = line.split('#').next()?.split_whitespace().collect();
+            if fields.is_empty() {
+                return None;
+            }
+            let bad = || panic!("benches/sample.trace line {}: {line:?}", n + 1);
+            let [_, dir, gpa, len] = fields[..] else {
+                bad()
+            };
+            let to = match dir {
+                "shared" => Attribute::Shared,
+                "private" => Attribute::Private,
+                _ => bad(),
+            };
+            match (hex(gpa), hex(len)) {
+                (Ok(gpa), Ok(len)) => Some(req(gpa, len, to)),
+                _ => bad(),
+            }
+        })
+        .collect();
+    reqs.push(all_private());
+    Workload {
+        name: "trace",
+        reqs,
+    }
+}
+
+fn workloads() -> Vec<Workload> {
+    vec![
+        firmware_bounce(2_000),
+        linux_boot(),
+        random_mixed(2_000),
+        trace(include_str!("sample.trace")),
+    ]
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernel stand-ins that count
+
+/// Counts of kernel calls (or of calls to the in-memory stand-ins of kernel calls).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Calls {
+    attribute: u64,
+    map: u64,
+    unmap: u64,
+    punch: u64,
+}
+
+impl Calls {
+    fn total(&self) -> u64 {
+        self.attribute + self.map + self.unmap + self.punch
+    }
+
+    fn minus(self, o: Calls) -> Calls {
+        Calls {
+            attribute: self.attribute - o.attribute,
+            map: self.map - o.map,
+            unmap: self.unmap - o.unmap,
+            punch: self.punch - o.punch,
+        }
+    }
+}
+
+/// KVM_SET_MEMORY_ATTRIBUTES stand-in: this host has none, so every strategy only counts.
+#[derive(Debug, Default)]
+struct CountingAttributes {
+    calls: AtomicU64,
+}
+
+impl MemoryAttributes for CountingAttributes {
+    fn set(&self, _: GpaRange, _: Attribute) -> Result<(), AttributeError> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// The emulated IOMMU, counting the calls it receives.
+#[derive(Debug)]
+struct CountingIommu {
+    inner: EmulatedIommu,
+    maps: AtomicU64,
+    unmaps: AtomicU64,
+}
+
+impl CountingIommu {
+    fn new() -> Self {
+        Self {
+            inner: EmulatedIommu::builder().record_calls(false).build(),
+            maps: AtomicU64::new(0),
+            unmaps: AtomicU64::new(0),
+        }
+    }
+}
+
+impl DmaBackend for CountingIommu {
+    fn capabilities(&self) -> Result<Capabilities, DmaError> {
+        self.inner.capabilities()
+    }
+
+    unsafe fn map_va(
+        &self,
+        iova: u64,
+        len: u64,
+        host_addr: *mut u8,
+        prot: DmaProt,
+    ) -> Result<(), DmaError> {
+        self.maps.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: forwarded with the caller's own contract.
+        unsafe { self.inner.map_va(iova, len, host_addr, prot) }
+    }
+
+    fn map_file(
+        &self,
+        iova: u64,
+        len: u64,
+        file: std::os::fd::BorrowedFd<'_>,
+        offset: u64,
+        prot: DmaProt,
+    ) -> Result<(), DmaError> {
+        self.maps.fetch_add(1, Ordering::Relaxed);
+        self.inner.map_file(iova, len, file, offset, prot)
+    }
+
+    fn unmap(&self, iova: u64, len: u64) -> Result<u64, DmaError> {
+        self.unmaps.fetch_add(1, Ordering::Relaxed);
+        self.inner.unmap(iova, len)
+    }
+}
+
+fn backing(vm: Option<&kvm_ioctls::VmFd>) -> RegionBacking {
+    match vm {
+        Some(vm) => RegionBacking::classic(vm, BASE, REGION).expect("classic region"),
+        None => RegionBacking::software(BASE, REGION).expect("software region"),
+    }
+}
+
+/// The firmware fills a buffer it just shared: one byte per page, refaulting a freed page.
+fn fill(backing: &RegionBacking, range: GpaRange) {
+    let mut gpa = range.start();
+    while gpa < range.end() {
+        let p = backing.host_addr(gpa).expect("inside the region");
+        // SAFETY: inside the region's live shared mapping; raw-pointer access only.
+        unsafe { p.write_volatile(1) };
+        gpa += G;
+    }
+}
+
+fn punch(backing: &RegionBacking, side: View, range: GpaRange) {
+    let file = match side {
+        View::Shared => backing.shared_file(),
+        View::Private => backing.private_file(),
+    };
+    gmem_dma::sys::punch_hole(
+        file.as_fd(),
+        backing.file_offset(range.start()),
+        range.len(),
+    )
+    .expect("punch hole");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Strategies
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Strategy {
+    Floor,
+    Project(&'static str, DiscardPolicy),
+    Qemu,
+}
+
+impl Strategy {
+    fn name(&self) -> &'static str {
+        match self {
+            Strategy::Floor => "floor",
+            Strategy::Project(name, _) => name,
+            Strategy::Qemu => "qemu",
+        }
+    }
+}
+
+const STRATEGIES: [Strategy; 6] = [
+    Strategy::Floor,
+    Strategy::Project("eager", DiscardPolicy::Eager),
+    Strategy::Project(
+        "lazy-16M",
+        DiscardPolicy::Lazy {
+            budget_bytes: 16 << 20,
+        },
+    ),
+    Strategy::Project(
+        "batched-64",
+        DiscardPolicy::Batched {
+            max_ranges: 64,
+            max_bytes: 16 << 20,
+        },
+    ),
+    Strategy::Project(
+        "no-discard",
+        DiscardPolicy::Lazy {
+            budget_bytes: u64::MAX,
+        },
+    ),
+    Strategy::Qemu,
+];
+
+trait Runner {
+    /// Runs every request of the workload once.
+    fn run(&mut self);
+    fn calls(&self) -> Calls;
+    /// Peak bytes held back (backed on both sides) since creation.
+    fn peak_held(&self) -> u64;
+}
+
+/// One precomputed kernel call of the floor.
+#[derive(Clone, Copy, Debug)]
+enum Op {
+    Attribute(GpaRange, Attribute),
+    Map(u64),
+    Unmap(GpaRange),
+    Punch(View, GpaRange),
+    Fill(GpaRange),
+}
+
+/// Runs of `[a, b)` whose bit differs from `to_shared`, as granule index pairs.
+fn changed_runs(bits: &[bool], a: usize, b: usize, to_shared: bool) -> Vec<(usize, usize)> {
+    let mut runs = Vec::new();
+    let mut g = a;
+    while g < b {
+        if bits[g] == to_shared {
+            g += 1;
+            continue;
+        }
+        let s = g;
+        while g < b && bits[g] != to_shared {
+            g += 1;
+        }
+        runs.push((s, g));
+    }
+    runs
+}
+
+fn granule_range(s: usize, e: usize) -> GpaRange {
+    GpaRange::new(BASE + s as u64 * G, (e - s) as u64 * G).expect("granule range")
+}
+
+struct Floor {
+    // Field order: the IOMMU, which holds host addresses of the backing, drops first.
+    iommu: CountingIommu,
+    backing: RegionBacking,
+    attributes: CountingAttributes,
+    ops: Vec<Op>,
+    punches: u64,
+}
+
+impl Floor {
+    fn new(w: &Workload, vm: Option<&kvm_ioctls::VmFd>) -> Self {
+        let mut bits = vec![false; (REGION / G) as usize];
+        let mut ops = Vec::new();
+        for r in &w.reqs {
+            let a = ((r.range.start() - BASE) / G) as usize;
+            let b = ((r.range.end() - BASE) / G) as usize;
+            let shared = r.to == Attribute::Shared;
+            let runs = changed_runs(&bits, a, b, shared);
+            for &(s, e) in &runs {
+                let range = granule_range(s, e);
+                if shared {
+                    ops.push(Op::Attribute(range, r.to));
+                    ops.extend((s..e).map(|g| Op::Map(BASE + g as u64 * G)));
+                } else {
+                    ops.push(Op::Unmap(range));
+                    ops.push(Op::Attribute(range, r.to));
+                }
+                bits[s..e].fill(shared);
+            }
+            let vacated = if shared { View::Private } else { View::Shared };
+            ops.extend(
+                runs.iter()
+                    .map(|&(s, e)| Op::Punch(vacated, granule_range(s, e))),
+            );
+            if shared {
+                ops.push(Op::Fill(r.range));
+            }
+        }
+        Self {
+            iommu: CountingIommu::new(),
+            backing: backing(vm),
+            attributes: CountingAttributes::default(),
+            ops,
+            punches: 0,
+        }
+    }
+}
+
+impl Runner for Floor {
+    fn run(&mut self) {
+        for &op in &self.ops {
+            match op {
+                Op::Attribute(range, to) => {
+                    let _ = self.attributes.set(range, to);
+                }
+                Op::Map(gpa) => {
+                    let host = self.backing.host_addr(gpa).expect("inside the region");
+                    // SAFETY: a page of the region's shared mapping, which outlives the IOMMU
+                    // (it drops first: field order); only raw-pointer access.
+                    unsafe { self.iommu.map_va(gpa, G, host, DmaProt::READ_WRITE) }.expect("map");
+                }
+                Op::Unmap(range) => {
+                    self.iommu.unmap(range.start(), range.len()).expect("unmap");
+                }
+                Op::Punch(side, range) => {
+                    punch(&self.backing, side, range);
+                    self.punches += 1;
+                }
+                Op::Fill(range) => fill(&self.backing, range),
+            }
+        }
+    }
+
+    fn calls(&self) -> Calls {
+        Calls {
+            attribute: self.attributes.calls.load(Ordering::Relaxed),
+            map: self.iommu.maps.load(Ordering::Relaxed),
+            unmap: self.iommu.unmaps.load(Ordering::Relaxed),
+            punch: self.punches,
+        }
+    }
+
+    fn peak_held(&self) -> u64 {
+        0
+    }
+}
+
+struct Project {
+    ram: GuestRam,
+    region: Arc<gmem_dma::Region>,
+    iommu: Arc<CountingIommu>,
+    attributes: Arc<CountingAttributes>,
+    reqs: Vec<Req>,
+    peak_held: u64,
+}
+
+impl Project {
+    fn new(w: &Workload, policy: DiscardPolicy, vm: Option<&kvm_ioctls::VmFd>) -> Self {
+        let attributes = Arc::new(CountingAttributes::default());
+        let ram = GuestRam::new(attributes.clone());
+        let spec = RegionSpec {
+            granularity: G,
+            initial: Attribute::Private,
+            policy,
+        };
+        let region = ram.add_region(backing(vm), spec).expect("add region");
+        let iommu = Arc::new(CountingIommu::new());
+        ram.attach_device("nic", iommu.clone(), DeviceConfig::shared())
+            .expect("attach");
+        Self {
+            ram,
+            region,
+            iommu,
+            attributes,
+            reqs: w.reqs.clone(),
+            peak_held: 0,
+        }
+    }
+}
+
+impl Runner for Project {
+    fn run(&mut self) {
+        for r in &self.reqs {
+            let c = self.ram.convert(r.range, r.to).expect("convert");
+            self.peak_held = self.peak_held.max(c.held.total());
+            if r.to == Attribute::Shared {
+                fill(self.region.backing(), r.range);
+            }
+        }
+    }
+
+    fn calls(&self) -> Calls {
+        Calls {
+            attribute: self.attributes.calls.load(Ordering::Relaxed),
+            map: self.iommu.maps.load(Ordering::Relaxed),
+            unmap: self.iommu.unmaps.load(Ordering::Relaxed),
+            punch: self.region.backing().punch_stats().calls,
+        }
+    }
+
+    fn peak_held(&self) -> u64 {
+        self.peak_held
+    }
+}
+
+/// QEMU's path, reproduced: `kvm_convert_memory` (attribute over the whole request), then
+/// `ram_block_attributes_state_change` (4 KiB bitmap; uniform ranges notified whole, mixed
+/// ranges per granule), the VFIO listener (one map per granule on populate, one unmap per
+/// notified discard), then the eager discard of the whole request on the vacated side.
+struct Qemu {
+    // Field order: the IOMMU, which holds host addresses of the backing, drops first.
+    iommu: CountingIommu,
+    backing: RegionBacking,
+    attributes: CountingAttributes,
+    bits: Mutex<Vec<u64>>,
+    reqs: Vec<Req>,
+    punches: u64,
+}
+
+impl Qemu {
+    fn new(w: &Workload, vm: Option<&kvm_ioctls::VmFd>) -> Self {
+        Self {
+            iommu: CountingIommu::new(),
+            backing: backing(vm),
+            attributes: CountingAttributes::default(),
+            bits: Mutex::new(vec![0; (REGION / G).div_ceil(64) as usize]),
+            reqs: w.reqs.clone(),
+            punches: 0,
+        }
+    }
+
+    fn populate(&self, gpa: u64, len: u64) {
+        // vfio_ram_discard_notify_populate: one map per granule.
+        let mut at = gpa;
+        while at < gpa + len {
+            let host = self.backing.host_addr(at).expect("inside the region");
+            // SAFETY: a page of the region's shared mapping, which outlives the IOMMU; raw
+            // pointer access only.
+            unsafe { self.iommu.map_va(at, G, host, DmaProt::READ_WRITE) }.expect("map");
+            at += G;
+        }
+    }
+
+    fn discard(&self, gpa: u64, len: u64) {
+        // vfio_ram_discard_notify_discard: one unmap over the notified range.
+        self.iommu.unmap(gpa, len).expect("unmap");
+    }
+
+    fn convert(&mut self, range: GpaRange, to: Attribute) {
+        let _ = self.attributes.set(range, to);
+        let shared = to == Attribute::Shared;
+        let a = (range.start() - BASE) / G;
+        let b = (range.end() - BASE) / G;
+        {
+            let mut bits = self.bits.lock().unwrap_or_else(|p| p.into_inner());
+            let get = |bits: &[u64], g: u64| bits[(g / 64) as usize] >> (g % 64) & 1 == 1;
+            let set = |bits: &mut [u64], g: u64| {
+                let w = &mut bits[(g / 64) as usize];
+                if shared {
+                    *w |= 1 << (g % 64)
+                } else {
+                    *w &= !(1 << (g % 64))
+                }
+            };
+            if (a..b).all(|g| get(&bits, g) == shared) {
+                // Nothing to notify.
+            } else if (a..b).all(|g| get(&bits, g) != shared) {
+                for g in a..b {
+                    set(&mut bits, g);
+                }
+                if shared {
+                    self.populate(range.start(), range.len());
+                } else {
+                    self.discard(range.start(), range.len());
+                }
+            } else {
+                for g in a..b {
+                    if get(&bits, g) != shared {
+                        set(&mut bits, g);
+                        let gpa = BASE + g * G;
+                        if shared {
+                            self.populate(gpa, G);
+                        } else {
+                            self.discard(gpa, G);
+                        }
+                    }
+                }
+            }
+        }
+        let vacated = if shared { View::Private } else { View::Shared };
+        punch(&self.backing, vacated, range);
+        self.punches += 1;
+    }
+}
+
+impl Runner for Qemu {
+    fn run(&mut self) {
+        let reqs = std::mem::take(&mut self.reqs);
+        for r in &reqs {
+            self.convert(r.range, r.to);
+            if r.to == Attribute::Shared {
+                fill(&self.backing, r.range);
+            }
+        }
+        self.reqs = reqs;
+    }
+
+    fn calls(&self) -> Calls {
+        Calls {
+            attribute: self.attributes.calls.load(Ordering::Relaxed),
+            map: self.iommu.maps.load(Ordering::Relaxed),
+            unmap: self.iommu.unmaps.load(Ordering::Relaxed),
+            punch: self.punches,
+        }
+    }
+
+    fn peak_held(&self) -> u64 {
+        0
+    }
+}
+
+fn runner(s: Strategy, w: &Workload, vm: Option<&kvm_ioctls::VmFd>) -> Box<dyn Runner> {
+    match s {
+        Strategy::Floor => Box::new(Floor::new(w, vm)),
+        Strategy::Project(_, policy) => Box::new(Project::new(w, policy, vm)),
+        Strategy::Qemu => Box::new(Qemu::new(w, vm)),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The state manager alone against a per-granule bitmap
+
+#[derive(Default)]
+struct CountingListener {
+    calls: AtomicU64,
+}
+
+impl ViewListener for CountingListener {
+    fn populate(&self, _: View, _: GpaRange) -> Result<(), ListenerError> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn discard(&self, _: View, _: GpaRange) {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Bounce buffers of 1-2 granules at random places in 1 GiB, each converted back to private
+/// 64 buffers later (as `discard-manager/benches/conversions.rs`'s `bounce/1GiB`).
+fn manager_trace() -> Vec<Req> {
+    const OUTSTANDING: usize = 64;
+    let granules = (1u64 << 30) / G;
+    let mut rng = XorShift(0x5eed);
+    let mut live = std::collections::VecDeque::new();
+    let mut reqs = Vec::new();
+    for _ in 0..4096 {
+        let len = 1 + rng.below(2);
+        let first = rng.below(granules - len);
+        let range = GpaRange::new(BASE + first * G, len * G).expect("range");
+        reqs.push(Req {
+            range,
+            to: Attribute::Shared,
+        });
+        live.push_back(range);
+        if live.len() > OUTSTANDING {
+            let range = live.pop_front().expect("non-empty");
+            reqs.push(Req {
+                range,
+                to: Attribute::Private,
+            });
+        }
+    }
+    reqs.extend(live.into_iter().map(|range| Req {
+        range,
+        to: Attribute::Private,
+    }));
+    reqs
+}
+
+struct ManagerOnly {
+    manager: DiscardManager,
+    reqs: Vec<Req>,
+}
+
+impl ManagerOnly {
+    fn new() -> Self {
+        let manager = DiscardManager::new(RegionConfig {
+            base: BASE,
+            size: 1 << 30,
+            granularity: G,
+            initial_attribute: Attribute::Private,
+            initially_plugged: true,
+        })
+        .expect("manager");
+        manager
+            .register(
+                View::Shared,
+                manager.region(),
+                Arc::new(CountingListener::default()),
+            )
+            .expect("register");
+        Self {
+            manager,
+            reqs: manager_trace(),
+        }
+    }
+}
+
+impl Runner for ManagerOnly {
+    fn run(&mut self) {
+        for r in &self.reqs {
+            black_box(self.manager.convert(r.range, r.to).expect("convert"));
+        }
+    }
+
+    fn calls(&self) -> Calls {
+        Calls::default()
+    }
+
+    fn peak_held(&self) -> u64 {
+        0
+    }
+}
+
+/// QEMU `RamBlockAttributes`: one bit per granule, a mutex, the listener notified per uniform
+/// range or per granule of a mixed range.
+struct BitmapOnly {
+    bits: Mutex<Vec<u64>>,
+    listener: Arc<dyn ViewListener>,
+    reqs: Vec<Req>,
+}
+
+impl BitmapOnly {
+    fn new() -> Self {
+        Self {
+            bits: Mutex::new(vec![0; ((1u64 << 30) / G / 64) as usize]),
+            listener: Arc::new(CountingListener::default()),
+            reqs: manager_trace(),
+        }
+    }
+
+    fn convert(&self, range: GpaRange, to: Attribute) {
+        let shared = to == Attribute::Shared;
+        let a = (range.start() - BASE) / G;
+        let b = (range.end() - BASE) / G;
+        let mut bits = self.bits.lock().unwrap_or_else(|p| p.into_inner());
+        let get = |bits: &[u64], g: u64| bits[(g / 64) as usize] >> (g % 64) & 1 == 1;
+        let notify = |r: GpaRange| {
+            if shared {
+                let _ = self.listener.populate(View::Shared, r);
+            } else {
+                self.listener.discard(View::Shared, r);
+            }
+        };
+        if (a..b).all(|g| get(&bits, g) == shared) {
+            return;
+        }
+        let uniform = (a..b).all(|g| get(&bits, g) != shared);
+        for g in a..b {
+            if get(&bits, g) != shared {
+                bits[(g / 64) as usize] ^= 1 << (g % 64);
+                if !uniform {
+                    notify(GpaRange::new(BASE + g * G, G).expect("granule"));
+                }
+            }
+        }
+        if uniform {
+            notify(range);
+        }
+    }
+}
+
+impl Runner for BitmapOnly {
+    fn run(&mut self) {
+        for r in &self.reqs {
+            self.convert(r.range, r.to);
+        }
+    }
+
+    fn calls(&self) -> Calls {
+        Calls::default()
+    }
+
+    fn peak_held(&self) -> u64 {
+        0
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Driver
+
+fn kvm_vm() -> (Option<kvm_ioctls::Kvm>, Option<kvm_ioctls::VmFd>) {
+    let kvm = kvm_ioctls::Kvm::new().ok();
+    let vm = kvm.as_ref().and_then(|k| k.create_vm().ok());
+    (kvm, vm)
+}
+
+#[inline(never)]
+fn measured_runs(r: &mut dyn Runner, runs: u64) {
+    for _ in 0..runs {
+        r.run();
+    }
+}
+
+/// `E2E_ONLY=<workload>/<strategy>`: one strategy on one workload, for callgrind.
+fn only(spec: &str, vm: Option<&kvm_ioctls::VmFd>) {
+    let runs: u64 = std::env::var("E2E_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
+    let (mut r, conversions): (Box<dyn Runner>, usize) = match spec {
+        "manager-bounce/extents" => {
+            let r = ManagerOnly::new();
+            let n = r.reqs.len();
+            (Box::new(r), n)
+        }
+        "manager-bounce/bitmap" => {
+            let r = BitmapOnly::new();
+            let n = r.reqs.len();
+            (Box::new(r), n)
+        }
+        _ => {
+            let (wname, sname) = spec
+                .split_once('/')
+                .expect("E2E_ONLY=<workload>/<strategy>");
+            let w = workloads()
+                .into_iter()
+                .find(|w| w.name == wname)
+                .expect("unknown workload");
+            let s = STRATEGIES
+                .into_iter()
+                .find(|s| s.name() == sname)
+                .expect("unknown strategy");
+            let n = w.reqs.len();
+            (runner(s, &w, vm), n)
+        }
+    };
+    r.run(); // warm up outside the measured function
+    let before = r.calls();
+    measured_runs(&mut *r, runs);
+    let calls = r.calls().minus(before);
+    println!(
+        "{spec}: {} conversions in measured_runs ({runs} runs of {conversions}); calls {calls:?}",
+        runs * conversions as u64
+    );
+}
+
+struct Row {
+    strategy: &'static str,
+    ns_per_conversion: f64,
+    calls: Calls,
+    conversions: u64,
+    peak_held: u64,
+}
+
+/// CPU time of the calling thread (user + system), so that time spent waiting for a core on a
+/// loaded machine is not counted.
+fn thread_cpu_time() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; the clock id is a constant; checked below.
+    let ret = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    assert_eq!(ret, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID)");
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// Median thread CPU time of one workload run, after one warm-up run; calls counted over the
+/// timed runs.
+fn measure(r: &mut dyn Runner, conversions: usize) -> (f64, Calls, u64) {
+    r.run();
+    let before = r.calls();
+    let mut times = Vec::new();
+    let started = Instant::now();
+    while times.len() < 5 || (started.elapsed() < Duration::from_millis(500) && times.len() < 200)
+    {
+        let t = thread_cpu_time();
+        r.run();
+        times.push((thread_cpu_time() - t).as_secs_f64());
+    }
+    let runs = times.len() as u64;
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    (
+        median * 1e9 / conversions as f64,
+        r.calls().minus(before),
+        runs,
+    )
+}
+
+fn summary(vm: Option<&kvm_ioctls::VmFd>) {
+    let backing = if vm.is_some() {
+        "memfd + real guest_memfd (classic)"
+    } else {
+        "memfd + memfd (no KVM)"
+    };
+    println!("\nend-to-end summary; region 256 MiB, {backing}, emulated IOMMU; median thread CPU time of whole-workload runs");
+    println!(
+        "{:<16} {:<11} {:>10} {:>7} {:>7} {:>7} {:>7} {:>7} {:>10} {:>8} {:>8}",
+        "workload",
+        "strategy",
+        "ns/conv",
+        "attr",
+        "map",
+        "unmap",
+        "punch",
+        "calls",
+        "peak held",
+        "x floor",
+        "x qemu"
+    );
+    for w in workloads() {
+        let mut rows = Vec::new();
+        for s in STRATEGIES {
+            let mut r = runner(s, &w, vm);
+            let (ns, calls, runs) = measure(&mut *r, w.reqs.len());
+            rows.push(Row {
+                strategy: s.name(),
+                ns_per_conversion: ns,
+                calls,
+                conversions: runs * w.reqs.len() as u64,
+                peak_held: r.peak_held(),
+            });
+        }
+        let time_of = |name: &str| {
+            rows.iter()
+                .find(|r| r.strategy == name)
+                .map_or(f64::NAN, |r| r.ns_per_conversion)
+        };
+        let (floor, qemu) = (time_of("floor"), time_of("qemu"));
+        let per_run = |name: &str| {
+            rows.iter()
+                .find(|r| r.strategy == name)
+                .map(|r| {
+                    let runs = r.conversions / w.reqs.len() as u64;
+                    (r.calls.attribute / runs, r.calls.map / runs, r.calls.unmap / runs, r.calls.punch / runs)
+                })
+        };
+        let same = per_run("eager") == per_run("floor");
+        for r in &rows {
+            let per = |n: u64| n as f64 / r.conversions as f64;
+            println!(
+                "{:<16} {:<11} {:>10.0} {:>7.3} {:>7.3} {:>7.3} {:>7.3} {:>7.3} {:>9}K {:>8.2} {:>8.2}",
+                w.name,
+                r.strategy,
+                r.ns_per_conversion,
+                per(r.calls.attribute),
+                per(r.calls.map),
+                per(r.calls.unmap),
+                per(r.calls.punch),
+                per(r.calls.total()),
+                r.peak_held >> 10,
+                r.ns_per_conversion / floor,
+                r.ns_per_conversion / qemu,
+            );
+        }
+        println!(
+            "{:<16} eager makes {} kernel calls as the floor",
+            w.name,
+            if same { "the same" } else { "DIFFERENT" }
+        );
+    }
+    println!();
+}
+
+fn criterion_benches(c: &mut Criterion, vm: Option<&kvm_ioctls::VmFd>) {
+    for w in workloads() {
+        let mut group = c.benchmark_group(format!("e2e/{}", w.name));
+        group.throughput(Throughput::Elements(w.reqs.len() as u64));
+        group.sample_size(10);
+        group.warm_up_time(Duration::from_millis(500));
+        group.measurement_time(Duration::from_secs(2));
+        for s in STRATEGIES {
+            let mut r = runner(s, &w, vm);
+            group.bench_function(s.name(), |b| b.iter(|| r.run()));
+        }
+        group.finish();
+    }
+    let mut group = c.benchmark_group("e2e/manager-bounce");
+    let mut extents = ManagerOnly::new();
+    group.throughput(Throughput::Elements(extents.reqs.len() as u64));
+    group.bench_function("extents", |b| b.iter(|| extents.run()));
+    let mut bitmap = BitmapOnly::new();
+    group.bench_function("bitmap", |b| b.iter(|| bitmap.run()));
+    group.finish();
+}
+
+fn main() {
+    let (_kvm, vm) = kvm_vm();
+    if let Ok(spec) = std::env::var("E2E_ONLY") {
+        only(&spec, vm.as_ref());
+        return;
+    }
+    // `cargo bench` passes --bench; `cargo test --benches` does not and only smoke-tests.
+    if std::env::args().any(|a| a == "--bench") && std::env::var_os("E2E_NO_SUMMARY").is_none() {
+        summary(vm.as_ref());
+    }
+    let mut c = Criterion::default().configure_from_args();
+    criterion_benches(&mut c, vm.as_ref());
+    c.final_summary();
+}
