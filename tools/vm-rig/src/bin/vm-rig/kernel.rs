@@ -97,12 +97,13 @@ pub fn ensure(rig_dir: &Path) -> Result<PathBuf> {
     let root = cache_root()?;
     let entry = root.join(format!("kernel-{}", cache_key(&options, &version)));
     let image = entry.join("bzImage");
+    let cleanup_root = root.clone();
+    std::thread::spawn(move || remove_abandoned(&cleanup_root)); // IO-bound; overlaps the rest
     if image.is_file() {
         eprintln!("vm-rig: kernel (cached): {}", image.display());
         return Ok(image);
     }
     fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
-    remove_abandoned(&root);
     let started = Instant::now();
     eprintln!(
         "vm-rig: building the guest kernel from {} ({version}) into {} (takes minutes; later runs reuse it)",
@@ -144,6 +145,11 @@ pub fn ensure(rig_dir: &Path) -> Result<PathBuf> {
         }
     }
     fs::remove_file(&log_path).ok();
+    // Deleting the ~1.5 GB source tree takes minutes on slow disks: do it while the caller
+    // goes on. If the process exits first, the next build's `remove_abandoned` finishes it.
+    let tree = scratch.0.clone();
+    std::mem::forget(scratch);
+    std::thread::spawn(move || fs::remove_dir_all(tree));
     eprintln!(
         "vm-rig: kernel built in {:.0?}: {}",
         started.elapsed(),
