@@ -104,7 +104,10 @@ pub fn build(ws: &Workspace) -> Result<Built> {
         .args(["--message-format=json", "--target", TARGET])
         .arg("--target-dir")
         .arg(ws.rig_target_dir())
-        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .env(
+            "RUSTFLAGS",
+            static_rustflags(std::env::var("RUSTFLAGS").ok().as_deref()),
+        )
         .env_remove("CARGO_ENCODED_RUSTFLAGS")
         .current_dir(&ws.root)
         .stderr(Stdio::inherit())
@@ -120,6 +123,16 @@ pub fn build(ws: &Workspace) -> Result<Built> {
         );
     }
     Ok(built)
+}
+
+/// The caller's RUSTFLAGS (e.g. CI's `-D warnings`) plus static linking.
+fn static_rustflags(inherited: Option<&str>) -> String {
+    let mut flags = inherited.unwrap_or_default().trim().to_string();
+    if !flags.is_empty() {
+        flags.push(' ');
+    }
+    flags.push_str("-C target-feature=+crt-static");
+    flags
 }
 
 fn cargo() -> String {
@@ -226,6 +239,15 @@ pub fn parse_list(stdout: &str) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn static_linking_is_added_to_inherited_rustflags() {
+        assert_eq!(static_rustflags(None), "-C target-feature=+crt-static");
+        assert_eq!(
+            static_rustflags(Some(" -D warnings ")),
+            "-D warnings -C target-feature=+crt-static"
+        );
+    }
 
     #[test]
     fn list_output_yields_test_names_only() {
