@@ -5,6 +5,8 @@
 //! Under the region's conversion lock:
 //!
 //! 0. **Catch up.** Unmaps that failed earlier (stale mappings, see [`crate::dma`]) are retried.
+//!    A conversion to private of a range that a device still maps this way is refused
+//!    ([`ConversionError::StaleMapping`]): it would otherwise "succeed" with the page mapped.
 //! 1. **Budget.** Every device listening to the gaining view must have room for one mapping per
 //!    granule that joins it ([`iommu::Ledger::check_budget`]); type1 allows 65535 per container.
 //!    A conversion that would not fit is refused here, before anything changed.
