@@ -70,7 +70,7 @@ while read -r kind id limit bin rest; do
         cmd) set -- $rest ;;
         *) continue ;;
     esac
-    echo "rig: == $id"
+    echo "rig: == $id: $bin $*"
     echo "@@RIG START $id" >&3
     t0=$(uptime_cs)
     { timeout -s KILL "$limit" "$bin" "$@" </dev/null; echo $? >/tmp/rc; } 2>&1 | tee /tmp/out
