@@ -285,8 +285,19 @@ impl GuestRam {
         }
         for d in devices.iter() {
             if let Err(source) = attach_to_region(d, &region) {
-                for a in region.attached().drain(..) {
+                // The region is not published yet, so only this thread sees it; still, take the
+                // list out before calling the manager (lock order: manager before the list).
+                let attached: Vec<Attached> = region.attached().drain(..).collect();
+                for a in attached {
                     let _ = region.manager().unregister(a.id);
+                    // What could not be unmapped still points into this region's memory: keep
+                    // the memory alive as long as the mapping may be.
+                    if a.listener.retry_stale() > 0 {
+                        lock(&self.orphans).push(Orphan {
+                            _ledger: Arc::clone(&a.ledger),
+                            _backings: vec![Arc::clone(region.backing())],
+                        });
+                    }
                 }
                 if spec.initial == Attribute::Private {
                     // Best effort: KVM forgets attributes of GPAs with no memslot anyway.
