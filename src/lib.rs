@@ -11,19 +11,22 @@
 //! - [`exits`]: vCPU exits to conversion requests, results to what the guest reads.
 //!
 //! # Example
-//! A VMM with one 2 MiB confidential region and one assigned device (here the emulated IOMMU;
-//! a VFIO type1 or IOMMUFD backend from the `iommu` crate plugs in the same way):
+//! A VMM with one 2 MiB confidential region bound to a KVM memslot and one assigned device (here
+//! the emulated IOMMU; a VFIO type1 or IOMMUFD backend from the `iommu` crate plugs in the same
+//! way). This host's default VM has no KVM memory attributes, so the recording table stands in.
 //! ```
 //! use std::sync::Arc;
-//! use gmem_dma::{DeviceConfig, DiscardPolicy, GuestRam, RecordingAttributes, RegionBacking, RegionSpec};
 //! use discard_manager::{Attribute, GpaRange};
-//! use iommu::EmulatedIommu;
+//! use gmem_dma::*;
 //!
-//! let ram = GuestRam::new(Arc::new(RecordingAttributes::new()));
-//! let backing = RegionBacking::software(0x1_0000_0000, 2 << 20)?; // or ::classic(&vm, ..) + bind
-//! let spec = RegionSpec { granularity: 4096, initial: Attribute::Private, policy: DiscardPolicy::Lazy { budget_bytes: 1 << 20 } };
-//! ram.add_region(backing, spec)?;
-//! let iommu = Arc::new(EmulatedIommu::new());
+//! let (kvm, vm) = { let kvm = kvm_ioctls::Kvm::new()?; let vm = kvm.create_vm()?; (kvm, vm) };
+//! let model = KvmSupport::probe(&kvm, &vm).choose_model(ModelChoice::Classic)?;
+//! let backing = RegionBacking::classic(&vm, 0x1_0000_0000, 2 << 20)?; // memfd + guest_memfd
+//! backing.bind(&vm, 0)?; // KVM_SET_USER_MEMORY_REGION2
+//! let ram = GuestRam::new(Arc::new(RecordingAttributes::new())); // KvmAttributes on a CoCo VM
+//! let policy = DiscardPolicy::Lazy { budget_bytes: 1 << 20 };
+//! ram.add_region(backing, RegionSpec { granularity: 4096, initial: Attribute::Private, policy })?;
+//! let iommu = Arc::new(iommu::EmulatedIommu::new());
 //! let nic = ram.attach_device("nic", iommu.clone(), DeviceConfig::shared())?;
 //!
 //! // The guest shares a 16 KiB bounce buffer (a KVM_HC_MAP_GPA_RANGE exit), then takes it back.
@@ -32,6 +35,7 @@
 //! assert_eq!(iommu.mapping_count(), 4); // one mapping per 4 KiB granule
 //! ram.convert(bounce, Attribute::Private)?;
 //! assert_eq!(ram.device_mappings(nic).unwrap().len(), 0);
+//! # assert_eq!(model, BackingModel::Classic);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 #![deny(
