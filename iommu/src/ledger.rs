@@ -382,29 +382,60 @@ impl Record {
         })
     }
 
+    /// The run that is exactly `[iova, last]`, if there is one (a buffer unmapped as it was
+    /// mapped: the common case, answered with one lookup).
+    fn exact_run(&self, iova: u64, last: u64) -> Option<Run> {
+        match self.runs.range(..=last).next_back() {
+            Some((&start, run)) if start == iova && run.last(start) == last => Some(*run),
+            _ => None,
+        }
+    }
+
+    /// True when a live mapping overlaps `[iova, last]`: one lookup, since runs are disjoint and
+    /// sorted, the run starting last at or before `last` is the only candidate.
+    fn overlaps(&self, iova: u64, last: u64) -> bool {
+        self.runs
+            .range(..=last)
+            .next_back()
+            .is_some_and(|(&start, run)| run.last(start) >= iova)
+    }
+
     /// A live mapping that `[iova, last]` would cut in two: any such one straddles an end.
     fn bisected(&self, iova: u64, last: u64) -> Option<Mapping> {
+        if self.exact_run(iova, last).is_some() {
+            return None;
+        }
         let at_start = self.mapping_at(iova).filter(|m| m.iova < iova);
         at_start.or_else(|| self.mapping_at(last).filter(|m| m.last() > last))
     }
 
-    /// Records one new mapping, extending or joining neighbouring runs it continues.
-    fn push(&mut self, iova: u64, piece_len: u64, prot: DmaProt, source: MappingSource) {
-        self.mappings += 1;
-        let next_start = iova.checked_add(piece_len);
+    /// Records `count` new back-to-back mappings of `piece_len` bytes from `iova` (one call
+    /// per request, not per piece), extending or joining neighbouring runs they continue.
+    fn push(
+        &mut self,
+        iova: u64,
+        piece_len: u64,
+        count: u64,
+        prot: DmaProt,
+        source: MappingSource,
+    ) {
+        if count == 0 {
+            return;
+        }
+        self.mappings += count;
+        let bytes = piece_len * count;
+        let next_start = iova.checked_add(bytes);
         let follower = next_start.and_then(|n| {
             self.runs
                 .get(&n)
                 .filter(|r| {
-                    r.piece_len == piece_len
-                        && r.prot == prot
-                        && source.advance(piece_len) == r.source
+                    r.piece_len == piece_len && r.prot == prot && source.advance(bytes) == r.source
                 })
                 .map(|r| (n, r.count))
         });
         let extended = match self.runs.range_mut(..iova).next_back() {
             Some((&start, run)) if run.continues(start, iova, piece_len, prot, source) => {
-                run.count += 1;
+                run.count += count;
                 if let Some((_, count)) = follower {
                     run.count += count;
                 }
@@ -413,7 +444,7 @@ impl Record {
             _ => false,
         };
         if !extended {
-            let count = 1 + follower.map_or(0, |(_, c)| c);
+            let count = count + follower.map_or(0, |(_, c)| c);
             self.runs.insert(
                 iova,
                 Run {
@@ -453,9 +484,23 @@ impl Record {
     /// Removes every run starting in `[first, last]`; returns the mappings removed.
     fn remove_runs(&mut self, first: u64, last: u64) -> u64 {
         let mut removed = 0;
-        while let Some((&start, _)) = self.runs.range(first..=last).next() {
-            if let Some(run) = self.runs.remove(&start) {
-                removed += run.count;
+        // Usually a run starts at `first`: take it without a search.
+        let mut found = self.runs.remove(&first).map(|run| (first, run));
+        loop {
+            if found.is_none() {
+                let Some(start) = self.runs.range(first..=last).next().map(|(&s, _)| s) else {
+                    break;
+                };
+                found = self.runs.remove(&start).map(|run| (start, run));
+            }
+            let Some((start, run)) = found.take() else {
+                break;
+            };
+            removed += run.count;
+            // Runs are disjoint and removed in address order: none starts after this one
+            // inside the range once it reaches the end.
+            if run.last(start) >= last {
+                break;
             }
         }
         self.mappings -= removed;
@@ -705,22 +750,36 @@ impl Ledger {
             };
             if let Err(map_error) = result {
                 state.stats.failed_calls += 1;
+                Self::record_mapped(&mut state, iova, piece_len, i, prot, source);
                 return Err(self.undo_pieces(&mut state, iova, len, delta, map_error));
             }
-            state
-                .record
-                .push(piece_iova, piece_len, prot, piece_source.record());
-            if let Some(budget) = state.budget.as_mut() {
-                *budget -= 1;
-            }
-            let live = state.record.mappings;
-            let stats = &mut state.stats;
-            stats.map_calls += 1;
-            stats.bytes_mapped += piece_len;
-            stats.mappings = live;
-            stats.peak_mappings = stats.peak_mappings.max(stats.mappings);
         }
+        Self::record_mapped(&mut state, iova, piece_len, pieces, prot, source);
         Ok(())
+    }
+
+    /// Records the `count` pieces a map request made from `iova` (in one record update: the
+    /// record grows by runs, and the lock is held, so nobody sees it between the calls).
+    fn record_mapped(
+        state: &mut State,
+        iova: u64,
+        piece_len: u64,
+        count: u64,
+        prot: DmaProt,
+        source: Source<'_>,
+    ) {
+        state
+            .record
+            .push(iova, piece_len, count, prot, source.record());
+        if let Some(budget) = state.budget.as_mut() {
+            *budget -= count;
+        }
+        let live = state.record.mappings;
+        let stats = &mut state.stats;
+        stats.map_calls += count;
+        stats.bytes_mapped += piece_len * count;
+        stats.mappings = live;
+        stats.peak_mappings = stats.peak_mappings.max(live);
     }
 
     /// After a failed piece: unmaps the `done` bytes this request mapped, returns the error.
@@ -809,12 +868,14 @@ impl Ledger {
                 ranges: self.caps.iova_ranges.clone(),
             });
         }
-        if let Some(existing) = state.record.first_overlap(iova, last) {
-            return Err(LedgerError::Overlap {
-                iova,
-                len,
-                existing,
-            });
+        if state.record.overlaps(iova, last) {
+            if let Some(existing) = state.record.first_overlap(iova, last) {
+                return Err(LedgerError::Overlap {
+                    iova,
+                    len,
+                    existing,
+                });
+            }
         }
         let pieces = len / piece_len;
         Self::check_budget_in(state, pieces)?;
@@ -876,13 +937,19 @@ impl Ledger {
         first: u64,
         last: u64,
     ) -> Result<UnmapReport, LedgerError> {
+        let mut report = UnmapReport::default();
+        if let Some(run) = state.record.exact_run(first, last) {
+            if last - first < MAX_UNMAP_CALL_LEN {
+                self.unmap_call(state, &mut report, first, last, run.bytes(), run.count)?;
+                return Ok(report);
+            }
+        }
         // Runs may still straddle the ends on piece boundaries: cut them there. This changes how
         // the record is stored, not which mappings it holds.
         state.record.split_at(first);
         if let Some(after) = last.checked_add(1) {
             state.record.split_at(after);
         }
-        let mut report = UnmapReport::default();
         while let Some((&call_start, &run)) = state.record.runs.range(first..=last).next() {
             if run.last(call_start) - call_start > MAX_UNMAP_CALL_LEN - 1 {
                 // One run longer than a call may be (only possible from IOVA 0): cut it.
@@ -900,51 +967,66 @@ impl Ledger {
                 expected += run.bytes();
                 count += run.count;
             }
-            let call_len = call_last - call_start + 1;
-            let unmapped = match self.backend.unmap(call_start, call_len) {
-                Ok(unmapped) => unmapped,
-                // The call succeeded but the backend found the count impossible: handled below
-                // as the mismatch it is.
-                Err(DmaError::PartialUnmap { unmapped, .. }) => unmapped,
-                Err(source) => {
-                    state.stats.failed_calls += 1;
-                    return Err(LedgerError::Unmap {
-                        done_calls: report.calls,
-                        source,
-                    });
-                }
-            };
-            // The kernel holds nothing in the call's range now, whatever it reported.
-            state.record.remove_runs(call_start, call_last);
-            report.calls += 1;
-            report.bytes = report.bytes.saturating_add(unmapped);
-            report.mappings += count;
-            let live = state.record.mappings;
-            let stats = &mut state.stats;
-            stats.unmap_calls += 1;
-            stats.bytes_unmapped = stats.bytes_unmapped.saturating_add(unmapped);
-            stats.mappings = live;
-            if unmapped != expected {
-                // The record was wrong; trust the backend's own count where it keeps one.
-                state.budget = match self.backend.capabilities() {
-                    Ok(caps) if caps.mapping_budget.is_some() => caps.mapping_budget,
-                    _ => state.budget.map(|b| b + count),
-                };
-                return Err(LedgerError::UnmapMismatch {
-                    iova: call_start,
-                    len: call_len,
-                    expected,
-                    unmapped,
-                });
-            }
-            if let Some(budget) = state.budget.as_mut() {
-                *budget += count;
-            }
+            self.unmap_call(state, &mut report, call_start, call_last, expected, count)?;
             if call_last >= last {
                 break;
             }
         }
         Ok(report)
+    }
+
+    /// One backend unmap call over `[call_start, call_last]`, which holds `count` whole recorded
+    /// mappings of `expected` bytes; updates the record, the budget, the statistics and `report`.
+    fn unmap_call(
+        &self,
+        state: &mut State,
+        report: &mut UnmapReport,
+        call_start: u64,
+        call_last: u64,
+        expected: u64,
+        count: u64,
+    ) -> Result<(), LedgerError> {
+        let call_len = call_last - call_start + 1;
+        let unmapped = match self.backend.unmap(call_start, call_len) {
+            Ok(unmapped) => unmapped,
+            // The call succeeded but the backend found the count impossible: handled below
+            // as the mismatch it is.
+            Err(DmaError::PartialUnmap { unmapped, .. }) => unmapped,
+            Err(source) => {
+                state.stats.failed_calls += 1;
+                return Err(LedgerError::Unmap {
+                    done_calls: report.calls,
+                    source,
+                });
+            }
+        };
+        // The kernel holds nothing in the call's range now, whatever it reported.
+        state.record.remove_runs(call_start, call_last);
+        report.calls += 1;
+        report.bytes = report.bytes.saturating_add(unmapped);
+        report.mappings += count;
+        let live = state.record.mappings;
+        let stats = &mut state.stats;
+        stats.unmap_calls += 1;
+        stats.bytes_unmapped = stats.bytes_unmapped.saturating_add(unmapped);
+        stats.mappings = live;
+        if unmapped != expected {
+            // The record was wrong; trust the backend's own count where it keeps one.
+            state.budget = match self.backend.capabilities() {
+                Ok(caps) if caps.mapping_budget.is_some() => caps.mapping_budget,
+                _ => state.budget.map(|b| b + count),
+            };
+            return Err(LedgerError::UnmapMismatch {
+                iova: call_start,
+                len: call_len,
+                expected,
+                unmapped,
+            });
+        }
+        if let Some(budget) = state.budget.as_mut() {
+            *budget += count;
+        }
+        Ok(())
     }
 
     /// Unmaps every recorded mapping, with as few calls as possible.
