@@ -27,10 +27,14 @@ echo "rig: configuration $RIG_CONFIG, kernel $(uname -r), GMEM_DMA_REQUIRE=$GMEM
 
 # Find the edu device (PCI 1234:11e8) and hand it to vfio-pci. An emulated IOMMU probes its
 # endpoints during boot; wait briefly for the device's IOMMU group where one is expected.
+# QEMU has two edu devices (tests that share an address space between devices use the second);
+# GMEM_DMA_EDU names the first, and vfio-pci's new_id binds both.
 EDU=
+ALL_EDU=
 for d in /sys/bus/pci/devices/*; do
     if [ "$(cat "$d/vendor")" = 0x1234 ] && [ "$(cat "$d/device")" = 0x11e8 ]; then
-        EDU=${d##*/}
+        [ -z "$EDU" ] && EDU=${d##*/}
+        ALL_EDU="$ALL_EDU ${d##*/}"
     fi
 done
 if [ -n "$EDU" ]; then
@@ -43,6 +47,7 @@ if [ -n "$EDU" ]; then
     while [ ! -e "/sys/bus/pci/devices/$EDU/driver" ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
     export GMEM_DMA_EDU=$EDU
     fact edu "$EDU"
+    fact edu-all "$ALL_EDU"
     fact edu-driver "$(basename "$(readlink "/sys/bus/pci/devices/$EDU/driver")")"
     fact edu-iommu-group "$(basename "$(readlink "/sys/bus/pci/devices/$EDU/iommu_group")")"
 else

@@ -133,7 +133,9 @@ pub fn qemu_args(
         args.push("-device".into());
         args.push(device.to_string());
     }
-    args.extend(["-device", "edu"].map(String::from));
+    // Two edu devices: the first is the one every test uses (GMEM_DMA_EDU); the second lets
+    // tests attach a second device to an address space that already has mappings.
+    args.extend(["-device", "edu", "-device", "edu"].map(String::from));
     args.push("-kernel".into());
     args.push(kernel.display().to_string());
     args.push("-initrd".into());
@@ -395,9 +397,14 @@ mod tests {
                 "1G",
                 false,
             );
-            let devices = args.iter().filter(|a| *a == "-device").count();
+            let devices: Vec<&String> = args
+                .windows(2)
+                .filter(|pair| pair[0] == "-device")
+                .map(|pair| &pair[1])
+                .collect();
+            assert_eq!(devices.iter().filter(|d| **d == "edu").count(), 2);
             assert_eq!(
-                devices == 1,
+                devices.len() == 2,
                 config.name == "noiommu",
                 "{}: {args:?}",
                 config.name
