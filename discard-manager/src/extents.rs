@@ -503,7 +503,10 @@ fn replace_range(chunk: &mut Vec<u64>, i: usize, end: usize, replacement: &[u64]
     let old_len = chunk.len();
     let new_end = i + replacement.len();
     if new_end > end {
-        chunk.resize(old_len + (new_end - end), 0);
+        // Grow by pushing (one or two slots, within capacity): `resize` would call `memset`.
+        for _ in end..new_end {
+            chunk.push(0);
+        }
         chunk.copy_within(end..old_len, new_end);
     } else if new_end < end {
         chunk.copy_within(end..old_len, new_end);

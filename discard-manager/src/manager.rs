@@ -70,7 +70,8 @@ struct Inner {
     extents: Extents,
     listeners: Vec<Entry>,
     next_id: u64,
-    /// Buffers reused by every transaction, so the hot path does not allocate.
+    /// Buffers reused by every transaction, so the hot path does not allocate (the `sent_*`
+    /// ones are filled only by a rollback).
     plan: Plan,
     sent_discards: Vec<Sent>,
     sent_populates: Vec<Sent>,
@@ -105,6 +106,31 @@ impl<E: std::error::Error + 'static> From<LockError> for TransactionError<E> {
         match e {
             LockError::Reentrant => TransactionError::Reentrant,
             LockError::Poisoned => TransactionError::Poisoned,
+        }
+    }
+}
+
+/// Fills `out` with the notifications a transaction sent for `runs`, in the order it sends
+/// them (run by run, listener by listener, each clipped to the listener's range), stopping
+/// before `until` = (position in `runs`, listener index) when given.
+fn sent(
+    listeners: &[Entry],
+    runs: &[crate::change::ViewRange],
+    until: Option<(usize, usize)>,
+    out: &mut Vec<Sent>,
+) {
+    out.clear();
+    for (position, vr) in runs.iter().enumerate() {
+        for (index, entry) in listeners.iter().enumerate() {
+            if until.is_some_and(|stop| (position, index) >= stop) {
+                return;
+            }
+            if entry.info.view != vr.view {
+                continue;
+            }
+            if let Some(range) = entry.info.range.intersect(&vr.range) {
+                out.push(Sent { index, range });
+            }
         }
     }
 }
@@ -379,22 +405,26 @@ impl DiscardManager {
         if change.is_empty() {
             return Ok(change);
         }
-        inner.sent_discards.clear();
-        inner.sent_populates.clear();
-
+        // What was sent is not recorded here: discards cannot fail and both loops run in a
+        // fixed order, so a rollback recomputes the notifications it must undo (`sent`).
         for vr in change.discarded() {
-            for (index, entry) in inner.listeners.iter().enumerate() {
+            for entry in &inner.listeners {
                 if entry.info.view != vr.view {
                     continue;
                 }
                 if let Some(range) = entry.info.range.intersect(&vr.range) {
                     entry.listener.discard(vr.view, range);
-                    inner.sent_discards.push(Sent { index, range });
                 }
             }
         }
 
         if let Err(source) = step.apply(&change) {
+            sent(
+                &inner.listeners,
+                change.discarded(),
+                None,
+                &mut inner.sent_discards,
+            );
             let detached = self.restore_losing_view(inner);
             return Err(if detached.is_empty() {
                 TransactionError::StepFailed { source }
@@ -406,7 +436,7 @@ impl DiscardManager {
             });
         }
 
-        for vr in change.populated() {
+        for (position, vr) in change.populated().iter().enumerate() {
             for (index, entry) in inner.listeners.iter().enumerate() {
                 if entry.info.view != vr.view {
                     continue;
@@ -421,11 +451,23 @@ impl DiscardManager {
                         range,
                         source,
                     };
+                    sent(
+                        &inner.listeners,
+                        change.populated(),
+                        Some((position, index)),
+                        &mut inner.sent_populates,
+                    );
                     for sent in inner.sent_populates.iter().rev() {
                         let entry = &inner.listeners[sent.index];
                         entry.listener.discard(entry.info.view, sent.range);
                     }
                     step.undo(&change);
+                    sent(
+                        &inner.listeners,
+                        change.discarded(),
+                        None,
+                        &mut inner.sent_discards,
+                    );
                     let detached = self.restore_losing_view(inner);
                     return Err(if detached.is_empty() {
                         TransactionError::Refused { refusal }
@@ -436,7 +478,6 @@ impl DiscardManager {
                         }
                     });
                 }
-                inner.sent_populates.push(Sent { index, range });
             }
         }
 
