@@ -402,9 +402,6 @@ impl Record {
 
     /// A live mapping that `[iova, last]` would cut in two: any such one straddles an end.
     fn bisected(&self, iova: u64, last: u64) -> Option<Mapping> {
-        if self.exact_run(iova, last).is_some() {
-            return None;
-        }
         let at_start = self.mapping_at(iova).filter(|m| m.iova < iova);
         at_start.or_else(|| self.mapping_at(last).filter(|m| m.last() > last))
     }
@@ -902,6 +899,18 @@ impl Ledger {
     /// [`LedgerError::UnmapMismatch`] when the backend reported other byte counts.
     pub fn unmap(&self, iova: u64, len: u64) -> Result<UnmapReport, LedgerError> {
         let mut state = self.lock();
+        // Fast path: the range is exactly one recorded run (a buffer unmapped as it was
+        // mapped): it bisects nothing and needs no split, so one lookup and one call.
+        let exact = len.checked_sub(1).and_then(|l| iova.checked_add(l));
+        if let Some((last, run)) =
+            exact.and_then(|last| Some((last, state.record.exact_run(iova, last)?)))
+        {
+            if last - iova < MAX_UNMAP_CALL_LEN {
+                let mut report = UnmapReport::default();
+                self.unmap_call(&mut state, &mut report, iova, last, run.bytes(), run.count)?;
+                return Ok(report);
+            }
+        }
         let last = match Self::check_unmap(&state, iova, len) {
             Ok(last) => last,
             Err(e) => {
@@ -938,12 +947,6 @@ impl Ledger {
         last: u64,
     ) -> Result<UnmapReport, LedgerError> {
         let mut report = UnmapReport::default();
-        if let Some(run) = state.record.exact_run(first, last) {
-            if last - first < MAX_UNMAP_CALL_LEN {
-                self.unmap_call(state, &mut report, first, last, run.bytes(), run.count)?;
-                return Ok(report);
-            }
-        }
         // Runs may still straddle the ends on piece boundaries: cut them there. This changes how
         // the record is stored, not which mappings it holds.
         state.record.split_at(first);
