@@ -285,7 +285,25 @@ impl Extents {
                 index: w.pos.index + 1,
             }
         };
-        self.splice(at, existing, &replacement[..n]);
+        let replacement = &replacement[..n];
+        // Common case: the edit stays inside one chunk that neither overflows nor gets sparse,
+        // so none of `splice`'s spill, split or merge bookkeeping applies.
+        // (A lone chunk has no neighbour to merge with, so it may be sparse.)
+        let alone = self.chunks.len() == 1;
+        let chunk = &mut self.chunks[at.chunk];
+        let end = at.index + existing;
+        if end <= chunk.len()
+            && chunk.len() - existing + n <= CHUNK
+            && (alone || chunk.len() - existing + n >= CHUNK / 4)
+        {
+            replace_range(chunk, at.index, end, replacement);
+            if at.index == 0 {
+                self.firsts[at.chunk] = key_of(chunk[0]);
+            }
+            self.len = self.len - existing + n;
+            return;
+        }
+        self.splice(at, existing, replacement);
     }
 
     /// Computes the update that sets every granule `g` in `[a, b)` to `f(state(g))`.
