@@ -930,8 +930,7 @@ fn measure(r: &mut dyn Runner, conversions: usize) -> (f64, Calls, u64) {
     let before = r.calls();
     let mut times = Vec::new();
     let started = Instant::now();
-    while times.len() < 5 || (started.elapsed() < Duration::from_millis(500) && times.len() < 200)
-    {
+    while times.len() < 5 || (started.elapsed() < Duration::from_millis(500) && times.len() < 200) {
         let t = thread_cpu_time();
         r.run();
         times.push((thread_cpu_time() - t).as_secs_f64());
@@ -952,7 +951,9 @@ fn summary(vm: Option<&kvm_ioctls::VmFd>) {
     } else {
         "memfd + memfd (no KVM)"
     };
-    println!("\nend-to-end summary; region 256 MiB, {backing}, emulated IOMMU; median thread CPU time of whole-workload runs");
+    println!(
+        "\nend-to-end summary; region 256 MiB, {backing}, emulated IOMMU; median thread CPU time of whole-workload runs"
+    );
     println!(
         "{:<16} {:<11} {:>10} {:>7} {:>7} {:>7} {:>7} {:>7} {:>10} {:>8} {:>8}",
         "workload",
@@ -987,12 +988,15 @@ fn summary(vm: Option<&kvm_ioctls::VmFd>) {
         };
         let (floor, qemu) = (time_of("floor"), time_of("qemu"));
         let per_run = |name: &str| {
-            rows.iter()
-                .find(|r| r.strategy == name)
-                .map(|r| {
-                    let runs = r.conversions / w.reqs.len() as u64;
-                    (r.calls.attribute / runs, r.calls.map / runs, r.calls.unmap / runs, r.calls.punch / runs)
-                })
+            rows.iter().find(|r| r.strategy == name).map(|r| {
+                let runs = r.conversions / w.reqs.len() as u64;
+                (
+                    r.calls.attribute / runs,
+                    r.calls.map / runs,
+                    r.calls.unmap / runs,
+                    r.calls.punch / runs,
+                )
+            })
         };
         let same = per_run("eager") == per_run("floor");
         for r in &rows {
