@@ -416,8 +416,12 @@ fn run(args: Args) -> Result<(), Failure> {
     );
     println!("                {memory_faults} by KVM_EXIT_MEMORY_FAULT, refused: {refused:?}");
     println!("  iommu calls   {maps} map + {unmaps} unmap running, {unmapped} unmap at detach");
-    println!("  mapped        {mapped:#x?} when the guest stopped");
-    println!("  dma faults    {faults:?}; the private page untouched: {isolated:?}");
+    println!("  mapped        {mapped:x?} (IOVAs) when the guest stopped");
+    println!("  private page  untouched by the DMA into it: {isolated:?}");
+    match &faults {
+        Some(faults) => println!("  dma faults    {}: {faults:#?}", faults.len()),
+        None => println!("  dma faults    not looked for (--no-fault-log)"),
+    }
     println!("  time          {total:.1} ms per transaction (device DMA: {dma:.1} ms)");
     println!("                {per_conversion:.0} us per conversion");
 
