@@ -386,11 +386,11 @@ fn run(args: &RunArgs) -> Result<bool> {
     std::thread::scope(|scope| {
         for _ in 0..jobs {
             scope.spawn(|| {
-                while let Some(&config) = selected.get(next.fetch_add(1, Ordering::SeqCst)) {
-                    let index = selected
-                        .iter()
-                        .position(|c| c.name == config.name)
-                        .unwrap_or(0);
+                loop {
+                    let index = next.fetch_add(1, Ordering::SeqCst);
+                    let Some(&config) = selected.get(index) else {
+                        break;
+                    };
                     match run_config(config, &kernel, &workspace, &plan, &busybox, &opts) {
                         Ok(run) => {
                             if let Ok(mut runs) = runs.lock() {
