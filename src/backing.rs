@@ -99,6 +99,17 @@ pub enum BackingError {
         #[source]
         source: errno::Error,
     },
+    /// Deleting the KVM memslot failed.
+    #[error("deleting KVM memslot {slot} of region at {base:#x} failed")]
+    Unbind {
+        /// Region base.
+        base: u64,
+        /// The slot.
+        slot: u32,
+        /// The kernel's errno.
+        #[source]
+        source: errno::Error,
+    },
     /// `fallocate(PUNCH_HOLE)` failed (or an injected failure).
     #[error("freeing {range} of the {side} backing failed")]
     PunchHole {
@@ -273,6 +284,19 @@ impl RegionBacking {
             )
         }
         .map_err(|source| BackingError::Bind {
+            base: self.base,
+            slot,
+            source,
+        })
+    }
+
+    /// Deletes memslot `slot` of `vm`, which [`bind`](Self::bind) created: do it before the
+    /// backing is dropped, once no vCPU runs, so KVM stops using the memory first.
+    ///
+    /// # Errors
+    /// [`BackingError::Unbind`].
+    pub fn unbind(&self, vm: &VmFd, slot: u32) -> Result<(), BackingError> {
+        sys::delete_memslot(vm, slot).map_err(|source| BackingError::Unbind {
             base: self.base,
             slot,
             source,

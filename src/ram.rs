@@ -5,7 +5,8 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use discard_manager::{Attribute, GpaRange, RegionConfig, View};
 use iommu::{
-    BackendKind, DmaBackend, DmaProt, FileMapSupport, Ledger, LedgerError, Mapping, UnmapReport,
+    BackendKind, DmaBackend, DmaProt, FileMapSupport, Ledger, LedgerError, LedgerStats, Mapping,
+    UnmapReport,
 };
 
 use crate::attributes::{AttributeError, MemoryAttributes};
@@ -415,6 +416,14 @@ impl GuestRam {
             .iter()
             .find(|d| d.id == id)
             .map(|d| d.ledger.mappings())
+    }
+
+    /// What a device's ledger counted: IOMMU map and unmap calls, bytes, peak mappings.
+    pub fn device_stats(&self, id: DeviceId) -> Option<LedgerStats> {
+        lock(&self.devices)
+            .iter()
+            .find(|d| d.id == id)
+            .map(|d| d.ledger.stats())
     }
 
     /// Mappings left in a device's budget (`None`: no limit, or no such device).

@@ -76,6 +76,18 @@ pub unsafe fn set_guest_memfd_memslot(
     unsafe { vm.set_user_memory_region2(region) }
 }
 
+/// Deletes KVM memslot `slot` (`KVM_SET_USER_MEMORY_REGION2` with size 0), after which KVM no
+/// longer uses the memory the slot pointed at.
+pub fn delete_memslot(vm: &VmFd, slot: u32) -> Result<(), errno::Error> {
+    let region = kvm_userspace_memory_region2 {
+        slot,
+        ..Default::default()
+    };
+    // SAFETY: a region of size 0 deletes the slot; KVM dereferences no host address for it, so
+    // none of `set_user_memory_region2`'s promises about `userspace_addr` are needed.
+    unsafe { vm.set_user_memory_region2(region) }
+}
+
 /// Creates an anonymous shared-memory file (`memfd_create(MFD_CLOEXEC)`) of `size` bytes.
 pub fn memfd_create(name: &CStr, size: u64) -> Result<OwnedFd, errno::Error> {
     let len = libc::off_t::try_from(size).map_err(|_| errno::Error::new(libc::EFBIG))?;

@@ -352,10 +352,20 @@ fn attaching_to_a_running_guest_replays_the_shared_view_and_detaching_unmaps_it(
         [0, 1, 8, 9, 10].map(|p| BASE + p * PAGE),
         "identity + offset, one mapping per granule"
     );
+    let stats = rig.ram.device_stats(dev.id).unwrap();
+    assert_eq!(
+        (stats.map_calls, stats.mappings, stats.unmap_calls),
+        (5, 5, 0)
+    );
     let report = rig.ram.detach_device(dev.id).unwrap();
     assert_eq!(report.mappings, 5);
     assert_eq!(report.calls, 2, "one unmap per run");
     assert_eq!(dev.iommu.mapping_count(), 0);
+    assert_eq!(
+        rig.ram.device_stats(dev.id),
+        None,
+        "a detached device has no ledger"
+    );
     // Conversions after detach do not reach it.
     rig.convert(range(BASE + 4 * PAGE, PAGE), Attribute::Shared)
         .unwrap();

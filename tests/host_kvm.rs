@@ -188,3 +188,23 @@ fn in_place_region_maps_the_guest_memfd_by_address_and_frees_nothing_on_conversi
     iommu.dma_read(r.start(), &mut buf).unwrap();
     assert_eq!(buf, [0; 4]);
 }
+
+#[test]
+fn unbinding_a_memslot_frees_its_guest_range_for_another_region() {
+    if !vm_rig::need(
+        "unbinding_a_memslot_frees_its_guest_range_for_another_region",
+        &[Feature::Kvm, Feature::GuestMemfdMmap],
+    ) {
+        return;
+    }
+    let (_kvm, vm, _support) = vm();
+    let first = RegionBacking::classic(&vm, BASE, SIZE).unwrap();
+    let second = RegionBacking::classic(&vm, BASE, SIZE).unwrap();
+    first.bind(&vm, 0).unwrap();
+    // KVM refuses a second slot over a guest range a live slot covers...
+    assert!(second.bind(&vm, 1).is_err());
+    first.unbind(&vm, 0).unwrap();
+    // ...and accepts it once that slot is gone.
+    second.bind(&vm, 1).unwrap();
+    second.unbind(&vm, 1).unwrap();
+}

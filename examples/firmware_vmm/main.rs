@@ -22,22 +22,18 @@
 use std::error::Error;
 use std::fs::File;
 use std::io::{ErrorKind, Read, Seek, SeekFrom};
-use std::os::fd::BorrowedFd as Fd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use discard_manager::{Attribute, GpaRange};
 use gmem_dma::sys::KVM_HC_MAP_GPA_RANGE;
 use gmem_dma::{DeviceConfig, DiscardPolicy, GuestRam, KvmAttributes, KvmSupport, ModelChoice};
 use gmem_dma::{RegionBacking, RegionSpec};
-use iommu::{Capabilities, DmaBackend, DmaError, DmaProt, Edu, HostPaths, PciAddress, VfioMode};
+use iommu::{DmaBackend, Edu, HostPaths, PciAddress, VfioMode};
 use iommu::{IommufdBackend, Type1Backend};
-use kvm_bindings::{
-    KVM_CAP_EXIT_HYPERCALL, kvm_enable_cap, kvm_regs, kvm_userspace_memory_region2,
-};
+use kvm_bindings::{KVM_CAP_EXIT_HYPERCALL, kvm_enable_cap, kvm_regs};
 use kvm_ioctls::{Kvm, VcpuExit, VmFd};
 use vm_memory::{Bytes, MemoryRegionAddress};
 
@@ -198,34 +194,6 @@ fn private_memory_vm(kvm: &Kvm) -> Result<VmFd, String> {
     Ok(vm)
 }
 
-/// Counts the IOMMU calls the library makes: a workaround, because `GuestRam` keeps each
-/// device's `Ledger`, and the `LedgerStats` that hold these numbers, to itself.
-#[derive(Debug)]
-struct Counted {
-    inner: Arc<dyn DmaBackend>,
-    maps: AtomicU64,
-    unmaps: AtomicU64,
-}
-
-impl DmaBackend for Counted {
-    fn capabilities(&self) -> Result<Capabilities, DmaError> {
-        self.inner.capabilities()
-    }
-    unsafe fn map_va(&self, iova: u64, len: u64, va: *mut u8, p: DmaProt) -> Result<(), DmaError> {
-        self.maps.fetch_add(1, Relaxed);
-        // SAFETY: our caller made map_va's promises about `va`; they are passed on unchanged.
-        unsafe { self.inner.map_va(iova, len, va, p) }
-    }
-    fn map_file(&self, iova: u64, len: u64, f: Fd, off: u64, p: DmaProt) -> Result<(), DmaError> {
-        self.maps.fetch_add(1, Relaxed);
-        self.inner.map_file(iova, len, f, off, p)
-    }
-    fn unmap(&self, iova: u64, len: u64) -> Result<u64, DmaError> {
-        self.unmaps.fetch_add(1, Relaxed);
-        self.inner.unmap(iova, len)
-    }
-}
-
 /// `/dev/kmsg`, non-blocking, from its end: where intel-iommu logs the DMA faults it sees.
 fn kmsg_from_now() -> std::io::Result<File> {
     let mut options = File::options();
@@ -282,6 +250,10 @@ fn run(args: Args) -> Result<(), Failure> {
     let (Some(vm), Some(address), true) = (vm, address, lacks.is_empty()) else {
         return Err(Failure::HostLacks(lacks));
     };
+    if args.fault_log {
+        // The one fault this guest causes must not fall to the kernel's fault-message rate limit.
+        vm_rig::wait_for_dmar_fault_log_window();
+    }
     let kmsg = args.fault_log.then(kmsg_from_now).transpose();
     let mut kmsg = kmsg.map_err(|e| Failure::System(format!("/dev/kmsg: {e}")))?;
 
@@ -309,13 +281,7 @@ fn run(args: Args) -> Result<(), Failure> {
         VfioMode::Type1 => Type1Backend::open(&address).map(|(b, d)| (Arc::new(b) as _, d))?,
         _ => IommufdBackend::open(&address).map(|(b, d)| (Arc::new(b) as _, d))?,
     };
-    let (maps, unmaps) = (AtomicU64::new(0), AtomicU64::new(0));
-    let iommu = Arc::new(Counted {
-        inner: backend,
-        maps,
-        unmaps,
-    });
-    let edu_id = ram.attach_device("edu", iommu.clone(), DeviceConfig::shared())?;
+    let edu_id = ram.attach_device("edu", backend, DeviceConfig::shared())?;
     let edu = Edu::new(device)?;
 
     // The firmware image goes to shared memory: private memory has no host mapping to write.
@@ -393,15 +359,14 @@ fn run(args: Args) -> Result<(), Failure> {
     }
     let mappings = ram.device_mappings(edu_id).unwrap_or_default();
     let mapped: Vec<u64> = mappings.iter().map(|m| m.iova).collect();
-    let (maps, unmaps) = (iommu.maps.load(Relaxed), iommu.unmaps.load(Relaxed));
+    let stats = ram.device_stats(edu_id).unwrap_or_default();
+    let (maps, unmaps) = (stats.map_calls, stats.unmap_calls);
     let faults = kmsg.as_mut().map(dma_faults).transpose()?;
 
     // Teardown in the order GuestRam documents: devices, then memslots, then memory.
     let detached = ram.detach_device(edu_id)?;
     drop(vcpu);
-    let delete = kvm_userspace_memory_region2::default(); // slot 0, size 0: delete it
-    // SAFETY: deleting memslot 0 makes KVM stop using its memory; no vCPU runs any more.
-    unsafe { vm.set_user_memory_region2(delete) }.map_err(ioctl("deleting memslot 0"))?;
+    region.backing().unbind(&vm, 0)?;
 
     let n = u64::from(args.transactions);
     let per_txn = |d: Duration| d.as_secs_f64() * 1e3 / n as f64;
