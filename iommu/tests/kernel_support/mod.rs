@@ -239,6 +239,10 @@ pub fn dma_does_not_reach_unmapped_memory<R: iommu::DeviceRegions>(
     let second = pattern(0x33, DMA_LEN);
     src.write(0, &second);
     edu.copy_to_device(SRC_IOVA, DMA_LEN as u32).unwrap();
+    let intel = iommu_classes().iter().any(|c| c.starts_with("dmar"));
+    if intel {
+        vm_rig::wait_for_dmar_fault_log_window();
+    }
     let log_before = kmsg_records().map(|r| r.len());
     // The IOMMU blocks the write; edu itself does not notice, so the DMA "completes".
     let outcome = edu.copy_from_device(DST_IOVA, DMA_LEN as u32);
@@ -254,7 +258,6 @@ pub fn dma_does_not_reach_unmapped_memory<R: iommu::DeviceRegions>(
         eprintln!("/dev/kmsg is not readable here; not checking the fault report");
         return;
     };
-    let intel = iommu_classes().iter().any(|c| c.starts_with("dmar"));
     let mut faults = Vec::new();
     for _ in 0..20 {
         let records = kmsg_records().unwrap_or_default();

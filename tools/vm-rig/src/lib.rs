@@ -158,6 +158,17 @@ pub fn need(test: &str, features: &[Feature]) -> bool {
     true
 }
 
+/// Waits until the Intel IOMMU driver will print the next DMA fault.
+///
+/// `dmar_fault()` prints fault records through a rate limit of 10 fault interrupts per 5 s per
+/// boot (`DEFAULT_RATELIMIT_INTERVAL`/`BURST`), and a fault the limit swallows leaves no line in
+/// the log at all. Earlier tests in the same boot can use the window up, so a test that asserts a
+/// fault line calls this right before causing the fault: once 5 s have passed since the window
+/// began, the kernel opens a fresh one at the next fault.
+pub fn wait_for_dmar_fault_log_window() {
+    std::thread::sleep(std::time::Duration::from_millis(5_100));
+}
+
 /// The PCI address of the `edu` device bound to vfio-pci, from `GMEM_DMA_EDU` or from sysfs.
 pub fn edu_device() -> Option<String> {
     if let Ok(addr) = std::env::var(EDU_ENV) {
