@@ -20,9 +20,6 @@
 //! system call failed unexpectedly.
 
 use std::error::Error;
-use std::fs::File;
-use std::io::{ErrorKind, Read, Seek, SeekFrom};
-use std::os::unix::fs::OpenOptionsExt;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -194,41 +191,6 @@ fn private_memory_vm(kvm: &Kvm) -> Result<VmFd, String> {
     Ok(vm)
 }
 
-/// `/dev/kmsg`, non-blocking, from its end: where intel-iommu logs the DMA faults it sees.
-fn kmsg_from_now() -> std::io::Result<File> {
-    let mut options = File::options();
-    let mut kmsg = options
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open("/dev/kmsg")?;
-    kmsg.seek(SeekFrom::End(0)).map(|_| kmsg)
-}
-
-/// The DMA fault lines logged in `kmsg` since it was opened, waiting up to 3 s for the first
-/// (intel-iommu reports faults from an interrupt).
-fn dma_faults(kmsg: &mut File) -> std::io::Result<Vec<String>> {
-    let (mut faults, start, mut record) = (Vec::new(), Instant::now(), [0u8; 4096]);
-    while faults.is_empty() && start.elapsed() < Duration::from_secs(3) {
-        std::thread::sleep(Duration::from_millis(20));
-        loop {
-            // One record per read: "priority,sequence,time,flags;text\n".
-            let n = match kmsg.read(&mut record) {
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                Err(e) if e.raw_os_error() == Some(libc::EPIPE) => continue, // overwritten
-                n => n?,
-            };
-            let record = String::from_utf8_lossy(&record[..n]);
-            let text = record
-                .split_once(';')
-                .map_or("", |(_, text)| text.trim_end());
-            if text.starts_with("DMAR:") && text.contains("fault addr") {
-                faults.push(text.to_string());
-            }
-        }
-    }
-    Ok(faults)
-}
-
 fn run(args: Args) -> Result<(), Failure> {
     // Name everything this host lacks at once, before creating anything.
     let mut lacks = Vec::new();
@@ -254,7 +216,7 @@ fn run(args: Args) -> Result<(), Failure> {
         // The one fault this guest causes must not fall to the kernel's fault-message rate limit.
         vm_rig::wait_for_dmar_fault_log_window();
     }
-    let kmsg = args.fault_log.then(kmsg_from_now).transpose();
+    let kmsg = args.fault_log.then(vm_rig::KernelLog::from_now).transpose();
     let mut kmsg = kmsg.map_err(|e| Failure::System(format!("/dev/kmsg: {e}")))?;
 
     // Guest RAM: one region at GPA 0 in memslot 0, all private until the guest shares.
@@ -361,7 +323,11 @@ fn run(args: Args) -> Result<(), Failure> {
     let mapped: Vec<u64> = mappings.iter().map(|m| m.iova).collect();
     let stats = ram.device_stats(edu_id).unwrap_or_default();
     let (maps, unmaps) = (stats.map_calls, stats.unmap_calls);
-    let faults = kmsg.as_mut().map(dma_faults).transpose()?;
+    let wait = Duration::from_secs(3); // intel-iommu reports faults from an interrupt
+    let faults = kmsg
+        .as_mut()
+        .map(|log| log.wait_for(vm_rig::is_dmar_fault, wait));
+    let faults = faults.transpose()?;
 
     // Teardown in the order GuestRam documents: devices, then memslots, then memory.
     let detached = ram.detach_device(edu_id)?;

@@ -21,8 +21,11 @@
 )]
 
 use std::fmt;
-use std::fs;
+use std::fs::{self, File};
+use std::io::{self, ErrorKind, Read, Seek, SeekFrom};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use kvm_ioctls::{Cap, Kvm};
 
@@ -156,6 +159,67 @@ pub fn need(test: &str, features: &[Feature]) -> bool {
         }
     }
     true
+}
+
+/// The kernel log (`/dev/kmsg`) from the moment it was opened: where an IOMMU driver reports
+/// the DMA faults it sees, so a test can prove a device was (or was not) stopped.
+#[derive(Debug)]
+pub struct KernelLog {
+    kmsg: File,
+}
+
+impl KernelLog {
+    /// Opens `/dev/kmsg` at its end: only records logged from now on are read.
+    pub fn from_now() -> io::Result<Self> {
+        let mut kmsg = File::options()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open("/dev/kmsg")?;
+        kmsg.seek(SeekFrom::End(0))?;
+        Ok(Self { kmsg })
+    }
+
+    /// The text of every record logged since the last read.
+    pub fn read_new(&mut self) -> io::Result<Vec<String>> {
+        let (mut texts, mut record) = (Vec::new(), [0u8; 8192]);
+        loop {
+            // One record per read: "priority,sequence,time,flags;text\n".
+            let n = match self.kmsg.read(&mut record) {
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(texts),
+                Err(e) if e.raw_os_error() == Some(libc::EPIPE) => continue, // overwritten
+                n => n?,
+            };
+            if n == 0 {
+                return Ok(texts);
+            }
+            let record = String::from_utf8_lossy(&record[..n]);
+            let text = record.split_once(';').map_or("", |(_, text)| text);
+            texts.push(text.trim_end().to_string());
+        }
+    }
+
+    /// The records matching `wanted` logged since the last read, waiting up to `timeout` for the
+    /// first one: IOMMU drivers report faults from an interrupt, a moment after the DMA.
+    pub fn wait_for(
+        &mut self,
+        wanted: impl Fn(&str) -> bool,
+        timeout: Duration,
+    ) -> io::Result<Vec<String>> {
+        let (start, mut found) = (Instant::now(), Vec::new());
+        loop {
+            found.extend(self.read_new()?.into_iter().filter(|t| wanted(t)));
+            if !found.is_empty() || start.elapsed() >= timeout {
+                return Ok(found);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// True for intel-iommu's record of one DMA fault (`DMAR: [DMA Write NO_PASID] Request device
+/// [00:03.0] fault addr 0x12000 [fault reason 0x05] ...`).
+pub fn is_dmar_fault(text: &str) -> bool {
+    text.starts_with("DMAR:") && text.contains("fault addr")
 }
 
 /// Waits until the Intel IOMMU driver will print the next DMA fault.
