@@ -243,9 +243,13 @@ impl GuestRam {
 
     /// The region containing all of `range`.
     pub fn region_of(&self, range: GpaRange) -> Option<Arc<Region>> {
-        self.regions()
-            .into_iter()
+        // Searched under the read lock: cloning the list would cost every conversion.
+        self.regions
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
             .find(|r| r.range().contains(&range))
+            .map(Arc::clone)
     }
 
     /// Adds a region over `backing` (bind it to a KVM memslot first, if there is a VM), marks it
