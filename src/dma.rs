@@ -213,6 +213,10 @@ impl DmaListener {
 
     /// Tries again to unmap every stale granule. Returns the bytes still stale.
     pub(crate) fn retry_stale(&self) -> u64 {
+        // The common case, checked without collecting anything.
+        if self.stale().is_empty() {
+            return 0;
+        }
         let extents: Vec<(u64, u64)> = self.stale().iter().collect();
         for (s, e) in extents {
             let Some(range) = GpaRange::new(s, e - s) else {

@@ -98,6 +98,11 @@ impl RangeSet {
         self.extents.len()
     }
 
+    /// True when the set holds no byte.
+    pub fn is_empty(&self) -> bool {
+        self.extents.is_empty()
+    }
+
     /// The extents in order.
     pub fn iter(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
         self.extents.iter().map(|(&s, &e)| (s, e))
