@@ -79,6 +79,12 @@ pub(crate) struct Discarder {
     held_shared: RangeSet,
     held_private: RangeSet,
     failed: RangeSet,
+    /// Eager policy with nothing held: the runs the last conversion vacated on side
+    /// `vacated_side`, freed by the next flush without entering a held set (a set costs an
+    /// insert and a remove per run). Empty outside a conversion, as an eager conversion always
+    /// flushes.
+    vacated: Vec<GpaRange>,
+    vacated_side: View,
 }
 
 impl Discarder {
@@ -88,6 +94,8 @@ impl Discarder {
             held_shared: RangeSet::new(),
             held_private: RangeSet::new(),
             failed: RangeSet::new(),
+            vacated: Vec::new(),
+            vacated_side: View::Shared,
         }
     }
 
@@ -109,6 +117,19 @@ impl Discarder {
             Attribute::Shared => (View::Shared, View::Private),
             Attribute::Private => (View::Private, View::Shared),
         };
+        // Nothing is held, so no gaining page is in a set: remember the vacated runs only.
+        // They are maximal runs in address order, so they never touch each other.
+        if self.policy == DiscardPolicy::Eager
+            && self.vacated.is_empty()
+            && self.held_shared.is_empty()
+            && self.held_private.is_empty()
+            && self.failed.is_empty()
+        {
+            self.vacated.extend_from_slice(runs);
+            self.vacated_side = losing;
+            return;
+        }
+        self.hold_vacated();
         for r in runs {
             self.set(gaining).remove(r.start(), r.end());
             // A key for `failed` is a (side-less) range: a failed page that is in use again
@@ -118,11 +139,25 @@ impl Discarder {
         }
     }
 
+    /// Moves the runs remembered by the eager fast path into their held set.
+    fn hold_vacated(&mut self) {
+        let side = self.vacated_side;
+        for i in 0..self.vacated.len() {
+            let r = self.vacated[i];
+            self.set(side).insert(r.start(), r.end());
+        }
+        self.vacated.clear();
+    }
+
+    fn vacated_bytes(&self) -> u64 {
+        self.vacated.iter().map(GpaRange::len).sum()
+    }
+
     /// True when the policy says the held pages must be freed now.
     pub(crate) fn due(&self) -> bool {
         let bytes = self.held_shared.bytes() + self.held_private.bytes();
         match self.policy {
-            DiscardPolicy::Eager => bytes > 0,
+            DiscardPolicy::Eager => bytes > 0 || !self.vacated.is_empty(),
             DiscardPolicy::Lazy { budget_bytes } => bytes > budget_bytes,
             DiscardPolicy::Batched {
                 max_ranges,
@@ -137,39 +172,79 @@ impl Discarder {
     pub(crate) fn flush(&mut self, backing: &RegionBacking) -> FlushReport {
         let mut report = FlushReport::default();
         for side in [View::Shared, View::Private] {
-            let extents: Vec<(u64, u64)> = self.set(side).iter().collect();
-            for (start, end) in extents {
+            if self.set(side).is_empty() {
+                continue;
+            }
+            // Every extent leaves the set; a failed one is put back.
+            let held = std::mem::take(self.set(side));
+            for (start, end) in held.iter() {
                 let Some(range) = GpaRange::new(start, end - start) else {
                     continue;
                 };
-                match backing.punch_hole(side, range) {
-                    Ok(()) => {
-                        self.set(side).remove(start, end);
-                        self.failed.remove(start, end);
-                        report.punched_ranges += 1;
-                        report.punched_bytes += range.len();
-                    }
-                    Err(e) => {
-                        log::warn!("held back {range} of the {side} backing: {e}");
-                        self.failed.insert(start, end);
-                        report.failed_ranges += 1;
-                    }
-                }
+                self.punch(backing, side, range, &mut report);
             }
         }
+        // The fast path's runs: nothing else is held, so they are all there is to free. Freed
+        // after the held sets, where a failure here goes, so that it is not retried at once.
+        let side = self.vacated_side;
+        for i in 0..self.vacated.len() {
+            let range = self.vacated[i];
+            self.punch(backing, side, range, &mut report);
+        }
+        self.vacated.clear();
         report
     }
 
+    /// Frees `range` of `side`, which is out of the held set; a failed free goes back into it.
+    fn punch(
+        &mut self,
+        backing: &RegionBacking,
+        side: View,
+        range: GpaRange,
+        report: &mut FlushReport,
+    ) {
+        let (start, end) = (range.start(), range.end());
+        match backing.punch_hole(side, range) {
+            Ok(()) => {
+                if !self.failed.is_empty() {
+                    self.failed.remove(start, end);
+                }
+                report.punched_ranges += 1;
+                report.punched_bytes += range.len();
+            }
+            Err(e) => {
+                log::warn!("held back {range} of the {side} backing: {e}");
+                self.set(side).insert(start, end);
+                self.failed.insert(start, end);
+                report.failed_ranges += 1;
+            }
+        }
+    }
+
     pub(crate) fn held(&self) -> HeldBack {
-        HeldBack {
+        let mut held = HeldBack {
             shared_bytes: self.held_shared.bytes(),
             private_bytes: self.held_private.bytes(),
             failed_bytes: self.failed.bytes(),
+        };
+        match self.vacated_side {
+            View::Shared => held.shared_bytes += self.vacated_bytes(),
+            View::Private => held.private_bytes += self.vacated_bytes(),
         }
+        held
     }
 
     /// True when `[start, end)` of `side` is held (allowed to be backed on both sides).
     pub(crate) fn holds(&self, side: View, start: u64, end: u64) -> bool {
+        // The fast path's runs never touch each other, so a held range lies in one of them.
+        if side == self.vacated_side
+            && self
+                .vacated
+                .iter()
+                .any(|r| r.start() <= start && end <= r.end())
+        {
+            return true;
+        }
         match side {
             View::Shared => self.held_shared.contains(start, end),
             View::Private => self.held_private.contains(start, end),
