@@ -243,6 +243,13 @@ impl DmaListener {
         self.stale().iter().collect()
     }
 
+    /// True when a stale extent overlaps `range`.
+    pub(crate) fn stale_overlaps(&self, range: GpaRange) -> bool {
+        self.stale()
+            .iter()
+            .any(|(s, e)| s < range.end() && range.start() < e)
+    }
+
     /// The device's name.
     pub fn device(&self) -> &str {
         &self.device
@@ -252,6 +259,12 @@ impl DmaListener {
 impl ViewListener for DmaListener {
     fn populate(&self, view: View, range: GpaRange) -> Result<(), ListenerError> {
         debug_assert_eq!(view, self.view);
+        // The common case: nothing stale, so the whole range is one map run (all or nothing).
+        if self.stale().is_empty() {
+            return self
+                .map_run(range.start(), range.end())
+                .map_err(|err| Box::new(err) as ListenerError);
+        }
         // Stale granules are still mapped: they need no map, and they are held again.
         let still = self.stale().intersection(range.start(), range.end());
         let mut todo = RangeSet::new();

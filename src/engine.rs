@@ -384,12 +384,7 @@ impl Region {
     /// range to private must not report success while it exists.
     fn refuse_stale(&self, range: GpaRange) -> Result<(), ConversionError> {
         for a in self.attached().iter() {
-            let hit = a
-                .listener
-                .stale_ranges()
-                .iter()
-                .any(|&(s, e)| s < range.end() && range.start() < e);
-            if hit {
+            if a.listener.stale_overlaps(range) {
                 return Err(ConversionError::StaleMapping {
                     device: a.name.clone(),
                     range,
