@@ -24,15 +24,13 @@ impl RangeSet {
             return;
         }
         let (mut start, mut end) = (start, end);
-        // Every extent that overlaps or touches [start, end] is absorbed.
-        let touching: Vec<(u64, u64)> = self
-            .extents
-            .range(..=end)
-            .rev()
-            .take_while(|&(_, &e)| e >= start)
-            .map(|(&s, &e)| (s, e))
-            .collect();
-        for (s, e) in touching {
+        // Every extent that overlaps or touches [start, end] is absorbed, last first (no list
+        // of them is built: this runs on every conversion). Growing `end` finds no new extent
+        // (none starts inside an absorbed one), nor does lowering `start` (none touches one).
+        while let Some((&s, &e)) = self.extents.range(..=end).next_back() {
+            if e < start {
+                break;
+            }
             self.extents.remove(&s);
             self.bytes -= e - s;
             start = start.min(s);
@@ -47,14 +45,12 @@ impl RangeSet {
         if start >= end {
             return;
         }
-        let hit: Vec<(u64, u64)> = self
-            .extents
-            .range(..end)
-            .rev()
-            .take_while(|&(_, &e)| e > start)
-            .map(|(&s, &e)| (s, e))
-            .collect();
-        for (s, e) in hit {
+        // Last overlapping extent first; a piece kept on its left ends at `start`, which
+        // stops the walk, and one kept on its right starts at `end`, outside it.
+        while let Some((&s, &e)) = self.extents.range(..end).next_back() {
+            if e <= start {
+                break;
+            }
             self.extents.remove(&s);
             self.bytes -= e - s;
             if s < start {
