@@ -180,6 +180,8 @@ fn edu_dma_to_a_page_that_stays_shared_survives_neighbour_flips(
     let edu = Edu::new(device).expect("edu answers with its id");
     let base = 0x100_0000; // inside edu's 28-bit DMA mask, identity IOVA
     let rig = Rig::new(base, 16, DiscardPolicy::Eager);
+    // Back every private page, so the final check can tell a page the engine freed by mistake.
+    rig.touch(View::Private, rig.region.range());
     rig.ram
         .attach_device("edu", backend, DeviceConfig::shared())
         .unwrap();
