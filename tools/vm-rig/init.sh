@@ -14,7 +14,9 @@ export PATH=/bin
 /bin/busybox --install -s /bin # resolves its own path through /proc/self/exe
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
-mount -t tmpfs tmpfs /tmp
+# No tmpfs on /tmp: the initramfs root is writable memory already, and workspace binaries are
+# packed at their host paths, which lie under /tmp when the checkout does; a mount would hide them.
+mkdir -p /tmp && chmod 1777 /tmp
 mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
 . /etc/rig/env
 
