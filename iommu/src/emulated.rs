@@ -647,36 +647,7 @@ impl EmulatedIommu {
     /// Every page of the range is translated first; if any is unmapped or not readable, a
     /// [`DmaFault`] is recorded, nothing is read and [`DmaAccessError::Fault`] is returned.
     pub fn dma_read(&self, iova: u64, buf: &mut [u8]) -> Result<(), DmaAccessError> {
-        let mut state = lock(&self.state);
-        self.translate(&mut state, iova, buf.len() as u64, false)?;
-        let mut done = 0usize;
-        for (start, entry) in Self::covering(&state, iova, buf.len() as u64) {
-            let in_entry = (iova + done as u64) - start;
-            let n = (entry.len - in_entry).min((buf.len() - done) as u64) as usize;
-            let chunk = &mut buf[done..done + n];
-            match &entry.target {
-                Target::HostVa(p) => {
-                    // SAFETY: the mapping is live (we hold the table lock, so it cannot be
-                    // unmapped meanwhile), and map_va's contract says `[p, p + entry.len)` stays
-                    // mapped until then and may be accessed by a device at any time, with no
-                    // Rust reference assuming exclusive access; `in_entry + n <= entry.len`.
-                    // Volatile copies are what a device's accesses look like to Rust.
-                    let slice = unsafe { VolatileSlice::new(p.0.add(in_entry as usize), n) };
-                    slice.copy_to(chunk);
-                }
-                Target::File { file, offset } => {
-                    let at = offset + in_entry;
-                    read_file_at(file, chunk, at).map_err(|source| DmaAccessError::FileIo {
-                        iova: start + in_entry,
-                        len: n as u64,
-                        offset: at,
-                        source,
-                    })?;
-                }
-            }
-            done += n;
-        }
-        Ok(())
+        self.dma_access(iova, DeviceAccess::Read(buf))
     }
 
     /// Writes `buf` at `iova` as the device would (a device write to memory).
@@ -684,24 +655,42 @@ impl EmulatedIommu {
     /// Every page of the range is translated first; if any is unmapped or not writable, a
     /// [`DmaFault`] is recorded, nothing is written and [`DmaAccessError::Fault`] is returned.
     pub fn dma_write(&self, iova: u64, buf: &[u8]) -> Result<(), DmaAccessError> {
+        self.dma_access(iova, DeviceAccess::Write(buf))
+    }
+
+    /// Translates the whole range, then copies mapping by mapping in the access's direction.
+    fn dma_access(&self, iova: u64, mut access: DeviceAccess<'_>) -> Result<(), DmaAccessError> {
+        let len = access.len();
         let mut state = lock(&self.state);
-        self.translate(&mut state, iova, buf.len() as u64, true)?;
+        self.translate(&mut state, iova, len as u64, access.is_write())?;
         let mut done = 0usize;
-        for (start, entry) in Self::covering(&state, iova, buf.len() as u64) {
+        for (start, entry) in Self::covering(&state, iova, len as u64) {
             let in_entry = (iova + done as u64) - start;
-            let n = (entry.len - in_entry).min((buf.len() - done) as u64) as usize;
-            let chunk = &buf[done..done + n];
+            let n = (entry.len - in_entry).min((len - done) as u64) as usize;
+            let chunk = done..done + n;
             match &entry.target {
                 Target::HostVa(p) => {
-                    // SAFETY: as in `dma_read`: the mapping is live under the table lock,
-                    // map_va's contract lets a device write `[p, p + entry.len)` at any time, and
-                    // `in_entry + n <= entry.len`.
-                    let slice = unsafe { VolatileSlice::new(p.0.add(in_entry as usize), n) };
-                    slice.copy_from(chunk);
+                    // SAFETY: the mapping is live (we hold the table lock, so it cannot be
+                    // unmapped meanwhile), and map_va's contract says `[p, p + entry.len)` stays
+                    // mapped until then and may be read and written by a device at any time,
+                    // with no Rust reference assuming exclusive access; `in_entry + n <=
+                    // entry.len`. Volatile copies are what a device's accesses look like to Rust.
+                    let memory = unsafe { VolatileSlice::new(p.0.add(in_entry as usize), n) };
+                    match &mut access {
+                        // The chunk is exactly `n` bytes long, so the copy is whole.
+                        DeviceAccess::Read(buf) => {
+                            memory.copy_to(&mut buf[chunk]);
+                        }
+                        DeviceAccess::Write(buf) => memory.copy_from(&buf[chunk]),
+                    }
                 }
                 Target::File { file, offset } => {
                     let at = offset + in_entry;
-                    write_file_at(file, chunk, at).map_err(|source| DmaAccessError::FileIo {
+                    match &mut access {
+                        DeviceAccess::Read(buf) => read_file_at(file, &mut buf[chunk], at),
+                        DeviceAccess::Write(buf) => write_file_at(file, &buf[chunk], at),
+                    }
+                    .map_err(|source| DmaAccessError::FileIo {
                         iova: start + in_entry,
                         len: n as u64,
                         offset: at,
@@ -779,6 +768,25 @@ impl EmulatedIommu {
 
 /// Reads `buf.len()` bytes at `offset` of `file`: with `pread`, or through a temporary shared
 /// mapping for files that have no read method (an mmap-able guest_memfd answers `ESPIPE`).
+/// A device access: into the caller's buffer (read) or from it (write).
+enum DeviceAccess<'a> {
+    Read(&'a mut [u8]),
+    Write(&'a [u8]),
+}
+
+impl DeviceAccess<'_> {
+    fn len(&self) -> usize {
+        match self {
+            DeviceAccess::Read(buf) => buf.len(),
+            DeviceAccess::Write(buf) => buf.len(),
+        }
+    }
+
+    fn is_write(&self) -> bool {
+        matches!(self, DeviceAccess::Write(_))
+    }
+}
+
 fn read_file_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
     match file.read_exact_at(buf, offset) {
         Err(e) if e.raw_os_error() == Some(libc::ESPIPE) => {
