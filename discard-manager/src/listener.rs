@@ -50,8 +50,8 @@ impl fmt::Display for ListenerId {
 ///    the **same** transaction, with the identical range, in reverse order. The listener
 ///    whose populate failed receives no discard for the range it refused.
 /// 2. `populate(view, r)` for each `r` it was sent `discard` for earlier in the **same**
-///    transaction (the view that was losing the pages), with the identical range, in the
-///    original order. If this populate fails too (a double fault), the manager sends the
+///    transaction (the view that was losing the pages; each run of a `discard_runs` call
+///    counts as one), with the identical range, in the original order. If this populate fails too (a double fault), the manager sends the
 ///    listener `discard` for everything else it still holds, unregisters it, and reports
 ///    it in [`crate::TransactionError::RollbackFailed`].
 ///
@@ -73,6 +73,23 @@ pub trait ViewListener: Send + Sync {
 
     /// `range` leaves `view`: drop every use of it (e.g. unmap it). Cannot fail.
     fn discard(&self, view: View, range: GpaRange);
+
+    /// Several runs leave `view` in one transaction: called instead of [`discard`] when a
+    /// transaction takes two or more runs from this listener. `runs` are sorted, disjoint
+    /// and never adjacent (what lies between them is outside `view` or outside the
+    /// listener's range, so the listener holds nothing there from the manager); each is a
+    /// range `discard` could have received. Cannot fail.
+    ///
+    /// The default discards them one by one. A listener that can drop several runs in one
+    /// operation overrides it: a DMA mapper unmaps them with one IOMMU call spanning the
+    /// gaps, when it has nothing else mapped in between.
+    ///
+    /// [`discard`]: ViewListener::discard
+    fn discard_runs(&self, view: View, runs: &[GpaRange]) {
+        for &range in runs {
+            self.discard(view, range);
+        }
+    }
 }
 
 /// The caller's own step inside a transaction (the VMM's KVM attribute change, or a

@@ -73,6 +73,8 @@ struct Inner {
     /// Buffers reused by every transaction, so the hot path does not allocate (the `sent_*`
     /// ones are filled only by a rollback).
     plan: Plan,
+    /// One listener's share of a transaction's discarded runs.
+    batch: Vec<GpaRange>,
     sent_discards: Vec<Sent>,
     sent_populates: Vec<Sent>,
 }
@@ -173,6 +175,7 @@ impl DiscardManager {
                 listeners: Vec::new(),
                 next_id: 1,
                 plan: Plan::default(),
+                batch: Vec::new(),
                 sent_discards: Vec::new(),
                 sent_populates: Vec::new(),
             }),
@@ -407,13 +410,32 @@ impl DiscardManager {
         }
         // What was sent is not recorded here: discards cannot fail and both loops run in a
         // fixed order, so a rollback recomputes the notifications it must undo (`sent`).
-        for vr in change.discarded() {
+        if let [vr] = change.discarded() {
             for entry in &inner.listeners {
                 if entry.info.view != vr.view {
                     continue;
                 }
                 if let Some(range) = entry.info.range.intersect(&vr.range) {
                     entry.listener.discard(vr.view, range);
+                }
+            }
+        } else if !change.discarded().is_empty() {
+            // Several runs: each listener gets its share in one call, so that it can drop
+            // them together (one IOMMU unmap across the gaps).
+            for entry in &inner.listeners {
+                let batch = &mut inner.batch;
+                batch.clear();
+                batch.extend(
+                    change
+                        .discarded()
+                        .iter()
+                        .filter(|vr| vr.view == entry.info.view)
+                        .filter_map(|vr| entry.info.range.intersect(&vr.range)),
+                );
+                match batch.as_slice() {
+                    [] => {}
+                    [range] => entry.listener.discard(entry.info.view, *range),
+                    runs => entry.listener.discard_runs(entry.info.view, runs),
                 }
             }
         }
@@ -637,6 +659,7 @@ impl DiscardManager {
             + inner.extents.heap_bytes()
             + inner.listeners.capacity() * size_of::<Entry>()
             + inner.plan.heap_bytes()
+            + inner.batch.capacity() * size_of::<GpaRange>()
             + (inner.sent_discards.capacity() + inner.sent_populates.capacity())
                 * size_of::<Sent>())
     }

@@ -27,6 +27,8 @@ fn manager(granules: u64, attribute: Attribute, plugged: bool) -> DiscardManager
 enum Event {
     Populate(&'static str, View, GpaRange),
     Discard(&'static str, View, GpaRange),
+    /// One `discard_runs` call.
+    DiscardRuns(&'static str, View, Vec<GpaRange>),
     Apply,
     Undo,
 }
@@ -107,15 +109,39 @@ impl ViewListener for Recorder {
     }
 
     fn discard(&self, view: View, range: GpaRange) {
+        self.drop_held(range);
+        self.log
+            .lock()
+            .unwrap()
+            .push(Event::Discard(self.name, view, range));
+    }
+
+    fn discard_runs(&self, view: View, runs: &[GpaRange]) {
+        assert!(runs.len() >= 2, "{}: discard_runs of {runs:?}", self.name);
+        for pair in runs.windows(2) {
+            assert!(
+                pair[0].end() < pair[1].start(),
+                "{}: runs not sorted and apart: {runs:?}",
+                self.name
+            );
+        }
+        for &range in runs {
+            self.drop_held(range);
+        }
+        self.log
+            .lock()
+            .unwrap()
+            .push(Event::DiscardRuns(self.name, view, runs.to_vec()));
+    }
+}
+
+impl Recorder {
+    fn drop_held(&self, range: GpaRange) {
         self.check(range);
         let mut held = self.held.lock().unwrap();
         for g in (range.start()..range.end()).step_by(G as usize) {
             assert!(held.remove(&g), "{}: discard of unheld {g:#x}", self.name);
         }
-        self.log
-            .lock()
-            .unwrap()
-            .push(Event::Discard(self.name, view, range));
     }
 }
 
@@ -147,7 +173,7 @@ fn take(log: &Log) -> Vec<Event> {
     std::mem::take(&mut *log.lock().unwrap())
 }
 
-use Event::{Apply, Discard, Populate, Undo};
+use Event::{Apply, Discard, DiscardRuns, Populate, Undo};
 
 /// vCPU threads share one manager: it must be `Send + Sync` (checked at compile time).
 const _: fn() = || {
@@ -407,8 +433,8 @@ fn refused_populate_rolls_back_every_listener_the_step_and_the_state() {
     assert_eq!(
         take(&log),
         [
-            Discard("sh", View::Shared, r(2, 2)),
-            Discard("sh", View::Shared, r(5, 5)),
+            // Both runs sh loses, in one call (r(4, 1) is unplugged: not in any view).
+            DiscardRuns("sh", View::Shared, vec![r(2, 2), r(5, 5)]),
             Apply,
             Populate("pv1", View::Private, r(2, 2)),
             Populate("pv2", View::Private, r(2, 2)),
@@ -492,13 +518,17 @@ fn double_fault_detaches_the_listener_that_cannot_be_restored() {
     );
     let sh_calls: Vec<Event> = take(&log)
         .into_iter()
-        .filter(|e| matches!(e, Populate("sh", ..) | Discard("sh", ..)))
+        .filter(|e| {
+            matches!(
+                e,
+                Populate("sh", ..) | Discard("sh", ..) | DiscardRuns("sh", ..)
+            )
+        })
         .collect();
     assert_eq!(
         sh_calls,
         [
-            Discard("sh", View::Shared, r(4, 2)),
-            Discard("sh", View::Shared, r(7, 1)),
+            DiscardRuns("sh", View::Shared, vec![r(4, 2), r(7, 1)]),
             // Re-populate of r(4, 2) failed, so r(7, 1) was not retried; detach discards
             // the rest of what it held.
             Discard("sh", View::Shared, r(0, 4)),

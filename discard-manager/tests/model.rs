@@ -145,6 +145,17 @@ impl ViewListener for Probe {
         }
         s.calls.push((false, range));
     }
+
+    fn discard_runs(&self, view: View, runs: &[GpaRange]) {
+        assert!(runs.len() >= 2, "discard_runs of {runs:?}");
+        assert!(
+            runs.windows(2).all(|w| w[0].end() < w[1].start()),
+            "discard_runs: not sorted and apart: {runs:?}"
+        );
+        for &range in runs {
+            self.discard(view, range);
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
