@@ -225,6 +225,17 @@ pub enum LedgerError {
         /// The mapping it would bisect.
         mapping: Mapping,
     },
+    /// A list of ranges to unmap is not sorted and disjoint: the range at `iova` starts at or
+    /// before the end of the one before it.
+    #[error(
+        "unmap range at iova {iova:#x} does not start after the previous range's last byte {previous_last:#x}"
+    )]
+    Unsorted {
+        /// Start of the offending range.
+        iova: u64,
+        /// Last byte of the range before it.
+        previous_last: u64,
+    },
     /// The backend refused or failed a map; nothing is left mapped by this request.
     #[error("backend map failed")]
     Map(#[source] DmaError),
@@ -921,6 +932,68 @@ impl Ledger {
         self.remove_whole(&mut state, iova, last)
     }
 
+    /// Unmaps every mapping inside the sorted, disjoint ranges `ranges` (each `(iova, len)`)
+    /// with the fewest backend calls: consecutive ranges share one call when the ledger records
+    /// no mapping in the gap between them (a call may span gaps holding nothing, as type1v2 and
+    /// IOMMUFD allow; it must never sweep away a mapping outside the ranges), within the call
+    /// length limit. An empty list, or ranges holding no mapping, issue no call.
+    ///
+    /// Every range is checked before any call: a refusal changes nothing.
+    ///
+    /// # Errors
+    /// As [`Ledger::unmap`] for each range, plus [`LedgerError::Unsorted`] when a range does not
+    /// start after the one before it. A failed call leaves its own mappings and those of every
+    /// later call recorded; the calls before it (`done_calls`) are done.
+    pub fn unmap_ranges(&self, ranges: &[(u64, u64)]) -> Result<UnmapReport, LedgerError> {
+        let mut state = self.lock();
+        if let Err(e) = Self::check_unmap_ranges(&state, ranges) {
+            state.stats.refused += 1;
+            return Err(e);
+        }
+        let mut report = UnmapReport::default();
+        let mut i = 0;
+        while i < ranges.len() {
+            let (first, mut last) = Self::range_last(ranges[i]);
+            let mut j = i + 1;
+            // Join the next range while nothing recorded lies between: a call over the gap
+            // then removes exactly the mappings of the joined ranges.
+            while let Some(&next) = ranges.get(j) {
+                let (next_first, next_last) = Self::range_last(next);
+                let gap_holds_mapping =
+                    next_first > last + 1 && state.record.overlaps(last + 1, next_first - 1);
+                if gap_holds_mapping {
+                    break;
+                }
+                last = next_last;
+                j += 1;
+            }
+            self.remove_whole_into(&mut state, &mut report, first, last)?;
+            i = j;
+        }
+        Ok(report)
+    }
+
+    /// `(iova, last)` of a range [`Ledger::check_unmap_ranges`] accepted.
+    fn range_last((iova, len): (u64, u64)) -> (u64, u64) {
+        (iova, iova + (len - 1))
+    }
+
+    /// Checks every range of [`Ledger::unmap_ranges`] before any call.
+    fn check_unmap_ranges(state: &State, ranges: &[(u64, u64)]) -> Result<(), LedgerError> {
+        let mut previous_last: Option<u64> = None;
+        for &(iova, len) in ranges {
+            let last = Self::check_unmap(state, iova, len)?;
+            if let Some(previous_last) = previous_last.filter(|&p| iova <= p) {
+                return Err(LedgerError::Unsorted {
+                    iova,
+                    previous_last,
+                });
+            }
+            previous_last = Some(last);
+        }
+        Ok(())
+    }
+
     fn check_unmap(state: &State, iova: u64, len: u64) -> Result<u64, LedgerError> {
         if len == 0 {
             return Err(LedgerError::EmptyRange { iova });
@@ -947,6 +1020,18 @@ impl Ledger {
         last: u64,
     ) -> Result<UnmapReport, LedgerError> {
         let mut report = UnmapReport::default();
+        self.remove_whole_into(state, &mut report, first, last)?;
+        Ok(report)
+    }
+
+    /// [`Ledger::remove_whole`], adding to `report` (whose calls count as done on failure).
+    fn remove_whole_into(
+        &self,
+        state: &mut State,
+        report: &mut UnmapReport,
+        first: u64,
+        last: u64,
+    ) -> Result<(), LedgerError> {
         // Runs may still straddle the ends on piece boundaries: cut them there. This changes how
         // the record is stored, not which mappings it holds.
         state.record.split_at(first);
@@ -970,12 +1055,12 @@ impl Ledger {
                 expected += run.bytes();
                 count += run.count;
             }
-            self.unmap_call(state, &mut report, call_start, call_last, expected, count)?;
+            self.unmap_call(state, report, call_start, call_last, expected, count)?;
             if call_last >= last {
                 break;
             }
         }
-        Ok(report)
+        Ok(())
     }
 
     /// One backend unmap call over `[call_start, call_last]`, which holds `count` whole recorded
@@ -1338,6 +1423,114 @@ mod tests {
         assert_eq!(spans(&ledger), [(20 * PAGE, PAGE)]);
         assert!(ledger.is_mapped(20 * PAGE, PAGE));
         assert!(!ledger.is_mapped(4 * PAGE, PAGE));
+    }
+
+    #[test]
+    fn unmap_ranges_joins_ranges_whose_gaps_hold_nothing_into_one_call() {
+        let mem = HostMem::new(32 * PAGE as usize);
+        // IOMMUFD style: a bisecting or empty call would fail with ENOENT.
+        let (iommu, ledger) = ledger_on(
+            EmulatedIommu::builder()
+                .unmap_style(UnmapStyle::Iommufd)
+                .build(),
+        );
+        // [shared A][private B][shared C]: A and C mapped per page, nothing in B.
+        map_pieces(&ledger, &mem, 2 * PAGE, 3 * PAGE, PAGE).unwrap();
+        map_pieces(&ledger, &mem, 8 * PAGE, 2 * PAGE, PAGE).unwrap();
+        map(&ledger, &mem, 20 * PAGE, PAGE).unwrap();
+        let report = ledger
+            .unmap_ranges(&[(2 * PAGE, 3 * PAGE), (8 * PAGE, 2 * PAGE)])
+            .unwrap();
+        assert_eq!(
+            report,
+            UnmapReport {
+                calls: 1,
+                bytes: 5 * PAGE,
+                mappings: 5
+            }
+        );
+        assert_eq!(unmap_calls(&iommu), [(2 * PAGE, 8 * PAGE)]);
+        assert_eq!(spans(&ledger), [(20 * PAGE, PAGE)]);
+        assert_eq!(ledger.stats().unmap_calls, 1);
+        // Nothing mapped in any range: no call; an empty list: no call either.
+        iommu.take_calls();
+        let none = ledger.unmap_ranges(&[(0, PAGE), (4 * PAGE, PAGE)]).unwrap();
+        assert_eq!(none, UnmapReport::default());
+        assert_eq!(ledger.unmap_ranges(&[]).unwrap(), UnmapReport::default());
+        assert!(unmap_calls(&iommu).is_empty());
+    }
+
+    #[test]
+    fn unmap_ranges_never_sweeps_a_mapping_in_a_gap() {
+        let mem = HostMem::new(32 * PAGE as usize);
+        let (iommu, ledger) = ledger_on(EmulatedIommu::new());
+        map_pieces(&ledger, &mem, 0, 2 * PAGE, PAGE).unwrap();
+        // Between the first two ranges: a mapping the caller does not unmap.
+        map(&ledger, &mem, 4 * PAGE, PAGE).unwrap();
+        map(&ledger, &mem, 6 * PAGE, PAGE).unwrap();
+        map(&ledger, &mem, 9 * PAGE, PAGE).unwrap();
+        let report = ledger
+            .unmap_ranges(&[(0, 2 * PAGE), (6 * PAGE, PAGE), (8 * PAGE, 2 * PAGE)])
+            .unwrap();
+        assert_eq!((report.calls, report.mappings), (2, 4));
+        assert_eq!(
+            unmap_calls(&iommu),
+            [(0, 2 * PAGE), (6 * PAGE, 4 * PAGE)],
+            "the second call joins the last two ranges over their empty gap"
+        );
+        assert_eq!(spans(&ledger), [(4 * PAGE, PAGE)]);
+    }
+
+    #[test]
+    fn unmap_ranges_checks_every_range_before_any_call() {
+        let mem = HostMem::new(32 * PAGE as usize);
+        let (iommu, ledger) = ledger_on(EmulatedIommu::new());
+        map(&ledger, &mem, 0, PAGE).unwrap();
+        map(&ledger, &mem, 4 * PAGE, 2 * PAGE).unwrap();
+        iommu.take_calls();
+        // The second range bisects [4, 6): the first, valid, is not unmapped either.
+        match ledger.unmap_ranges(&[(0, PAGE), (5 * PAGE, PAGE)]) {
+            Err(LedgerError::Bisects { mapping, .. }) => assert_eq!(mapping.iova, 4 * PAGE),
+            other => panic!("expected Bisects, got {other:?}"),
+        }
+        // Overlapping, unsorted, empty and wrapping lists are refused the same way.
+        let unsorted = ledger.unmap_ranges(&[(4 * PAGE, 2 * PAGE), (0, PAGE)]);
+        assert!(
+            matches!(unsorted, Err(LedgerError::Unsorted { iova: 0, previous_last }) if previous_last == 6 * PAGE - 1),
+            "{unsorted:?}"
+        );
+        let overlapping = ledger.unmap_ranges(&[(0, 2 * PAGE), (PAGE, PAGE)]);
+        assert!(matches!(overlapping, Err(LedgerError::Unsorted { .. })));
+        let empty = ledger.unmap_ranges(&[(0, PAGE), (8 * PAGE, 0)]);
+        assert!(matches!(empty, Err(LedgerError::EmptyRange { .. })));
+        let wraps = ledger.unmap_ranges(&[(u64::MAX - PAGE + 1, 2 * PAGE)]);
+        assert!(matches!(wraps, Err(LedgerError::Overflow { .. })));
+        assert!(iommu.calls().is_empty());
+        assert_eq!(spans(&ledger), [(0, PAGE), (4 * PAGE, 2 * PAGE)]);
+        assert_eq!(ledger.stats().refused, 5);
+    }
+
+    #[test]
+    fn unmap_ranges_reports_the_calls_done_before_a_failure() {
+        let mem = HostMem::new(32 * PAGE as usize);
+        let (iommu, ledger) = ledger_on(EmulatedIommu::new());
+        map(&ledger, &mem, 0, PAGE).unwrap();
+        map(&ledger, &mem, 2 * PAGE, PAGE).unwrap();
+        map(&ledger, &mem, 4 * PAGE, PAGE).unwrap();
+        iommu.inject_failures(|kind, iova, _| {
+            (*kind == CallKind::Unmap && iova == 4 * PAGE).then_some(libc::EIO)
+        });
+        // [2] sits in the gap, so two calls: the first succeeds, the second fails.
+        let err = ledger
+            .unmap_ranges(&[(0, PAGE), (4 * PAGE, PAGE)])
+            .unwrap_err();
+        assert!(
+            matches!(err, LedgerError::Unmap { done_calls: 1, .. }),
+            "{err:?}"
+        );
+        assert_eq!(spans(&ledger), [(2 * PAGE, PAGE), (4 * PAGE, PAGE)]);
+        assert_eq!(iommu.mapping_count(), 2);
+        assert_eq!(ledger.stats().failed_calls, 1);
     }
 
     #[test]

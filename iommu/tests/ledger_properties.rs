@@ -8,7 +8,9 @@
 //!   backend call and changed nothing; a failed one (injected errno) changed nothing either;
 //! - every unmap call the ledger issued covered whole mappings only and was not empty, and no call
 //!   that was not an injected failure failed (the ledger's checks anticipate every kernel rule);
-//! - a device access succeeds exactly when the model says every page is mapped with that access.
+//! - a device access succeeds exactly when the model says every page is mapped with that access;
+//! - an unmap of several ranges removes exactly the mappings inside them (never one in a gap
+//!   between them) with one call per group of ranges whose gaps hold no mapping.
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, FromRawFd, OwnedFd};
@@ -54,6 +56,13 @@ enum Op {
         page: u64,
         pages: u64,
     },
+    /// Ranges laid out from `page`: each `(gap, pages)` skips `gap` pages, then covers
+    /// `pages`; `swap` exchanges the first two (an unsorted list).
+    UnmapRanges {
+        page: u64,
+        ranges: Vec<(u64, u64)>,
+        swap: bool,
+    },
     UnmapAll,
     CheckBudget {
         additional: u64,
@@ -76,6 +85,12 @@ fn op() -> impl Strategy<Value = Op> {
             |(page, pieces, piece_pages, file)| Op::MapPieces { page, pieces, piece_pages, file }
         ),
         4 => (0..SPACE_PAGES, 1..12u64).prop_map(|(page, pages)| Op::Unmap { page, pages }),
+        3 => (
+            0..SPACE_PAGES,
+            prop::collection::vec((0..6u64, 1..6u64), 1..5),
+            prop::bool::weighted(0.1)
+        )
+            .prop_map(|(page, ranges, swap)| Op::UnmapRanges { page, ranges, swap }),
         1 => Just(Op::UnmapAll),
         1 => (0..50u64).prop_map(|additional| Op::CheckBudget { additional }),
         1 => (0..SPACE_PAGES, 1..4u64).prop_map(|(page, pages)| Op::DeviceWrite { page, pages }),
@@ -375,6 +390,95 @@ impl Harness {
         self.check_calls(&before, &calls);
     }
 
+    /// `ranges` (sorted, disjoint, each inside the space or not) as the ledger should group
+    /// them: consecutive ranges join while no mapping lies in the gap between them.
+    fn expected_unmap_calls(before: &Model, ranges: &[(u64, u64)]) -> u64 {
+        let mut calls = 0;
+        let mut group_has_mapping = false;
+        for (i, &(iova, len)) in ranges.iter().enumerate() {
+            if i > 0 {
+                let (prev, prev_len) = ranges[i - 1];
+                let gap = (prev + prev_len, iova - (prev + prev_len));
+                if gap.1 > 0 && before.overlaps(gap.0, gap.1) {
+                    calls += u64::from(group_has_mapping);
+                    group_has_mapping = false;
+                }
+            }
+            group_has_mapping |= !before.inside(iova, len).is_empty();
+        }
+        calls + u64::from(group_has_mapping)
+    }
+
+    fn unmap_ranges(&mut self, ranges: &[(u64, u64)]) {
+        let before = self.model.clone();
+        let result = self.ledger.unmap_ranges(ranges);
+        let calls = self.iommu.take_calls();
+        let sorted = ranges.windows(2).all(|w| w[0].0 + w[0].1 <= w[1].0);
+        let bisects = ranges.iter().any(|&(iova, len)| before.bisects(iova, len));
+        let inside: Vec<u64> = ranges
+            .iter()
+            .flat_map(|&(iova, len)| before.inside(iova, len))
+            .collect();
+        match result {
+            Ok(report) => {
+                self.note("unmap ranges ok");
+                assert!(sorted && !bisects);
+                assert_eq!(report.mappings, inside.len() as u64);
+                let bytes: u64 = inside.iter().map(|s| before.mappings[s].len).sum();
+                assert_eq!(report.bytes, bytes);
+                assert_eq!(
+                    report.calls,
+                    Self::expected_unmap_calls(&before, ranges),
+                    "one call per group of ranges with empty gaps: {ranges:x?} {calls:x?}"
+                );
+                let ranges_with_mappings = ranges
+                    .iter()
+                    .filter(|&&(iova, len)| !before.inside(iova, len).is_empty())
+                    .count() as u64;
+                if report.calls < ranges_with_mappings {
+                    self.note("unmap ranges joined");
+                }
+                assert_eq!(calls.len() as u64, report.calls);
+                for s in inside {
+                    self.model.mappings.remove(&s);
+                    if let Some(b) = self.model.budget.as_mut() {
+                        *b += 1;
+                    }
+                }
+            }
+            Err(LedgerError::Unsorted { .. }) => {
+                self.note("unmap ranges unsorted");
+                assert!(!sorted);
+                assert!(calls.is_empty());
+            }
+            Err(LedgerError::Bisects { mapping, .. }) => {
+                self.note("unmap ranges bisects");
+                assert!(bisects);
+                assert!(before.mappings.contains_key(&mapping.iova));
+                assert!(calls.is_empty(), "nothing is called before every check");
+            }
+            Err(LedgerError::Unmap { done_calls, .. }) => {
+                self.note("unmap ranges failed");
+                let (last, done) = calls.split_last().expect("a failed call");
+                assert!(
+                    last.injected && done.len() as u64 == done_calls,
+                    "{calls:?}"
+                );
+                // What the successful calls removed is gone; everything else stays.
+                for c in done {
+                    for s in before.inside(c.iova, c.len) {
+                        self.model.mappings.remove(&s);
+                        if let Some(b) = self.model.budget.as_mut() {
+                            *b += 1;
+                        }
+                    }
+                }
+            }
+            Err(other) => panic!("unmap_ranges({ranges:x?}): unexpected {other:?}"),
+        }
+        self.check_calls(&before, &calls);
+    }
+
     /// Every call the ledger made failed only by injection, and every unmap call covered whole
     /// mappings of the table as it was at that moment (replaying the op's calls in order from
     /// the state before the operation) and was not empty.
@@ -519,6 +623,25 @@ impl Harness {
                 );
             }
             Op::Unmap { page, pages } => self.unmap(Some((page * PAGE, pages * PAGE))),
+            Op::UnmapRanges {
+                page,
+                ref ranges,
+                swap,
+            } => {
+                let mut at = page;
+                let mut list: Vec<(u64, u64)> = ranges
+                    .iter()
+                    .map(|&(gap, pages)| {
+                        let range = ((at + gap) * PAGE, pages * PAGE);
+                        at += gap + pages;
+                        range
+                    })
+                    .collect();
+                if swap && list.len() > 1 {
+                    list.swap(0, 1);
+                }
+                self.unmap_ranges(&list);
+            }
             Op::UnmapAll => self.unmap(None),
             Op::CheckBudget { additional } => {
                 let ok = self.ledger.check_budget(additional).is_ok();
@@ -613,6 +736,11 @@ fn random_sequences_reach_every_outcome() {
         "unmap ok",
         "unmap bisects",
         "unmap failed",
+        "unmap ranges ok",
+        "unmap ranges joined",
+        "unmap ranges unsorted",
+        "unmap ranges bisects",
+        "unmap ranges failed",
         "device access ok",
         "device fault",
     ] {
