@@ -47,11 +47,11 @@ impl State {
     }
 
     pub(crate) fn with_plugged(self, plugged: bool) -> State {
-        State::new(plugged, self.attribute())
+        State(self.0 & 1 | (plugged as u8) << 1)
     }
 
     pub(crate) fn with_attribute(self, attribute: Attribute) -> State {
-        State::new(self.plugged(), attribute)
+        State(self.0 & 2 | matches!(attribute, Attribute::Private) as u8)
     }
 
     /// The view this granule belongs to, `None` when unplugged.
@@ -95,7 +95,6 @@ pub(crate) struct Within {
     pos: Pos,
     start: u64,
     end: u64,
-    next: Option<Pos>,
     /// State of the run.
     pub(crate) state: State,
 }
@@ -171,9 +170,15 @@ impl Extents {
 
     /// Position of the last entry with key `<= g` (the run containing `g`).
     fn locate(&self, g: u64) -> Pos {
-        let chunk = self.firsts.partition_point(|&f| f <= g).saturating_sub(1);
+        let chunk = match self.firsts.len() {
+            1 => 0,
+            _ => self.firsts.partition_point(|&f| f <= g).saturating_sub(1),
+        };
+        // key_of(e) <= g  <=>  e < (g + 1) << 2: compares packed entries without unpacking
+        // (g < 2^62, so the shift cannot overflow).
+        let bound = (g + 1) << 2;
         let index = self.chunks[chunk]
-            .partition_point(|&e| key_of(e) <= g)
+            .partition_point(|&e| e < bound)
             .saturating_sub(1);
         Pos { chunk, index }
     }
@@ -238,14 +243,21 @@ impl Extents {
     /// one- or two-granule conversion): the fast path that avoids building a [`Plan`].
     pub(crate) fn within_one_run(&self, a: u64, b: u64) -> Option<Within> {
         let pos = self.locate(a);
-        let entry = self.entry(pos);
-        let next = self.next_pos(pos);
-        let end = next.map_or(self.granules, |p| key_of(self.entry(p)));
+        let chunk = &self.chunks[pos.chunk];
+        let entry = chunk[pos.index];
+        // The run ends at the next entry's key: in this chunk, else the next chunk's first.
+        let end = match chunk.get(pos.index + 1) {
+            Some(&next) => key_of(next),
+            None => self
+                .firsts
+                .get(pos.chunk + 1)
+                .copied()
+                .unwrap_or(self.granules),
+        };
         (b <= end).then_some(Within {
             pos,
             start: key_of(entry),
             end,
-            next,
             state: state_of(entry),
         })
     }
@@ -256,15 +268,19 @@ impl Extents {
         let len = b - a;
         self.totals[w.state.index()] -= len;
         self.totals[new.index()] += len;
+        if self.set_within_chunk(w, a, b, new) {
+            return;
+        }
         let left = if w.start < a {
             Some(w.state)
         } else {
             self.prev_pos(w.pos).map(|p| state_of(self.entry(p)))
         };
+        let next = self.next_pos(w.pos);
         let right = if b < w.end {
             Some(w.state)
         } else {
-            w.next.map(|p| state_of(self.entry(p)))
+            next.map(|p| state_of(self.entry(p)))
         };
         let mut replacement = [0u64; 2];
         let mut n = 0;
@@ -276,7 +292,7 @@ impl Extents {
             replacement[n] = pack(b, r);
             n += 1;
         }
-        let existing = usize::from(w.start == a) + usize::from(b == w.end && w.next.is_some());
+        let existing = usize::from(w.start == a) + usize::from(b == w.end && next.is_some());
         let at = if w.start == a {
             w.pos
         } else {
@@ -304,6 +320,44 @@ impl Extents {
             return;
         }
         self.splice(at, existing, replacement);
+    }
+
+    /// The two shapes a bounce buffer takes, edited in place when the chunk has room (or,
+    /// for a removal, stays dense): a range strictly inside its run splits it (two entries
+    /// inserted), and a whole run whose neighbours both hold `new` merges with them (two
+    /// entries removed). Returns `false`, changing nothing, for any other shape.
+    fn set_within_chunk(&mut self, w: Within, a: u64, b: u64, new: State) -> bool {
+        let (c, i) = (w.pos.chunk, w.pos.index);
+        let alone = self.chunks.len() == 1;
+        let chunk = &mut self.chunks[c];
+        let len = chunk.len();
+        if w.start < a && b < w.end {
+            if len + 2 > CHUNK {
+                return false;
+            }
+            chunk.extend_from_slice(&[0, 0]);
+            chunk.copy_within(i + 1..len, i + 3);
+            chunk[i + 1] = pack(a, new);
+            chunk[i + 2] = pack(b, w.state);
+            self.len += 2;
+            return true;
+        }
+        // A whole run with a left neighbour in this chunk and a right one (the entry at `b`)
+        // in it too; the region's first run (no left neighbour) takes the general path.
+        if w.start == a
+            && b == w.end
+            && i > 0
+            && i + 1 < len
+            && (alone || len - 2 >= CHUNK / 4)
+            && state_of(chunk[i - 1]) == new
+            && state_of(chunk[i + 1]) == new
+        {
+            chunk.copy_within(i + 2..len, i);
+            chunk.truncate(len - 2);
+            self.len -= 2;
+            return true;
+        }
+        false
     }
 
     /// Computes the update that sets every granule `g` in `[a, b)` to `f(state(g))`.

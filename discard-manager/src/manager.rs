@@ -149,13 +149,14 @@ impl Drop for Locked<'_> {
     }
 }
 
-/// A number unique to the calling thread (never 0).
+/// A number unique among the live threads (never 0): the address of a thread-local.
+/// A `const`-initialised thread-local without a destructor is a plain TLS slot, so this is
+/// one instruction, and it stays readable during thread teardown. (An address may be reused
+/// by a later thread, but only after this one exited, and a thread never exits holding the
+/// lock: `Locked` clears the owner when it is dropped, on unwinding too.)
 fn thread_token() -> u64 {
-    static NEXT: AtomicU64 = AtomicU64::new(1);
-    thread_local!(static TOKEN: u64 = NEXT.fetch_add(1, Ordering::Relaxed));
-    // During thread-local teardown no token is available; u64::MAX is never an owner, so
-    // the call simply takes the lock.
-    TOKEN.try_with(|t| *t).unwrap_or(u64::MAX)
+    thread_local!(static MARK: u8 = const { 0 });
+    MARK.with(|mark| std::ptr::from_ref(mark) as u64)
 }
 
 impl DiscardManager {
@@ -375,7 +376,8 @@ impl DiscardManager {
     }
 
     /// The transaction: plan, discard the losing view, step, populate the gaining view,
-    /// commit; or roll back.
+    /// commit; or roll back. The rollbacks live in cold functions of their own, so that the
+    /// common path stays small.
     fn transact<S: TransactionStep>(
         &self,
         range: GpaRange,
@@ -402,12 +404,13 @@ impl DiscardManager {
             }
             None => {
                 inner.extents.plan(a, b, update, &mut inner.plan);
-                self.describe(&inner.plan, kind)
+                let change = self.describe(&inner.plan, kind);
+                if change.is_empty() {
+                    return Ok(change);
+                }
+                change
             }
         };
-        if change.is_empty() {
-            return Ok(change);
-        }
         // What was sent is not recorded here: discards cannot fail and both loops run in a
         // fixed order, so a rollback recomputes the notifications it must undo (`sent`).
         if let [vr] = change.discarded() {
@@ -420,42 +423,11 @@ impl DiscardManager {
                 }
             }
         } else if !change.discarded().is_empty() {
-            // Several runs: each listener gets its share in one call, so that it can drop
-            // them together (one IOMMU unmap across the gaps).
-            for entry in &inner.listeners {
-                let batch = &mut inner.batch;
-                batch.clear();
-                batch.extend(
-                    change
-                        .discarded()
-                        .iter()
-                        .filter(|vr| vr.view == entry.info.view)
-                        .filter_map(|vr| entry.info.range.intersect(&vr.range)),
-                );
-                match batch.as_slice() {
-                    [] => {}
-                    [range] => entry.listener.discard(entry.info.view, *range),
-                    runs => entry.listener.discard_runs(entry.info.view, runs),
-                }
-            }
+            Self::discard_batched(inner, &change);
         }
 
         if let Err(source) = step.apply(&change) {
-            sent(
-                &inner.listeners,
-                change.discarded(),
-                None,
-                &mut inner.sent_discards,
-            );
-            let detached = self.restore_losing_view(inner);
-            return Err(if detached.is_empty() {
-                TransactionError::StepFailed { source }
-            } else {
-                TransactionError::RollbackFailed {
-                    cause: RollbackCause::Step(source),
-                    detached,
-                }
-            });
+            return Err(self.step_failed(inner, &change, source));
         }
 
         for (position, vr) in change.populated().iter().enumerate() {
@@ -473,32 +445,13 @@ impl DiscardManager {
                         range,
                         source,
                     };
-                    sent(
-                        &inner.listeners,
-                        change.populated(),
-                        Some((position, index)),
-                        &mut inner.sent_populates,
-                    );
-                    for sent in inner.sent_populates.iter().rev() {
-                        let entry = &inner.listeners[sent.index];
-                        entry.listener.discard(entry.info.view, sent.range);
-                    }
-                    step.undo(&change);
-                    sent(
-                        &inner.listeners,
-                        change.discarded(),
-                        None,
-                        &mut inner.sent_discards,
-                    );
-                    let detached = self.restore_losing_view(inner);
-                    return Err(if detached.is_empty() {
-                        TransactionError::Refused { refusal }
-                    } else {
-                        TransactionError::RollbackFailed {
-                            cause: RollbackCause::Refused(refusal),
-                            detached,
-                        }
-                    });
+                    return Err(self.populate_refused(
+                        inner,
+                        &change,
+                        step,
+                        (position, index),
+                        refusal,
+                    ));
                 }
             }
         }
@@ -508,6 +461,91 @@ impl DiscardManager {
             None => inner.extents.commit(&inner.plan),
         }
         Ok(change)
+    }
+
+    /// The discards of a change with several discarded runs: each listener gets its share
+    /// in one call, so that it can drop them together (one IOMMU unmap across the gaps).
+    fn discard_batched(inner: &mut Inner, change: &Change) {
+        for entry in &inner.listeners {
+            let batch = &mut inner.batch;
+            batch.clear();
+            batch.extend(
+                change
+                    .discarded()
+                    .iter()
+                    .filter(|vr| vr.view == entry.info.view)
+                    .filter_map(|vr| entry.info.range.intersect(&vr.range)),
+            );
+            match batch.as_slice() {
+                [] => {}
+                [range] => entry.listener.discard(entry.info.view, *range),
+                runs => entry.listener.discard_runs(entry.info.view, runs),
+            }
+        }
+    }
+
+    /// The step failed after the discards: re-populate the losing view.
+    #[cold]
+    fn step_failed<E: std::error::Error + 'static>(
+        &self,
+        inner: &mut Inner,
+        change: &Change,
+        source: E,
+    ) -> TransactionError<E> {
+        sent(
+            &inner.listeners,
+            change.discarded(),
+            None,
+            &mut inner.sent_discards,
+        );
+        let detached = self.restore_losing_view(inner);
+        if detached.is_empty() {
+            TransactionError::StepFailed { source }
+        } else {
+            TransactionError::RollbackFailed {
+                cause: RollbackCause::Step(source),
+                detached,
+            }
+        }
+    }
+
+    /// A populate was refused at `until` = (position in the populated runs, listener
+    /// index): discard what was populated, undo the step, re-populate the losing view.
+    #[cold]
+    fn populate_refused<S: TransactionStep>(
+        &self,
+        inner: &mut Inner,
+        change: &Change,
+        step: &mut S,
+        until: (usize, usize),
+        refusal: Refusal,
+    ) -> TransactionError<S::Error> {
+        sent(
+            &inner.listeners,
+            change.populated(),
+            Some(until),
+            &mut inner.sent_populates,
+        );
+        for sent in inner.sent_populates.iter().rev() {
+            let entry = &inner.listeners[sent.index];
+            entry.listener.discard(entry.info.view, sent.range);
+        }
+        step.undo(change);
+        sent(
+            &inner.listeners,
+            change.discarded(),
+            None,
+            &mut inner.sent_discards,
+        );
+        let detached = self.restore_losing_view(inner);
+        if detached.is_empty() {
+            TransactionError::Refused { refusal }
+        } else {
+            TransactionError::RollbackFailed {
+                cause: RollbackCause::Refused(refusal),
+                detached,
+            }
+        }
     }
 
     /// Builds the [`Change`] of a plan: source runs and view runs that change.
