@@ -8,8 +8,11 @@
 //! - **private view** (trusted-IO devices): every private granule is mapped by the private file
 //!   (guest_memfd) + offset, since private memory has no host address.
 //!
-//! IOVA = GPA + `iova_offset` (identity by default). A discard is one [`Ledger::unmap`] per run,
-//! which the ledger merges into the fewest whole-mapping kernel calls.
+//! IOVA = GPA + `iova_offset` (identity by default). A discard of one run is one
+//! [`Ledger::unmap`]; the runs one conversion takes from the view (a mixed range) go to
+//! [`Ledger::unmap_ranges`] together, so the ledger merges them into the fewest whole-mapping
+//! kernel calls: one across the gaps unless something else it maps (a stale mapping, another
+//! buffer) lies in one.
 //!
 //! # When an unmap fails
 //! The state manager's `discard` cannot fail, but a kernel unmap can. A failed unmap leaves the
@@ -201,14 +204,33 @@ impl DmaListener {
         match self.ledger.unmap(self.iova(range.start()), range.len()) {
             Ok(_) => Ok(()),
             Err(e) => {
-                let left = self.still_mapped(range.start(), range.end());
-                let mut stale = self.stale();
-                for (s, e) in left.iter() {
-                    stale.insert(s, e);
-                }
+                self.keep_stale(range.start(), range.end());
                 Err(e)
             }
         }
+    }
+
+    /// Keeps what `[start, end)` still maps after a failed unmap in the stale set.
+    fn keep_stale(&self, start: u64, end: u64) {
+        let left = self.still_mapped(start, end);
+        let mut stale = self.stale();
+        for (s, e) in left.iter() {
+            stale.insert(s, e);
+        }
+    }
+
+    fn record_failure(&self, range: GpaRange, source: LedgerError) {
+        log::warn!(
+            "{}: unmap of {} {range} failed: {source}",
+            self.device,
+            self.view
+        );
+        self.failures.record(UnmapFailure {
+            device: self.device.clone(),
+            view: self.view,
+            range,
+            source,
+        });
     }
 
     /// Tries again to unmap every stale granule. Returns the bytes still stale.
@@ -298,13 +320,28 @@ impl ViewListener for DmaListener {
     fn discard(&self, view: View, range: GpaRange) {
         debug_assert_eq!(view, self.view);
         if let Err(source) = self.unmap_range(range) {
-            log::warn!("{}: unmap of {view} {range} failed: {source}", self.device);
-            self.failures.record(UnmapFailure {
-                device: self.device.clone(),
-                view,
-                range,
-                source,
-            });
+            self.record_failure(range, source);
+        }
+    }
+
+    fn discard_runs(&self, view: View, runs: &[GpaRange]) {
+        debug_assert_eq!(view, self.view);
+        let ranges: Vec<(u64, u64)> = runs
+            .iter()
+            .map(|r| (self.iova(r.start()), r.len()))
+            .collect();
+        let Err(source) = self.ledger.unmap_ranges(&ranges) else {
+            return;
+        };
+        // Some calls may have succeeded before the failure: what any run still maps is stale.
+        for r in runs {
+            self.keep_stale(r.start(), r.end());
+        }
+        // One failure for the whole discard (the error is not `Clone`), naming the first run
+        // that stays mapped: the attribute step refuses on any.
+        let first_left = runs.iter().find(|r| self.stale_overlaps(**r));
+        if let Some(&range) = first_left.or(runs.first()) {
+            self.record_failure(range, source);
         }
     }
 }

@@ -97,20 +97,18 @@ fn a_failed_unmap_fails_the_conversion_to_private_and_changes_nothing() {
 }
 
 #[test]
-fn a_partly_failed_unmap_is_rolled_back_by_remapping_what_was_unmapped() {
+fn a_failed_merged_unmap_fails_the_conversion_and_changes_nothing() {
     let rig = rig(DiscardPolicy::Eager);
     let dev = rig.attach("nic", EmulatedIommu::new(), DeviceConfig::shared());
-    // Two separate shared runs: the discard unmaps them in two ledger calls.
+    // Two separate shared runs: the discard unmaps them in one ledger call over the gap.
     rig.convert(range(BASE, 2 * PAGE), Attribute::Shared)
         .unwrap();
     rig.convert(range(BASE + 4 * PAGE, 2 * PAGE), Attribute::Shared)
         .unwrap();
     dev.iommu.take_calls();
     let before = rig.snapshot(&[&dev]);
-    // The first run's unmap succeeds, the second fails.
-    dev.iommu.inject_failures(|kind, iova, _| {
-        (*kind == CallKind::Unmap && iova == BASE + 4 * PAGE).then_some(libc::EIO)
-    });
+    dev.iommu
+        .inject_failures(|kind, _, _| (*kind == CallKind::Unmap).then_some(libc::EIO));
     let r = range(BASE, 8 * PAGE);
     let err = rig.convert(r, Attribute::Private).unwrap_err();
     assert!(
@@ -119,9 +117,106 @@ fn a_partly_failed_unmap_is_rolled_back_by_remapping_what_was_unmapped() {
     );
     dev.iommu.clear_failures();
     let calls = dev.iommu.take_calls();
-    // The first run was re-mapped, the second never left: same table as before.
+    let unmaps: Vec<(u64, u64)> = calls
+        .iter()
+        .filter(|c| c.kind == CallKind::Unmap)
+        .map(|c| (c.iova, c.len))
+        .collect();
+    // One merged call, which failed: the rollback found both runs still mapped.
+    assert_eq!(unmaps, [(BASE, 6 * PAGE)]);
     assert_eq!(rig.snapshot(&[&dev]), before);
     rig.check(&[&dev], &[calls], Some(r));
+}
+
+#[test]
+fn unsharing_a_mixed_range_unmaps_its_shared_runs_in_one_call() {
+    let rig = rig(DiscardPolicy::Eager);
+    let dev = rig.attach("nic", EmulatedIommu::new(), DeviceConfig::shared());
+    // [shared A][private B][shared C][private][shared E]
+    for (start, len) in [(0, 2), (4, 3), (9, 1)] {
+        rig.convert(range(BASE + start * PAGE, len * PAGE), Attribute::Shared)
+            .unwrap();
+    }
+    dev.iommu.take_calls();
+    let r = range(BASE, 12 * PAGE);
+    let c = rig.convert(r, Attribute::Private).unwrap();
+    assert_eq!(c.runs.len(), 3);
+    let calls = dev.iommu.take_calls();
+    let unmaps: Vec<(u64, u64)> = calls
+        .iter()
+        .filter(|c| c.kind == CallKind::Unmap)
+        .map(|c| (c.iova, c.len))
+        .collect();
+    assert_eq!(unmaps, [(BASE, 10 * PAGE)], "one call from A to E");
+    assert_eq!(dev.iommu.mapping_count(), 0);
+    rig.check(&[&dev], &[calls], Some(r));
+}
+
+#[test]
+fn a_stale_mapping_between_the_runs_is_not_swept_by_the_merged_unmap() {
+    let rig = rig(DiscardPolicy::Eager);
+    // Two trusted-IO devices (private view): `t1` will keep a stale mapping of B.
+    let t1 = rig.attach("t1", EmulatedIommu::new(), DeviceConfig::trusted_io());
+    let t2 = rig.attach("t2", EmulatedIommu::new(), DeviceConfig::trusted_io());
+    let b = range(BASE + 2 * PAGE, 2 * PAGE);
+    rig.convert(b, Attribute::Shared).unwrap();
+    // B back to private: t1 maps it, t2 fails, and undoing t1's map fails too.
+    t1.iommu.inject_failures(move |kind, iova, _| {
+        (*kind == CallKind::Unmap && iova == b.start()).then_some(libc::EIO)
+    });
+    t2.iommu.inject_failures(move |kind, iova, _| {
+        (*kind == CallKind::MapFile && iova == b.start()).then_some(libc::ENOMEM)
+    });
+    let err = rig.convert(b, Attribute::Private).unwrap_err();
+    assert!(matches!(err, ConversionError::Map { .. }), "{err:?}");
+    t2.iommu.clear_failures();
+    let stale = rig.region.stale_mappings();
+    assert_eq!(
+        stale,
+        [("t1".to_string(), vec![(b.start(), b.end())])],
+        "t1 still maps B, which stayed shared"
+    );
+    t1.iommu.take_calls();
+    t2.iommu.take_calls();
+    // [private A][shared B, stale on t1][private C] to shared: both devices lose A and C.
+    let r = range(BASE, 6 * PAGE);
+    rig.convert(r, Attribute::Shared).unwrap();
+    let unmaps = |dev: &common::Dev| -> Vec<(u64, u64, bool)> {
+        dev.iommu
+            .take_calls()
+            .iter()
+            .filter(|c| c.kind == CallKind::Unmap)
+            .map(|c| (c.iova, c.len, c.result.is_ok()))
+            .collect()
+    };
+    assert_eq!(
+        unmaps(&t1),
+        [
+            (b.start(), b.len(), false), // the stale retry, still failing
+            (BASE, 2 * PAGE, true),
+            (BASE + 4 * PAGE, 2 * PAGE, true),
+        ],
+        "B lies between A and C: two calls, B stays mapped"
+    );
+    assert_eq!(
+        unmaps(&t2),
+        [(BASE, 6 * PAGE, true)],
+        "nothing between: one call"
+    );
+    let t1_table: Vec<u64> = t1.iommu.page_table().iter().map(|e| e.iova).collect();
+    assert!(t1_table.contains(&b.start()) && t1_table.contains(&(b.start() + PAGE)));
+    assert_eq!(rig.region.stale_mappings().len(), 1);
+    // Once the kernel lets go, the next conversion's retry unmaps it.
+    t1.iommu.clear_failures();
+    rig.convert(range(BASE + 8 * PAGE, PAGE), Attribute::Shared)
+        .unwrap();
+    assert!(rig.region.stale_mappings().is_empty());
+    assert_eq!(t1.iommu.mapping_count(), 16 - 7);
+    rig.check(
+        &[&t1, &t2],
+        &[t1.iommu.take_calls(), t2.iommu.take_calls()],
+        None,
+    );
 }
 
 #[test]
