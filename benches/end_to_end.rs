@@ -4,9 +4,12 @@
 //! Strategies (every one runs on its own classic region: memfd for shared pages, the host's
 //! real guest_memfd for private ones when /dev/kvm has it, else a second memfd):
 //! - `floor`: the minimum kernel calls the eager project makes, precomputed from the workload
-//!   and issued directly in a tight loop: the attribute change per changed run, one IOMMU map
-//!   per shared granule (emulated IOMMU, called directly), one unmap per run leaving the shared
-//!   view, one `fallocate(PUNCH_HOLE|KEEP_SIZE)` per vacated run.
+//!   and issued directly in a tight loop: per request that changes anything, one attribute
+//!   change over the span of its changed runs (the granules between already have the target
+//!   attribute), one IOMMU map per shared granule (emulated IOMMU, called directly), one unmap
+//!   over the span of the runs leaving the shared view (nothing is mapped between them), one
+//!   `fallocate(PUNCH_HOLE|KEEP_SIZE)` over the span of the vacated runs (the side they vacate
+//!   is already free between them).
 //! - `eager`, `lazy-16M`, `batched-64`: `gmem_dma::GuestRam` with that discard policy and one
 //!   device on the emulated IOMMU.
 //! - `no-discard`: the project with a lazy budget of `u64::MAX` (never punches): the bound the
@@ -432,22 +435,27 @@ impl Floor {
             let b = ((r.range.end() - BASE) / G) as usize;
             let shared = r.to == Attribute::Shared;
             let runs = changed_runs(&bits, a, b, shared);
-            for &(s, e) in &runs {
-                let range = granule_range(s, e);
+            let (Some(&(first, _)), Some(&(_, last))) = (runs.first(), runs.last()) else {
                 if shared {
-                    ops.push(Op::Attribute(range, r.to));
-                    ops.extend((s..e).map(|g| Op::Map(BASE + g as u64 * G)));
-                } else {
-                    ops.push(Op::Unmap(range));
-                    ops.push(Op::Attribute(range, r.to));
+                    ops.push(Op::Fill(r.range));
                 }
+                continue;
+            };
+            let span = granule_range(first, last);
+            if shared {
+                ops.push(Op::Attribute(span, r.to));
+                for &(s, e) in &runs {
+                    ops.extend((s..e).map(|g| Op::Map(BASE + g as u64 * G)));
+                }
+            } else {
+                ops.push(Op::Unmap(span));
+                ops.push(Op::Attribute(span, r.to));
+            }
+            for &(s, e) in &runs {
                 bits[s..e].fill(shared);
             }
             let vacated = if shared { View::Private } else { View::Shared };
-            ops.extend(
-                runs.iter()
-                    .map(|&(s, e)| Op::Punch(vacated, granule_range(s, e))),
-            );
+            ops.push(Op::Punch(vacated, span));
             if shared {
                 ops.push(Op::Fill(r.range));
             }

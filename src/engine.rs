@@ -53,6 +53,7 @@ use crate::backing::RegionBacking;
 use crate::dma::{DmaListener, UnmapFailure, UnmapFailures};
 use crate::host::BackingModel;
 use crate::policy::{DiscardPolicy, Discarder, FlushReport, HeldBack};
+use crate::range_set::span;
 
 /// A conversion that was refused or failed, naming the step. Unless the variant says
 /// otherwise, nothing changed: state manager, KVM attributes, IOMMU mappings and backings are
@@ -182,9 +183,23 @@ impl Conversion {
 }
 
 /// The KVM attribute change, as the transaction step of a conversion.
+///
+/// A change of several runs (a mixed range) is one `KVM_SET_MEMORY_ATTRIBUTES` over the span
+/// from the first run to the last when `span_runs` is set, as QEMU does per request. The
+/// granules in between already have the target attribute, and the kernel's call is sound over
+/// them: it reserves every entry before it stores any, so it changes all or nothing; storing an
+/// attribute a page already has changes nothing; and the mappings it zaps first are filtered to
+/// the old attribute (`kvm_arch_pre_set_memory_attributes`), which the granules in between do
+/// not have. An undo still sets back exactly the runs that changed, never the span.
+///
+/// `span_runs` is off for in-place backings: the in-place conversion (attributes on the
+/// guest_memfd) refuses a range holding a page with unexpected references (`EAGAIN`), and the
+/// granules in between may be pinned by devices that map them, so a span could fail where the
+/// runs would not.
 pub struct AttributeStep<'a> {
     attributes: &'a dyn MemoryAttributes,
     to: Attribute,
+    span_runs: bool,
     failures: &'a UnmapFailures,
     undo_failure: Option<AttributeError>,
 }
@@ -232,9 +247,17 @@ impl TransactionStep for AttributeStep<'_> {
         if !failed.is_empty() {
             return Err(StepError::Unmap(failed));
         }
-        for (i, &run) in change.runs().iter().enumerate() {
+        let runs = change.runs();
+        if let Some(all) = span(runs).filter(|_| self.span_runs && runs.len() > 1) {
+            // All or nothing: on failure nothing changed, so nothing is set back.
+            return self
+                .attributes
+                .set(all, self.to)
+                .map_err(StepError::Attribute);
+        }
+        for (i, &run) in runs.iter().enumerate() {
             if let Err(e) = self.attributes.set(run, self.to) {
-                self.set_back(&change.runs()[..i]);
+                self.set_back(&runs[..i]);
                 return Err(StepError::Attribute(e));
             }
         }
@@ -371,13 +394,16 @@ impl Region {
             .collect()
     }
 
-    fn retry_stale(&self) {
+    /// Returns true when some device still maps granules it should not (stale).
+    fn retry_stale(&self) -> bool {
+        let mut stale = false;
         for a in self.attached().iter() {
-            a.listener.retry_stale();
+            stale |= a.listener.retry_stale() > 0;
         }
         // Failures of earlier rollbacks or retries are now in the stale sets; the next step
         // must only see this conversion's own.
         self.failures.drain();
+        stale
     }
 
     /// Isolation: a stale mapping is a private page still mapped for a device; converting its
@@ -438,14 +464,16 @@ impl Region {
         attributes: &dyn MemoryAttributes,
     ) -> Result<Conversion, ConversionError> {
         let mut discarder = lock(&self.discarder);
-        self.retry_stale();
+        let stale = self.retry_stale();
         if to == Attribute::Private {
             self.refuse_stale(range)?;
         }
         self.check_budget(range, to)?;
+        let classic = self.backing.model() == BackingModel::Classic;
         let mut step = AttributeStep {
             attributes,
             to,
+            span_runs: classic,
             failures: &self.failures,
             undo_failure: None,
         };
@@ -464,8 +492,10 @@ impl Region {
             }
         };
         let mut flushed = FlushReport::default();
-        if self.backing.model() == BackingModel::Classic && !change.is_empty() {
-            discarder.converted(change.runs(), to);
+        if classic && !change.is_empty() {
+            // A stale mapping may pin the vacated side of a granule between the runs: then
+            // free exactly the runs.
+            discarder.converted(change.runs(), to, !stale);
             if discarder.due() {
                 flushed = discarder.flush(&self.backing);
             }

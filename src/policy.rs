@@ -15,6 +15,13 @@
 //!   `max_ranges` separate ranges or `max_bytes` bytes; adjacent pages coalesce into one
 //!   `fallocate` call.
 //!
+//! An eager conversion that changed several runs (a mixed range) frees their vacated side with
+//! one `fallocate` over the span from the first run to the last when the caller allows it: the
+//! granules in between already had the target attribute, so their vacated side is not in use
+//! and, with nothing held, already freed (a second punch of a hole frees nothing). The held
+//! sets never take such a span: they keep exactly the vacated runs, so what they report held is
+//! really backed.
+//!
 //! Held pages are the only pages backed on both sides (invariant 5); [`HeldBack`] reports them
 //! at any moment. A free that fails stays held (reported as `failed_bytes`) and is retried at
 //! the next flush; it never undoes the conversion that vacated it.
@@ -22,7 +29,7 @@
 use discard_manager::{Attribute, GpaRange, View};
 
 use crate::backing::RegionBacking;
-use crate::range_set::RangeSet;
+use crate::range_set::{RangeSet, span};
 
 /// When vacated backing pages are freed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -85,6 +92,8 @@ pub(crate) struct Discarder {
     /// flushes.
     vacated: Vec<GpaRange>,
     vacated_side: View,
+    /// The next flush may free `vacated` with one punch over its span.
+    vacated_span: bool,
 }
 
 impl Discarder {
@@ -96,6 +105,7 @@ impl Discarder {
             failed: RangeSet::new(),
             vacated: Vec::new(),
             vacated_side: View::Shared,
+            vacated_span: false,
         }
     }
 
@@ -111,8 +121,10 @@ impl Discarder {
     }
 
     /// Records that `runs` became `to`: the gaining side's pages are in use again (never free
-    /// them later); the losing side's pages are vacated.
-    pub(crate) fn converted(&mut self, runs: &[GpaRange], to: Attribute) {
+    /// them later); the losing side's pages are vacated. `span_ok`: the losing side of every
+    /// granule between the runs may be punched too (nothing else uses it, e.g. no device still
+    /// maps it), so an eager flush may free the runs with one call over their span.
+    pub(crate) fn converted(&mut self, runs: &[GpaRange], to: Attribute, span_ok: bool) {
         let (gaining, losing) = match to {
             Attribute::Shared => (View::Shared, View::Private),
             Attribute::Private => (View::Private, View::Shared),
@@ -127,6 +139,7 @@ impl Discarder {
         {
             self.vacated.extend_from_slice(runs);
             self.vacated_side = losing;
+            self.vacated_span = span_ok;
             return;
         }
         self.hold_vacated();
@@ -187,12 +200,36 @@ impl Discarder {
         // The fast path's runs: nothing else is held, so they are all there is to free. Freed
         // after the held sets, where a failure here goes, so that it is not retried at once.
         let side = self.vacated_side;
-        for i in 0..self.vacated.len() {
-            let range = self.vacated[i];
-            self.punch(backing, side, range, &mut report);
+        match span(&self.vacated).filter(|_| self.vacated_span && self.vacated.len() > 1) {
+            Some(all) => match backing.punch_hole(side, all) {
+                Ok(()) => {
+                    report.punched_ranges += 1;
+                    report.punched_bytes += self.vacated_bytes();
+                }
+                // The runs are held (not the span: the granules between them are not backed).
+                Err(e) => {
+                    log::warn!("held back the {side} backing of {all}: {e}");
+                    for i in 0..self.vacated.len() {
+                        self.hold_failed(side, self.vacated[i], &mut report);
+                    }
+                }
+            },
+            None => {
+                for i in 0..self.vacated.len() {
+                    let range = self.vacated[i];
+                    self.punch(backing, side, range, &mut report);
+                }
+            }
         }
         self.vacated.clear();
         report
+    }
+
+    /// `range` of `side` could not be freed: it is held, and retried at the next flush.
+    fn hold_failed(&mut self, side: View, range: GpaRange, report: &mut FlushReport) {
+        self.set(side).insert(range.start(), range.end());
+        self.failed.insert(range.start(), range.end());
+        report.failed_ranges += 1;
     }
 
     /// Frees `range` of `side`, which is out of the held set; a failed free goes back into it.
@@ -214,9 +251,7 @@ impl Discarder {
             }
             Err(e) => {
                 log::warn!("held back {range} of the {side} backing: {e}");
-                self.set(side).insert(start, end);
-                self.failed.insert(start, end);
-                report.failed_ranges += 1;
+                self.hold_failed(side, range, report);
             }
         }
     }
@@ -266,10 +301,10 @@ mod tests {
         let mut d = Discarder::new(DiscardPolicy::Lazy {
             budget_bytes: 0x2000,
         });
-        d.converted(&[r(0x1000, 0x1000)], Attribute::Private);
+        d.converted(&[r(0x1000, 0x1000)], Attribute::Private, true);
         assert!(!d.due());
         // Back to shared: the shared page is in use again, the private one is vacated.
-        d.converted(&[r(0x1000, 0x1000)], Attribute::Shared);
+        d.converted(&[r(0x1000, 0x1000)], Attribute::Shared, true);
         assert_eq!(
             d.held(),
             HeldBack {
@@ -278,7 +313,7 @@ mod tests {
                 failed_bytes: 0
             }
         );
-        d.converted(&[r(0x4000, 0x2000)], Attribute::Private);
+        d.converted(&[r(0x4000, 0x2000)], Attribute::Private, true);
         assert!(d.due());
         let report = d.flush(&backing);
         assert_eq!(report.punched_bytes, 0x3000);
@@ -294,10 +329,10 @@ mod tests {
             max_bytes: 1 << 20,
         });
         for p in 0..4 {
-            d.converted(&[r(p * 0x1000, 0x1000)], Attribute::Private);
+            d.converted(&[r(p * 0x1000, 0x1000)], Attribute::Private, true);
             assert!(!d.due(), "adjacent pages form one range");
         }
-        d.converted(&[r(0x8000, 0x1000)], Attribute::Private);
+        d.converted(&[r(0x8000, 0x1000)], Attribute::Private, true);
         assert!(d.due());
         assert_eq!(d.flush(&backing).punched_ranges, 2);
         assert_eq!(backing.punch_stats().calls, 2);
@@ -308,7 +343,7 @@ mod tests {
         let backing = RegionBacking::software(0, 0x10000).unwrap();
         let mut d = Discarder::new(DiscardPolicy::Eager);
         backing.inject_punch_failures(|_, _| true);
-        d.converted(&[r(0, 0x2000)], Attribute::Private);
+        d.converted(&[r(0, 0x2000)], Attribute::Private, true);
         let report = d.flush(&backing);
         assert_eq!(report.failed_ranges, 1);
         assert_eq!(d.held().failed_bytes, 0x2000);
@@ -316,6 +351,45 @@ mod tests {
         backing.clear_punch_failures();
         assert!(d.due());
         assert_eq!(d.flush(&backing).punched_bytes, 0x2000);
+        assert_eq!(d.held(), HeldBack::default());
+    }
+
+    #[test]
+    fn eager_frees_the_runs_of_a_mixed_conversion_with_one_punch_over_their_span() {
+        let backing = RegionBacking::software(0, 0x10000).unwrap();
+        let mut d = Discarder::new(DiscardPolicy::Eager);
+        let runs = [r(0x1000, 0x1000), r(0x4000, 0x2000)];
+        d.converted(&runs, Attribute::Private, true);
+        let report = d.flush(&backing);
+        assert_eq!((report.punched_ranges, report.punched_bytes), (1, 0x3000));
+        assert_eq!(
+            (backing.punch_stats().calls, backing.punch_stats().bytes),
+            (1, 0x5000)
+        );
+        // Not allowed to span (something may use the side between): one punch per run.
+        d.converted(&runs, Attribute::Shared, false);
+        assert_eq!(d.flush(&backing).punched_ranges, 2);
+        assert_eq!(backing.punch_stats().calls, 3);
+    }
+
+    #[test]
+    fn a_failed_span_punch_holds_exactly_the_runs() {
+        let backing = RegionBacking::software(0, 0x10000).unwrap();
+        let mut d = Discarder::new(DiscardPolicy::Eager);
+        backing.inject_punch_failures(|_, _| true);
+        d.converted(
+            &[r(0x1000, 0x1000), r(0x4000, 0x2000)],
+            Attribute::Private,
+            true,
+        );
+        let report = d.flush(&backing);
+        assert_eq!(report.failed_ranges, 2);
+        assert_eq!(d.held().shared_bytes, 0x3000, "the gap is not held");
+        assert_eq!(d.held().failed_bytes, 0x3000);
+        assert!(!d.holds(View::Shared, 0x2000, 0x3000));
+        backing.clear_punch_failures();
+        // Retried from the held set, run by run.
+        assert_eq!(d.flush(&backing).punched_ranges, 2);
         assert_eq!(d.held(), HeldBack::default());
     }
 }

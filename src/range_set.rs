@@ -5,6 +5,15 @@
 
 use std::collections::BTreeMap;
 
+use discard_manager::GpaRange;
+
+/// The range from the start of the first of `runs` (sorted) to the end of the last; `None` for
+/// no runs.
+pub(crate) fn span(runs: &[GpaRange]) -> Option<GpaRange> {
+    let (first, last) = (runs.first()?, runs.last()?);
+    GpaRange::new(first.start(), last.end() - first.start())
+}
+
 /// Disjoint, non-adjacent extents `[start, end)`, keyed by start.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RangeSet {

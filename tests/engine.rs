@@ -180,7 +180,10 @@ fn a_stale_mapping_between_the_runs_is_not_swept_by_the_merged_unmap() {
     t2.iommu.take_calls();
     // [private A][shared B, stale on t1][private C] to shared: both devices lose A and C.
     let r = range(BASE, 6 * PAGE);
+    let punches = rig.region.backing().punch_stats().calls;
     rig.convert(r, Attribute::Shared).unwrap();
+    // The stale mapping may pin B's private page: only A's and C's are freed, one by one.
+    assert_eq!(rig.region.backing().punch_stats().calls - punches, 2);
     let unmaps = |dev: &common::Dev| -> Vec<(u64, u64, bool)> {
         dev.iommu
             .take_calls()
@@ -525,4 +528,135 @@ fn dma_to_pages_that_stay_shared_never_faults_while_their_neighbours_flip() {
     assert!(faults.is_empty(), "{faults:?}");
     let calls = dev.iommu.take_calls();
     rig.check(&[&dev], &[calls], None);
+}
+
+/// Attribute calls made since `skip` calls, as (start, len, attribute, ok).
+fn attribute_calls(rig: &Rig, skip: usize) -> Vec<(u64, u64, Attribute, bool)> {
+    rig.attrs.calls()[skip..]
+        .iter()
+        .map(|c| (c.range.start(), c.range.len(), c.attribute, c.ok))
+        .collect()
+}
+
+/// A region with [shared 0..2][private 2..4][shared 4..5][private 5..8][shared 8..10], rest
+/// private, and a shared-view device.
+fn mixed_rig(policy: DiscardPolicy) -> (Rig, common::Dev) {
+    let rig = rig(policy);
+    let dev = rig.attach("nic", EmulatedIommu::new(), DeviceConfig::shared());
+    for (start, len) in [(0, 2), (4, 1), (8, 2)] {
+        rig.convert(range(BASE + start * PAGE, len * PAGE), Attribute::Shared)
+            .unwrap();
+    }
+    rig.region.flush();
+    dev.iommu.take_calls();
+    (rig, dev)
+}
+
+#[test]
+fn a_mixed_request_sets_the_attribute_and_punches_once_like_qemu() {
+    let (rig, dev) = mixed_rig(DiscardPolicy::Eager);
+    // To shared: the changed runs are [2,4), [5,8), [10,12).
+    let (attrs, punches) = (rig.attrs.calls().len(), rig.region.backing().punch_stats());
+    let r = range(BASE, 12 * PAGE);
+    let c = rig.convert(r, Attribute::Shared).unwrap();
+    assert_eq!(c.runs.len(), 3);
+    assert_eq!(c.bytes(), 7 * PAGE);
+    assert_eq!(
+        attribute_calls(&rig, attrs),
+        [(BASE + 2 * PAGE, 10 * PAGE, Attribute::Shared, true)],
+        "one call from the first changed run to the last"
+    );
+    let after = rig.region.backing().punch_stats();
+    assert_eq!(
+        after.calls - punches.calls,
+        1,
+        "one punch of the private side"
+    );
+    assert_eq!(c.flushed.punched_bytes, 7 * PAGE, "the vacated runs' bytes");
+    let calls = dev.iommu.take_calls();
+    assert_eq!(
+        calls.iter().filter(|c| c.kind == CallKind::MapVa).count(),
+        7
+    );
+    rig.check(&[&dev], &[calls], Some(r));
+    // And back: [0,12) has been all shared, three runs to private again after one flips.
+    rig.convert(range(BASE + 3 * PAGE, 2 * PAGE), Attribute::Private)
+        .unwrap();
+    rig.convert(range(BASE + 7 * PAGE, PAGE), Attribute::Private)
+        .unwrap();
+    dev.iommu.take_calls();
+    let (attrs, punches) = (rig.attrs.calls().len(), rig.region.backing().punch_stats());
+    let c = rig.convert(r, Attribute::Private).unwrap();
+    assert_eq!(c.runs.len(), 3);
+    assert_eq!(
+        attribute_calls(&rig, attrs),
+        [(BASE, 12 * PAGE, Attribute::Private, true)]
+    );
+    assert_eq!(rig.region.backing().punch_stats().calls - punches.calls, 1);
+    let calls = dev.iommu.take_calls();
+    assert_eq!(calls.len(), 1, "one merged unmap: {calls:?}");
+    rig.check(&[&dev], &[calls], Some(r));
+}
+
+#[test]
+fn a_failed_spanning_attribute_change_changes_nothing_and_sets_nothing_back() {
+    let (rig, dev) = mixed_rig(DiscardPolicy::Eager);
+    let before = rig.snapshot(&[&dev]);
+    let attrs = rig.attrs.calls().len();
+    rig.attrs.inject_failures(|_, to| to == Attribute::Private);
+    let r = range(BASE, 12 * PAGE);
+    let err = rig.convert(r, Attribute::Private).unwrap_err();
+    assert!(matches!(err, ConversionError::Attribute(_)), "{err:?}");
+    rig.attrs.clear_failures();
+    // KVM's call is all or nothing: one failed call, nothing to set back.
+    assert_eq!(
+        attribute_calls(&rig, attrs),
+        [(BASE, 10 * PAGE, Attribute::Private, false)]
+    );
+    assert_eq!(rig.snapshot(&[&dev]), before);
+    rig.check(&[&dev], &[dev.iommu.take_calls()], Some(r));
+}
+
+#[test]
+fn undoing_a_spanning_attribute_change_sets_back_exactly_the_changed_runs() {
+    let (rig, dev) = mixed_rig(DiscardPolicy::Eager);
+    let before = rig.snapshot(&[&dev]);
+    let attrs = rig.attrs.calls().len();
+    // The device refuses a page of the last run: the whole conversion is undone.
+    dev.iommu.inject_failures(|kind, iova, _| {
+        (*kind == CallKind::MapVa && iova == BASE + 11 * PAGE).then_some(libc::ENOMEM)
+    });
+    let r = range(BASE, 12 * PAGE);
+    let err = rig.convert(r, Attribute::Shared).unwrap_err();
+    assert!(matches!(err, ConversionError::Map { .. }), "{err:?}");
+    dev.iommu.clear_failures();
+    assert_eq!(
+        attribute_calls(&rig, attrs),
+        [
+            (BASE + 2 * PAGE, 10 * PAGE, Attribute::Shared, true),
+            // Set back run by run, last first: the shared pages between stay shared.
+            (BASE + 10 * PAGE, 2 * PAGE, Attribute::Private, true),
+            (BASE + 5 * PAGE, 3 * PAGE, Attribute::Private, true),
+            (BASE + 2 * PAGE, 2 * PAGE, Attribute::Private, true),
+        ]
+    );
+    assert_eq!(rig.snapshot(&[&dev]), before);
+    rig.check(&[&dev], &[dev.iommu.take_calls()], Some(r));
+}
+
+#[test]
+fn lazy_discard_holds_exactly_the_vacated_runs_of_a_mixed_request() {
+    let (rig, dev) = mixed_rig(DiscardPolicy::Lazy {
+        budget_bytes: 1 << 20,
+    });
+    let r = range(BASE, 12 * PAGE);
+    let c = rig.convert(r, Attribute::Private).unwrap();
+    // The shared pages between the runs were never shared-backed after the flush: not held.
+    assert_eq!(c.held.shared_bytes, 5 * PAGE);
+    assert!(rig.region.holds(View::Shared, BASE, BASE + 2 * PAGE));
+    assert!(
+        !rig.region
+            .holds(View::Shared, BASE + 2 * PAGE, BASE + 3 * PAGE)
+    );
+    rig.check(&[&dev], &[dev.iommu.take_calls()], Some(r));
 }
