@@ -25,6 +25,7 @@
 
 use std::fmt;
 use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use discard_manager::{GpaRange, ListenerError, View, ViewListener};
@@ -60,10 +61,16 @@ pub struct UnmapFailure {
 }
 
 /// The failed unmaps of one region since the last check, filled by its listeners' discards and
-/// drained by the conversion step.
+/// drained by the conversion step, and whether a listener of the region may hold stale
+/// mappings. Both are read on every conversion, so each has a flag that answers the common
+/// case (nothing failed, nothing stale) without a lock.
 #[derive(Debug, Default)]
 pub struct UnmapFailures {
     log: Mutex<Vec<UnmapFailure>>,
+    /// Entries in `log` (changed only under its lock).
+    logged: AtomicUsize,
+    /// Set when a listener adds to its stale set; cleared by [`UnmapFailures::take_stale_hint`].
+    maybe_stale: AtomicBool,
 }
 
 impl UnmapFailures {
@@ -72,12 +79,30 @@ impl UnmapFailures {
     }
 
     pub(crate) fn record(&self, failure: UnmapFailure) {
-        self.lock().push(failure);
+        let mut log = self.lock();
+        log.push(failure);
+        self.logged.store(log.len(), Ordering::Release);
     }
 
     /// Takes every failure recorded so far.
     pub(crate) fn drain(&self) -> Vec<UnmapFailure> {
-        std::mem::take(&mut *self.lock())
+        if self.logged.load(Ordering::Acquire) == 0 {
+            return Vec::new();
+        }
+        let mut log = self.lock();
+        self.logged.store(0, Ordering::Release);
+        std::mem::take(&mut *log)
+    }
+
+    /// A listener of the region added to its stale set.
+    pub(crate) fn mark_stale(&self) {
+        self.maybe_stale.store(true, Ordering::Release);
+    }
+
+    /// True when a listener may hold stale mappings (set since the last call); clears the hint,
+    /// so a caller that finds some still stale calls [`UnmapFailures::mark_stale`] again.
+    pub(crate) fn take_stale_hint(&self) -> bool {
+        self.maybe_stale.swap(false, Ordering::AcqRel)
     }
 }
 
@@ -213,10 +238,14 @@ impl DmaListener {
     /// Keeps what `[start, end)` still maps after a failed unmap in the stale set.
     fn keep_stale(&self, start: u64, end: u64) {
         let left = self.still_mapped(start, end);
+        if left.is_empty() {
+            return;
+        }
         let mut stale = self.stale();
         for (s, e) in left.iter() {
             stale.insert(s, e);
         }
+        self.failures.mark_stale();
     }
 
     fn record_failure(&self, range: GpaRange, source: LedgerError) {

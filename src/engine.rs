@@ -167,8 +167,9 @@ impl ConversionError {
 pub struct Conversion {
     /// The attribute the range has now.
     pub to: Attribute,
-    /// The runs whose attribute changed (empty when the range already had it).
-    pub runs: Vec<GpaRange>,
+    /// What the state manager changed (kept whole: a one-run change needs no heap, so a
+    /// conversion allocates nothing to report it).
+    change: Change,
     /// Frees made at the end of this conversion.
     pub flushed: FlushReport,
     /// Backing the region holds back after it.
@@ -176,9 +177,20 @@ pub struct Conversion {
 }
 
 impl Conversion {
+    /// The runs whose attribute changed, in address order (empty when the range already had
+    /// it).
+    pub fn runs(&self) -> &[GpaRange] {
+        self.change.runs()
+    }
+
+    /// The state manager's whole change: the runs, and the view runs discarded and populated.
+    pub fn change(&self) -> &Change {
+        &self.change
+    }
+
     /// Bytes whose attribute changed.
     pub fn bytes(&self) -> u64 {
-        self.runs.iter().map(GpaRange::len).sum()
+        self.runs().iter().map(GpaRange::len).sum()
     }
 }
 
@@ -396,9 +408,16 @@ impl Region {
 
     /// Returns true when some device still maps granules it should not (stale).
     fn retry_stale(&self) -> bool {
+        // The common case: no listener added to its stale set since the last retry left
+        // them all empty.
         let mut stale = false;
-        for a in self.attached().iter() {
-            stale |= a.listener.retry_stale() > 0;
+        if self.failures.take_stale_hint() {
+            for a in self.attached().iter() {
+                stale |= a.listener.retry_stale() > 0;
+            }
+            if stale {
+                self.failures.mark_stale();
+            }
         }
         // Failures of earlier rollbacks or retries are now in the stale sets; the next step
         // must only see this conversion's own.
@@ -465,7 +484,7 @@ impl Region {
     ) -> Result<Conversion, ConversionError> {
         let mut discarder = lock(&self.discarder);
         let stale = self.retry_stale();
-        if to == Attribute::Private {
+        if stale && to == Attribute::Private {
             self.refuse_stale(range)?;
         }
         self.check_budget(range, to)?;
@@ -502,14 +521,14 @@ impl Region {
         }
         let conversion = Conversion {
             to,
-            runs: change.runs().to_vec(),
+            change,
             flushed,
             held: discarder.held(),
         };
         log::debug!(
             "converted {range} to {to:?}: {} bytes changed in {} run(s), {} bytes freed, {} held back",
             conversion.bytes(),
-            conversion.runs.len(),
+            conversion.runs().len(),
             flushed.punched_bytes,
             conversion.held.total()
         );

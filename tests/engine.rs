@@ -27,7 +27,7 @@ fn sharing_maps_each_granule_and_unsharing_unmaps_them_in_one_call() {
     let dev = rig.attach("nic", EmulatedIommu::new(), DeviceConfig::shared());
     let r = range(BASE + 4 * PAGE, 4 * PAGE);
     let c = rig.convert(r, Attribute::Shared).unwrap();
-    assert_eq!(c.runs, [r]);
+    assert_eq!(c.runs(), [r]);
     let calls = dev.iommu.take_calls();
     assert_eq!(
         calls.iter().filter(|c| c.kind == CallKind::MapVa).count(),
@@ -140,7 +140,7 @@ fn unsharing_a_mixed_range_unmaps_its_shared_runs_in_one_call() {
     dev.iommu.take_calls();
     let r = range(BASE, 12 * PAGE);
     let c = rig.convert(r, Attribute::Private).unwrap();
-    assert_eq!(c.runs.len(), 3);
+    assert_eq!(c.runs().len(), 3);
     let calls = dev.iommu.take_calls();
     let unmaps: Vec<(u64, u64)> = calls
         .iter()
@@ -559,7 +559,7 @@ fn a_mixed_request_sets_the_attribute_and_punches_once_like_qemu() {
     let (attrs, punches) = (rig.attrs.calls().len(), rig.region.backing().punch_stats());
     let r = range(BASE, 12 * PAGE);
     let c = rig.convert(r, Attribute::Shared).unwrap();
-    assert_eq!(c.runs.len(), 3);
+    assert_eq!(c.runs().len(), 3);
     assert_eq!(c.bytes(), 7 * PAGE);
     assert_eq!(
         attribute_calls(&rig, attrs),
@@ -587,7 +587,7 @@ fn a_mixed_request_sets_the_attribute_and_punches_once_like_qemu() {
     dev.iommu.take_calls();
     let (attrs, punches) = (rig.attrs.calls().len(), rig.region.backing().punch_stats());
     let c = rig.convert(r, Attribute::Private).unwrap();
-    assert_eq!(c.runs.len(), 3);
+    assert_eq!(c.runs().len(), 3);
     assert_eq!(
         attribute_calls(&rig, attrs),
         [(BASE, 12 * PAGE, Attribute::Private, true)]

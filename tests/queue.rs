@@ -84,7 +84,7 @@ fn queued_adjacent_requests_run_as_one_transaction_and_each_gets_an_answer() {
     for t in tickets {
         let c = t.wait().unwrap();
         assert_eq!(
-            c.runs,
+            c.runs(),
             [range(BASE, 16 * PAGE)],
             "every submitter sees the merged change"
         );
@@ -112,7 +112,7 @@ fn a_failing_merged_request_does_not_fail_its_neighbours() {
     let bad = share(&queue, range(BASE + 2 * PAGE, 70 * PAGE));
     release.send(()).unwrap();
     first.wait().unwrap();
-    assert_eq!(good.wait().unwrap().runs, [range(BASE, 4 * PAGE)]);
+    assert_eq!(good.wait().unwrap().runs(), [range(BASE, 4 * PAGE)]);
     assert!(matches!(bad.wait(), Err(ConversionError::NoRegion { .. })));
     // Merged attempt, then one by one.
     assert_eq!(queue.stats().transactions, 4);

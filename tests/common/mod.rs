@@ -72,7 +72,7 @@ impl Rig {
         to: Attribute,
     ) -> Result<gmem_dma::Conversion, gmem_dma::ConversionError> {
         let c = self.ram.convert(r, to)?;
-        for &run in &c.runs {
+        for &run in c.runs() {
             self.touch(to.view(), run);
         }
         Ok(c)
