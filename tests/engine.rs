@@ -660,3 +660,45 @@ fn lazy_discard_holds_exactly_the_vacated_runs_of_a_mixed_request() {
     );
     rig.check(&[&dev], &[dev.iommu.take_calls()], Some(r));
 }
+
+#[test]
+fn a_stale_mapping_refuses_a_conversion_to_private_until_its_retry_succeeds() {
+    let rig = rig(DiscardPolicy::Eager);
+    let s1 = rig.attach("s1", EmulatedIommu::new(), DeviceConfig::shared());
+    let s2 = rig.attach("s2", EmulatedIommu::new(), DeviceConfig::shared());
+    let b = range(BASE + 2 * PAGE, PAGE);
+    // B to shared: s1 maps it, s2 fails, and undoing s1's map fails: s1 keeps B mapped
+    // although B stayed private.
+    s1.iommu
+        .inject_failures(|kind, _, _| (*kind == CallKind::Unmap).then_some(libc::EIO));
+    s2.iommu
+        .inject_failures(|kind, _, _| (*kind == CallKind::MapVa).then_some(libc::ENOMEM));
+    let err = rig.convert(b, Attribute::Shared).unwrap_err();
+    assert!(matches!(err, ConversionError::Map { .. }), "{err:?}");
+    s2.iommu.clear_failures();
+    assert_eq!(
+        rig.region.stale_mappings(),
+        [("s1".to_string(), vec![(b.start(), b.end())])]
+    );
+    // Converting a range holding B to private would report success with B mapped: refused.
+    let r = range(BASE, 4 * PAGE);
+    let err = rig.convert(r, Attribute::Private).unwrap_err();
+    assert!(
+        matches!(&err, ConversionError::StaleMapping { device, .. } if device == "s1"),
+        "{err:?}"
+    );
+    assert_eq!(err.guest_errno(), libc::EBUSY);
+    // Elsewhere conversions go on, and retry B each time.
+    rig.convert(range(BASE + 8 * PAGE, PAGE), Attribute::Shared)
+        .unwrap();
+    assert_eq!(rig.region.stale_mappings().len(), 1);
+    s1.iommu.clear_failures();
+    rig.convert(r, Attribute::Private).unwrap();
+    assert!(rig.region.stale_mappings().is_empty());
+    assert_eq!(s1.iommu.mapping_count(), 1, "only the page at 8 is mapped");
+    rig.check(
+        &[&s1, &s2],
+        &[s1.iommu.take_calls(), s2.iommu.take_calls()],
+        None,
+    );
+}
