@@ -224,19 +224,50 @@ impl Extents {
     pub(crate) fn runs(&self, a: u64, b: u64) -> RunIter<'_> {
         if a >= b {
             return RunIter {
-                extents: self,
-                next: None,
+                entries: [].iter(),
+                chunks: [].iter(),
                 cur: None,
                 end: b,
             };
         }
         let pos = self.locate(a);
+        let chunk = &self.chunks[pos.chunk];
         RunIter {
-            extents: self,
-            next: self.next_pos(pos),
-            cur: Some((a, state_of(self.entry(pos)))),
+            entries: chunk[pos.index + 1..].iter(),
+            chunks: self.chunks[pos.chunk + 1..].iter(),
+            cur: Some((a, state_of(chunk[pos.index]))),
             end: b,
         }
+    }
+
+    /// Calls `f(start, end, state)` for each maximal run overlapping `[a, b)`, clipped to
+    /// it, in address order, until `f` fails. The same walk as [`Extents::runs`] with the
+    /// loop inside: a replay calls it for every run of a range, and the chunk slices then
+    /// iterate without per-step bookkeeping.
+    pub(crate) fn try_for_each_run<E>(
+        &self,
+        a: u64,
+        b: u64,
+        mut f: impl FnMut(u64, u64, State) -> Result<(), E>,
+    ) -> Result<(), E> {
+        if a >= b {
+            return Ok(());
+        }
+        let pos = self.locate(a);
+        let (mut start, mut state) = (a, state_of(self.chunks[pos.chunk][pos.index]));
+        let mut skip = pos.index + 1;
+        for chunk in &self.chunks[pos.chunk..] {
+            for &entry in chunk.get(skip..).unwrap_or_default() {
+                let key = key_of(entry);
+                if key >= b {
+                    return f(start, b, state);
+                }
+                f(start, key, state)?;
+                (start, state) = (key, state_of(entry));
+            }
+            skip = 0;
+        }
+        f(start, b, state)
     }
 
     /// The run containing `[a, b)` if the range lies inside one run (the common case of a
@@ -590,10 +621,13 @@ fn replace_range(chunk: &mut Vec<u64>, i: usize, end: usize, replacement: &[u64]
     }
 }
 
-/// Iterator over `(start, end, state)` of clipped maximal runs.
+/// Iterator over `(start, end, state)` of clipped maximal runs. It walks the chunks as
+/// slices (a replay visits every entry of a range, so this is the replay's inner loop).
 pub(crate) struct RunIter<'a> {
-    extents: &'a Extents,
-    next: Option<Pos>,
+    /// The entries after the current run's, in its chunk.
+    entries: std::slice::Iter<'a, u64>,
+    /// The chunks after that one (never empty).
+    chunks: std::slice::Iter<'a, Vec<u64>>,
     cur: Option<(u64, State)>,
     end: u64,
 }
@@ -603,16 +637,23 @@ impl Iterator for RunIter<'_> {
 
     fn next(&mut self) -> Option<Self::Item> {
         let (start, state) = self.cur?;
-        if let Some(p) = self.next {
-            let e = self.extents.entry(p);
-            if key_of(e) < self.end {
+        let next = match self.entries.next() {
+            Some(&e) => Some(e),
+            None => self.chunks.next().and_then(|chunk| {
+                self.entries = chunk.iter();
+                self.entries.next().copied()
+            }),
+        };
+        match next {
+            Some(e) if key_of(e) < self.end => {
                 self.cur = Some((key_of(e), state_of(e)));
-                self.next = self.extents.next_pos(p);
-                return Some((start, key_of(e), state));
+                Some((start, key_of(e), state))
+            }
+            _ => {
+                self.cur = None;
+                Some((start, self.end, state))
             }
         }
-        self.cur = None;
-        Some((start, self.end, state))
     }
 }
 
@@ -729,6 +770,16 @@ mod tests {
                 .flat_map(|(s, t, st)| (s..t).map(move |_| st))
                 .collect();
             assert_eq!(flat, model);
+            // The internal walk agrees with the iterator on a random sub-range, and stops
+            // at the first failure.
+            let (qa, qb) = (x % granules, (x >> 24) % granules + 1);
+            let mut walked = Vec::new();
+            let _ = e.try_for_each_run(qa, qb, |s, t, st| {
+                walked.push((s, t, st));
+                if walked.len() == 3 { Err(()) } else { Ok(()) }
+            });
+            let expected: Vec<_> = e.runs(qa, qb).take(3).collect();
+            assert_eq!(walked, expected, "runs of [{qa}, {qb})");
         }
         assert!(max_runs > 1, "no runs were created");
         if granules > 1000 && max_len < 100 {

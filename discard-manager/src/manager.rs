@@ -223,26 +223,32 @@ impl DiscardManager {
         let mut locked = self.lock()?;
         let inner = &mut *locked.guard;
         let mut replayed = 0;
-        for (s, e, state) in inner.extents.runs(granules.0, granules.1) {
-            if state.view() != Some(view) {
-                continue;
-            }
-            let run = self.geometry.range_of(s, e);
-            if let Err(source) = listener.populate(view, run) {
-                // Undo the replay: exactly the runs before the refused one.
-                for (done_start, done_end, done) in inner.extents.runs(granules.0, s) {
-                    if done.view() == Some(view) {
-                        listener.discard(view, self.geometry.range_of(done_start, done_end));
-                    }
+        let replay = inner
+            .extents
+            .try_for_each_run(granules.0, granules.1, |s, e, state| {
+                if state.view() != Some(view) {
+                    return Ok(());
                 }
-                return Err(Error::ReplayRefused {
-                    view,
-                    range: run,
-                    replayed,
-                    source,
-                });
+                let run = self.geometry.range_of(s, e);
+                listener
+                    .populate(view, run)
+                    .map_err(|source| (s, run, source))?;
+                replayed += 1;
+                Ok(())
+            });
+        if let Err((refused_at, range, source)) = replay {
+            // Undo the replay: exactly the runs before the refused one.
+            for (done_start, done_end, done) in inner.extents.runs(granules.0, refused_at) {
+                if done.view() == Some(view) {
+                    listener.discard(view, self.geometry.range_of(done_start, done_end));
+                }
             }
-            replayed += 1;
+            return Err(Error::ReplayRefused {
+                view,
+                range,
+                replayed,
+                source,
+            });
         }
         let id = ListenerId(inner.next_id);
         inner.next_id += 1;
