@@ -15,7 +15,8 @@ use std::ffi::CStr;
 use std::fmt;
 use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use discard_manager::{GpaRange, View};
 use kvm_ioctls::VmFd;
@@ -140,11 +141,14 @@ pub enum BackingError {
 
 type PunchRule = Box<dyn FnMut(View, GpaRange) -> bool + Send>;
 
+/// Counters and fault injection of the frees. Counters are atomics and the rule sits behind
+/// a flag, so a free (on every eager conversion) takes no lock unless a rule is installed.
 #[derive(Default)]
 struct PunchLog {
-    calls: u64,
-    bytes: u64,
-    fail: Option<PunchRule>,
+    calls: AtomicU64,
+    bytes: AtomicU64,
+    failing: AtomicBool,
+    fail: Mutex<Option<PunchRule>>,
 }
 
 /// Counters of the frees this backing made.
@@ -167,7 +171,7 @@ pub struct RegionBacking {
     /// `None` for in-place: the private view is `shared`.
     private: Option<Arc<File>>,
     mapping: GuestRegionMmap,
-    punches: Mutex<PunchLog>,
+    punches: PunchLog,
 }
 
 impl fmt::Debug for RegionBacking {
@@ -223,7 +227,7 @@ impl RegionBacking {
             private_kind: FileKind::GuestMemfd,
             private: None,
             mapping,
-            punches: Mutex::default(),
+            punches: PunchLog::default(),
         })
     }
 
@@ -255,7 +259,7 @@ impl RegionBacking {
             private_kind,
             private: Some(Arc::new(File::from(private))),
             mapping,
-            punches: Mutex::default(),
+            punches: PunchLog::default(),
         })
     }
 
@@ -350,14 +354,12 @@ impl RegionBacking {
     }
 
     fn check(&self, range: GpaRange) -> Result<(), BackingError> {
-        match self.range() {
-            Some(r) if r.contains(&range) => Ok(()),
-            _ => Err(BackingError::OutsideRegion { range }),
+        let end = self.base.checked_add(self.size);
+        if range.start() >= self.base && end.is_some_and(|end| range.end() <= end) {
+            Ok(())
+        } else {
+            Err(BackingError::OutsideRegion { range })
         }
-    }
-
-    fn punch_log(&self) -> MutexGuard<'_, PunchLog> {
-        crate::lock(&self.punches)
     }
 
     /// Frees `range` of the `side` backing (fallocate `PUNCH_HOLE | KEEP_SIZE`). Irreversible:
@@ -367,8 +369,12 @@ impl RegionBacking {
     /// [`BackingError::PunchHole`] with the kernel's errno (or `EIO` when injected).
     pub fn punch_hole(&self, side: View, range: GpaRange) -> Result<(), BackingError> {
         self.check(range)?;
-        let mut log = self.punch_log();
-        if log.fail.as_mut().is_some_and(|rule| rule(side, range)) {
+        let log = &self.punches;
+        if log.failing.load(Ordering::Acquire)
+            && crate::lock(&log.fail)
+                .as_mut()
+                .is_some_and(|rule| rule(side, range))
+        {
             return Err(BackingError::PunchHole {
                 side,
                 range,
@@ -386,27 +392,28 @@ impl RegionBacking {
                 source,
             },
         )?;
-        log.calls += 1;
-        log.bytes += range.len();
+        log.calls.fetch_add(1, Ordering::Relaxed);
+        log.bytes.fetch_add(range.len(), Ordering::Relaxed);
         Ok(())
     }
 
     /// From now on, a free for which `rule` returns true fails with `EIO` and frees nothing.
     pub fn inject_punch_failures(&self, rule: impl FnMut(View, GpaRange) -> bool + Send + 'static) {
-        self.punch_log().fail = Some(Box::new(rule));
+        *crate::lock(&self.punches.fail) = Some(Box::new(rule));
+        self.punches.failing.store(true, Ordering::Release);
     }
 
     /// Stops injecting free failures.
     pub fn clear_punch_failures(&self) {
-        self.punch_log().fail = None;
+        self.punches.failing.store(false, Ordering::Release);
+        *crate::lock(&self.punches.fail) = None;
     }
 
     /// How many frees were made, and how many bytes they covered.
     pub fn punch_stats(&self) -> PunchStats {
-        let log = self.punch_log();
         PunchStats {
-            calls: log.calls,
-            bytes: log.bytes,
+            calls: self.punches.calls.load(Ordering::Relaxed),
+            bytes: self.punches.bytes.load(Ordering::Relaxed),
         }
     }
 

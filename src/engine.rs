@@ -40,6 +40,8 @@
 //! backings intact when a listener fails, and it stops the VM. Here every failure returns a
 //! [`ConversionError`] naming the step, the guest gets an error code and keeps running.
 
+use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use discard_manager::{
@@ -260,7 +262,10 @@ impl TransactionStep for AttributeStep<'_> {
             return Err(StepError::Unmap(failed));
         }
         let runs = change.runs();
-        if let Some(all) = span(runs).filter(|_| self.span_runs && runs.len() > 1) {
+        if let Some(all) = (self.span_runs && runs.len() > 1)
+            .then(|| span(runs))
+            .flatten()
+        {
             // All or nothing: on failure nothing changed, so nothing is set back.
             return self
                 .attributes
@@ -302,12 +307,54 @@ pub(crate) struct Attached {
     pub(crate) ledger: Arc<Ledger>,
 }
 
+fn view_bit(view: View) -> u8 {
+    match view {
+        View::Shared => 1,
+        View::Private => 2,
+    }
+}
+
+/// A region's device list, locked for a change; when dropped, updates which views have a
+/// device with a mapping budget.
+pub(crate) struct AttachedMut<'a> {
+    list: MutexGuard<'a, Vec<Attached>>,
+    budgeted: &'a AtomicU8,
+}
+
+impl Deref for AttachedMut<'_> {
+    type Target = Vec<Attached>;
+
+    fn deref(&self) -> &Vec<Attached> {
+        &self.list
+    }
+}
+
+impl DerefMut for AttachedMut<'_> {
+    fn deref_mut(&mut self) -> &mut Vec<Attached> {
+        &mut self.list
+    }
+}
+
+impl Drop for AttachedMut<'_> {
+    fn drop(&mut self) {
+        let bits = self
+            .list
+            .iter()
+            .filter(|a| a.ledger.capabilities().mapping_budget.is_some())
+            .fold(0, |bits, a| bits | view_bit(a.view));
+        self.budgeted.store(bits, Ordering::Release);
+    }
+}
+
 /// One guest RAM region: its state manager, backing, discard policy and device listeners.
 pub struct Region {
     // Drop order: the manager (holding the listeners, which hold the ledgers) before the
     // backing whose memory the ledgers map.
     manager: DiscardManager,
     attached: Mutex<Vec<Attached>>,
+    /// Bit per view ([`view_bit`]): a device listening to it has a mapping budget. Kept by
+    /// [`AttachedMut`] whenever the device list changes, so a conversion need not walk it.
+    budgeted: AtomicU8,
     backing: Arc<RegionBacking>,
     granularity: u64,
     /// The conversion lock, and the held-back frees it protects.
@@ -335,6 +382,7 @@ impl Region {
         Ok(Self {
             manager: DiscardManager::new(config)?,
             attached: Mutex::new(Vec::new()),
+            budgeted: AtomicU8::new(0),
             backing: Arc::new(backing),
             granularity: config.granularity,
             discarder: Mutex::new(Discarder::new(policy)),
@@ -396,6 +444,14 @@ impl Region {
         lock(&self.attached)
     }
 
+    /// The device list, to change it.
+    pub(crate) fn attached_mut(&self) -> AttachedMut<'_> {
+        AttachedMut {
+            list: lock(&self.attached),
+            budgeted: &self.budgeted,
+        }
+    }
+
     /// GPA extents `[start, end)` that device `name`'s IOMMU still maps although the state
     /// manager discarded them (unmaps that failed and will be retried).
     pub fn stale_mappings(&self) -> Vec<(String, Vec<(u64, u64)>)> {
@@ -443,11 +499,7 @@ impl Region {
         // Counting the joining granules walks the manager and allocates: skip it when no
         // device listening to the gaining view has a budget (an invalid range is still
         // refused, by the transaction).
-        let budgeted = self
-            .attached()
-            .iter()
-            .any(|a| a.view == to.view() && a.ledger.remaining_budget().is_some());
-        if !budgeted {
+        if self.budgeted.load(Ordering::Acquire) & view_bit(to.view()) == 0 {
             return Ok(());
         }
         let losing = opposite(to).view();
@@ -567,7 +619,7 @@ impl Region {
                 let ids: Vec<ListenerId> = detached.iter().map(|d| d.listener).collect();
                 let names = ids.iter().map(|&id| self.device_name(id)).collect();
                 // The manager unregistered them; forget them here too.
-                self.attached().retain(|a| !ids.contains(&a.id));
+                self.attached_mut().retain(|a| !ids.contains(&a.id));
                 let source = format!("{cause}; {} detached", detached.len());
                 ConversionError::RollbackFailed {
                     detached: names,

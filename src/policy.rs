@@ -200,7 +200,8 @@ impl Discarder {
         // The fast path's runs: nothing else is held, so they are all there is to free. Freed
         // after the held sets, where a failure here goes, so that it is not retried at once.
         let side = self.vacated_side;
-        match span(&self.vacated).filter(|_| self.vacated_span && self.vacated.len() > 1) {
+        let spanning = self.vacated_span && self.vacated.len() > 1;
+        match spanning.then(|| span(&self.vacated)).flatten() {
             Some(all) => match backing.punch_hole(side, all) {
                 Ok(()) => {
                     report.punched_ranges += 1;

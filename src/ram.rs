@@ -292,7 +292,7 @@ impl GuestRam {
             if let Err(source) = attach_to_region(d, &region) {
                 // The region is not published yet, so only this thread sees it; still, take the
                 // list out before calling the manager (lock order: manager before the list).
-                let attached: Vec<Attached> = region.attached().drain(..).collect();
+                let attached: Vec<Attached> = region.attached_mut().drain(..).collect();
                 for a in attached {
                     let _ = region.manager().unregister(a.id);
                     // What could not be unmapped still points into this region's memory: keep
@@ -592,7 +592,7 @@ fn attach_to_region(device: &Device, region: &Arc<Region>) -> Result<(), AttachE
             range,
             source,
         })?;
-    region.attached().push(Attached {
+    region.attached_mut().push(Attached {
         device: device.id,
         name: device.name.clone(),
         view,
@@ -606,7 +606,7 @@ fn attach_to_region(device: &Device, region: &Arc<Region>) -> Result<(), AttachE
 fn detach_from_region(device: DeviceId, region: &Region) {
     let _conversions = region.conversion_lock();
     let mine: Vec<Attached> = {
-        let mut attached = region.attached();
+        let mut attached = region.attached_mut();
         let (mine, rest) = attached.drain(..).partition(|a| a.device == device);
         *attached = rest;
         mine

@@ -402,13 +402,20 @@ impl Record {
         }
     }
 
-    /// True when a live mapping overlaps `[iova, last]`: one lookup, since runs are disjoint and
-    /// sorted, the run starting last at or before `last` is the only candidate.
+    /// True when a live mapping overlaps `[iova, last]`.
     fn overlaps(&self, iova: u64, last: u64) -> bool {
+        self.last_run_to(last)
+            .is_some_and(|(start, run)| run.last(start) >= iova)
+    }
+
+    /// The run starting last at or before `last`: since runs are disjoint and sorted, the only
+    /// one that can overlap a range ending at `last`, and when none does, the run just before
+    /// that range (one lookup for both questions).
+    fn last_run_to(&self, last: u64) -> Option<(u64, Run)> {
         self.runs
             .range(..=last)
             .next_back()
-            .is_some_and(|(&start, run)| run.last(start) >= iova)
+            .map(|(&start, run)| (start, *run))
     }
 
     /// A live mapping that `[iova, last]` would cut in two: any such one straddles an end.
@@ -419,6 +426,7 @@ impl Record {
 
     /// Records `count` new back-to-back mappings of `piece_len` bytes from `iova` (one call
     /// per request, not per piece), extending or joining neighbouring runs they continue.
+    /// `before` is the run starting last before `iova` (the new pieces overlap nothing).
     fn push(
         &mut self,
         iova: u64,
@@ -426,6 +434,7 @@ impl Record {
         count: u64,
         prot: DmaProt,
         source: MappingSource,
+        before: Option<(u64, Run)>,
     ) {
         if count == 0 {
             return;
@@ -441,11 +450,10 @@ impl Record {
                 })
                 .map(|r| (n, r.count))
         });
-        let extended = match self.runs.range_mut(..iova).next_back() {
-            Some((&start, run)) if run.continues(start, iova, piece_len, prot, source) => {
-                run.count += count;
-                if let Some((_, count)) = follower {
-                    run.count += count;
+        let extended = match before {
+            Some((start, run)) if run.continues(start, iova, piece_len, prot, source) => {
+                if let Some(run) = self.runs.get_mut(&start) {
+                    run.count += count + follower.map_or(0, |(_, c)| c);
                 }
                 true
             }
@@ -736,8 +744,8 @@ impl Ledger {
         source: Source<'_>,
     ) -> Result<(), LedgerError> {
         let mut state = self.lock();
-        let pieces = match self.check_map(&state, iova, len, piece_len, prot, source) {
-            Ok(pieces) => pieces,
+        let (pieces, before) = match self.check_map(&state, iova, len, piece_len, prot, source) {
+            Ok(checked) => checked,
             Err(e) => {
                 state.stats.refused += 1;
                 return Err(e);
@@ -758,11 +766,11 @@ impl Ledger {
             };
             if let Err(map_error) = result {
                 state.stats.failed_calls += 1;
-                Self::record_mapped(&mut state, iova, piece_len, i, prot, source);
+                Self::record_mapped(&mut state, iova, piece_len, i, prot, source, before);
                 return Err(self.undo_pieces(&mut state, iova, len, delta, map_error));
             }
         }
-        Self::record_mapped(&mut state, iova, piece_len, pieces, prot, source);
+        Self::record_mapped(&mut state, iova, piece_len, pieces, prot, source, before);
         Ok(())
     }
 
@@ -775,10 +783,11 @@ impl Ledger {
         count: u64,
         prot: DmaProt,
         source: Source<'_>,
+        before: Option<(u64, Run)>,
     ) {
         state
             .record
-            .push(iova, piece_len, count, prot, source.record());
+            .push(iova, piece_len, count, prot, source.record(), before);
         if let Some(budget) = state.budget.as_mut() {
             *budget -= count;
         }
@@ -814,7 +823,8 @@ impl Ledger {
         }
     }
 
-    /// Every check a map request must pass before the backend sees it; returns the piece count.
+    /// Every check a map request must pass before the backend sees it; returns the piece count
+    /// and the run recorded last before `iova` (for [`Record::push`]).
     fn check_map(
         &self,
         state: &State,
@@ -823,7 +833,7 @@ impl Ledger {
         piece_len: u64,
         prot: DmaProt,
         source: Source<'_>,
-    ) -> Result<u64, LedgerError> {
+    ) -> Result<(u64, Option<(u64, Run)>), LedgerError> {
         if len == 0 {
             return Err(LedgerError::EmptyRange { iova });
         }
@@ -835,12 +845,17 @@ impl Ledger {
             Source::File { offset, .. } => ("file offset", offset),
         };
         let page_size = self.page_size;
+        let misaligned = (iova | len | piece_len | source_start) & (page_size - 1) != 0;
+        // Which one, only when one is.
         for (what, value) in [
             ("iova", iova),
             ("length", len),
             ("piece length", piece_len),
             (source_what, source_start),
-        ] {
+        ]
+        .into_iter()
+        .filter(|_| misaligned)
+        {
             if value & (page_size - 1) != 0 {
                 return Err(LedgerError::Misaligned {
                     what,
@@ -876,7 +891,8 @@ impl Ledger {
                 ranges: self.caps.iova_ranges.clone(),
             });
         }
-        if state.record.overlaps(iova, last) {
+        let before = state.record.last_run_to(last);
+        if before.is_some_and(|(start, run)| run.last(start) >= iova) {
             if let Some(existing) = state.record.first_overlap(iova, last) {
                 return Err(LedgerError::Overlap {
                     iova,
@@ -887,7 +903,7 @@ impl Ledger {
         }
         let pieces = len / piece_len;
         Self::check_budget_in(state, pieces)?;
-        Ok(pieces)
+        Ok((pieces, before))
     }
 
     fn check_budget_in(state: &State, additional: u64) -> Result<(), LedgerError> {
