@@ -498,21 +498,7 @@ impl DiscardManager {
         change: &Change,
         source: E,
     ) -> TransactionError<E> {
-        sent(
-            &inner.listeners,
-            change.discarded(),
-            None,
-            &mut inner.sent_discards,
-        );
-        let detached = self.restore_losing_view(inner);
-        if detached.is_empty() {
-            TransactionError::StepFailed { source }
-        } else {
-            TransactionError::RollbackFailed {
-                cause: RollbackCause::Step(source),
-                detached,
-            }
-        }
+        self.rolled_back(inner, change, RollbackCause::Step(source))
     }
 
     /// A populate was refused at `until` = (position in the populated runs, listener
@@ -537,6 +523,17 @@ impl DiscardManager {
             entry.listener.discard(entry.info.view, sent.range);
         }
         step.undo(change);
+        self.rolled_back(inner, change, RollbackCause::Refused(refusal))
+    }
+
+    /// The last step of both rollbacks: re-populates the losing view, and names the
+    /// failure, or the listeners a double fault detached.
+    fn rolled_back<E: std::error::Error + 'static>(
+        &self,
+        inner: &mut Inner,
+        change: &Change,
+        cause: RollbackCause<E>,
+    ) -> TransactionError<E> {
         sent(
             &inner.listeners,
             change.discarded(),
@@ -544,13 +541,10 @@ impl DiscardManager {
             &mut inner.sent_discards,
         );
         let detached = self.restore_losing_view(inner);
-        if detached.is_empty() {
-            TransactionError::Refused { refusal }
-        } else {
-            TransactionError::RollbackFailed {
-                cause: RollbackCause::Refused(refusal),
-                detached,
-            }
+        match cause {
+            _ if !detached.is_empty() => TransactionError::RollbackFailed { cause, detached },
+            RollbackCause::Step(source) => TransactionError::StepFailed { source },
+            RollbackCause::Refused(refusal) => TransactionError::Refused { refusal },
         }
     }
 
