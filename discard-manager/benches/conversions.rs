@@ -385,6 +385,35 @@ fn bench_bounce(c: &mut Criterion) {
             })
         });
     }
+    // What every conversion pays before touching any state: the lock both sides take and
+    // the one listener call, here alone; and the extents' lookup alone (lock and search,
+    // no change, no listener), on the same trace.
+    let mgr = extents(GIB);
+    let trace = bounce_trace(GIB / G, 4096, 0x5eed ^ GIB);
+    for &(r, to) in trace.iter().take(trace.len() / 2) {
+        mgr.convert(r, to).unwrap();
+    }
+    group.bench_function("extents-lookup-only", |b| {
+        b.iter(|| {
+            for &(r, _) in &trace {
+                black_box(mgr.is_populated(View::Shared, r).unwrap());
+            }
+        })
+    });
+    let lock = Mutex::new(());
+    let listener: Arc<dyn ViewListener> = Arc::new(Counter::default());
+    group.throughput(Throughput::Elements(trace.len() as u64));
+    group.bench_function("lock-and-listener-only", |b| {
+        b.iter(|| {
+            for &(r, to) in &trace {
+                let _held = lock.lock().unwrap();
+                match to {
+                    Attribute::Shared => listener.populate(View::Shared, black_box(r)).unwrap(),
+                    Attribute::Private => listener.discard(View::Shared, black_box(r)),
+                }
+            }
+        })
+    });
     group.finish();
 }
 
