@@ -566,10 +566,7 @@ impl Region {
         if classic && !change.is_empty() {
             // A stale mapping may pin the vacated side of a granule between the runs: then
             // free exactly the runs.
-            discarder.converted(change.runs(), to, !stale);
-            if discarder.due() {
-                flushed = discarder.flush(&self.backing);
-            }
+            flushed = discarder.converted(&self.backing, change.runs(), to, !stale);
         }
         let conversion = Conversion {
             to,

@@ -86,14 +86,6 @@ pub(crate) struct Discarder {
     held_shared: RangeSet,
     held_private: RangeSet,
     failed: RangeSet,
-    /// Eager policy with nothing held: the runs the last conversion vacated on side
-    /// `vacated_side`, freed by the next flush without entering a held set (a set costs an
-    /// insert and a remove per run). Empty outside a conversion, as an eager conversion always
-    /// flushes.
-    vacated: Vec<GpaRange>,
-    vacated_side: View,
-    /// The next flush may free `vacated` with one punch over its span.
-    vacated_span: bool,
 }
 
 impl Discarder {
@@ -103,9 +95,6 @@ impl Discarder {
             held_shared: RangeSet::new(),
             held_private: RangeSet::new(),
             failed: RangeSet::new(),
-            vacated: Vec::new(),
-            vacated_side: View::Shared,
-            vacated_span: false,
         }
     }
 
@@ -120,29 +109,31 @@ impl Discarder {
         }
     }
 
-    /// Records that `runs` became `to`: the gaining side's pages are in use again (never free
-    /// them later); the losing side's pages are vacated. `span_ok`: the losing side of every
-    /// granule between the runs may be punched too (nothing else uses it, e.g. no device still
-    /// maps it), so an eager flush may free the runs with one call over their span.
-    pub(crate) fn converted(&mut self, runs: &[GpaRange], to: Attribute, span_ok: bool) {
+    /// Records that `runs` (maximal, in address order) became `to`, and frees what the policy
+    /// says is due now: the gaining side's pages are in use again (never free them later); the
+    /// losing side's pages are vacated. `span_ok`: the losing side of every granule between
+    /// the runs may be punched too (nothing else uses it, e.g. no device still maps it), so an
+    /// eager free may be one call over the runs' span.
+    pub(crate) fn converted(
+        &mut self,
+        backing: &RegionBacking,
+        runs: &[GpaRange],
+        to: Attribute,
+        span_ok: bool,
+    ) -> FlushReport {
         let (gaining, losing) = match to {
             Attribute::Shared => (View::Shared, View::Private),
             Attribute::Private => (View::Private, View::Shared),
         };
-        // Nothing is held, so no gaining page is in a set: remember the vacated runs only.
-        // They are maximal runs in address order, so they never touch each other.
+        // Eager with nothing held: no gaining page is in a set, so the vacated runs are freed
+        // at once without entering one (a set costs an insert and a remove per run).
         if self.policy == DiscardPolicy::Eager
-            && self.vacated.is_empty()
             && self.held_shared.is_empty()
             && self.held_private.is_empty()
             && self.failed.is_empty()
         {
-            self.vacated.extend_from_slice(runs);
-            self.vacated_side = losing;
-            self.vacated_span = span_ok;
-            return;
+            return self.free_runs(backing, losing, runs, span_ok);
         }
-        self.hold_vacated();
         for r in runs {
             self.set(gaining).remove(r.start(), r.end());
             // A key for `failed` is a (side-less) range: a failed page that is in use again
@@ -150,27 +141,51 @@ impl Discarder {
             self.failed.remove(r.start(), r.end());
             self.set(losing).insert(r.start(), r.end());
         }
-    }
-
-    /// Moves the runs remembered by the eager fast path into their held set.
-    fn hold_vacated(&mut self) {
-        let side = self.vacated_side;
-        for i in 0..self.vacated.len() {
-            let r = self.vacated[i];
-            self.set(side).insert(r.start(), r.end());
+        if self.due() {
+            self.flush(backing)
+        } else {
+            FlushReport::default()
         }
-        self.vacated.clear();
     }
 
-    fn vacated_bytes(&self) -> u64 {
-        self.vacated.iter().map(GpaRange::len).sum()
+    /// Frees the `side` backing of `runs`, held by nobody: with one punch over their span when
+    /// `span_ok`, else one per run. What fails is held (the runs, never the span: the granules
+    /// between them are not backed on that side).
+    fn free_runs(
+        &mut self,
+        backing: &RegionBacking,
+        side: View,
+        runs: &[GpaRange],
+        span_ok: bool,
+    ) -> FlushReport {
+        let mut report = FlushReport::default();
+        match (span_ok && runs.len() > 1).then(|| span(runs)).flatten() {
+            Some(all) => match backing.punch_hole(side, all) {
+                Ok(()) => {
+                    report.punched_ranges += 1;
+                    report.punched_bytes += runs.iter().map(GpaRange::len).sum::<u64>();
+                }
+                Err(e) => {
+                    log::warn!("held back the {side} backing of {all}: {e}");
+                    for &r in runs {
+                        self.hold_failed(side, r, &mut report);
+                    }
+                }
+            },
+            None => {
+                for &r in runs {
+                    self.punch(backing, side, r, &mut report);
+                }
+            }
+        }
+        report
     }
 
     /// True when the policy says the held pages must be freed now.
-    pub(crate) fn due(&self) -> bool {
+    fn due(&self) -> bool {
         let bytes = self.held_shared.bytes() + self.held_private.bytes();
         match self.policy {
-            DiscardPolicy::Eager => bytes > 0 || !self.vacated.is_empty(),
+            DiscardPolicy::Eager => bytes > 0,
             DiscardPolicy::Lazy { budget_bytes } => bytes > budget_bytes,
             DiscardPolicy::Batched {
                 max_ranges,
@@ -197,32 +212,6 @@ impl Discarder {
                 self.punch(backing, side, range, &mut report);
             }
         }
-        // The fast path's runs: nothing else is held, so they are all there is to free. Freed
-        // after the held sets, where a failure here goes, so that it is not retried at once.
-        let side = self.vacated_side;
-        let spanning = self.vacated_span && self.vacated.len() > 1;
-        match spanning.then(|| span(&self.vacated)).flatten() {
-            Some(all) => match backing.punch_hole(side, all) {
-                Ok(()) => {
-                    report.punched_ranges += 1;
-                    report.punched_bytes += self.vacated_bytes();
-                }
-                // The runs are held (not the span: the granules between them are not backed).
-                Err(e) => {
-                    log::warn!("held back the {side} backing of {all}: {e}");
-                    for i in 0..self.vacated.len() {
-                        self.hold_failed(side, self.vacated[i], &mut report);
-                    }
-                }
-            },
-            None => {
-                for i in 0..self.vacated.len() {
-                    let range = self.vacated[i];
-                    self.punch(backing, side, range, &mut report);
-                }
-            }
-        }
-        self.vacated.clear();
         report
     }
 
@@ -258,29 +247,15 @@ impl Discarder {
     }
 
     pub(crate) fn held(&self) -> HeldBack {
-        let mut held = HeldBack {
+        HeldBack {
             shared_bytes: self.held_shared.bytes(),
             private_bytes: self.held_private.bytes(),
             failed_bytes: self.failed.bytes(),
-        };
-        match self.vacated_side {
-            View::Shared => held.shared_bytes += self.vacated_bytes(),
-            View::Private => held.private_bytes += self.vacated_bytes(),
         }
-        held
     }
 
     /// True when `[start, end)` of `side` is held (allowed to be backed on both sides).
     pub(crate) fn holds(&self, side: View, start: u64, end: u64) -> bool {
-        // The fast path's runs never touch each other, so a held range lies in one of them.
-        if side == self.vacated_side
-            && self
-                .vacated
-                .iter()
-                .any(|r| r.start() <= start && end <= r.end())
-        {
-            return true;
-        }
         match side {
             View::Shared => self.held_shared.contains(start, end),
             View::Private => self.held_private.contains(start, end),
@@ -302,10 +277,13 @@ mod tests {
         let mut d = Discarder::new(DiscardPolicy::Lazy {
             budget_bytes: 0x2000,
         });
-        d.converted(&[r(0x1000, 0x1000)], Attribute::Private, true);
-        assert!(!d.due());
+        let nothing = FlushReport::default();
+        assert_eq!(
+            d.converted(&backing, &[r(0x1000, 0x1000)], Attribute::Private, true),
+            nothing
+        );
         // Back to shared: the shared page is in use again, the private one is vacated.
-        d.converted(&[r(0x1000, 0x1000)], Attribute::Shared, true);
+        d.converted(&backing, &[r(0x1000, 0x1000)], Attribute::Shared, true);
         assert_eq!(
             d.held(),
             HeldBack {
@@ -314,9 +292,8 @@ mod tests {
                 failed_bytes: 0
             }
         );
-        d.converted(&[r(0x4000, 0x2000)], Attribute::Private, true);
-        assert!(d.due());
-        let report = d.flush(&backing);
+        // Over the budget: everything held is freed, the page in use again is not.
+        let report = d.converted(&backing, &[r(0x4000, 0x2000)], Attribute::Private, true);
         assert_eq!(report.punched_bytes, 0x3000);
         assert_eq!(d.held(), HeldBack::default());
         assert!(!d.holds(View::Shared, 0x1000, 0x2000));
@@ -330,12 +307,11 @@ mod tests {
             max_bytes: 1 << 20,
         });
         for p in 0..4 {
-            d.converted(&[r(p * 0x1000, 0x1000)], Attribute::Private, true);
-            assert!(!d.due(), "adjacent pages form one range");
+            let report = d.converted(&backing, &[r(p * 0x1000, 0x1000)], Attribute::Private, true);
+            assert_eq!(report.punched_ranges, 0, "adjacent pages form one range");
         }
-        d.converted(&[r(0x8000, 0x1000)], Attribute::Private, true);
-        assert!(d.due());
-        assert_eq!(d.flush(&backing).punched_ranges, 2);
+        let report = d.converted(&backing, &[r(0x8000, 0x1000)], Attribute::Private, true);
+        assert_eq!(report.punched_ranges, 2);
         assert_eq!(backing.punch_stats().calls, 2);
     }
 
@@ -344,14 +320,14 @@ mod tests {
         let backing = RegionBacking::software(0, 0x10000).unwrap();
         let mut d = Discarder::new(DiscardPolicy::Eager);
         backing.inject_punch_failures(|_, _| true);
-        d.converted(&[r(0, 0x2000)], Attribute::Private, true);
-        let report = d.flush(&backing);
+        let report = d.converted(&backing, &[r(0, 0x2000)], Attribute::Private, true);
         assert_eq!(report.failed_ranges, 1);
         assert_eq!(d.held().failed_bytes, 0x2000);
         assert_eq!(d.held().shared_bytes, 0x2000);
         backing.clear_punch_failures();
-        assert!(d.due());
-        assert_eq!(d.flush(&backing).punched_bytes, 0x2000);
+        // The next conversion frees its own runs and retries the held one.
+        let report = d.converted(&backing, &[r(0x4000, 0x1000)], Attribute::Private, true);
+        assert_eq!(report.punched_bytes, 0x3000);
         assert_eq!(d.held(), HeldBack::default());
     }
 
@@ -360,16 +336,15 @@ mod tests {
         let backing = RegionBacking::software(0, 0x10000).unwrap();
         let mut d = Discarder::new(DiscardPolicy::Eager);
         let runs = [r(0x1000, 0x1000), r(0x4000, 0x2000)];
-        d.converted(&runs, Attribute::Private, true);
-        let report = d.flush(&backing);
+        let report = d.converted(&backing, &runs, Attribute::Private, true);
         assert_eq!((report.punched_ranges, report.punched_bytes), (1, 0x3000));
         assert_eq!(
             (backing.punch_stats().calls, backing.punch_stats().bytes),
             (1, 0x5000)
         );
         // Not allowed to span (something may use the side between): one punch per run.
-        d.converted(&runs, Attribute::Shared, false);
-        assert_eq!(d.flush(&backing).punched_ranges, 2);
+        let report = d.converted(&backing, &runs, Attribute::Shared, false);
+        assert_eq!(report.punched_ranges, 2);
         assert_eq!(backing.punch_stats().calls, 3);
     }
 
@@ -378,12 +353,8 @@ mod tests {
         let backing = RegionBacking::software(0, 0x10000).unwrap();
         let mut d = Discarder::new(DiscardPolicy::Eager);
         backing.inject_punch_failures(|_, _| true);
-        d.converted(
-            &[r(0x1000, 0x1000), r(0x4000, 0x2000)],
-            Attribute::Private,
-            true,
-        );
-        let report = d.flush(&backing);
+        let runs = [r(0x1000, 0x1000), r(0x4000, 0x2000)];
+        let report = d.converted(&backing, &runs, Attribute::Private, true);
         assert_eq!(report.failed_ranges, 2);
         assert_eq!(d.held().shared_bytes, 0x3000, "the gap is not held");
         assert_eq!(d.held().failed_bytes, 0x3000);
