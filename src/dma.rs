@@ -84,11 +84,13 @@ impl UnmapFailures {
         self.logged.store(log.len(), Ordering::Release);
     }
 
+    /// True when a failure was recorded since the last drain.
+    pub(crate) fn any(&self) -> bool {
+        self.logged.load(Ordering::Acquire) > 0
+    }
+
     /// Takes every failure recorded so far.
     pub(crate) fn drain(&self) -> Vec<UnmapFailure> {
-        if self.logged.load(Ordering::Acquire) == 0 {
-            return Vec::new();
-        }
         let mut log = self.lock();
         self.logged.store(0, Ordering::Release);
         std::mem::take(&mut *log)

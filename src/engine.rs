@@ -257,9 +257,11 @@ impl TransactionStep for AttributeStep<'_> {
     type Error = StepError;
 
     fn apply(&mut self, change: &Change) -> Result<(), StepError> {
-        let failed = self.failures.drain();
-        if !failed.is_empty() {
-            return Err(StepError::Unmap(failed));
+        if self.failures.any() {
+            let failed = self.failures.drain();
+            if !failed.is_empty() {
+                return Err(StepError::Unmap(failed));
+            }
         }
         let runs = change.runs();
         if let Some(all) = (self.span_runs && runs.len() > 1)
@@ -463,21 +465,28 @@ impl Region {
     }
 
     /// Returns true when some device still maps granules it should not (stale).
+    #[inline]
     fn retry_stale(&self) -> bool {
         // The common case: no listener added to its stale set since the last retry left
         // them all empty.
-        let mut stale = false;
-        if self.failures.take_stale_hint() {
-            for a in self.attached().iter() {
-                stale |= a.listener.retry_stale() > 0;
-            }
-            if stale {
-                self.failures.mark_stale();
-            }
-        }
+        let stale = self.failures.take_stale_hint() && self.retry_stale_devices();
         // Failures of earlier rollbacks or retries are now in the stale sets; the next step
         // must only see this conversion's own.
-        self.failures.drain();
+        if self.failures.any() {
+            self.failures.drain();
+        }
+        stale
+    }
+
+    #[cold]
+    fn retry_stale_devices(&self) -> bool {
+        let mut stale = false;
+        for a in self.attached().iter() {
+            stale |= a.listener.retry_stale() > 0;
+        }
+        if stale {
+            self.failures.mark_stale();
+        }
         stale
     }
 
