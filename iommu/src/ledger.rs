@@ -13,6 +13,9 @@
 //!   becomes the fewest kernel calls that cover whole mappings (one, gaps allowed, unless the span
 //!   would not fit one call's length), and no call at all for a range holding no mapping (native
 //!   IOMMUFD answers `ENOENT` there);
+//! - [`Ledger::unmap_ranges`] unmaps several sorted, disjoint ranges together: consecutive ones
+//!   share a call when no mapping lies in the gap between them (a call never sweeps away a
+//!   mapping outside the ranges), every range checked before the first call;
 //! - [`Ledger::map_va_pieces`] / [`Ledger::map_file_pieces`] map a range as equal pieces, all or
 //!   nothing.
 //!
@@ -504,7 +507,7 @@ impl Record {
         let mut found = self.runs.remove(&first).map(|run| (first, run));
         loop {
             if found.is_none() {
-                let Some(start) = self.runs.range(first..=last).next().map(|(&s, _)| s) else {
+                let Some(start) = self.first_run_in(first, last).map(|(s, _)| s) else {
                     break;
                 };
                 found = self.runs.remove(&start).map(|run| (start, run));
@@ -521,6 +524,17 @@ impl Record {
         }
         self.mappings -= removed;
         removed
+    }
+
+    /// The first run starting in `[first, last]`. Searched by its lower bound only: a
+    /// `first..=last` range search descends the tree once per bound, twice the work when the
+    /// bounds are far apart (an unmap spanning the gaps of a conversion).
+    fn first_run_in(&self, first: u64, last: u64) -> Option<(u64, Run)> {
+        self.runs
+            .range(first..)
+            .next()
+            .filter(|&(&start, _)| start <= last)
+            .map(|(&start, run)| (start, *run))
     }
 
     /// Mappings in the runs starting in `[first, last]`.
@@ -1054,7 +1068,7 @@ impl Ledger {
         if let Some(after) = last.checked_add(1) {
             state.record.split_at(after);
         }
-        while let Some((&call_start, &run)) = state.record.runs.range(first..=last).next() {
+        while let Some((call_start, run)) = state.record.first_run_in(first, last) {
             if run.last(call_start) - call_start > MAX_UNMAP_CALL_LEN - 1 {
                 // One run longer than a call may be (only possible from IOVA 0): cut it.
                 let fit = (MAX_UNMAP_CALL_LEN / run.piece_len).max(1);
@@ -1063,7 +1077,8 @@ impl Ledger {
             let mut call_last = call_start;
             let mut expected = 0u64;
             let mut count = 0u64;
-            for (&start, run) in state.record.runs.range(call_start..=last) {
+            let runs = state.record.runs.range(call_start..);
+            for (&start, run) in runs.take_while(|&(&start, _)| start <= last) {
                 if count > 0 && run.last(start) - call_start > MAX_UNMAP_CALL_LEN - 1 {
                     break;
                 }
