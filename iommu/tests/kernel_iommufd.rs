@@ -164,3 +164,13 @@ fn kernel_iommufd_second_device_joins_the_ioas_and_its_mappings() {
     let other = Edu::new(device).unwrap();
     both_devices_share_the_mappings(&backend, &first, &other);
 }
+
+#[test]
+fn kernel_iommufd_one_unmap_spans_empty_gaps_but_never_a_mapping() {
+    let name = "kernel_iommufd_one_unmap_spans_empty_gaps_but_never_a_mapping";
+    if !vm_rig::need(name, &[Feature::Edu, Feature::Iommufd]) {
+        return;
+    }
+    let (backend, edu) = open();
+    one_unmap_spans_empty_gaps_but_never_a_mapping(std::sync::Arc::new(backend), &edu);
+}

@@ -192,3 +192,13 @@ fn kernel_type1_second_device_joins_the_container_and_its_mappings() {
     let other = Edu::new(device).unwrap();
     both_devices_share_the_mappings(&backend, &first, &other);
 }
+
+#[test]
+fn kernel_type1_one_unmap_spans_empty_gaps_but_never_a_mapping() {
+    let name = "kernel_type1_one_unmap_spans_empty_gaps_but_never_a_mapping";
+    if !vm_rig::need(name, &[Feature::Edu, Feature::VfioType1]) {
+        return;
+    }
+    let (backend, edu) = open();
+    one_unmap_spans_empty_gaps_but_never_a_mapping(std::sync::Arc::new(backend), &edu);
+}

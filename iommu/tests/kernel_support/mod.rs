@@ -340,3 +340,92 @@ pub fn both_devices_share_the_mappings<R: iommu::DeviceRegions, S: iommu::Device
     assert_eq!(backend.unmap(SRC_IOVA, PAGE).unwrap(), PAGE);
     assert_eq!(backend.unmap(DST_IOVA, PAGE).unwrap(), PAGE);
 }
+
+/// One body for every translating backend: the ledger unmaps several ranges in one kernel call
+/// spanning the gaps between them when nothing is mapped there (the kernel accepts a range with
+/// holes and reports exactly the bytes it held), and splits the call around a mapping that lies
+/// in a gap instead of sweeping it away. edu's DMA shows what the kernel still maps.
+pub fn one_unmap_spans_empty_gaps_but_never_a_mapping<R: iommu::DeviceRegions>(
+    backend: std::sync::Arc<dyn iommu::DmaBackend>,
+    edu: &iommu::Edu<R>,
+) {
+    const PAGES: u64 = 6;
+    assert_usable_iova(&*backend, SRC_IOVA, PAGE);
+    assert_usable_iova(&*backend, DST_IOVA, PAGES * PAGE);
+    let ledger = iommu::Ledger::new(backend).expect("ledger");
+    let src = MemfdBuf::new(PAGE as usize);
+    let dst = MemfdBuf::new((PAGES * PAGE) as usize);
+    let iova = |page: u64| DST_IOVA + page * PAGE;
+    let map = |page: u64| {
+        // SAFETY: `dst` outlives every mapping (all are unmapped below before it drops) and
+        // is touched only through raw pointers while mapped.
+        unsafe {
+            ledger
+                .map_va(
+                    iova(page),
+                    PAGE,
+                    dst.addr((page * PAGE) as usize),
+                    iommu::DmaProt::READ_WRITE,
+                )
+                .expect("map a dst page");
+        }
+    };
+    // SAFETY: as for `dst`.
+    unsafe {
+        ledger
+            .map_va(SRC_IOVA, PAGE, src.addr(0), iommu::DmaProt::READ_WRITE)
+            .expect("map src");
+    }
+    let data = pattern(0x47, DMA_LEN);
+    src.write(0, &data);
+    edu.copy_to_device(SRC_IOVA, DMA_LEN as u32)
+        .expect("DMA memory -> edu");
+    // Whether edu's write to `page` lands (the page is refilled first).
+    let reached = |page: u64| {
+        let at = (page * PAGE) as usize;
+        dst.write(at, &vec![0x5a; PAGE as usize]);
+        // A blocked DMA still "completes" for edu; the memory tells.
+        let _ = edu.copy_from_device(iova(page), DMA_LEN as u32);
+        dst.read(at, DMA_LEN) == data
+    };
+
+    // Pages 0, 2 and 4 mapped as three mappings, 1 and 3 hold nothing, 5 stays mapped.
+    for page in [0, 2, 4, 5] {
+        map(page);
+    }
+    for page in [0, 2, 4, 5] {
+        assert!(reached(page), "page {page} is mapped but DMA did not land");
+    }
+    let report = ledger
+        .unmap_ranges(&[(iova(0), PAGE), (iova(2), PAGE), (iova(4), PAGE)])
+        .expect("unmap three ranges");
+    assert_eq!(
+        (report.calls, report.bytes, report.mappings),
+        (1, 3 * PAGE, 3),
+        "one kernel call over the gaps, reporting exactly the three pages"
+    );
+    for page in [0, 2, 4] {
+        assert!(!reached(page), "page {page} was unmapped but DMA landed");
+    }
+    assert!(
+        reached(5),
+        "page 5 was never unmapped but DMA no longer lands"
+    );
+
+    // Page 1 mapped in the gap between 0 and 2: two calls, and page 1 stays reachable.
+    for page in [0, 1, 2] {
+        map(page);
+    }
+    let report = ledger
+        .unmap_ranges(&[(iova(0), PAGE), (iova(2), PAGE)])
+        .expect("unmap around page 1");
+    assert_eq!((report.calls, report.bytes), (2, 2 * PAGE));
+    assert!(reached(1), "the mapping in the gap was swept away");
+    assert!(
+        !reached(0) && !reached(2),
+        "an unmapped page is still reached"
+    );
+
+    let rest = ledger.unmap_all().expect("unmap the rest");
+    assert_eq!(rest.mappings, 3, "src, page 1 and page 5 were left");
+}
