@@ -108,7 +108,7 @@ fn main() {
     let outcome = match cli.command {
         Cmd::Run(args) => run(&args),
         Cmd::Kernel => host::ensure_packages()
-            .and_then(|()| kernel::ensure(rig_dir()))
+            .and_then(|()| kernel::ensure(&rig_dir()))
             .map(|image| {
                 println!("{}", image.display());
                 true
@@ -139,8 +139,15 @@ fn main() {
 }
 
 /// The vm-rig package directory (kernel.config, commands.txt, init.sh live there).
-fn rig_dir() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+/// The vm-rig package directory of the checkout being tested. `cargo run` names it at run time;
+/// the path compiled in is only the fallback for a binary started by hand. (One target
+/// directory shared by two checkouts keeps one `vm-rig` binary: with the compiled-in path, a
+/// `cargo run` in one checkout would build and test the other one's sources.)
+fn rig_dir() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .filter(|dir| dir.join("src/bin/vm-rig/main.rs").is_file())
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
 }
 
 fn probe(strict: bool) -> bool {
@@ -302,9 +309,9 @@ fn prepare(
     limit_secs: u64,
 ) -> Result<(PathBuf, Workspace, Plan, Vec<HostProblem>)> {
     host::ensure_packages()?;
-    let workspace = Workspace::locate(rig_dir())?;
+    let workspace = Workspace::locate(&rig_dir())?;
     let started = Instant::now();
-    let kernel = kernel::ensure(rig_dir())?;
+    let kernel = kernel::ensure(&rig_dir())?;
     eprintln!("vm-rig: kernel ready after {:.0?}", started.elapsed());
     let started = Instant::now();
     let built = binaries::build(&workspace)?;
