@@ -90,6 +90,84 @@ fn kernel_sw_protected_vm_converts_both_ways_with_real_memory_attributes() {
     assert_eq!(b.allocated_bytes(View::Shared).unwrap(), 0);
 }
 
+/// Real `KVM_SET_MEMORY_ATTRIBUTES`, with each call written down.
+#[derive(Debug)]
+struct LoggedKvm {
+    kvm: KvmAttributes,
+    calls: std::sync::Mutex<Vec<(discard_manager::GpaRange, Attribute)>>,
+}
+
+impl gmem_dma::MemoryAttributes for LoggedKvm {
+    fn set(
+        &self,
+        range: discard_manager::GpaRange,
+        attribute: Attribute,
+    ) -> Result<(), gmem_dma::attributes::AttributeError> {
+        self.kvm.set(range, attribute)?;
+        self.calls.lock().unwrap().push((range, attribute));
+        Ok(())
+    }
+}
+
+#[test]
+fn kernel_sw_protected_vm_sets_a_mixed_range_with_one_attribute_call() {
+    let name = "kernel_sw_protected_vm_sets_a_mixed_range_with_one_attribute_call";
+    if !vm_rig::need(name, &[Feature::Kvm, Feature::KvmPrivateMemory]) {
+        return;
+    }
+    let kvm = Kvm::new().unwrap();
+    let vm = kvm.create_vm_with_type(KVM_X86_SW_PROTECTED_VM).unwrap();
+    let base = 0x1_0000_0000;
+    let backing = RegionBacking::classic(&vm, base, 64 * PAGE).unwrap();
+    backing.bind(&vm, 0).unwrap();
+    let attributes = Arc::new(LoggedKvm {
+        kvm: KvmAttributes::new(Arc::new(vm)),
+        calls: Default::default(),
+    });
+    let ram = GuestRam::new(attributes.clone());
+    ram.add_region(
+        backing,
+        RegionSpec {
+            granularity: PAGE,
+            initial: Attribute::Private,
+            policy: DiscardPolicy::Eager,
+        },
+    )
+    .unwrap();
+    let nic = Arc::new(EmulatedIommu::new());
+    ram.attach_device("nic", nic.clone(), DeviceConfig::shared())
+        .unwrap();
+    // Pages 0-3 and 8-11 shared, 4-7 private between them.
+    ram.convert(range(base, 4 * PAGE), Attribute::Shared).unwrap();
+    ram.convert(range(base + 8 * PAGE, 4 * PAGE), Attribute::Shared)
+        .unwrap();
+    attributes.calls.lock().unwrap().clear();
+    // The whole of 0-11 to private: KVM takes one call over the span (pages 4-7 already
+    // private), and the device loses exactly the eight shared pages.
+    let conversion = ram
+        .convert(range(base, 12 * PAGE), Attribute::Private)
+        .unwrap();
+    assert_eq!(conversion.runs().len(), 2, "two runs changed");
+    assert_eq!(
+        *attributes.calls.lock().unwrap(),
+        [(range(base, 12 * PAGE), Attribute::Private)]
+    );
+    assert_eq!(nic.mapping_count(), 0);
+    // And back: one call again, and the device maps all twelve pages.
+    attributes.calls.lock().unwrap().clear();
+    ram.convert(range(base + 4 * PAGE, 4 * PAGE), Attribute::Shared)
+        .unwrap();
+    ram.convert(range(base, 12 * PAGE), Attribute::Shared).unwrap();
+    assert_eq!(
+        *attributes.calls.lock().unwrap(),
+        [
+            (range(base + 4 * PAGE, 4 * PAGE), Attribute::Shared),
+            (range(base, 12 * PAGE), Attribute::Shared)
+        ]
+    );
+    assert_eq!(nic.mapping_count(), 12);
+}
+
 fn edu_address() -> PciAddress {
     let text = vm_rig::edu_device().expect("vm_rig::need(Edu) passed, so edu is bound");
     text.parse().expect("GMEM_DMA_EDU is a PCI address")
