@@ -138,7 +138,8 @@ fn kernel_sw_protected_vm_sets_a_mixed_range_with_one_attribute_call() {
     ram.attach_device("nic", nic.clone(), DeviceConfig::shared())
         .unwrap();
     // Pages 0-3 and 8-11 shared, 4-7 private between them.
-    ram.convert(range(base, 4 * PAGE), Attribute::Shared).unwrap();
+    ram.convert(range(base, 4 * PAGE), Attribute::Shared)
+        .unwrap();
     ram.convert(range(base + 8 * PAGE, 4 * PAGE), Attribute::Shared)
         .unwrap();
     attributes.calls.lock().unwrap().clear();
@@ -157,7 +158,8 @@ fn kernel_sw_protected_vm_sets_a_mixed_range_with_one_attribute_call() {
     attributes.calls.lock().unwrap().clear();
     ram.convert(range(base + 4 * PAGE, 4 * PAGE), Attribute::Shared)
         .unwrap();
-    ram.convert(range(base, 12 * PAGE), Attribute::Shared).unwrap();
+    ram.convert(range(base, 12 * PAGE), Attribute::Shared)
+        .unwrap();
     assert_eq!(
         *attributes.calls.lock().unwrap(),
         [
