@@ -579,11 +579,12 @@ impl EmulatedIommu {
                 {
                     return Err(einval);
                 }
+                // (Searched by one bound: a `iova..=last` range descends the tree twice.)
                 if state
                     .table
-                    .range(iova..=last)
+                    .range(..=last)
                     .next_back()
-                    .is_some_and(|(&start, e)| e.last(start) > last)
+                    .is_some_and(|(&start, e)| start >= iova && e.last(start) > last)
                 {
                     return Err(einval);
                 }
@@ -631,7 +632,12 @@ impl EmulatedIommu {
     /// Removes every mapping starting in `[first, last]`, gives back their budget, returns bytes.
     fn remove_range(state: &mut State, first: u64, last: u64) -> u64 {
         let mut bytes = 0;
-        while let Some((&start, _)) = state.table.range(first..=last).next() {
+        while let Some((&start, _)) = state
+            .table
+            .range(first..)
+            .next()
+            .filter(|&(&s, _)| s <= last)
+        {
             if let Some(e) = state.table.remove(&start) {
                 bytes += e.len;
                 if let Some(budget) = state.budget.as_mut() {
