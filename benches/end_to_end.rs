@@ -913,6 +913,10 @@ fn only(spec: &str, vm: Option<&kvm_ioctls::VmFd>) {
 struct Row {
     strategy: &'static str,
     ns_per_conversion: f64,
+    /// Median over rounds of this strategy's time divided by the floor's (and QEMU's) in the
+    /// same round.
+    x_floor: f64,
+    x_qemu: f64,
     calls: Calls,
     conversions: u64,
     peak_held: u64,
@@ -931,26 +935,37 @@ fn thread_cpu_time() -> Duration {
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
-/// Median thread CPU time of one workload run, after one warm-up run; calls counted over the
-/// timed runs.
-fn measure(r: &mut dyn Runner, conversions: usize) -> (f64, Calls, u64) {
-    r.run();
-    let before = r.calls();
-    let mut times = Vec::new();
-    let started = Instant::now();
-    while times.len() < 5 || (started.elapsed() < Duration::from_millis(500) && times.len() < 200) {
-        let t = thread_cpu_time();
+/// Times every strategy of one workload in rounds: each round runs the whole workload once per
+/// strategy, one after another, so the times of a round are taken close together and a change
+/// of the machine's load between rounds cancels out of the ratios. One warm-up run each; at
+/// least 9 rounds, more while under a second (at most 200). Calls are counted over the timed
+/// runs. Returns, per strategy, the run times in seconds (one per round).
+fn measure_rounds(runners: &mut [Box<dyn Runner>]) -> (Vec<Vec<f64>>, Vec<Calls>) {
+    for r in runners.iter_mut() {
         r.run();
-        times.push((thread_cpu_time() - t).as_secs_f64());
     }
-    let runs = times.len() as u64;
-    times.sort_by(f64::total_cmp);
-    let median = times[times.len() / 2];
-    (
-        median * 1e9 / conversions as f64,
-        r.calls().minus(before),
-        runs,
-    )
+    let before: Vec<Calls> = runners.iter().map(|r| r.calls()).collect();
+    let mut times = vec![Vec::new(); runners.len()];
+    let started = Instant::now();
+    while times[0].len() < 9 || (started.elapsed() < Duration::from_secs(1) && times[0].len() < 200)
+    {
+        for (r, t) in runners.iter_mut().zip(&mut times) {
+            let start = thread_cpu_time();
+            r.run();
+            t.push((thread_cpu_time() - start).as_secs_f64());
+        }
+    }
+    let calls = runners
+        .iter()
+        .zip(before)
+        .map(|(r, b)| r.calls().minus(b))
+        .collect();
+    (times, calls)
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
 }
 
 fn summary(vm: Option<&kvm_ioctls::VmFd>) {
@@ -960,7 +975,7 @@ fn summary(vm: Option<&kvm_ioctls::VmFd>) {
         "memfd + memfd (no KVM)"
     };
     println!(
-        "\nend-to-end summary; region 256 MiB, {backing}, emulated IOMMU; median thread CPU time of whole-workload runs"
+        "\nend-to-end summary; region 256 MiB, {backing}, emulated IOMMU; median thread CPU time of whole-workload runs; x floor / x qemu: median of the ratios within a round"
     );
     println!(
         "{:<16} {:<11} {:>10} {:>7} {:>7} {:>7} {:>7} {:>7} {:>10} {:>8} {:>8}",
@@ -976,25 +991,33 @@ fn summary(vm: Option<&kvm_ioctls::VmFd>) {
         "x floor",
         "x qemu"
     );
+    let index = |name: &str| {
+        STRATEGIES
+            .iter()
+            .position(|s| s.name() == name)
+            .expect("the floor and qemu are strategies")
+    };
+    let (floor, qemu) = (index("floor"), index("qemu"));
     for w in workloads() {
-        let mut rows = Vec::new();
-        for s in STRATEGIES {
-            let mut r = runner(s, &w, vm);
-            let (ns, calls, runs) = measure(&mut *r, w.reqs.len());
-            rows.push(Row {
+        let mut runners: Vec<Box<dyn Runner>> =
+            STRATEGIES.iter().map(|&s| runner(s, &w, vm)).collect();
+        let (times, calls) = measure_rounds(&mut runners);
+        let rounds = times[0].len();
+        let ratio =
+            |i: usize, to: usize| median((0..rounds).map(|k| times[i][k] / times[to][k]).collect());
+        let rows: Vec<Row> = STRATEGIES
+            .iter()
+            .enumerate()
+            .map(|(i, s)| Row {
                 strategy: s.name(),
-                ns_per_conversion: ns,
-                calls,
-                conversions: runs * w.reqs.len() as u64,
-                peak_held: r.peak_held(),
-            });
-        }
-        let time_of = |name: &str| {
-            rows.iter()
-                .find(|r| r.strategy == name)
-                .map_or(f64::NAN, |r| r.ns_per_conversion)
-        };
-        let (floor, qemu) = (time_of("floor"), time_of("qemu"));
+                ns_per_conversion: median(times[i].clone()) * 1e9 / w.reqs.len() as f64,
+                x_floor: ratio(i, floor),
+                x_qemu: ratio(i, qemu),
+                calls: calls[i],
+                conversions: (rounds * w.reqs.len()) as u64,
+                peak_held: runners[i].peak_held(),
+            })
+            .collect();
         let per_run = |name: &str| {
             rows.iter().find(|r| r.strategy == name).map(|r| {
                 let runs = r.conversions / w.reqs.len() as u64;
@@ -1020,8 +1043,8 @@ fn summary(vm: Option<&kvm_ioctls::VmFd>) {
                 per(r.calls.punch),
                 per(r.calls.total()),
                 r.peak_held >> 10,
-                r.ns_per_conversion / floor,
-                r.ns_per_conversion / qemu,
+                r.x_floor,
+                r.x_qemu,
             );
         }
         println!(
