@@ -33,7 +33,9 @@
 //! - `trace`: `benches/sample.trace` in `dma-map`'s trace format.
 //!
 //! `cargo bench --bench end_to_end` first prints a summary table (time per conversion, kernel
-//! calls per conversion, peak memory held back, ratios to the floor and to QEMU), then runs the
+//! calls per conversion, peak memory held back, ratios to the floor and to QEMU: the strategies
+//! of a workload run in interleaved rounds, and a ratio is the median of its per-round ratios),
+//! then runs the
 //! criterion groups `e2e/<workload>/<strategy>`. `E2E_ONLY=<workload>/<strategy> E2E_RUNS=n`
 //! runs just that, `n` times inside `measured_runs` (for `valgrind --tool=callgrind
 //! --toggle-collect='*measured_runs*'`), and prints the conversion count. The workloads
