@@ -117,11 +117,7 @@ fn a_failed_merged_unmap_fails_the_conversion_and_changes_nothing() {
     );
     dev.iommu.clear_failures();
     let calls = dev.iommu.take_calls();
-    let unmaps: Vec<(u64, u64)> = calls
-        .iter()
-        .filter(|c| c.kind == CallKind::Unmap)
-        .map(|c| (c.iova, c.len))
-        .collect();
+    let unmaps = unmap_calls(&calls);
     // One merged call, which failed: the rollback found both runs still mapped.
     assert_eq!(unmaps, [(BASE, 6 * PAGE)]);
     assert_eq!(rig.snapshot(&[&dev]), before);
@@ -142,11 +138,7 @@ fn unsharing_a_mixed_range_unmaps_its_shared_runs_in_one_call() {
     let c = rig.convert(r, Attribute::Private).unwrap();
     assert_eq!(c.runs().len(), 3);
     let calls = dev.iommu.take_calls();
-    let unmaps: Vec<(u64, u64)> = calls
-        .iter()
-        .filter(|c| c.kind == CallKind::Unmap)
-        .map(|c| (c.iova, c.len))
-        .collect();
+    let unmaps = unmap_calls(&calls);
     assert_eq!(unmaps, [(BASE, 10 * PAGE)], "one call from A to E");
     assert_eq!(dev.iommu.mapping_count(), 0);
     rig.check(&[&dev], &[calls], Some(r));
@@ -701,4 +693,13 @@ fn a_stale_mapping_refuses_a_conversion_to_private_until_its_retry_succeeds() {
         &[s1.iommu.take_calls(), s2.iommu.take_calls()],
         None,
     );
+}
+
+/// The (iova, len) of each unmap call in `calls`.
+fn unmap_calls(calls: &[iommu::emulated::Call]) -> Vec<(u64, u64)> {
+    calls
+        .iter()
+        .filter(|c| c.kind == CallKind::Unmap)
+        .map(|c| (c.iova, c.len))
+        .collect()
 }

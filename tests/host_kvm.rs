@@ -2,24 +2,22 @@
 //! punches, with the emulated IOMMU as the device. KVM attributes come from the recording table
 //! where the VM has none (a default VM, as on the CI host).
 
+mod common;
+
 use std::sync::Arc;
 
-use discard_manager::{Attribute, GpaRange, View};
+use common::{PAGE, ram_with_region, range};
+use discard_manager::{Attribute, View};
 use gmem_dma::{
-    AttachError, BackingModel, DeviceConfig, DiscardPolicy, GuestRam, KvmAttributes, KvmSupport,
-    MapBy, MemoryAttributes, ModelChoice, RecordingAttributes, RegionBacking, RegionSpec,
+    AttachError, BackingModel, DeviceConfig, DiscardPolicy, KvmAttributes, KvmSupport, MapBy,
+    MemoryAttributes, ModelChoice, RecordingAttributes, RegionBacking,
 };
 use iommu::{EmulatedIommu, FileMapSupport};
 use kvm_ioctls::{Kvm, VmFd};
 use vm_rig::Feature;
 
-const PAGE: u64 = 4096;
 const BASE: u64 = 0x1_0000_0000;
 const SIZE: u64 = 2 << 20;
-
-fn range(start: u64, len: u64) -> GpaRange {
-    GpaRange::new(start, len).unwrap()
-}
 
 fn vm() -> (Kvm, VmFd, KvmSupport) {
     let kvm = Kvm::new().unwrap();
@@ -72,17 +70,12 @@ fn classic_region_binds_a_memslot_maps_for_dma_and_frees_the_memfd_on_conversion
     let (_kvm, vm, support) = vm();
     let backing = RegionBacking::classic(&vm, BASE, SIZE).unwrap();
     backing.bind(&vm, 0).unwrap();
-    let ram = GuestRam::new(attributes(vm, &support));
-    let region = ram
-        .add_region(
-            backing,
-            RegionSpec {
-                granularity: PAGE,
-                initial: Attribute::Private,
-                policy: DiscardPolicy::Eager,
-            },
-        )
-        .unwrap();
+    let (ram, region) = ram_with_region(
+        backing,
+        attributes(vm, &support),
+        Attribute::Private,
+        DiscardPolicy::Eager,
+    );
     let iommu = Arc::new(EmulatedIommu::new());
     let dev = ram
         .attach_device("nic", iommu.clone(), DeviceConfig::shared())
@@ -132,18 +125,13 @@ fn in_place_region_maps_the_guest_memfd_by_address_and_frees_nothing_on_conversi
     );
     let backing = RegionBacking::in_place(&vm, BASE, SIZE).unwrap();
     backing.bind(&vm, 0).unwrap();
-    let ram = GuestRam::new(attributes(vm, &support));
     // An ordinary (non-confidential) guest: everything starts shared.
-    let region = ram
-        .add_region(
-            backing,
-            RegionSpec {
-                granularity: PAGE,
-                initial: Attribute::Shared,
-                policy: DiscardPolicy::Eager,
-            },
-        )
-        .unwrap();
+    let (ram, region) = ram_with_region(
+        backing,
+        attributes(vm, &support),
+        Attribute::Shared,
+        DiscardPolicy::Eager,
+    );
     // Mainline MAP_FILE refuses guest_memfd: a by-file device is refused at attach.
     let mainline = Arc::new(
         EmulatedIommu::builder()

@@ -6,11 +6,11 @@ mod common;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use common::{PAGE, Rig, range};
+use common::{PAGE, Rig, ram_with_region, range};
 use discard_manager::{Attribute, View};
 use gmem_dma::{
-    AttachError, BackingModel, DeviceConfig, DiscardPolicy, GuestRam, KvmAttributes, KvmSupport,
-    MapBy, ModelChoice, RegionBacking, RegionSpec,
+    AttachError, BackingModel, DeviceConfig, DiscardPolicy, KvmAttributes, KvmSupport, MapBy,
+    ModelChoice, RegionBacking,
 };
 use iommu::{
     DmaBackend, Edu, EmulatedIommu, FileMapSupport, IommufdBackend, PciAddress, Type1Backend,
@@ -42,17 +42,12 @@ fn kernel_sw_protected_vm_converts_both_ways_with_real_memory_attributes() {
     let size = 1 << 20;
     let backing = RegionBacking::classic(&vm, base, size).unwrap();
     backing.bind(&vm, 0).unwrap();
-    let ram = GuestRam::new(Arc::new(KvmAttributes::new(Arc::new(vm))));
-    let region = ram
-        .add_region(
-            backing,
-            RegionSpec {
-                granularity: PAGE,
-                initial: Attribute::Private,
-                policy: DiscardPolicy::Eager,
-            },
-        )
-        .unwrap();
+    let (ram, region) = ram_with_region(
+        backing,
+        Arc::new(KvmAttributes::new(Arc::new(vm))),
+        Attribute::Private,
+        DiscardPolicy::Eager,
+    );
     let nic = Arc::new(EmulatedIommu::new());
     let tio = Arc::new(EmulatedIommu::new());
     ram.attach_device("nic", nic.clone(), DeviceConfig::shared())
@@ -124,16 +119,12 @@ fn kernel_sw_protected_vm_sets_a_mixed_range_with_one_attribute_call() {
         kvm: KvmAttributes::new(Arc::new(vm)),
         calls: Default::default(),
     });
-    let ram = GuestRam::new(attributes.clone());
-    ram.add_region(
+    let (ram, _region) = ram_with_region(
         backing,
-        RegionSpec {
-            granularity: PAGE,
-            initial: Attribute::Private,
-            policy: DiscardPolicy::Eager,
-        },
-    )
-    .unwrap();
+        attributes.clone(),
+        Attribute::Private,
+        DiscardPolicy::Eager,
+    );
     let nic = Arc::new(EmulatedIommu::new());
     ram.attach_device("nic", nic.clone(), DeviceConfig::shared())
         .unwrap();

@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use discard_manager::{Attribute, GpaRange, View};
 use gmem_dma::{
-    DeviceConfig, DeviceId, DiscardPolicy, GuestRam, RecordingAttributes, Region, RegionBacking,
-    RegionSpec,
+    DeviceConfig, DeviceId, DiscardPolicy, GuestRam, MemoryAttributes, RecordingAttributes, Region,
+    RegionBacking, RegionSpec,
 };
 use iommu::EmulatedIommu;
 use iommu::emulated::{Call, CallKind, TableEntry};
@@ -17,6 +17,28 @@ pub const PAGE: u64 = 4096;
 
 pub fn range(start: u64, len: u64) -> GpaRange {
     GpaRange::new(start, len).unwrap()
+}
+
+/// Guest RAM changing attributes through `attributes`, holding `backing` as one region of 4 KiB
+/// granules, every granule `initial`.
+pub fn ram_with_region(
+    backing: RegionBacking,
+    attributes: Arc<dyn MemoryAttributes>,
+    initial: Attribute,
+    policy: DiscardPolicy,
+) -> (Arc<GuestRam>, Arc<Region>) {
+    let ram = Arc::new(GuestRam::new(attributes));
+    let region = ram
+        .add_region(
+            backing,
+            RegionSpec {
+                granularity: PAGE,
+                initial,
+                policy,
+            },
+        )
+        .unwrap();
+    (ram, region)
 }
 
 /// One device as the tests see it: its IOMMU and its id.
@@ -41,17 +63,7 @@ impl Rig {
     /// A confidential region (all private) over `backing`.
     pub fn with_backing(backing: RegionBacking, policy: DiscardPolicy) -> Self {
         let attrs = Arc::new(RecordingAttributes::new());
-        let ram = Arc::new(GuestRam::new(attrs.clone()));
-        let region = ram
-            .add_region(
-                backing,
-                RegionSpec {
-                    granularity: PAGE,
-                    initial: Attribute::Private,
-                    policy,
-                },
-            )
-            .unwrap();
+        let (ram, region) = ram_with_region(backing, attrs.clone(), Attribute::Private, policy);
         Self { ram, attrs, region }
     }
 
