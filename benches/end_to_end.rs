@@ -20,7 +20,7 @@
 //!   punch of the whole request on the vacated side.
 //!
 //! This host has no `KVM_CAP_MEMORY_ATTRIBUTES`: every strategy sends attribute changes to the
-//! same in-memory stand-in that only counts them ([`CountingAttributes`]).
+//! same in-memory stand-in that only counts them ([`KvmStandIn`]).
 //!
 //! Workloads (each ends with the region all private again, so an iteration can repeat):
 //! - `firmware-bounce`: OVMF-style, 1-2 pages of a fixed 8-slot bounce area flipped shared
@@ -54,10 +54,11 @@ use discard_manager::{
     Attribute, DiscardManager, GpaRange, ListenerError, RegionConfig, View, ViewListener,
 };
 use gmem_dma::attributes::AttributeError;
+use gmem_dma::instrument::CountingBackend;
 use gmem_dma::{
     DeviceConfig, DiscardPolicy, GuestRam, MemoryAttributes, RegionBacking, RegionSpec,
 };
-use iommu::{Capabilities, DmaBackend, DmaError, DmaProt, EmulatedIommu};
+use iommu::{DmaBackend, DmaProt, EmulatedIommu};
 
 const G: u64 = 4096;
 const BASE: u64 = 0x1_0000_0000;
@@ -239,68 +240,22 @@ impl Calls {
 
 /// KVM_SET_MEMORY_ATTRIBUTES stand-in: this host has none, so every strategy only counts.
 #[derive(Debug, Default)]
-struct CountingAttributes {
+struct KvmStandIn {
     calls: AtomicU64,
 }
 
-impl MemoryAttributes for CountingAttributes {
+impl MemoryAttributes for KvmStandIn {
     fn set(&self, _: GpaRange, _: Attribute) -> Result<(), AttributeError> {
         self.calls.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 }
 
-/// The emulated IOMMU, counting the calls it receives.
-#[derive(Debug)]
-struct CountingIommu {
-    inner: EmulatedIommu,
-    maps: AtomicU64,
-    unmaps: AtomicU64,
-}
-
-impl CountingIommu {
-    fn new() -> Self {
-        Self {
-            inner: EmulatedIommu::builder().record_calls(false).build(),
-            maps: AtomicU64::new(0),
-            unmaps: AtomicU64::new(0),
-        }
-    }
-}
-
-impl DmaBackend for CountingIommu {
-    fn capabilities(&self) -> Result<Capabilities, DmaError> {
-        self.inner.capabilities()
-    }
-
-    unsafe fn map_va(
-        &self,
-        iova: u64,
-        len: u64,
-        host_addr: *mut u8,
-        prot: DmaProt,
-    ) -> Result<(), DmaError> {
-        self.maps.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: forwarded with the caller's own contract.
-        unsafe { self.inner.map_va(iova, len, host_addr, prot) }
-    }
-
-    fn map_file(
-        &self,
-        iova: u64,
-        len: u64,
-        file: std::os::fd::BorrowedFd<'_>,
-        offset: u64,
-        prot: DmaProt,
-    ) -> Result<(), DmaError> {
-        self.maps.fetch_add(1, Ordering::Relaxed);
-        self.inner.map_file(iova, len, file, offset, prot)
-    }
-
-    fn unmap(&self, iova: u64, len: u64) -> Result<u64, DmaError> {
-        self.unmaps.fetch_add(1, Ordering::Relaxed);
-        self.inner.unmap(iova, len)
-    }
+/// The emulated IOMMU (no call log), counting the calls it receives.
+fn counting_iommu() -> CountingBackend {
+    CountingBackend::new(Arc::new(
+        EmulatedIommu::builder().record_calls(false).build(),
+    ))
 }
 
 fn backing(vm: Option<&kvm_ioctls::VmFd>) -> RegionBacking {
@@ -421,9 +376,9 @@ fn granule_range(s: usize, e: usize) -> GpaRange {
 
 struct Floor {
     // Field order: the IOMMU, which holds host addresses of the backing, drops first.
-    iommu: CountingIommu,
+    iommu: CountingBackend,
     backing: RegionBacking,
-    attributes: CountingAttributes,
+    attributes: KvmStandIn,
     ops: Vec<Op>,
     punches: u64,
 }
@@ -463,9 +418,9 @@ impl Floor {
             }
         }
         Self {
-            iommu: CountingIommu::new(),
+            iommu: counting_iommu(),
             backing: backing(vm),
-            attributes: CountingAttributes::default(),
+            attributes: KvmStandIn::default(),
             ops,
             punches: 0,
         }
@@ -500,8 +455,8 @@ impl Runner for Floor {
     fn calls(&self) -> Calls {
         Calls {
             attribute: self.attributes.calls.load(Ordering::Relaxed),
-            map: self.iommu.maps.load(Ordering::Relaxed),
-            unmap: self.iommu.unmaps.load(Ordering::Relaxed),
+            map: self.iommu.counts().maps,
+            unmap: self.iommu.counts().unmaps,
             punch: self.punches,
         }
     }
@@ -514,15 +469,15 @@ impl Runner for Floor {
 struct Project {
     ram: GuestRam,
     region: Arc<gmem_dma::Region>,
-    iommu: Arc<CountingIommu>,
-    attributes: Arc<CountingAttributes>,
+    iommu: Arc<CountingBackend>,
+    attributes: Arc<KvmStandIn>,
     reqs: Vec<Req>,
     peak_held: u64,
 }
 
 impl Project {
     fn new(w: &Workload, policy: DiscardPolicy, vm: Option<&kvm_ioctls::VmFd>) -> Self {
-        let attributes = Arc::new(CountingAttributes::default());
+        let attributes = Arc::new(KvmStandIn::default());
         let ram = GuestRam::new(attributes.clone());
         let spec = RegionSpec {
             granularity: G,
@@ -530,7 +485,7 @@ impl Project {
             policy,
         };
         let region = ram.add_region(backing(vm), spec).expect("add region");
-        let iommu = Arc::new(CountingIommu::new());
+        let iommu = Arc::new(counting_iommu());
         ram.attach_device("nic", iommu.clone(), DeviceConfig::shared())
             .expect("attach");
         Self {
@@ -558,8 +513,8 @@ impl Runner for Project {
     fn calls(&self) -> Calls {
         Calls {
             attribute: self.attributes.calls.load(Ordering::Relaxed),
-            map: self.iommu.maps.load(Ordering::Relaxed),
-            unmap: self.iommu.unmaps.load(Ordering::Relaxed),
+            map: self.iommu.counts().maps,
+            unmap: self.iommu.counts().unmaps,
             punch: self.region.backing().punch_stats().calls,
         }
     }
@@ -575,9 +530,9 @@ impl Runner for Project {
 /// notified discard), then the eager discard of the whole request on the vacated side.
 struct Qemu {
     // Field order: the IOMMU, which holds host addresses of the backing, drops first.
-    iommu: CountingIommu,
+    iommu: CountingBackend,
     backing: RegionBacking,
-    attributes: CountingAttributes,
+    attributes: KvmStandIn,
     bits: Mutex<Vec<u64>>,
     reqs: Vec<Req>,
     punches: u64,
@@ -586,9 +541,9 @@ struct Qemu {
 impl Qemu {
     fn new(w: &Workload, vm: Option<&kvm_ioctls::VmFd>) -> Self {
         Self {
-            iommu: CountingIommu::new(),
+            iommu: counting_iommu(),
             backing: backing(vm),
-            attributes: CountingAttributes::default(),
+            attributes: KvmStandIn::default(),
             bits: Mutex::new(vec![0; (REGION / G).div_ceil(64) as usize]),
             reqs: w.reqs.clone(),
             punches: 0,
@@ -674,8 +629,8 @@ impl Runner for Qemu {
     fn calls(&self) -> Calls {
         Calls {
             attribute: self.attributes.calls.load(Ordering::Relaxed),
-            map: self.iommu.maps.load(Ordering::Relaxed),
-            unmap: self.iommu.unmaps.load(Ordering::Relaxed),
+            map: self.iommu.counts().maps,
+            unmap: self.iommu.counts().unmaps,
             punch: self.punches,
         }
     }

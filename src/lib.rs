@@ -50,6 +50,7 @@ pub mod dma;
 pub mod engine;
 pub mod exits;
 pub mod host;
+pub mod instrument;
 pub mod policy;
 mod queue;
 mod ram;

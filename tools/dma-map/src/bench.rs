@@ -17,12 +17,12 @@ use gmem_dma::{
 use iommu::EmulatedIommu;
 
 use crate::cli::{BackendChoice, SetupArgs};
-use crate::instrument::{CountingAttributes, CountingBackend};
 use crate::report::{KernelCalls, Setup};
 use crate::setup::{self, Kvm0, REGION_BASE};
 use crate::stats::Latencies;
 use crate::units::Bytes;
 use crate::workload::{Target, Workload};
+use gmem_dma::instrument::{CountingAttributes, CountingBackend};
 
 /// One region with one device, as a run uses it.
 pub struct Bench {

@@ -16,7 +16,6 @@ mod checks;
 mod cli;
 mod cmd;
 mod exit;
-mod instrument;
 mod report;
 mod setup;
 mod stats;

@@ -1,13 +1,15 @@
 //! Counting wrappers around the library's two kernel-facing traits, so a run can report how
 //! many attribute sets, IOMMU maps and unmaps it caused, whatever the backend: they forward
-//! every call unchanged and count it.
+//! every call unchanged and count the successful ones. `dma-map` reports its runs with them
+//! (an account kept outside the ledger it checks), and the end-to-end bench counts every
+//! strategy's calls with them.
 
 use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::{AttributeError, MemoryAttributes};
 use discard_manager::{Attribute, GpaRange};
-use gmem_dma::{AttributeError, MemoryAttributes};
 use iommu::{Capabilities, DmaBackend, DmaError, DmaProt};
 
 /// Counts successful `set` calls of the attribute table it wraps.
