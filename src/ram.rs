@@ -547,16 +547,16 @@ fn attach_to_region(device: &Device, region: &Arc<Region>) -> Result<(), AttachE
     let _conversions = region.conversion_lock();
     let range = region.range();
     let view = device.config.view;
-    let populated =
-        region
-            .manager()
-            .view_runs(view, range)
-            .map_err(|source| AttachError::Replay {
-                device: device.name.clone(),
-                view,
-                range,
-                source,
-            })?;
+    let replay_failed = |source| AttachError::Replay {
+        device: device.name.clone(),
+        view,
+        range,
+        source,
+    };
+    let populated = region
+        .manager()
+        .view_runs(view, range)
+        .map_err(replay_failed)?;
     let needed: u64 = populated
         .iter()
         .map(|r| r.len() / region.granularity())
@@ -586,12 +586,7 @@ fn attach_to_region(device: &Device, region: &Arc<Region>) -> Result<(), AttachE
     let id = region
         .manager()
         .register(view, range, listener.clone())
-        .map_err(|source| AttachError::Replay {
-            device: device.name.clone(),
-            view,
-            range,
-            source,
-        })?;
+        .map_err(replay_failed)?;
     region.attached_mut().push(Attached {
         device: device.id,
         name: device.name.clone(),

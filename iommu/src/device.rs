@@ -599,38 +599,30 @@ impl HostPaths {
             });
         }
         let sysfs_dir = self.device_dir(address);
+        // The no-IOMMU mode needs a no-IOMMU group; type1 and IOMMUFD need a real one.
+        match (mode == VfioMode::NoIommu, info.noiommu_group) {
+            (false, true) => {
+                return Err(DeviceError::WrongMode {
+                    address: *address,
+                    wanted: mode,
+                    found: format!("no-IOMMU group noiommu-{group}"),
+                    hint: "; it has no IOMMU, open it with the no-IOMMU backend",
+                });
+            }
+            (true, false) => {
+                return Err(DeviceError::WrongMode {
+                    address: *address,
+                    wanted: mode,
+                    found: format!("IOMMU group {group}"),
+                    hint: "; it is behind an IOMMU, open it with type1 or IOMMUFD",
+                });
+            }
+            _ => {}
+        }
         let node = match mode {
-            VfioMode::Type1 => {
-                if info.noiommu_group {
-                    return Err(DeviceError::WrongMode {
-                        address: *address,
-                        wanted: mode,
-                        found: format!("no-IOMMU group noiommu-{group}"),
-                        hint: "; it has no IOMMU, open it with the no-IOMMU backend",
-                    });
-                }
-                self.dev.join(format!("vfio/{group}"))
-            }
-            VfioMode::NoIommu => {
-                if !info.noiommu_group {
-                    return Err(DeviceError::WrongMode {
-                        address: *address,
-                        wanted: mode,
-                        found: format!("IOMMU group {group}"),
-                        hint: "; it is behind an IOMMU, open it with type1 or IOMMUFD",
-                    });
-                }
-                self.dev.join(format!("vfio/noiommu-{group}"))
-            }
+            VfioMode::Type1 => self.dev.join(format!("vfio/{group}")),
+            VfioMode::NoIommu => self.dev.join(format!("vfio/noiommu-{group}")),
             VfioMode::Iommufd => {
-                if info.noiommu_group {
-                    return Err(DeviceError::WrongMode {
-                        address: *address,
-                        wanted: mode,
-                        found: format!("no-IOMMU group noiommu-{group}"),
-                        hint: "; it has no IOMMU, open it with the no-IOMMU backend",
-                    });
-                }
                 let iommu = self.dev.join("iommu");
                 if !iommu.exists() {
                     return Err(DeviceError::NodeMissing {
