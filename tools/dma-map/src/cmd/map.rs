@@ -226,6 +226,18 @@ pub fn run(args: &MapArgs) -> anyhow::Result<MapSummary> {
     let mut verify = Vec::new();
     let mem = region.backing.mapping();
     let len_for_test = |t: &Tester| t.chunk().min((args.size / 2) as usize);
+    // The device copies the first `n` bytes of the region onto the next `n`, which are cleared
+    // first; returns how the copy went and what the target holds afterwards.
+    let copy_and_read_back =
+        |t: &Tester, n: usize| -> anyhow::Result<(anyhow::Result<()>, Vec<u8>)> {
+            mem.write_slice(&vec![0; n], MemoryRegionAddress(n as u64))
+                .context("clearing the test target")?;
+            let moved = t.copy(args.iova, args.iova + n as u64, n);
+            let mut back = vec![0; n];
+            mem.read_slice(&mut back, MemoryRegionAddress(n as u64))
+                .context("reading the test target")?;
+            Ok((moved, back))
+        };
     let tester = if args.verify {
         Some(tester(&backend)?)
     } else {
@@ -236,12 +248,7 @@ pub fn run(args: &MapArgs) -> anyhow::Result<MapSummary> {
         let p = pattern(n, 0x5a);
         mem.write_slice(&p, MemoryRegionAddress(0))
             .context("writing the test pattern")?;
-        mem.write_slice(&vec![0; n], MemoryRegionAddress(n as u64))
-            .context("clearing the test target")?;
-        let moved = t.copy(args.iova, args.iova + n as u64, n);
-        let mut back = vec![0; n];
-        mem.read_slice(&mut back, MemoryRegionAddress(n as u64))
-            .context("reading the test target")?;
+        let (moved, back) = copy_and_read_back(t, n)?;
         verify.push(match moved {
             Ok(()) => step(
                 "device reads and writes mapped memory",
@@ -269,12 +276,7 @@ pub fn run(args: &MapArgs) -> anyhow::Result<MapSummary> {
     if let Some(t) = &tester {
         let n = len_for_test(t);
         if t.isolates() {
-            mem.write_slice(&vec![0; n], MemoryRegionAddress(n as u64))
-                .context("clearing the test target")?;
-            let moved = t.copy(args.iova, args.iova + n as u64, n);
-            let mut back = vec![0; n];
-            mem.read_slice(&mut back, MemoryRegionAddress(n as u64))
-                .context("reading the test target")?;
+            let (moved, back) = copy_and_read_back(t, n)?;
             let untouched = back.iter().all(|&b| b == 0);
             verify.push(step(
                 "device cannot reach memory after unmap",
