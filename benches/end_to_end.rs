@@ -224,6 +224,17 @@ struct Calls {
 }
 
 impl Calls {
+    /// What a strategy's attribute stand-in and IOMMU counted, with its punches.
+    fn of(attributes: &KvmStandIn, iommu: &CountingBackend, punch: u64) -> Calls {
+        let iommu = iommu.counts();
+        Calls {
+            attribute: attributes.calls.load(Ordering::Relaxed),
+            map: iommu.maps,
+            unmap: iommu.unmaps,
+            punch,
+        }
+    }
+
     fn total(&self) -> u64 {
         self.attribute + self.map + self.unmap + self.punch
     }
@@ -453,12 +464,7 @@ impl Runner for Floor {
     }
 
     fn calls(&self) -> Calls {
-        Calls {
-            attribute: self.attributes.calls.load(Ordering::Relaxed),
-            map: self.iommu.counts().maps,
-            unmap: self.iommu.counts().unmaps,
-            punch: self.punches,
-        }
+        Calls::of(&self.attributes, &self.iommu, self.punches)
     }
 
     fn peak_held(&self) -> u64 {
@@ -511,12 +517,11 @@ impl Runner for Project {
     }
 
     fn calls(&self) -> Calls {
-        Calls {
-            attribute: self.attributes.calls.load(Ordering::Relaxed),
-            map: self.iommu.counts().maps,
-            unmap: self.iommu.counts().unmaps,
-            punch: self.region.backing().punch_stats().calls,
-        }
+        Calls::of(
+            &self.attributes,
+            &self.iommu,
+            self.region.backing().punch_stats().calls,
+        )
     }
 
     fn peak_held(&self) -> u64 {
@@ -627,12 +632,7 @@ impl Runner for Qemu {
     }
 
     fn calls(&self) -> Calls {
-        Calls {
-            attribute: self.attributes.calls.load(Ordering::Relaxed),
-            map: self.iommu.counts().maps,
-            unmap: self.iommu.counts().unmaps,
-            punch: self.punches,
-        }
+        Calls::of(&self.attributes, &self.iommu, self.punches)
     }
 
     fn peak_held(&self) -> u64 {
