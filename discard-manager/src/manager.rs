@@ -238,11 +238,13 @@ impl DiscardManager {
             });
         if let Err((refused_at, range, source)) = replay {
             // Undo the replay: exactly the runs before the refused one.
-            for (done_start, done_end, done) in inner.extents.runs(granules.0, refused_at) {
-                if done.view() == Some(view) {
-                    listener.discard(view, self.geometry.range_of(done_start, done_end));
-                }
-            }
+            inner
+                .extents
+                .for_each_run(granules.0, refused_at, |done_start, done_end, done| {
+                    if done.view() == Some(view) {
+                        listener.discard(view, self.geometry.range_of(done_start, done_end));
+                    }
+                });
             return Err(Error::ReplayRefused {
                 view,
                 range,
@@ -283,9 +285,9 @@ impl DiscardManager {
     fn discard_all(&self, extents: &Extents, entry: &Entry, holes: &[GpaRange]) {
         let view = entry.info.view;
         let mut holes = holes.iter().peekable();
-        for (s, e, state) in extents.runs(entry.granules.0, entry.granules.1) {
+        extents.for_each_run(entry.granules.0, entry.granules.1, |s, e, state| {
             if state.view() != Some(view) {
-                continue;
+                return;
             }
             let run = self.geometry.range_of(s, e);
             let mut cursor = run.start();
@@ -302,7 +304,7 @@ impl DiscardManager {
                     .listener
                     .discard(view, GpaRange::from_bounds(cursor, run.end()));
             }
-        }
+        });
     }
 
     /// Converts `range` to attribute `to`.
@@ -616,16 +618,15 @@ impl DiscardManager {
     pub fn runs(&self, range: GpaRange) -> Result<Vec<Run>, Error> {
         let (a, b) = self.geometry.granules_of(range)?;
         let locked = self.lock()?;
-        Ok(locked
-            .guard
-            .extents
-            .runs(a, b)
-            .map(|(s, e, state)| Run {
+        let mut runs = Vec::new();
+        locked.guard.extents.for_each_run(a, b, |s, e, state| {
+            runs.push(Run {
                 range: self.geometry.range_of(s, e),
                 attribute: state.attribute(),
                 plugged: state.plugged(),
             })
-            .collect())
+        });
+        Ok(runs)
     }
 
     /// Maximal runs of `view` in `range`, clipped to it, in address order.
@@ -635,13 +636,13 @@ impl DiscardManager {
     pub fn view_runs(&self, view: View, range: GpaRange) -> Result<Vec<GpaRange>, Error> {
         let (a, b) = self.geometry.granules_of(range)?;
         let locked = self.lock()?;
-        Ok(locked
-            .guard
-            .extents
-            .runs(a, b)
-            .filter(|(_, _, state)| state.view() == Some(view))
-            .map(|(s, e, _)| self.geometry.range_of(s, e))
-            .collect())
+        let mut runs = Vec::new();
+        locked.guard.extents.for_each_run(a, b, |s, e, state| {
+            if state.view() == Some(view) {
+                runs.push(self.geometry.range_of(s, e));
+            }
+        });
+        Ok(runs)
     }
 
     /// Whether every granule of `range` is in `view`.
@@ -651,11 +652,14 @@ impl DiscardManager {
     pub fn is_populated(&self, view: View, range: GpaRange) -> Result<bool, Error> {
         let (a, b) = self.geometry.granules_of(range)?;
         let locked = self.lock()?;
-        Ok(locked
-            .guard
-            .extents
-            .runs(a, b)
-            .all(|(_, _, state)| state.view() == Some(view)))
+        let outside = locked.guard.extents.try_for_each_run(a, b, |_, _, state| {
+            if state.view() == Some(view) {
+                Ok(())
+            } else {
+                Err(())
+            }
+        });
+        Ok(outside.is_ok())
     }
 
     /// Byte totals of the region and its number of runs, in O(1).
