@@ -220,6 +220,18 @@ pub enum DmaError {
     },
 }
 
+/// Refuses a map whose iova, length or host address is not a multiple of `page`.
+pub(crate) fn check_aligned(iova: u64, len: u64, addr: u64, page: u64) -> Result<(), DmaError> {
+    if page != 0 && (iova | len | addr) & (page - 1) != 0 {
+        return Err(DmaError::Misaligned {
+            iova,
+            len,
+            page_size: page,
+        });
+    }
+    Ok(())
+}
+
 /// One IOMMU address space. Implementations are thin: one kernel call per method call, no
 /// bookkeeping. Use it through a [`Ledger`](crate::Ledger), which keeps the record of mappings,
 /// refuses bisecting unmaps and budget overruns before the kernel sees them, and merges unmaps.
@@ -293,5 +305,16 @@ mod tests {
             translates: true,
         };
         assert_eq!(caps.min_page_size(), 0x1000);
+    }
+
+    #[test]
+    fn alignment_is_checked_on_iova_length_and_address() {
+        assert!(check_aligned(0x1000, 0x2000, 0x7000_0000, 0x1000).is_ok());
+        for (iova, len, addr) in [(0x800, 0x1000, 0), (0, 0x1800, 0), (0, 0x1000, 0x10)] {
+            match check_aligned(iova, len, addr, 0x1000) {
+                Err(DmaError::Misaligned { page_size, .. }) => assert_eq!(page_size, 0x1000),
+                other => panic!("{iova:#x} {len:#x} {addr:#x}: {other:?}"),
+            }
+        }
     }
 }

@@ -4,6 +4,10 @@
 //! trait over one IOMMU address space (VFIO type1 container, IOMMUFD IOAS, VFIO no-IOMMU, or the
 //! emulated IOMMU). The [`Ledger`] wraps a backend, records every live mapping, and refuses before
 //! the kernel sees it any unmap that would bisect a mapping or any map beyond the mapping budget.
+//!
+//! Modules by layer: the backend trait and vocabulary (re-exported here), [`ledger`] on top of
+//! it, the [`emulated`] IOMMU for tests and benchmarks, and [`vfio`], the kernel backends with
+//! the device plumbing they need. The items of `vfio` are re-exported here as well.
 #![deny(
     missing_docs,
     unsafe_op_in_unsafe_fn,
@@ -13,14 +17,7 @@
 mod backend;
 pub mod emulated;
 pub mod ledger;
-
-// Kernel backends and device access (VFIO type1, IOMMUFD, no-IOMMU, sysfs, edu).
-mod device;
-mod edu;
-mod iommufd;
-mod noiommu;
-mod sys;
-mod type1;
+pub mod vfio;
 
 pub use backend::{
     BackendKind, Capabilities, DmaBackend, DmaError, DmaProt, FileMapSupport, IovaRange,
@@ -28,12 +25,15 @@ pub use backend::{
 pub use emulated::EmulatedIommu;
 pub use ledger::{Ledger, LedgerError, LedgerStats, Mapping, MappingSource, UnmapReport};
 
-pub use device::{
-    DeviceError, DeviceRegions, GroupMember, HostPaths, HostReport, MemlockLimit, NodeState,
-    OpenError, PciAddress, PciAddressError, PciDeviceInfo, RegionError, RegionInfo, UsableDevice,
-    VfioContainerReport, VfioMode, VfioPciDevice,
+pub use vfio::{
+    DeviceError, DeviceRegionError, DeviceRegionInfo, DeviceRegions, EDU_ID, Edu, EduError,
+    GroupMember, HostPaths, HostReport, IommufdBackend, MemlockLimit, NoIommuBackend,
+    NoIommuDevice, NodeState, OpenError, PAGE_SIZE, PagemapEntry, PciAddress, PciAddressError,
+    PciDeviceInfo, Type1Backend, Type1Info, UsableDevice, VfioContainerReport, VfioMode,
+    VfioPciDevice,
 };
-pub use edu::{EDU_ID, Edu, EduError};
-pub use iommufd::IommufdBackend;
-pub use noiommu::{NoIommuBackend, NoIommuDevice, PAGE_SIZE, PagemapEntry};
-pub use type1::{Type1Backend, Type1Info};
+
+/// The README's example runs as a doctest, so it cannot drift from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -7,7 +7,7 @@
 //!
 //! Maps go through vfio-ioctls' `VfioContainer`, which maps read+write only: a read-only or
 //! write-only request is refused as unsupported rather than silently granted write access.
-//! Unmaps and `VFIO_IOMMU_GET_INFO` are raw ioctls in [`crate::sys`] (see there why).
+//! Unmaps and `VFIO_IOMMU_GET_INFO` are raw ioctls in [`sys`](super::sys) (see there why).
 
 use std::fmt;
 use std::os::fd::BorrowedFd;
@@ -17,11 +17,12 @@ use std::sync::Arc;
 use vfio_ioctls::{VfioContainer, VfioDevice, VfioError, VfioOps};
 use vmm_sys_util::errno;
 
+use super::sys::{self, OwnsFd, type1_info_layout as L};
+use super::{AttachedDevices, HostPaths, OpenError, PciAddress, VfioMode, VfioPciDevice};
 use crate::backend::{
     BackendKind, Capabilities, DmaBackend, DmaError, DmaProt, FileMapSupport, IovaRange,
+    check_aligned,
 };
-use crate::device::{AttachedDevices, HostPaths, OpenError, PciAddress, VfioMode, VfioPciDevice};
-use crate::sys::{self, OwnsFd, type1_info_layout as L};
 
 const KIND: BackendKind = BackendKind::Type1;
 
@@ -137,18 +138,6 @@ pub(crate) fn parse_type1_info(b: &[u8]) -> Result<Type1Info, InfoParseError> {
         at = next;
     }
     Ok(info)
-}
-
-/// Refuses a map whose iova, length or host address is not a multiple of `page`.
-pub(crate) fn check_aligned(iova: u64, len: u64, addr: u64, page: u64) -> Result<(), DmaError> {
-    if page != 0 && (iova | len | addr) & (page - 1) != 0 {
-        return Err(DmaError::Misaligned {
-            iova,
-            len,
-            page_size: page,
-        });
-    }
-    Ok(())
 }
 
 /// A VFIO type1v2 container with at least one device attached.
@@ -448,16 +437,5 @@ mod tests {
         let mut b = answer(CAPS, 0, &[]);
         b[L::CAP_OFFSET..L::CAP_OFFSET + 4].copy_from_slice(&4096u32.to_ne_bytes());
         assert_eq!(parse_type1_info(&b), Err(InfoParseError::Truncated));
-    }
-
-    #[test]
-    fn alignment_is_checked_on_iova_length_and_address() {
-        assert!(check_aligned(0x1000, 0x2000, 0x7000_0000, 0x1000).is_ok());
-        for (iova, len, addr) in [(0x800, 0x1000, 0), (0, 0x1800, 0), (0, 0x1000, 0x10)] {
-            match check_aligned(iova, len, addr, 0x1000) {
-                Err(DmaError::Misaligned { page_size, .. }) => assert_eq!(page_size, 0x1000),
-                other => panic!("{iova:#x} {len:#x} {addr:#x}: {other:?}"),
-            }
-        }
     }
 }

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use vfio_bindings::bindings::vfio::{VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX};
 
-use crate::device::{DeviceRegions, RegionError};
+use super::{DeviceRegionError, DeviceRegions};
 
 const REG_ID: u64 = 0x00;
 const REG_DMA_SRC: u64 = 0x80;
@@ -45,7 +45,7 @@ pub enum EduError {
         what: &'static str,
         /// The access error.
         #[source]
-        source: RegionError,
+        source: DeviceRegionError,
     },
     /// The identification register is not edu's.
     #[error(
@@ -239,7 +239,7 @@ impl<R: DeviceRegions> Edu<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::device::RegionInfo;
+    use crate::vfio::DeviceRegionInfo;
     use std::cell::RefCell;
     use std::fs::File;
     use std::os::fd::{AsFd, BorrowedFd};
@@ -268,15 +268,15 @@ mod tests {
     }
 
     impl DeviceRegions for FakeEdu {
-        fn region(&self, index: u32) -> Option<RegionInfo> {
+        fn region(&self, index: u32) -> Option<DeviceRegionInfo> {
             let flags = VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE;
             match index {
-                0 => Some(RegionInfo {
+                0 => Some(DeviceRegionInfo {
                     offset: 0,
                     size: 1 << 20,
                     flags,
                 }),
-                7 => Some(RegionInfo {
+                7 => Some(DeviceRegionInfo {
                     offset: 0,
                     size: 256,
                     flags,
@@ -287,7 +287,12 @@ mod tests {
         fn device_fd(&self) -> BorrowedFd<'_> {
             self.null.as_fd()
         }
-        fn read_region(&self, index: u32, offset: u64, buf: &mut [u8]) -> Result<(), RegionError> {
+        fn read_region(
+            &self,
+            index: u32,
+            offset: u64,
+            buf: &mut [u8],
+        ) -> Result<(), DeviceRegionError> {
             match index {
                 7 => buf.copy_from_slice(&self.config.borrow()[offset as usize..][..buf.len()]),
                 _ if offset == REG_ID => buf.copy_from_slice(&self.id.to_le_bytes()),
@@ -305,7 +310,12 @@ mod tests {
             }
             Ok(())
         }
-        fn write_region(&self, index: u32, offset: u64, buf: &[u8]) -> Result<(), RegionError> {
+        fn write_region(
+            &self,
+            index: u32,
+            offset: u64,
+            buf: &[u8],
+        ) -> Result<(), DeviceRegionError> {
             if index == 7 {
                 self.config.borrow_mut()[offset as usize..][..buf.len()].copy_from_slice(buf);
             } else {

@@ -2,7 +2,7 @@
 //! `vfio.enable_unsafe_noiommu_mode=1`): device access without any DMA translation.
 //!
 //! vfio-ioctls has no support for this mode, so the group, container and device are opened
-//! here with raw ioctls ([`crate::sys`]). The kernel's no-IOMMU "IOMMU driver" answers only
+//! here with raw ioctls ([`sys`](super::sys)). The kernel's no-IOMMU "IOMMU driver" answers only
 //! `VFIO_CHECK_EXTENSION`: there is no MAP_DMA. The device sees physical addresses, so
 //! "mapping" means: lock the memory with `mlock`, read the physical address of every page from
 //! `/proc/self/pagemap`, and remember them; [`NoIommuBackend::physical_address`] and
@@ -30,12 +30,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use vfio_bindings::bindings::vfio::{VFIO_GROUP_FLAGS_VIABLE, VFIO_NOIOMMU_IOMMU};
 use vmm_sys_util::errno;
 
+use super::sys;
+use super::{DeviceRegionInfo, DeviceRegions, HostPaths, OpenError, PciAddress, VfioMode};
 use crate::backend::{
     BackendKind, Capabilities, DmaBackend, DmaError, DmaProt, FileMapSupport, IovaRange,
+    check_aligned,
 };
-use crate::device::{DeviceRegions, HostPaths, OpenError, PciAddress, RegionInfo, VfioMode};
-use crate::sys;
-use crate::type1::check_aligned;
 
 const KIND: BackendKind = BackendKind::NoIommu;
 /// The page size pagemap entries describe (x86-64 and the usual arm64 configuration).
@@ -74,7 +74,7 @@ impl PagemapEntry {
 /// A device opened through a no-IOMMU group, with checked region access.
 pub struct NoIommuDevice {
     address: PciAddress,
-    regions: Vec<Option<RegionInfo>>,
+    regions: Vec<Option<DeviceRegionInfo>>,
     fd: OwnedFd,
 }
 
@@ -95,7 +95,7 @@ impl fmt::Debug for NoIommuDevice {
 }
 
 impl DeviceRegions for NoIommuDevice {
-    fn region(&self, index: u32) -> Option<RegionInfo> {
+    fn region(&self, index: u32) -> Option<DeviceRegionInfo> {
         self.regions.get(index as usize).copied().flatten()
     }
 
@@ -209,7 +209,7 @@ impl NoIommuBackend {
                 sys::vfio_device_get_region_info(fd.as_fd(), index)
                     .ok()
                     .filter(|r| r.size != 0)
-                    .map(|r| RegionInfo {
+                    .map(|r| DeviceRegionInfo {
                         offset: r.offset,
                         size: r.size,
                         flags: r.flags,

@@ -5,7 +5,7 @@
 //! `attach_ioas = true` opens the cdev, binds it to the iommufd and attaches it to the IOAS).
 //! Maps by address and by file go through iommufd-ioctls' `IommuFd` with our own flags, so
 //! read-only mappings work. `IOMMU_IOAS_IOVA_RANGES` and the `IOMMU_IOAS_MAP_FILE` probe are
-//! raw ioctls in [`crate::sys`].
+//! raw ioctls in [`sys`](super::sys).
 
 use std::fmt;
 use std::os::fd::{AsRawFd, BorrowedFd};
@@ -21,11 +21,11 @@ use iommufd_ioctls::{IommuFd, IommufdError};
 use vfio_ioctls::{VfioDevice, VfioIommufd, VfioOps};
 use vmm_sys_util::errno;
 
+use super::sys::{self, OwnsFd};
+use super::{AttachedDevices, HostPaths, OpenError, PciAddress, VfioMode, VfioPciDevice};
 use crate::backend::{
     BackendKind, Capabilities, DmaBackend, DmaError, DmaProt, FileMapSupport, IovaRange,
 };
-use crate::device::{AttachedDevices, HostPaths, OpenError, PciAddress, VfioMode, VfioPciDevice};
-use crate::sys::{self, OwnsFd};
 
 const KIND: BackendKind = BackendKind::Iommufd;
 

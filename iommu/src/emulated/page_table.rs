@@ -1,0 +1,364 @@
+//! The emulated page table and its rules: what a map or unmap call does to the table, exactly
+//! as VFIO type1v2 and IOMMUFD decide it, and the [`DmaBackend`] implementation on top.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
+
+use vmm_sys_util::errno;
+
+use super::{Call, CallKind, EmulatedIommu, State, UnmapStyle, lock};
+use crate::backend::{BackendKind, Capabilities, DmaBackend, DmaError, DmaProt, FileMapSupport};
+
+/// A host address recorded by `map_va`.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct HostPtr(pub(super) *mut u8);
+
+// SAFETY: the pointer is only an address the caller of `map_va` promised stays mapped and may be
+// accessed by a device at any time from any thread (map_va's safety contract); the emulator only
+// dereferences it under its state lock while the mapping is live, as a device would.
+unsafe impl Send for HostPtr {}
+// SAFETY: as for `Send`: shared access only reads the address; dereferences follow map_va's
+// contract, which allows access from any thread at any time.
+unsafe impl Sync for HostPtr {}
+
+#[derive(Debug)]
+pub(super) enum Target {
+    HostVa(HostPtr),
+    File { file: File, offset: u64 },
+}
+
+#[derive(Debug)]
+pub(super) struct Entry {
+    pub(super) len: u64,
+    pub(super) prot: DmaProt,
+    pub(super) target: Target,
+}
+
+impl Entry {
+    /// Last IOVA of a mapping starting at `iova` (cannot overflow: checked when mapped).
+    pub(super) fn last(&self, iova: u64) -> u64 {
+        iova + (self.len - 1)
+    }
+}
+
+/// Where a map call's memory comes from.
+enum Source<'a> {
+    Va(*mut u8),
+    File { file: BorrowedFd<'a>, offset: u64 },
+}
+
+impl EmulatedIommu {
+    fn is_aligned(&self, value: u64) -> bool {
+        value & (self.page_size - 1) == 0
+    }
+
+    /// Applies `vfio_dma_do_map()`'s checks in its order, then the file checks, then inserts.
+    fn map_common(
+        &self,
+        kind: CallKind,
+        iova: u64,
+        len: u64,
+        prot: DmaProt,
+        source: Source<'_>,
+    ) -> Result<(), errno::Error> {
+        let offset = match source {
+            Source::File { offset, .. } => Some(offset),
+            Source::Va(_) => None,
+        };
+        if let Some(errno) = self.injected(kind, iova, len) {
+            let mut state = lock(&self.state);
+            self.log(
+                &mut state,
+                Call {
+                    kind,
+                    iova,
+                    len,
+                    offset,
+                    result: Err(errno),
+                    injected: true,
+                },
+            );
+            return Err(errno::Error::new(errno));
+        }
+        let mut state = lock(&self.state);
+        let result = self.try_map(&mut state, iova, len, prot, source);
+        self.log(
+            &mut state,
+            Call {
+                kind,
+                iova,
+                len,
+                offset,
+                result: result.as_ref().map(|()| len).map_err(|e| e.errno()),
+                injected: false,
+            },
+        );
+        result
+    }
+
+    fn try_map(
+        &self,
+        state: &mut State,
+        iova: u64,
+        len: u64,
+        prot: DmaProt,
+        source: Source<'_>,
+    ) -> Result<(), errno::Error> {
+        let einval = errno::Error::new(libc::EINVAL);
+        let source_addr = match source {
+            Source::Va(p) => p as u64,
+            Source::File { offset, .. } => offset,
+        };
+        if !(prot.read || prot.write) || len == 0 || !self.is_aligned(iova | len | source_addr) {
+            return Err(einval);
+        }
+        let last = iova.checked_add(len - 1).ok_or(einval)?;
+        source_addr.checked_add(len - 1).ok_or(einval)?;
+        if state
+            .table
+            .range(..=last)
+            .next_back()
+            .is_some_and(|(&start, e)| e.last(start) >= iova)
+        {
+            return Err(errno::Error::new(libc::EEXIST));
+        }
+        if state.budget == Some(0) {
+            return Err(errno::Error::new(libc::ENOSPC));
+        }
+        // As `vfio_iommu_iova_dma_valid()`: an empty list restricts nothing.
+        let ranges = &self.config.iova_ranges;
+        if !ranges.is_empty() && !ranges.iter().any(|r| r.contains(iova, len)) {
+            return Err(einval);
+        }
+        let target = match source {
+            Source::Va(p) => Target::HostVa(HostPtr(p)),
+            Source::File { file, offset } => Target::File {
+                file: self.accept_file(file, offset, len, prot)?,
+                offset,
+            },
+        };
+        state.table.insert(iova, Entry { len, prot, target });
+        if let Some(budget) = state.budget.as_mut() {
+            *budget -= 1;
+        }
+        Ok(())
+    }
+
+    /// The file checks of `IOMMU_IOAS_MAP_FILE`: file type (per [`FileMapSupport`]), write access
+    /// for a writable mapping (`EPERM`), range inside the file (`EINVAL`, as pinning a shmem page
+    /// beyond EOF fails). Returns the emulator's own duplicate of the fd.
+    fn accept_file(
+        &self,
+        file: BorrowedFd<'_>,
+        offset: u64,
+        len: u64,
+        prot: DmaProt,
+    ) -> Result<File, errno::Error> {
+        let to_errno = |e: io::Error| errno::Error::new(e.raw_os_error().unwrap_or(libc::EIO));
+        if self.config.map_file == FileMapSupport::Memfd {
+            // SAFETY: `statfs` is plain old data; all-zero is a valid value of it.
+            let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+            // SAFETY: `file` is an open fd for the whole call and `fs` is a valid, writable
+            // statfs the kernel fills in; the return value is checked.
+            if unsafe { libc::fstatfs(file.as_raw_fd(), &mut fs) } != 0 {
+                return Err(errno::Error::last());
+            }
+            const TMPFS_MAGIC: i64 = 0x0102_1994;
+            const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
+            #[allow(clippy::unnecessary_cast)] // f_type's width differs between targets
+            let fs_type = fs.f_type as i64;
+            if fs_type != TMPFS_MAGIC && fs_type != HUGETLBFS_MAGIC {
+                return Err(errno::Error::new(libc::EINVAL));
+            }
+        }
+        let file = File::from(file.try_clone_to_owned().map_err(to_errno)?);
+        if prot.write {
+            // SAFETY: F_GETFL on an fd we own takes no pointer; the result is checked.
+            let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+            if flags < 0 {
+                return Err(errno::Error::last());
+            }
+            if flags & libc::O_ACCMODE == libc::O_RDONLY {
+                return Err(errno::Error::new(libc::EPERM));
+            }
+        }
+        let size = file.metadata().map_err(to_errno)?.len();
+        match offset.checked_add(len) {
+            Some(end) if end <= size => Ok(file),
+            _ => Err(errno::Error::new(libc::EINVAL)),
+        }
+    }
+
+    fn try_unmap(&self, state: &mut State, iova: u64, len: u64) -> Result<u64, errno::Error> {
+        let einval = errno::Error::new(libc::EINVAL);
+        match self.config.unmap_style {
+            UnmapStyle::Type1v2 => {
+                if len == 0 || !self.is_aligned(iova | len) {
+                    return Err(einval);
+                }
+                let last = iova.checked_add(len - 1).ok_or(einval)?;
+                // `vfio_dma_do_unmap()` checks only the two ends, before removing anything:
+                // any bisected mapping must straddle one of them.
+                if state
+                    .table
+                    .range(..iova)
+                    .next_back()
+                    .is_some_and(|(&start, e)| e.last(start) >= iova)
+                {
+                    return Err(einval);
+                }
+                // (Searched by one bound: a `iova..=last` range descends the tree twice.)
+                if state
+                    .table
+                    .range(..=last)
+                    .next_back()
+                    .is_some_and(|(&start, e)| start >= iova && e.last(start) > last)
+                {
+                    return Err(einval);
+                }
+                Ok(Self::remove_range(state, iova, last))
+            }
+            UnmapStyle::Iommufd => {
+                let enoent = errno::Error::new(libc::ENOENT);
+                if iova == 0 && len == u64::MAX {
+                    return Ok(Self::remove_range(state, 0, u64::MAX));
+                }
+                if len == 0 {
+                    return Err(einval);
+                }
+                // iommufd_ioas_unmap(): iova and length must be below ULONG_MAX.
+                let eoverflow = errno::Error::new(libc::EOVERFLOW);
+                if iova == u64::MAX || len == u64::MAX {
+                    return Err(eoverflow);
+                }
+                let last = iova.checked_add(len - 1).ok_or(eoverflow)?;
+                // iopt_unmap_iova_range(): take the lowest area intersecting the range; fail
+                // with ENOENT at the first one not wholly inside, keeping earlier removals.
+                let mut removed = 0;
+                loop {
+                    let first = match state.table.range(..iova).next_back() {
+                        Some((&start, e)) if e.last(start) >= iova => Some(start),
+                        _ => state.table.range(iova..=last).next().map(|(&s, _)| s),
+                    };
+                    let Some(start) = first else { break };
+                    let Some(e) = state.table.get(&start) else {
+                        break;
+                    };
+                    if start < iova || e.last(start) > last {
+                        return Err(enoent);
+                    }
+                    removed += Self::remove_range(state, start, start);
+                }
+                if removed == 0 {
+                    return Err(enoent);
+                }
+                Ok(removed)
+            }
+        }
+    }
+
+    /// Removes every mapping starting in `[first, last]`, gives back their budget, returns bytes.
+    fn remove_range(state: &mut State, first: u64, last: u64) -> u64 {
+        let mut bytes = 0;
+        while let Some((&start, _)) = state
+            .table
+            .range(first..)
+            .next()
+            .filter(|&(&s, _)| s <= last)
+        {
+            if let Some(e) = state.table.remove(&start) {
+                bytes += e.len;
+                if let Some(budget) = state.budget.as_mut() {
+                    *budget += 1;
+                }
+            }
+        }
+        bytes
+    }
+}
+
+impl DmaBackend for EmulatedIommu {
+    fn capabilities(&self) -> Result<Capabilities, DmaError> {
+        Ok(Capabilities {
+            kind: BackendKind::Emulated,
+            page_sizes: self.config.page_sizes,
+            iova_ranges: self.config.iova_ranges.clone(),
+            mapping_budget: lock(&self.state).budget,
+            map_file: self.config.map_file,
+            translates: true,
+        })
+    }
+
+    unsafe fn map_va(
+        &self,
+        iova: u64,
+        len: u64,
+        host_addr: *mut u8,
+        prot: DmaProt,
+    ) -> Result<(), DmaError> {
+        self.map_common(CallKind::MapVa, iova, len, prot, Source::Va(host_addr))
+            .map_err(|source| DmaError::MapVa {
+                kind: BackendKind::Emulated,
+                iova,
+                len,
+                source,
+            })
+    }
+
+    fn map_file(
+        &self,
+        iova: u64,
+        len: u64,
+        file: BorrowedFd<'_>,
+        offset: u64,
+        prot: DmaProt,
+    ) -> Result<(), DmaError> {
+        if self.config.map_file == FileMapSupport::None {
+            return Err(DmaError::Unsupported {
+                kind: BackendKind::Emulated,
+                operation: "map_file",
+            });
+        }
+        self.map_common(
+            CallKind::MapFile,
+            iova,
+            len,
+            prot,
+            Source::File { file, offset },
+        )
+        .map_err(|source| DmaError::MapFile {
+            kind: BackendKind::Emulated,
+            iova,
+            len,
+            offset,
+            source,
+        })
+    }
+
+    fn unmap(&self, iova: u64, len: u64) -> Result<u64, DmaError> {
+        let injected = self.injected(CallKind::Unmap, iova, len);
+        let mut state = lock(&self.state);
+        let result = match injected {
+            Some(errno) => Err(errno::Error::new(errno)),
+            None => self.try_unmap(&mut state, iova, len),
+        };
+        self.log(
+            &mut state,
+            Call {
+                kind: CallKind::Unmap,
+                iova,
+                len,
+                offset: None,
+                result: result.as_ref().map(|&b| b).map_err(|e| e.errno()),
+                injected: injected.is_some(),
+            },
+        );
+        result.map_err(|source| DmaError::Unmap {
+            kind: BackendKind::Emulated,
+            iova,
+            len,
+            source,
+        })
+    }
+}
