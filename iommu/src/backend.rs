@@ -4,7 +4,7 @@
 //! no-IOMMU group, or the emulated IOMMU. It does exactly what the kernel does and nothing more:
 //! it does not remember what it mapped (the [`Ledger`](crate::Ledger) does), and it follows the
 //! kernel's rule that **the unit of unmap is the unit of map**: an unmap must cover whole earlier
-//! mappings, never part of one.
+//! mappings, never part of one, unless the backend reports [`Capabilities::cuts_mappings`].
 
 use std::fmt;
 use std::os::fd::BorrowedFd;
@@ -105,6 +105,12 @@ pub struct Capabilities {
     pub map_file: FileMapSupport,
     /// False for no-IOMMU mode: the device sees physical addresses, not IOVAs.
     pub translates: bool,
+    /// True when an unmap may cut a mapping: any sub-range whose ends are aligned to the smallest
+    /// page size can be unmapped and the rest of the mapping stays mapped, without a window. Read
+    /// from the kernel: IOMMUFD after it accepted type1 (v1) semantics for the IOAS; never a real
+    /// VFIO type1 container or no-IOMMU mode. Where it is false, the unit of unmap is the unit
+    /// of map.
+    pub cuts_mappings: bool,
 }
 
 impl Capabilities {
@@ -267,8 +273,9 @@ pub trait DmaBackend: Send + Sync + fmt::Debug {
         prot: DmaProt,
     ) -> Result<(), DmaError>;
 
-    /// Unmaps every mapping inside `[iova, iova + len)`; the range must not bisect any mapping.
-    /// Returns the number of bytes the kernel unmapped.
+    /// Unmaps every mapping inside `[iova, iova + len)`; the range must not bisect any mapping,
+    /// unless [`Capabilities::cuts_mappings`], and then the mappings it bisects are cut at its
+    /// ends first. Returns the number of bytes the kernel unmapped.
     fn unmap(&self, iova: u64, len: u64) -> Result<u64, DmaError>;
 }
 
@@ -303,6 +310,7 @@ mod tests {
             mapping_budget: None,
             map_file: FileMapSupport::None,
             translates: true,
+            cuts_mappings: false,
         };
         assert_eq!(caps.min_page_size(), 0x1000);
     }

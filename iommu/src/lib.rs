@@ -26,8 +26,8 @@ pub use emulated::EmulatedIommu;
 pub use ledger::{Ledger, LedgerError, LedgerStats, Mapping, MappingSource, UnmapReport};
 
 pub use vfio::{
-    DeviceError, DeviceRegionError, DeviceRegionInfo, DeviceRegions, EDU_ID, Edu, EduError,
-    GroupMember, HostPaths, HostReport, IommufdBackend, MemlockLimit, NoIommuBackend,
+    CutSetupError, DeviceError, DeviceRegionError, DeviceRegionInfo, DeviceRegions, EDU_ID, Edu,
+    EduError, GroupMember, HostPaths, HostReport, IommufdBackend, MemlockLimit, NoIommuBackend,
     NoIommuDevice, NodeState, OpenError, PAGE_SIZE, PagemapEntry, PciAddress, PciAddressError,
     PciDeviceInfo, Type1Backend, Type1Info, UsableDevice, VfioContainerReport, VfioMode,
     VfioPciDevice,

@@ -11,7 +11,10 @@
 //!   [`UnmapStyle::Type1v2`] that is `EINVAL` and atomic, and an unmap of a range holding nothing
 //!   returns 0 bytes. With [`UnmapStyle::Iommufd`] it is `ENOENT` *after* removing the whole areas
 //!   that precede the bisected one (the kernel's loop is not atomic), a range holding nothing is
-//!   also `ENOENT`, and `iova 0, len u64::MAX` removes everything;
+//!   also `ENOENT`, and `iova 0, len u64::MAX` removes everything. With [`UnmapStyle::Cutting`]
+//!   (IOMMUFD with type1 v1 semantics) an unmap first cuts the areas at its ends, as
+//!   `iommufd_vfio_unmap_dma()` does, so an aligned sub-range of a mapping can be unmapped
+//!   alone; a misaligned cut point is `EINVAL`;
 //! - `map_file` accepts any file, guest_memfd included ([`FileMapSupport::AnyFile`], standing in
 //!   for the trusted-IO kernel that does not exist yet), or only memfd/hugetlbfs like mainline
 //!   `IOMMU_IOAS_MAP_FILE`, or nothing like type1.
@@ -21,12 +24,14 @@
 //! ([`EmulatedIommu::faults`]), and injects failures on demand
 //! ([`EmulatedIommu::inject_failures`]). Device accesses reach host-address mappings through the
 //! recorded pointer, and file mappings through `pread`/`pwrite` on the emulator's own duplicate of
-//! the fd, or, for files without read/write methods (an mmap-able guest_memfd answers `ESPIPE`),
-//! through a temporary shared mapping of the file.
+//! the fd (one per file and access mode, however many mappings use it), or, for files without
+//! read/write methods (an mmap-able guest_memfd answers `ESPIPE`), through a temporary shared
+//! mapping of the file.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::fs::File;
+use std::sync::{Mutex, MutexGuard, PoisonError, Weak};
 
 #[cfg(doc)]
 use crate::backend::{Capabilities, DmaBackend};
@@ -40,7 +45,7 @@ pub(crate) mod test_support;
 mod tests;
 
 pub use device::{DmaAccessError, DmaFault, FaultReason};
-use page_table::{Entry, Target};
+use page_table::{Entry, FileKey, Target};
 
 /// Page sizes the emulated IOMMU reports unless told otherwise: 4 KiB, 2 MiB and 1 GiB, what an
 /// x86 IOMMU typically reports.
@@ -63,6 +68,15 @@ pub enum UnmapStyle {
     /// whole areas before it were already removed; a range holding no mapping fails with `ENOENT`;
     /// `iova 0, len u64::MAX` removes everything and always succeeds.
     Iommufd,
+    /// IOMMUFD with type1 (v1) semantics chosen for the IOAS (`IOMMU_VFIO_IOAS` SET, then
+    /// `VFIO_SET_IOMMU(VFIO_TYPE1_IOMMU)`), unmapping through the compat `VFIO_IOMMU_UNMAP_DMA`,
+    /// which cuts: `iommufd_vfio_unmap_dma()` first splits the areas at `iova + len - 1` and at
+    /// `iova - 1` (not when `iova` is 0), then unmaps `[iova, iova + len)` as [`UnmapStyle::Iommufd`]
+    /// does. A split at an area's first or last byte is no split; any other split point whose
+    /// next byte is not aligned to the smallest page size fails with `EINVAL` (a split done
+    /// before it stays). So any aligned sub-range of a mapping can be unmapped while the rest
+    /// stays mapped. IOMMUFD has no mapping budget: one set on the builder is ignored.
+    Cutting,
 }
 
 /// Which backend call a [`Call`] records.
@@ -114,7 +128,8 @@ pub enum TableTarget {
         /// The host virtual address of the mapping's first byte.
         addr: usize,
     },
-    /// A file (the emulator holds its own duplicate of the fd) at this offset.
+    /// A file (the emulator holds one duplicate of the fd per file and access mode, shared by
+    /// every mapping of it) at this offset.
     File {
         /// Offset in the file of the mapping's first byte.
         offset: u64,
@@ -165,7 +180,7 @@ impl EmulatedIommuBuilder {
     }
 
     /// Sets the mapping budget: `None` for no count limit (IOMMUFD), `Some(n)` for type1's
-    /// `dma_entry_limit` (65535 by default in the kernel).
+    /// `dma_entry_limit` (65535 by default in the kernel). Ignored by [`UnmapStyle::Cutting`].
     pub fn mapping_budget(mut self, budget: Option<u64>) -> Self {
         self.mapping_budget = budget;
         self
@@ -199,7 +214,10 @@ impl EmulatedIommuBuilder {
             page_size,
             state: Mutex::new(State {
                 table: BTreeMap::new(),
-                budget: self.mapping_budget,
+                budget: self
+                    .mapping_budget
+                    .filter(|_| self.unmap_style != UnmapStyle::Cutting),
+                files: HashMap::new(),
                 calls: Vec::new(),
                 faults: Vec::new(),
             }),
@@ -213,6 +231,10 @@ impl EmulatedIommuBuilder {
 struct State {
     table: BTreeMap<u64, Entry>,
     budget: Option<u64>,
+    /// The emulator's duplicate of each file mapped, shared by all its mappings (a trusted-IO
+    /// device maps a million granules of one guest_memfd; one fd each would run out at the fd
+    /// limit). Entries whose mappings are all gone are pruned when another file is added.
+    files: HashMap<FileKey, Weak<File>>,
     calls: Vec<Call>,
     faults: Vec<DmaFault>,
 }

@@ -2,8 +2,8 @@
 //! as VFIO type1v2 and IOMMUFD decide it, and the [`DmaBackend`] implementation on top.
 
 use std::fs::File;
-use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
+use std::sync::Arc;
 
 use vmm_sys_util::errno;
 
@@ -25,7 +25,29 @@ unsafe impl Sync for HostPtr {}
 #[derive(Debug)]
 pub(super) enum Target {
     HostVa(HostPtr),
-    File { file: File, offset: u64 },
+    File { file: Arc<File>, offset: u64 },
+}
+
+impl Target {
+    /// The target `delta` bytes further on (for the right half of a split area).
+    fn advance(&self, delta: u64) -> Target {
+        match self {
+            Target::HostVa(p) => Target::HostVa(HostPtr(p.0.wrapping_add(delta as usize))),
+            Target::File { file, offset } => Target::File {
+                file: Arc::clone(file),
+                offset: offset + delta,
+            },
+        }
+    }
+}
+
+/// Which file a mapping reads and writes: device and inode, and whether the fd the emulator
+/// holds for it was opened for writing (a read-only fd cannot serve a writable mapping).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(super) struct FileKey {
+    dev: u64,
+    ino: u64,
+    writable: bool,
 }
 
 #[derive(Debug)]
@@ -134,7 +156,7 @@ impl EmulatedIommu {
         let target = match source {
             Source::Va(p) => Target::HostVa(HostPtr(p)),
             Source::File { file, offset } => Target::File {
-                file: self.accept_file(file, offset, len, prot)?,
+                file: self.accept_file(state, file, offset, len, prot)?,
                 offset,
             },
         };
@@ -147,15 +169,16 @@ impl EmulatedIommu {
 
     /// The file checks of `IOMMU_IOAS_MAP_FILE`: file type (per [`FileMapSupport`]), write access
     /// for a writable mapping (`EPERM`), range inside the file (`EINVAL`, as pinning a shmem page
-    /// beyond EOF fails). Returns the emulator's own duplicate of the fd.
+    /// beyond EOF fails). Returns the emulator's duplicate of the fd for this file and access
+    /// mode, made now or shared with the file's other mappings.
     fn accept_file(
         &self,
+        state: &mut State,
         file: BorrowedFd<'_>,
         offset: u64,
         len: u64,
         prot: DmaProt,
-    ) -> Result<File, errno::Error> {
-        let to_errno = |e: io::Error| errno::Error::new(e.raw_os_error().unwrap_or(libc::EIO));
+    ) -> Result<Arc<File>, errno::Error> {
         if self.config.map_file == FileMapSupport::Memfd {
             // SAFETY: `statfs` is plain old data; all-zero is a valid value of it.
             let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
@@ -172,22 +195,43 @@ impl EmulatedIommu {
                 return Err(errno::Error::new(libc::EINVAL));
             }
         }
-        let file = File::from(file.try_clone_to_owned().map_err(to_errno)?);
-        if prot.write {
-            // SAFETY: F_GETFL on an fd we own takes no pointer; the result is checked.
-            let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
-            if flags < 0 {
-                return Err(errno::Error::last());
-            }
-            if flags & libc::O_ACCMODE == libc::O_RDONLY {
-                return Err(errno::Error::new(libc::EPERM));
-            }
+        // SAFETY: F_GETFL on an fd open for the whole call takes no pointer; result checked.
+        let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+        if flags < 0 {
+            return Err(errno::Error::last());
         }
-        let size = file.metadata().map_err(to_errno)?.len();
-        match offset.checked_add(len) {
-            Some(end) if end <= size => Ok(file),
-            _ => Err(errno::Error::new(libc::EINVAL)),
+        let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
+        if prot.write && !writable {
+            return Err(errno::Error::new(libc::EPERM));
         }
+        // SAFETY: `stat` is plain old data; all-zero is a valid value of it.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: `file` is open for the whole call and `st` is a valid, writable stat the
+        // kernel fills in; the return value is checked.
+        if unsafe { libc::fstat(file.as_raw_fd(), &mut st) } != 0 {
+            return Err(errno::Error::last());
+        }
+        let size = u64::try_from(st.st_size).unwrap_or(0);
+        if offset.checked_add(len).is_none_or(|end| end > size) {
+            return Err(errno::Error::new(libc::EINVAL));
+        }
+        #[allow(clippy::unnecessary_cast)] // st_dev/st_ino widths differ between targets
+        let key = FileKey {
+            dev: st.st_dev as u64,
+            ino: st.st_ino as u64,
+            writable,
+        };
+        if let Some(shared) = state.files.get(&key).and_then(std::sync::Weak::upgrade) {
+            return Ok(shared);
+        }
+        let own =
+            Arc::new(File::from(file.try_clone_to_owned().map_err(|e| {
+                errno::Error::new(e.raw_os_error().unwrap_or(libc::EIO))
+            })?));
+        // Forget files no mapping uses any more, so the map grows with the files in use.
+        state.files.retain(|_, f| f.strong_count() > 0);
+        state.files.insert(key, Arc::downgrade(&own));
+        Ok(own)
     }
 
     fn try_unmap(&self, state: &mut State, iova: u64, len: u64) -> Result<u64, errno::Error> {
@@ -220,7 +264,6 @@ impl EmulatedIommu {
                 Ok(Self::remove_range(state, iova, last))
             }
             UnmapStyle::Iommufd => {
-                let enoent = errno::Error::new(libc::ENOENT);
                 if iova == 0 && len == u64::MAX {
                     return Ok(Self::remove_range(state, 0, u64::MAX));
                 }
@@ -233,29 +276,80 @@ impl EmulatedIommu {
                     return Err(eoverflow);
                 }
                 let last = iova.checked_add(len - 1).ok_or(eoverflow)?;
-                // iopt_unmap_iova_range(): take the lowest area intersecting the range; fail
-                // with ENOENT at the first one not wholly inside, keeping earlier removals.
-                let mut removed = 0;
-                loop {
-                    let first = match state.table.range(..iova).next_back() {
-                        Some((&start, e)) if e.last(start) >= iova => Some(start),
-                        _ => state.table.range(iova..=last).next().map(|(&s, _)| s),
-                    };
-                    let Some(start) = first else { break };
-                    let Some(e) = state.table.get(&start) else {
-                        break;
-                    };
-                    if start < iova || e.last(start) > last {
-                        return Err(enoent);
-                    }
-                    removed += Self::remove_range(state, start, start);
+                Self::unmap_iova_range(state, iova, last)
+            }
+            UnmapStyle::Cutting => {
+                // iommufd_vfio_unmap_dma(): with large pages disabled, cut at the last byte of
+                // the range, then (unless it starts at 0) just before it; C's unsigned
+                // arithmetic wraps, and a failed cut keeps the cuts before it.
+                self.split_area(state, iova.wrapping_add(len).wrapping_sub(1))?;
+                if iova != 0 {
+                    self.split_area(state, iova - 1)?;
                 }
-                if removed == 0 {
-                    return Err(enoent);
+                // iopt_unmap_iova().
+                if len == 0 {
+                    return Err(einval);
                 }
-                Ok(removed)
+                let last = iova
+                    .checked_add(len - 1)
+                    .ok_or(errno::Error::new(libc::EOVERFLOW))?;
+                Self::unmap_iova_range(state, iova, last)
             }
         }
+    }
+
+    /// `iopt_unmap_iova_range()`: takes the lowest area intersecting `[iova, last]`, fails with
+    /// `ENOENT` at the first one not wholly inside (keeping earlier removals), and with `ENOENT`
+    /// when nothing was there.
+    fn unmap_iova_range(state: &mut State, iova: u64, last: u64) -> Result<u64, errno::Error> {
+        let enoent = errno::Error::new(libc::ENOENT);
+        let mut removed = 0;
+        loop {
+            let first = match state.table.range(..iova).next_back() {
+                Some((&start, e)) if e.last(start) >= iova => Some(start),
+                _ => state.table.range(iova..=last).next().map(|(&s, _)| s),
+            };
+            let Some(start) = first else { break };
+            let Some(e) = state.table.get(&start) else {
+                break;
+            };
+            if start < iova || e.last(start) > last {
+                return Err(enoent);
+            }
+            removed += Self::remove_range(state, start, start);
+        }
+        if removed == 0 {
+            return Err(enoent);
+        }
+        Ok(removed)
+    }
+
+    /// `iopt_area_split()`: makes `at` the last byte of an area if an area holds it. Splitting
+    /// at an area's first or last byte does nothing; a split whose right half would start
+    /// unaligned fails with `EINVAL`.
+    fn split_area(&self, state: &mut State, at: u64) -> Result<(), errno::Error> {
+        let Some((&start, entry)) = state.table.range(..=at).next_back() else {
+            return Ok(());
+        };
+        let last = entry.last(start);
+        if at > last || at == start || at == last {
+            return Ok(());
+        }
+        let right_start = at + 1;
+        if !self.is_aligned(right_start) {
+            return Err(errno::Error::new(libc::EINVAL));
+        }
+        let delta = right_start - start;
+        let right = Entry {
+            len: last - at,
+            prot: entry.prot,
+            target: entry.target.advance(delta),
+        };
+        if let Some(left) = state.table.get_mut(&start) {
+            left.len = delta;
+        }
+        state.table.insert(right_start, right);
+        Ok(())
     }
 
     /// Removes every mapping starting in `[first, last]`, gives back their budget, returns bytes.
@@ -286,6 +380,7 @@ impl DmaBackend for EmulatedIommu {
             iova_ranges: self.config.iova_ranges.clone(),
             mapping_budget: lock(&self.state).budget,
             map_file: self.config.map_file,
+            cuts_mappings: self.config.unmap_style == UnmapStyle::Cutting,
             translates: true,
         })
     }

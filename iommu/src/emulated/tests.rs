@@ -377,3 +377,128 @@ fn disabled_call_log_records_nothing() {
     assert_eq!(unmap(&iommu, 0, PAGE), Ok(PAGE));
     assert!(iommu.calls().is_empty());
 }
+
+/// Open fds of this process (other tests of this binary run in parallel, so compare with a
+/// margin far below the number of mappings).
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+#[test]
+fn file_mappings_share_one_fd_per_file_not_one_per_mapping() {
+    // A trusted-IO device over 4 GiB maps a million granules; one fd each ran out at ~20,000.
+    const PIECES: u64 = 3000;
+    let fd = memfd(PIECES * PAGE);
+    let iommu = EmulatedIommu::builder().record_calls(false).build();
+    let before = open_fds();
+    for i in 0..PIECES {
+        iommu
+            .map_file(i * PAGE, PAGE, fd.as_fd(), i * PAGE, DmaProt::READ_WRITE)
+            .unwrap();
+    }
+    let grown = open_fds().saturating_sub(before);
+    assert!(grown < 100, "{PIECES} file mappings hold {grown} more fds");
+    // Device access still reaches the file through the shared fd, at each mapping's offset.
+    iommu.dma_write(7 * PAGE + 3, b"xyz").unwrap();
+    let mut back = [0u8; 3];
+    File::from(fd.try_clone().unwrap())
+        .read_exact_at(&mut back, 7 * PAGE + 3)
+        .unwrap();
+    assert_eq!(&back, b"xyz");
+    assert_eq!(unmap(&iommu, 0, PIECES * PAGE), Ok(PIECES * PAGE));
+    assert!(open_fds() <= before + 100);
+}
+
+#[test]
+fn cutting_unmap_removes_an_aligned_sub_range_and_keeps_the_rest_mapped() {
+    let mem = HostMem::new(16 * PAGE as usize);
+    let iommu = EmulatedIommu::builder()
+        .unmap_style(UnmapStyle::Cutting)
+        .mapping_budget(Some(1))
+        .build();
+    let caps = iommu.capabilities().unwrap();
+    assert!(caps.cuts_mappings);
+    assert_eq!(caps.mapping_budget, None, "IOMMUFD has no mapping budget");
+    map(&iommu, &mem, 0, 16 * PAGE).unwrap();
+    iommu.dma_write(0, &[0x11; 16 * PAGE as usize]).unwrap();
+    // One page out of the middle: exactly its bytes, the areas on both sides stay.
+    assert_eq!(unmap(&iommu, 5 * PAGE, PAGE), Ok(PAGE));
+    assert_eq!(starts(&iommu), [(0, 5 * PAGE), (6 * PAGE, 10 * PAGE)]);
+    assert_eq!(
+        iommu.page_table()[1].target,
+        TableTarget::HostVa {
+            addr: mem.at(6 * PAGE) as usize
+        }
+    );
+    let mut page = [0u8; PAGE as usize];
+    iommu.dma_read(4 * PAGE, &mut page).unwrap();
+    iommu.dma_read(6 * PAGE, &mut page).unwrap();
+    assert_eq!(page, [0x11; PAGE as usize]);
+    assert!(iommu.dma_read(5 * PAGE, &mut page).is_err());
+    // The first page (no cut before IOVA 0) and the last page (no cut after the area's end).
+    assert_eq!(unmap(&iommu, 0, PAGE), Ok(PAGE));
+    assert_eq!(unmap(&iommu, 15 * PAGE, PAGE), Ok(PAGE));
+    assert_eq!(starts(&iommu), [(PAGE, 4 * PAGE), (6 * PAGE, 9 * PAGE)]);
+    // Nothing there: ENOENT, like every IOMMUFD unmap.
+    assert_eq!(unmap(&iommu, 5 * PAGE, PAGE), Err(libc::ENOENT));
+    assert_eq!(unmap(&iommu, 6 * PAGE, 0), Err(libc::EINVAL));
+    // A range spanning a hole and cutting both neighbours.
+    assert_eq!(unmap(&iommu, 4 * PAGE, 3 * PAGE), Ok(2 * PAGE));
+    assert_eq!(starts(&iommu), [(PAGE, 3 * PAGE), (7 * PAGE, 8 * PAGE)]);
+}
+
+#[test]
+fn cutting_unmap_refuses_misaligned_cut_points_as_the_kernel_does() {
+    let mem = HostMem::new(16 * PAGE as usize);
+    let iommu = EmulatedIommu::builder()
+        .unmap_style(UnmapStyle::Cutting)
+        .build();
+    map(&iommu, &mem, 0, 16 * PAGE).unwrap();
+    // The end cut comes first and is misaligned: EINVAL, nothing split.
+    assert_eq!(unmap(&iommu, 8 * PAGE + 0x800, PAGE), Err(libc::EINVAL));
+    assert_eq!(starts(&iommu), [(0, 16 * PAGE)]);
+    // The end cut (at 12) succeeds, the start cut is misaligned: EINVAL, the split stays, every
+    // page stays mapped.
+    assert_eq!(
+        unmap(&iommu, 10 * PAGE + 0x800, 2 * PAGE - 0x800),
+        Err(libc::EINVAL)
+    );
+    assert_eq!(starts(&iommu), [(0, 12 * PAGE), (12 * PAGE, 4 * PAGE)]);
+    // A cut point at an area's first byte is no cut: the area then straddles the range's start,
+    // and the unmap fails with ENOENT having removed nothing.
+    assert_eq!(
+        unmap(&iommu, 12 * PAGE + 1, 4 * PAGE - 1),
+        Err(libc::ENOENT)
+    );
+    assert_eq!(starts(&iommu), [(0, 12 * PAGE), (12 * PAGE, 4 * PAGE)]);
+    let mut all = vec![0u8; 16 * PAGE as usize];
+    iommu.dma_read(0, &mut all).unwrap();
+    assert_eq!(unmap(&iommu, 0, 16 * PAGE), Ok(16 * PAGE));
+}
+
+#[test]
+fn cutting_a_file_mapping_keeps_each_half_at_its_file_offset() {
+    let fd = memfd(8 * PAGE);
+    let iommu = EmulatedIommu::builder()
+        .unmap_style(UnmapStyle::Cutting)
+        .build();
+    iommu
+        .map_file(
+            0x10_0000,
+            4 * PAGE,
+            fd.as_fd(),
+            4 * PAGE,
+            DmaProt::READ_WRITE,
+        )
+        .unwrap();
+    assert_eq!(unmap(&iommu, 0x10_0000 + PAGE, PAGE), Ok(PAGE));
+    let table = iommu.page_table();
+    assert_eq!(table[1].iova, 0x10_0000 + 2 * PAGE);
+    assert_eq!(table[1].target, TableTarget::File { offset: 6 * PAGE });
+    iommu.dma_write(0x10_0000 + 2 * PAGE, b"cut").unwrap();
+    let mut back = [0u8; 3];
+    File::from(fd.try_clone().unwrap())
+        .read_exact_at(&mut back, 6 * PAGE)
+        .unwrap();
+    assert_eq!(&back, b"cut");
+}

@@ -6,6 +6,16 @@
 //! Maps by address and by file go through iommufd-ioctls' `IommuFd` with our own flags, so
 //! read-only mappings work. `IOMMU_IOAS_IOVA_RANGES` and the `IOMMU_IOAS_MAP_FILE` probe are
 //! raw ioctls in [`sys`](super::sys).
+//!
+//! **Cutting.** Before the first device attaches, [`IommufdBackend::open`] asks the kernel for
+//! type1 (v1) semantics on the IOAS: `IOMMU_VFIO_IOAS` (SET) makes it the iommufd's compat IOAS,
+//! then `VFIO_SET_IOMMU(VFIO_TYPE1_IOMMU)` on the `/dev/iommu` fd disables large pages for it.
+//! Unmaps then go through the compat `VFIO_IOMMU_UNMAP_DMA`, which cuts the areas at both ends
+//! of the range first (`iommufd_vfio_unmap_dma()`), so one mapping can hold a whole shared run
+//! and any aligned granule inside it can later be unmapped alone, with no window for its
+//! neighbours (notes/kernel-7.3.md, "Cutting a mapping without a window"). The cost: the IOAS
+//! uses 4 KiB IOPTEs only. A kernel that refuses either step leaves the backend as before:
+//! [`Capabilities::cuts_mappings`] is false and unmaps use the native `IOMMU_IOAS_UNMAP`.
 
 use std::fmt;
 use std::os::fd::{AsRawFd, BorrowedFd};
@@ -18,6 +28,7 @@ use iommufd_bindings::iommufd::{
     iommufd_ioas_map_flags_IOMMU_IOAS_MAP_WRITEABLE as MAP_WRITEABLE,
 };
 use iommufd_ioctls::{IommuFd, IommufdError};
+use vfio_bindings::bindings::vfio::VFIO_TYPE1_IOMMU;
 use vfio_ioctls::{VfioDevice, VfioIommufd, VfioOps};
 use vmm_sys_util::errno;
 
@@ -35,6 +46,20 @@ pub struct IommufdBackend {
     devices: AttachedDevices,
     vfio: Arc<VfioIommufd>,
     map_file: FileMapSupport,
+    /// `Ok` when the kernel accepted type1 (v1) semantics for the IOAS, so unmaps cut; else the
+    /// errno of the step it refused.
+    cutting: Result<(), CutSetupError>,
+}
+
+/// Why an IOAS does not cut mappings: the step of the type1 (v1) setup the kernel refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{step} was refused")]
+pub struct CutSetupError {
+    /// `IOMMU_VFIO_IOAS(SET)` or `VFIO_SET_IOMMU(VFIO_TYPE1_IOMMU)`.
+    pub step: &'static str,
+    /// The kernel's errno.
+    #[source]
+    pub source: errno::Error,
 }
 
 impl fmt::Debug for IommufdBackend {
@@ -43,6 +68,7 @@ impl fmt::Debug for IommufdBackend {
             .field("devices", &self.devices)
             .field("ioas", &self.vfio.ioas().id())
             .field("map_file", &self.map_file)
+            .field("cutting", &self.cutting)
             .finish()
     }
 }
@@ -103,10 +129,14 @@ impl IommufdBackend {
                 });
             }
         };
+        // Before any device attaches and before the first mapping: the kernel refuses the
+        // switch once a domain is attached and areas exist.
+        let cutting = choose_type1_semantics(vfio.iommufd().fd(), vfio.ioas().id());
         let backend = IommufdBackend {
             devices: AttachedDevices::default(),
             vfio: Arc::new(vfio),
             map_file,
+            cutting,
         };
         let device = backend.attach_with(&paths, address)?;
         Ok((backend, device))
@@ -137,6 +167,14 @@ impl IommufdBackend {
         Ok(self.devices.keep(VfioPciDevice::new(*address, device)))
     }
 
+    /// Why unmaps on this IOAS do not cut, or `Ok` when they do (see the module docs).
+    ///
+    /// # Errors
+    /// The type1 (v1) setup step the kernel refused, with its errno.
+    pub fn cutting(&self) -> Result<(), CutSetupError> {
+        self.cutting
+    }
+
     /// The IOAS id.
     pub fn ioas_id(&self) -> u32 {
         self.vfio.ioas().id()
@@ -165,6 +203,19 @@ impl IommufdBackend {
     }
 }
 
+/// Makes `ioas_id` the compat IOAS of `iommufd` and selects type1 (v1) semantics for it, so
+/// `VFIO_IOMMU_UNMAP_DMA` on `iommufd` cuts areas.
+fn choose_type1_semantics(iommufd: BorrowedFd<'_>, ioas_id: u32) -> Result<(), CutSetupError> {
+    sys::iommu_vfio_ioas_set(iommufd, ioas_id).map_err(|source| CutSetupError {
+        step: "IOMMU_VFIO_IOAS(SET)",
+        source,
+    })?;
+    sys::vfio_set_iommu(iommufd, VFIO_TYPE1_IOMMU).map_err(|source| CutSetupError {
+        step: "VFIO_SET_IOMMU(VFIO_TYPE1_IOMMU)",
+        source,
+    })
+}
+
 impl DmaBackend for IommufdBackend {
     fn capabilities(&self) -> Result<Capabilities, DmaError> {
         let (iova_ranges, alignment) = self.iova_ranges()?;
@@ -184,6 +235,7 @@ impl DmaBackend for IommufdBackend {
             mapping_budget: None,
             map_file: self.map_file,
             translates: true,
+            cuts_mappings: self.cutting.is_ok(),
         })
     }
 
@@ -267,35 +319,45 @@ impl DmaBackend for IommufdBackend {
         }
     }
 
-    /// `IOMMU_IOAS_UNMAP`, returning the length the kernel writes back: fewer bytes than `len`
-    /// when the range has holes between mappings (the ledger compares with its record); more
-    /// would be a kernel bug, reported as [`DmaError::PartialUnmap`].
+    /// Unmaps `[iova, iova + len)`, returning the length the kernel writes back: fewer bytes
+    /// than `len` when the range has holes between mappings (the ledger compares with its
+    /// record); more would be a kernel bug, reported as [`DmaError::PartialUnmap`].
+    ///
+    /// Where the IOAS cuts, this is the compat `VFIO_IOMMU_UNMAP_DMA` on the iommufd, which cuts
+    /// the areas at both ends first; otherwise the native `IOMMU_IOAS_UNMAP`, which refuses a
+    /// bisected area with `ENOENT`.
     fn unmap(&self, iova: u64, len: u64) -> Result<u64, DmaError> {
-        let mut unmap = iommu_ioas_unmap {
-            size: size_of::<iommu_ioas_unmap>() as u32,
-            ioas_id: self.ioas_id(),
+        let unmap_error = |source| DmaError::Unmap {
+            kind: KIND,
             iova,
-            length: len,
+            len,
+            source,
         };
-        // `IommuFd::unmap_iommu_ioas` passes `&mut` to the kernel, which writes the unmapped
-        // length back (unlike `IommufdIoas::unmap`, which drops it).
-        self.iommufd()
-            .unmap_iommu_ioas(&mut unmap)
-            .map_err(|e| DmaError::Unmap {
-                kind: KIND,
+        let unmapped = if self.cutting.is_ok() {
+            sys::vfio_iommu_unmap_dma(self.iommufd().fd(), iova, len).map_err(unmap_error)?
+        } else {
+            let mut unmap = iommu_ioas_unmap {
+                size: size_of::<iommu_ioas_unmap>() as u32,
+                ioas_id: self.ioas_id(),
                 iova,
-                len,
-                source: errno_of(e),
-            })?;
-        if unmap.length > len {
+                length: len,
+            };
+            // `IommuFd::unmap_iommu_ioas` passes `&mut` to the kernel, which writes the
+            // unmapped length back (unlike `IommufdIoas::unmap`, which drops it).
+            self.iommufd()
+                .unmap_iommu_ioas(&mut unmap)
+                .map_err(|e| unmap_error(errno_of(e)))?;
+            unmap.length
+        };
+        if unmapped > len {
             return Err(DmaError::PartialUnmap {
                 kind: KIND,
                 iova,
                 len,
-                unmapped: unmap.length,
+                unmapped,
             });
         }
-        Ok(unmap.length)
+        Ok(unmapped)
     }
 }
 

@@ -21,7 +21,7 @@ pub(crate) use device::AttachedDevices;
 pub use device::{OpenError, VfioPciDevice};
 pub use edu::{EDU_ID, Edu, EduError};
 pub use host::{DeviceError, GroupMember, HostPaths, PciDeviceInfo, UsableDevice, VfioMode};
-pub use iommufd::IommufdBackend;
+pub use iommufd::{CutSetupError, IommufdBackend};
 pub use noiommu::{NoIommuBackend, NoIommuDevice, PAGE_SIZE, PagemapEntry};
 pub use pci::{PciAddress, PciAddressError};
 pub use probe::{HostReport, MemlockLimit, NodeState, VfioContainerReport};

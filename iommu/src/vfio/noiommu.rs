@@ -312,6 +312,8 @@ impl DmaBackend for NoIommuBackend {
             mapping_budget: None,
             map_file: FileMapSupport::None,
             translates: false,
+            // Each mapping is one mlock'd range resolved to physical pages; no cutting.
+            cuts_mappings: false,
         })
     }
 

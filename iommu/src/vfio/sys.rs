@@ -14,8 +14,9 @@ use std::mem::{offset_of, size_of};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 use iommufd_bindings::iommufd::{
-    IOMMUFD_CMD_IOAS_IOVA_RANGES, IOMMUFD_CMD_IOAS_MAP_FILE, IOMMUFD_TYPE, iommu_ioas_iova_ranges,
-    iommu_ioas_map, iommu_ioas_map_file, iommu_ioas_unmap, iommu_iova_range,
+    IOMMUFD_CMD_IOAS_IOVA_RANGES, IOMMUFD_CMD_IOAS_MAP_FILE, IOMMUFD_CMD_VFIO_IOAS, IOMMUFD_TYPE,
+    iommu_ioas_iova_ranges, iommu_ioas_map, iommu_ioas_map_file, iommu_ioas_unmap,
+    iommu_iova_range, iommu_vfio_ioas, iommufd_vfio_ioas_op_IOMMU_VFIO_IOAS_SET,
 };
 use vfio_bindings::bindings::vfio::{
     VFIO_BASE, VFIO_TYPE, vfio_device_info, vfio_group_status, vfio_iommu_type1_dma_unmap,
@@ -47,6 +48,7 @@ ioctl_io_nr!(
     IOMMUFD_TYPE as u32,
     IOMMUFD_CMD_IOAS_MAP_FILE
 );
+ioctl_io_nr!(IOMMU_VFIO_IOAS, IOMMUFD_TYPE as u32, IOMMUFD_CMD_VFIO_IOAS);
 
 // The uAPI layouts this module relies on (sizes and offsets from the kernel headers).
 const _: () = {
@@ -76,6 +78,9 @@ const _: () = {
     assert!(offset_of!(iommu_ioas_iova_ranges, allowed_iovas) == 16);
     assert!(offset_of!(iommu_ioas_iova_ranges, out_iova_alignment) == 24);
     assert!(size_of::<iommu_iova_range>() == 16);
+    assert!(size_of::<iommu_vfio_ioas>() == 12);
+    assert!(offset_of!(iommu_vfio_ioas, ioas_id) == 4);
+    assert!(offset_of!(iommu_vfio_ioas, op) == 8);
     assert!(offset_of!(iommu_iova_range, last) == 8);
     // Built in iommufd.rs and handed to iommufd-ioctls' wrappers.
     assert!(size_of::<iommu_ioas_map>() == 40);
@@ -286,7 +291,9 @@ pub(crate) fn vfio_iommu_get_info(container: BorrowedFd<'_>) -> Result<Vec<u8>, 
     Err(errno::Error::new(libc::EAGAIN))
 }
 
-/// `VFIO_IOMMU_UNMAP_DMA` (type1v2): returns the number of bytes the kernel unmapped.
+/// `VFIO_IOMMU_UNMAP_DMA`: returns the number of bytes the kernel unmapped. On a type1
+/// container; or on an iommufd whose compat IOAS was chosen with [`iommu_vfio_ioas_set`], where
+/// with type1 (v1) semantics it cuts the areas at both ends first.
 ///
 /// Written here rather than using `VfioContainer::vfio_dma_unmap` because that one reports a
 /// size mismatch only as `InvalidDmaUnmapSize` without the size, and passes the struct the
@@ -341,6 +348,23 @@ pub(crate) fn iommu_ioas_iova_ranges(
         ranges = vec![iommu_iova_range::default(); cmd.num_iovas as usize];
     }
     Err(errno::Error::new(libc::EAGAIN))
+}
+
+/// `IOMMU_VFIO_IOAS` with op SET: makes `ioas_id` the IOAS that the VFIO container ioctls on this
+/// iommufd (`VFIO_SET_IOMMU`, `VFIO_IOMMU_UNMAP_DMA`, ...) act on.
+pub(crate) fn iommu_vfio_ioas_set(
+    iommufd: BorrowedFd<'_>,
+    ioas_id: u32,
+) -> Result<(), errno::Error> {
+    let mut cmd = iommu_vfio_ioas {
+        size: size_of::<iommu_vfio_ioas>() as u32,
+        ioas_id,
+        op: iommufd_vfio_ioas_op_IOMMU_VFIO_IOAS_SET as u16,
+        __reserved: 0,
+    };
+    // SAFETY: `iommufd` is open; `cmd` is exclusively borrowed and `size` bytes long; for SET
+    // the kernel only reads it.
+    check(unsafe { ioctl_with_mut_ref(&iommufd, IOMMU_VFIO_IOAS(), &mut cmd) }).map(drop)
 }
 
 /// Asks whether the kernel knows `IOMMU_IOAS_MAP_FILE` (Linux 6.13+) without mapping anything.
@@ -437,6 +461,7 @@ mod tests {
         // include/uapi/linux/iommufd.h: _IO(';', 0x80 + n)
         assert_eq!(IOMMU_IOAS_IOVA_RANGES(), 0x3b84);
         assert_eq!(IOMMU_IOAS_MAP_FILE(), 0x3b8f);
+        assert_eq!(IOMMU_VFIO_IOAS(), 0x3b88);
     }
 
     #[test]
@@ -452,6 +477,10 @@ mod tests {
         assert_eq!(vfio_iommu_get_info(bad).unwrap_err().errno(), libc::EBADF);
         assert_eq!(
             iommu_ioas_iova_ranges(bad, 1).unwrap_err().errno(),
+            libc::EBADF
+        );
+        assert_eq!(
+            iommu_vfio_ioas_set(bad, 1).unwrap_err().errno(),
             libc::EBADF
         );
         let mut buf = [0u8; 4];

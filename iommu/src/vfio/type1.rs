@@ -248,6 +248,9 @@ impl DmaBackend for Type1Backend {
             mapping_budget: info.dma_avail.map(u64::from),
             map_file: FileMapSupport::None,
             translates: true,
+            // VFIO type1 v2 refuses a bisecting unmap; v1 removes every mapping it touches,
+            // a window for their other pages.
+            cuts_mappings: false,
         })
     }
 
