@@ -26,7 +26,8 @@ pub enum LedgerError {
     /// An address, length, offset or piece length not aligned to the smallest IOMMU page.
     #[error("{what} {value:#x} is not aligned to the IOMMU page size {page_size:#x}")]
     Misaligned {
-        /// Which value: "iova", "length", "host address", "file offset" or "piece length".
+        /// Which value: "iova", "length", "host address", "file offset", "piece length", or
+        /// "cut point" (an end of an unmap range inside a mapping, on a backend that cuts).
         what: &'static str,
         /// The value.
         value: u64,
@@ -79,7 +80,8 @@ pub enum LedgerError {
         /// The piece length asked for.
         piece_len: u64,
     },
-    /// The unmap range would cut a live mapping in two; the kernel cannot split mappings.
+    /// The unmap range would cut a live mapping in two, and the backend cannot split mappings
+    /// ([`Capabilities::cuts_mappings`](crate::Capabilities::cuts_mappings) is false).
     #[error("unmap of iova {iova:#x} len {len:#x} would bisect live mapping {mapping}")]
     Bisects {
         /// Start of the range.

@@ -7,8 +7,8 @@
 //! removed on failure. So the [`Ledger`] keeps its own exact record and checks every request
 //! against it before the kernel sees it:
 //! - a map that is empty, has no access, is misaligned to the smallest IOMMU page, wraps around,
-//!   falls outside the IOVA ranges (when the backend reports any), overlaps a live mapping or exceeds the mapping budget is
-//!   refused with nothing changed;
+//!   falls outside the IOVA ranges (when the backend reports any), overlaps a live mapping or
+//!   exceeds the mapping budget is refused with nothing changed;
 //! - an unmap whose range would bisect a mapping is refused, naming the mapping; any other unmap
 //!   becomes the fewest kernel calls that cover whole mappings (one, gaps allowed, unless the span
 //!   would not fit one call's length), and no call at all for a range holding no mapping (native
@@ -18,6 +18,18 @@
 //!   mapping outside the ranges), every range checked before the first call;
 //! - [`Ledger::map_va_pieces`] / [`Ledger::map_file_pieces`] map a range as equal pieces, all or
 //!   nothing.
+//!
+//! **Backends that cut.** Where the backend reports
+//! [`Capabilities::cuts_mappings`](crate::Capabilities::cuts_mappings) (IOMMUFD with type1 v1
+//! semantics, or the emulated IOMMU's cutting style), a whole shared run can be one mapping and
+//! any sub-range of it can be unmapped later: the record cuts the mappings straddling the
+//! unmap's ends exactly as the kernel splits its areas (the halves stay mapped, each a mapping
+//! of its own), and the call then covers whole mappings again. A cut point inside a mapping
+//! that is not aligned to the smallest IOMMU page is refused before the kernel sees it
+//! ([`LedgerError::Misaligned`], "cut point"). If the call fails, the record keeps the mapping
+//! whole. (The kernel also refuses to cut dma-buf areas and areas with an in-kernel access; the
+//! ledger never maps either.) On a backend that does not cut, a bisecting unmap is refused as
+//! above.
 //!
 //! The record keeps runs of equal, back-to-back pieces (one entry for a 1 GiB range mapped as
 //! 262144 separate 4 KiB mappings), so its memory and its queries grow with the number of runs,

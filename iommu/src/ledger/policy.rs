@@ -430,7 +430,7 @@ impl Ledger {
                 return Ok(report);
             }
         }
-        let last = match Self::check_unmap(&state, iova, len) {
+        let last = match self.check_unmap(&state, iova, len) {
             Ok(last) => last,
             Err(e) => {
                 state.stats.refused += 1;
@@ -454,7 +454,7 @@ impl Ledger {
     /// later call recorded; the calls before it (`done_calls`) are done.
     pub fn unmap_ranges(&self, ranges: &[(u64, u64)]) -> Result<UnmapReport, LedgerError> {
         let mut state = self.lock();
-        if let Err(e) = Self::check_unmap_ranges(&state, ranges) {
+        if let Err(e) = self.check_unmap_ranges(&state, ranges) {
             state.stats.refused += 1;
             return Err(e);
         }
@@ -487,10 +487,10 @@ impl Ledger {
     }
 
     /// Checks every range of [`Ledger::unmap_ranges`] before any call.
-    fn check_unmap_ranges(state: &State, ranges: &[(u64, u64)]) -> Result<(), LedgerError> {
+    fn check_unmap_ranges(&self, state: &State, ranges: &[(u64, u64)]) -> Result<(), LedgerError> {
         let mut previous_last: Option<u64> = None;
         for &(iova, len) in ranges {
-            let last = Self::check_unmap(state, iova, len)?;
+            let last = self.check_unmap(state, iova, len)?;
             if let Some(previous_last) = previous_last.filter(|&p| iova <= p) {
                 return Err(LedgerError::Unsorted {
                     iova,
@@ -502,7 +502,11 @@ impl Ledger {
         Ok(())
     }
 
-    fn check_unmap(state: &State, iova: u64, len: u64) -> Result<u64, LedgerError> {
+    /// The checks of an unmap range. Where the backend cuts mappings, a mapping may straddle
+    /// either end, but then that end must be aligned to the IOVA alignment (the kernel's
+    /// `iopt_area_split()` refuses the cut with `EINVAL`, or, one byte into an area, does not
+    /// cut and the unmap fails with `ENOENT`); elsewhere no mapping may straddle either end.
+    fn check_unmap(&self, state: &State, iova: u64, len: u64) -> Result<u64, LedgerError> {
         if len == 0 {
             return Err(LedgerError::EmptyRange { iova });
         }
@@ -513,14 +517,29 @@ impl Ledger {
                 len,
             });
         };
-        match state.record.bisected(iova, last) {
-            Some(mapping) => Err(LedgerError::Bisects { iova, len, mapping }),
-            None => Ok(last),
+        if !self.caps.cuts_mappings {
+            return match state.record.bisected(iova, last) {
+                Some(mapping) => Err(LedgerError::Bisects { iova, len, mapping }),
+                None => Ok(last),
+            };
         }
+        let page_size = self.page_size;
+        for at in [Some(iova), last.checked_add(1)].into_iter().flatten() {
+            let misaligned = at & (page_size - 1) != 0;
+            if misaligned && state.record.straddling(at).is_some() {
+                return Err(LedgerError::Misaligned {
+                    what: "cut point",
+                    value: at,
+                    page_size,
+                });
+            }
+        }
+        Ok(last)
     }
 
     /// Unmaps every recorded mapping inside `[first, last]` (the caller made sure none
-    /// straddles either end), merging them into as few calls as the call length limit allows.
+    /// straddles either end, or that the backend cuts there), merging them into as few calls as
+    /// the call length limit allows.
     fn remove_whole(
         &self,
         state: &mut State,
@@ -540,12 +559,62 @@ impl Ledger {
         first: u64,
         last: u64,
     ) -> Result<(), LedgerError> {
-        // Runs may still straddle the ends on piece boundaries: cut them there. This changes how
-        // the record is stored, not which mappings it holds.
-        state.record.split_at(first);
-        if let Some(after) = last.checked_add(1) {
-            state.record.split_at(after);
+        // Runs may still straddle the ends on piece boundaries: split them there, which changes
+        // how the record is stored, not which mappings it holds. Where the backend cuts, a
+        // mapping straddling an end is cut there as the kernel will cut it: one more mapping.
+        let ends = [Some(first), last.checked_add(1)];
+        let cuts = ends.map(|at| at.filter(|&at| self.cut_record_at(state, at)));
+        if let Err(e) = self.remove_cut_whole(state, report, first, last) {
+            if matches!(e, LedgerError::Unmap { .. }) {
+                // The call that was to cut there failed: the kernel holds the mapping whole.
+                for at in cuts.into_iter().flatten() {
+                    if state.record.join_at(at) {
+                        Self::count_mappings(state, -1);
+                    }
+                }
+            }
+            return Err(e);
         }
+        Ok(())
+    }
+
+    /// Makes `at` a boundary of the record: splits a run there, and, where the backend cuts,
+    /// cuts the mapping straddling `at` (returns whether it cut one).
+    fn cut_record_at(&self, state: &mut State, at: u64) -> bool {
+        if !self.caps.cuts_mappings {
+            state.record.split_at(at);
+            return false;
+        }
+        let cut = state.record.cut_at(at);
+        if cut {
+            Self::count_mappings(state, 1);
+        }
+        cut
+    }
+
+    /// Follows a change of `delta` (a cut or its undoing) in the number of live mappings that
+    /// no map or unmap call made: the budget and the statistics.
+    fn count_mappings(state: &mut State, delta: i8) {
+        if let Some(budget) = state.budget.as_mut() {
+            *budget = if delta > 0 {
+                budget.saturating_sub(1)
+            } else {
+                *budget + 1
+            };
+        }
+        let live = state.record.mappings;
+        state.stats.mappings = live;
+        state.stats.peak_mappings = state.stats.peak_mappings.max(live);
+    }
+
+    /// The calls of [`Ledger::remove_whole_into`] once both ends are record boundaries.
+    fn remove_cut_whole(
+        &self,
+        state: &mut State,
+        report: &mut UnmapReport,
+        first: u64,
+        last: u64,
+    ) -> Result<(), LedgerError> {
         while let Some((call_start, run)) = state.record.first_run_in(first, last) {
             if run.last(call_start) - call_start > MAX_UNMAP_CALL_LEN - 1 {
                 // One run longer than a call may be (only possible from IOVA 0): cut it.

@@ -186,6 +186,85 @@ impl Record {
         at_start.or_else(|| self.mapping_at(last).filter(|m| m.last() > last))
     }
 
+    /// The live mapping that holds both `at - 1` and `at`: the one an unmap starting at `at`, or
+    /// ending just before it, would cut.
+    pub(super) fn straddling(&self, at: u64) -> Option<Mapping> {
+        self.mapping_at(at).filter(|m| m.iova < at)
+    }
+
+    /// Cuts the mapping straddling `at` in two there, as the kernel splits an area (one more
+    /// mapping; the halves keep their access and their sources), and returns true; returns
+    /// false when no mapping straddles `at`. Either way `at` then starts a run if one holds it.
+    pub(super) fn cut_at(&mut self, at: u64) -> bool {
+        let Some((start, run)) = self.containing(at).map(|(s, r)| (s, *r)) else {
+            return false;
+        };
+        let into_piece = (at - start) % run.piece_len;
+        if into_piece == 0 {
+            self.split_at(at);
+            return false;
+        }
+        // Isolate the piece holding `at` as a run of its own, then replace it by its halves.
+        let piece_start = at - into_piece;
+        self.split_at(piece_start);
+        if let Some(next) = piece_start.checked_add(run.piece_len) {
+            self.split_at(next);
+        }
+        let piece = run.piece_at(start, at);
+        self.runs.insert(
+            piece_start,
+            Run {
+                piece_len: into_piece,
+                count: 1,
+                prot: piece.prot,
+                source: piece.source,
+            },
+        );
+        self.runs.insert(
+            at,
+            Run {
+                piece_len: run.piece_len - into_piece,
+                count: 1,
+                prot: piece.prot,
+                source: piece.source.advance(into_piece),
+            },
+        );
+        self.mappings += 1;
+        true
+    }
+
+    /// Undoes [`Record::cut_at`] at `at` when both halves are still recorded (the call that was
+    /// to cut there failed); returns whether it joined them.
+    pub(super) fn join_at(&mut self, at: u64) -> bool {
+        let Some(right) = self.runs.get(&at).copied() else {
+            return false;
+        };
+        let Some((left_start, left)) = at
+            .checked_sub(1)
+            .and_then(|before| self.containing(before))
+            .map(|(s, r)| (s, *r))
+        else {
+            return false;
+        };
+        let halves = left.count == 1
+            && right.count == 1
+            && left.prot == right.prot
+            && left.source.advance(left.piece_len) == right.source;
+        if !halves {
+            return false;
+        }
+        self.runs.remove(&at);
+        self.runs.insert(
+            left_start,
+            Run {
+                piece_len: left.piece_len + right.piece_len,
+                ..left
+            },
+        );
+        self.mappings -= 1;
+        true
+    }
+
     /// Records `count` new back-to-back mappings of `piece_len` bytes from `iova` (one call
     /// per request, not per piece), extending or joining neighbouring runs they continue.
     /// `before` is the run starting last before `iova` (the new pieces overlap nothing).

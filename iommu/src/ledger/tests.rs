@@ -656,3 +656,162 @@ fn concurrent_single_page_flips_keep_the_record_exact() {
     assert_eq!(ledger.stats().unmap_calls, 800);
     assert_eq!(iommu.mapping_count(), 0);
 }
+
+fn cutting() -> EmulatedIommu {
+    EmulatedIommu::builder()
+        .unmap_style(UnmapStyle::Cutting)
+        .build()
+}
+
+fn table_spans(iommu: &EmulatedIommu) -> Vec<(u64, u64)> {
+    iommu.page_table().iter().map(|e| (e.iova, e.len)).collect()
+}
+
+#[test]
+fn on_a_cutting_backend_one_run_mapping_is_cut_page_by_page_without_a_window() {
+    let mem = HostMem::new(64 * PAGE as usize);
+    let (iommu, ledger) = ledger_on(cutting());
+    assert!(ledger.capabilities().cuts_mappings);
+    // 64 pages shared in one request: one mapping, one call.
+    map(&ledger, &mem, 0, 64 * PAGE).unwrap();
+    assert_eq!((ledger.mapping_count(), iommu.mapping_count()), (1, 1));
+    iommu.take_calls();
+    for page in [10, 11, 40, 63, 0] {
+        let report = ledger.unmap(page * PAGE, PAGE).unwrap();
+        assert_eq!(
+            report,
+            UnmapReport {
+                calls: 1,
+                bytes: PAGE,
+                mappings: 1
+            }
+        );
+        assert_eq!(spans(&ledger), table_spans(&iommu));
+    }
+    assert_eq!(
+        unmap_calls(&iommu),
+        [
+            (10 * PAGE, PAGE),
+            (11 * PAGE, PAGE),
+            (40 * PAGE, PAGE),
+            (63 * PAGE, PAGE),
+            (0, PAGE)
+        ]
+    );
+    assert_eq!(
+        spans(&ledger),
+        [
+            (PAGE, 9 * PAGE),
+            (12 * PAGE, 28 * PAGE),
+            (41 * PAGE, 22 * PAGE)
+        ]
+    );
+    // Every page that was not cut is still reachable; the cut ones fault.
+    let mut page = [0u8; PAGE as usize];
+    for p in 0..64u64 {
+        let cut = [0, 10, 11, 40, 63].contains(&p);
+        assert_eq!(
+            iommu.dma_read(p * PAGE, &mut page).is_err(),
+            cut,
+            "page {p}"
+        );
+    }
+    // The halves keep their sources.
+    assert_eq!(
+        ledger.mapping_at(12 * PAGE).map(|m| m.source),
+        Some(MappingSource::HostVa {
+            addr: mem.at(12 * PAGE) as usize
+        })
+    );
+    // A re-share of a cut page is a mapping of its own; the rest unmaps in one call.
+    map(&ledger, &mem, 10 * PAGE, PAGE).unwrap();
+    iommu.take_calls();
+    let report = ledger.unmap_all().unwrap();
+    assert_eq!((report.calls, report.bytes), (1, 60 * PAGE));
+    assert_eq!(iommu.mapping_count(), 0);
+}
+
+#[test]
+fn on_a_cutting_backend_misaligned_cut_points_are_refused_before_the_kernel() {
+    let mem = HostMem::new(16 * PAGE as usize);
+    let (iommu, ledger) = ledger_on(cutting());
+    map(&ledger, &mem, 0, 8 * PAGE).unwrap();
+    iommu.take_calls();
+    for (iova, len, at) in [
+        (2 * PAGE + 0x800, PAGE, 2 * PAGE + 0x800),
+        (2 * PAGE, PAGE + 0x800, 3 * PAGE + 0x800),
+        (1, PAGE, 1),
+    ] {
+        match ledger.unmap(iova, len) {
+            Err(LedgerError::Misaligned {
+                what: "cut point",
+                value,
+                page_size,
+            }) => assert_eq!((value, page_size), (at, PAGE)),
+            other => panic!("unmap({iova:#x}, {len:#x}): expected a cut point, got {other:?}"),
+        }
+    }
+    assert!(iommu.calls().is_empty());
+    // Unaligned ends outside every mapping cut nothing: the call covers the mapping only.
+    map(&ledger, &mem, 10 * PAGE, 2 * PAGE).unwrap();
+    iommu.take_calls();
+    let report = ledger.unmap(9 * PAGE + 0x800, 3 * PAGE).unwrap();
+    assert_eq!((report.calls, report.bytes), (1, 2 * PAGE));
+    assert_eq!(unmap_calls(&iommu), [(10 * PAGE, 2 * PAGE)]);
+    assert_eq!(ledger.stats().refused, 3);
+}
+
+#[test]
+fn on_a_cutting_backend_a_failed_call_leaves_the_mapping_whole() {
+    let mem = HostMem::new(16 * PAGE as usize);
+    let (iommu, ledger) = ledger_on(cutting());
+    map(&ledger, &mem, 0, 16 * PAGE).unwrap();
+    iommu.inject_failures(|kind, _, _| (*kind == CallKind::Unmap).then_some(libc::EIO));
+    let err = ledger.unmap(4 * PAGE, 2 * PAGE).unwrap_err();
+    assert!(
+        matches!(err, LedgerError::Unmap { done_calls: 0, .. }),
+        "{err:?}"
+    );
+    assert_eq!(spans(&ledger), [(0, 16 * PAGE)]);
+    assert_eq!(spans(&ledger), table_spans(&iommu));
+    assert_eq!(ledger.stats().mappings, 1);
+    iommu.clear_failures();
+    // Two sub-ranges in one list: each cut, one call each (the gap holds a mapping).
+    let report = ledger
+        .unmap_ranges(&[(4 * PAGE, 2 * PAGE), (8 * PAGE, PAGE)])
+        .unwrap();
+    assert_eq!((report.calls, report.bytes), (2, 3 * PAGE));
+    assert_eq!(
+        spans(&ledger),
+        [(0, 4 * PAGE), (6 * PAGE, 2 * PAGE), (9 * PAGE, 7 * PAGE)]
+    );
+    assert_eq!(spans(&ledger), table_spans(&iommu));
+    // The kernel cuts both ends before unmapping: four areas for a moment.
+    assert_eq!(ledger.stats().peak_mappings, 4);
+}
+
+#[test]
+fn pieces_are_cut_like_any_mapping_and_a_backend_that_cannot_cut_still_refuses() {
+    let mem = HostMem::new(16 * PAGE as usize);
+    let (iommu, ledger) = ledger_on(cutting());
+    // Two-page pieces: a one-page unmap cuts the piece it falls in.
+    map_pieces(&ledger, &mem, 0, 8 * PAGE, 2 * PAGE).unwrap();
+    ledger.unmap(3 * PAGE, 2 * PAGE).unwrap();
+    assert_eq!(
+        spans(&ledger),
+        [
+            (0, 2 * PAGE),
+            (2 * PAGE, PAGE),
+            (5 * PAGE, PAGE),
+            (6 * PAGE, 2 * PAGE)
+        ]
+    );
+    assert_eq!(spans(&ledger), table_spans(&iommu));
+    let (_, type1) = ledger_on(EmulatedIommu::new());
+    assert!(!type1.capabilities().cuts_mappings);
+    map(&type1, &mem, 0, 8 * PAGE).unwrap();
+    assert!(matches!(
+        type1.unmap(3 * PAGE, PAGE),
+        Err(LedgerError::Bisects { .. })
+    ));
+}
