@@ -11,6 +11,10 @@
 //! - a device access succeeds exactly when the model says every page is mapped with that access;
 //! - an unmap of several ranges removes exactly the mappings inside them (never one in a gap
 //!   between them) with one call per group of ranges whose gaps hold no mapping.
+//!
+//! The same runs against the cutting style (IOMMUFD with type1 v1 semantics): there an unmap may
+//! bisect a mapping, the model cuts it at the range's ends as the kernel does, and no window
+//! opens: every page that was mapped outside the unmap range is still mapped afterwards.
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, FromRawFd, OwnedFd};
@@ -52,9 +56,12 @@ enum Op {
         piece_pages: u64,
         file: bool,
     },
+    /// `shift` moves the start half a page up (a misaligned cut point where it falls inside a
+    /// mapping).
     Unmap {
         page: u64,
         pages: u64,
+        shift: bool,
     },
     /// Ranges laid out from `page`: each `(gap, pages)` skips `gap` pages, then covers
     /// `pages`; `swap` exchanges the first two (an unsorted list).
@@ -84,7 +91,8 @@ fn op() -> impl Strategy<Value = Op> {
         3 => (0..SPACE_PAGES, 1..9u64, 1..3u64, any::<bool>()).prop_map(
             |(page, pieces, piece_pages, file)| Op::MapPieces { page, pieces, piece_pages, file }
         ),
-        4 => (0..SPACE_PAGES, 1..12u64).prop_map(|(page, pages)| Op::Unmap { page, pages }),
+        4 => (0..SPACE_PAGES, 1..12u64, prop::bool::weighted(0.15))
+            .prop_map(|(page, pages, shift)| Op::Unmap { page, pages, shift }),
         3 => (
             0..SPACE_PAGES,
             prop::collection::vec((0..6u64, 1..6u64), 1..5),
@@ -127,6 +135,44 @@ impl Model {
             let intersects = s < iova + len && iova < s + m.len;
             intersects && !inside
         })
+    }
+
+    /// The mapping that holds both `at - 1` and `at`, which an unmap starting or ending at `at`
+    /// cuts.
+    fn straddling(&self, at: u64) -> Option<u64> {
+        self.mappings
+            .iter()
+            .find(|&(&s, m)| s < at && at < s + m.len)
+            .map(|(&s, _)| s)
+    }
+
+    /// Cuts the mapping straddling `at` in two, as the kernel splits an area.
+    fn cut(&mut self, at: u64) {
+        if let Some(s) = self.straddling(at) {
+            let m = self.mappings[&s];
+            let left = at - s;
+            self.mappings.insert(s, ModelMapping { len: left, ..m });
+            self.mappings.insert(
+                at,
+                ModelMapping {
+                    len: m.len - left,
+                    source: m.source + left,
+                    ..m
+                },
+            );
+        }
+    }
+
+    /// True when an end of `[iova, iova + len)` falls inside a mapping off a page boundary.
+    fn misaligned_cut(&self, iova: u64, len: u64) -> bool {
+        [iova, iova + len]
+            .iter()
+            .any(|&at| at % PAGE != 0 && self.straddling(at).is_some())
+    }
+
+    /// Whether `page` is mapped.
+    fn maps_page(&self, page: u64) -> bool {
+        self.target(page * PAGE).is_some()
     }
 
     fn inside(&self, iova: u64, len: u64) -> Vec<u64> {
@@ -236,7 +282,8 @@ impl Harness {
             ledger,
             model: Model {
                 mappings: BTreeMap::new(),
-                budget,
+                // The cutting style models IOMMUFD, which has no mapping budget.
+                budget: budget.filter(|_| style != UnmapStyle::Cutting),
             },
             style,
             outcomes: BTreeMap::new(),
@@ -351,13 +398,28 @@ impl Harness {
             None => self.ledger.unmap_all(),
         };
         let calls = self.iommu.take_calls();
-        let inside = before.inside(iova, len);
+        // A backend that cuts splits the mappings straddling the ends first; the unmap then
+        // covers whole mappings of the table as cut.
+        let cutting = self.style == UnmapStyle::Cutting;
+        let mut cut = before.clone();
+        if cutting {
+            cut.cut(iova);
+            cut.cut(iova.saturating_add(len));
+        }
+        let inside = cut.inside(iova, len);
         match result {
             Ok(report) => {
                 self.note("unmap ok");
-                assert!(range.is_none() || !before.bisects(iova, len));
+                if cutting {
+                    assert!(!before.misaligned_cut(iova, len));
+                    if cut.mappings.len() > before.mappings.len() {
+                        self.note("unmap cut");
+                    }
+                } else {
+                    assert!(range.is_none() || !before.bisects(iova, len));
+                }
                 assert_eq!(report.mappings, inside.len() as u64);
-                let bytes: u64 = inside.iter().map(|s| before.mappings[s].len).sum();
+                let bytes: u64 = inside.iter().map(|s| cut.mappings[s].len).sum();
                 assert_eq!(report.bytes, bytes);
                 assert_eq!(
                     report.calls,
@@ -365,20 +427,36 @@ impl Harness {
                     "one merged call"
                 );
                 assert_eq!(calls.len() as u64, report.calls);
+                self.model = cut;
                 for s in inside {
                     self.model.mappings.remove(&s);
                     if let Some(b) = self.model.budget.as_mut() {
                         *b += 1;
                     }
                 }
+                self.check_no_window(&before, iova, len);
             }
             Err(LedgerError::Bisects { mapping, .. }) => {
                 self.note("unmap bisects");
+                assert!(!cutting, "a backend that cuts has no bisecting unmap");
                 assert!(before.bisects(iova, len));
                 assert!(before.mappings.contains_key(&mapping.iova));
                 assert!(
                     calls.is_empty(),
                     "a bisecting unmap must not reach the backend"
+                );
+            }
+            Err(LedgerError::Misaligned {
+                what: "cut point",
+                value,
+                ..
+            }) => {
+                self.note("unmap cut point misaligned");
+                assert!(cutting && before.misaligned_cut(iova, len));
+                assert!(value == iova || value == iova + len);
+                assert!(
+                    calls.is_empty(),
+                    "a misaligned cut must not reach the backend"
                 );
             }
             Err(LedgerError::Unmap { done_calls: 0, .. }) => {
@@ -388,6 +466,25 @@ impl Harness {
             Err(other) => panic!("unmap({iova:#x}, {len:#x}): unexpected {other:?}"),
         }
         self.check_calls(&before, &calls);
+    }
+
+    /// No window: every page that was mapped before an unmap and lies outside its range is
+    /// still mapped in the emulated page table.
+    fn check_no_window(&self, before: &Model, iova: u64, len: u64) {
+        let table = self.iommu.page_table();
+        let end = iova.saturating_add(len);
+        for page in (0..SPACE_PAGES).filter(|&p| before.maps_page(p)) {
+            let (first, after) = (page * PAGE, (page + 1) * PAGE);
+            if first < end && iova < after {
+                continue;
+            }
+            assert!(
+                table
+                    .iter()
+                    .any(|e| e.iova <= first && after <= e.iova + e.len),
+                "page {page} lost its mapping to unmap({iova:#x}, {len:#x})"
+            );
+        }
     }
 
     /// `ranges` (sorted, disjoint, each inside the space or not) as the ledger should group
@@ -404,9 +501,26 @@ impl Harness {
                     group_has_mapping = false;
                 }
             }
-            group_has_mapping |= !before.inside(iova, len).is_empty();
+            // (Where the request was accepted, a mapping overlapping a range lies inside its
+            // group: nothing bisects it, or it was cut at the group's ends.)
+            group_has_mapping |= before.overlaps(iova, len);
         }
         calls + u64::from(group_has_mapping)
+    }
+
+    /// `[first, end)` of each group of sorted `ranges` that the ledger joins into one call:
+    /// consecutive ranges join while no mapping lies in the gap between them.
+    fn call_groups(before: &Model, ranges: &[(u64, u64)]) -> Vec<(u64, u64)> {
+        let mut groups: Vec<(u64, u64)> = Vec::new();
+        for &(iova, len) in ranges {
+            match groups.last_mut() {
+                Some((_, end)) if iova == *end || !before.overlaps(*end, iova - *end) => {
+                    *end = iova + len
+                }
+                _ => groups.push((iova, iova + len)),
+            }
+        }
+        groups
     }
 
     fn unmap_ranges(&mut self, ranges: &[(u64, u64)]) {
@@ -414,31 +528,50 @@ impl Harness {
         let result = self.ledger.unmap_ranges(ranges);
         let calls = self.iommu.take_calls();
         let sorted = ranges.windows(2).all(|w| w[0].0 + w[0].1 <= w[1].0);
-        let bisects = ranges.iter().any(|&(iova, len)| before.bisects(iova, len));
-        let inside: Vec<u64> = ranges
-            .iter()
-            .flat_map(|&(iova, len)| before.inside(iova, len))
-            .collect();
+        // On a backend that cuts, each call cuts at its ends: the ends of each group of ranges
+        // joined into one call (the ranges here are aligned).
+        let cutting = self.style == UnmapStyle::Cutting;
+        let mut cut = before.clone();
+        if cutting && sorted {
+            for (first, end) in Self::call_groups(&before, ranges) {
+                cut.cut(first);
+                cut.cut(end);
+            }
+        }
+        let bisects = !cutting && ranges.iter().any(|&(iova, len)| before.bisects(iova, len));
+        // A mapping cut at the ends of a group may span two of its ranges.
+        let inside: Vec<u64> = if cutting && sorted {
+            Self::call_groups(&before, ranges)
+                .into_iter()
+                .flat_map(|(first, end)| cut.inside(first, end - first))
+                .collect()
+        } else {
+            ranges
+                .iter()
+                .flat_map(|&(iova, len)| cut.inside(iova, len))
+                .collect()
+        };
         match result {
             Ok(report) => {
                 self.note("unmap ranges ok");
                 assert!(sorted && !bisects);
                 assert_eq!(report.mappings, inside.len() as u64);
-                let bytes: u64 = inside.iter().map(|s| before.mappings[s].len).sum();
+                let bytes: u64 = inside.iter().map(|s| cut.mappings[s].len).sum();
                 assert_eq!(report.bytes, bytes);
                 assert_eq!(
                     report.calls,
-                    Self::expected_unmap_calls(&before, ranges),
+                    Self::expected_unmap_calls(&cut, ranges),
                     "one call per group of ranges with empty gaps: {ranges:x?} {calls:x?}"
                 );
                 let ranges_with_mappings = ranges
                     .iter()
-                    .filter(|&&(iova, len)| !before.inside(iova, len).is_empty())
+                    .filter(|&&(iova, len)| !cut.inside(iova, len).is_empty())
                     .count() as u64;
                 if report.calls < ranges_with_mappings {
                     self.note("unmap ranges joined");
                 }
                 assert_eq!(calls.len() as u64, report.calls);
+                self.model = cut;
                 for s in inside {
                     self.model.mappings.remove(&s);
                     if let Some(b) = self.model.budget.as_mut() {
@@ -464,9 +597,12 @@ impl Harness {
                     last.injected && done.len() as u64 == done_calls,
                     "{calls:?}"
                 );
-                // What the successful calls removed is gone; everything else stays.
+                // What the successful calls removed is gone (cut at their ends where the
+                // backend cuts); everything else stays whole.
                 for c in done {
-                    for s in before.inside(c.iova, c.len) {
+                    self.model.cut(c.iova);
+                    self.model.cut(c.iova + c.len);
+                    for s in self.model.inside(c.iova, c.len) {
                         self.model.mappings.remove(&s);
                         if let Some(b) = self.model.budget.as_mut() {
                             *b += 1;
@@ -504,13 +640,20 @@ impl Harness {
                     table.mappings.insert(c.iova, m);
                 }
                 (CallKind::Unmap, result) => {
+                    // A backend that cuts splits the areas at the call's ends first.
+                    let mut cut = table.clone();
+                    if self.style == UnmapStyle::Cutting {
+                        cut.cut(c.iova);
+                        cut.cut(c.iova + c.len);
+                    }
                     assert!(
-                        !table.bisects(c.iova, c.len),
+                        !cut.bisects(c.iova, c.len),
                         "unmap call bisects a mapping: {c:?}"
                     );
-                    let inside = table.inside(c.iova, c.len);
+                    let inside = cut.inside(c.iova, c.len);
                     assert!(!inside.is_empty(), "unmap call on an empty range: {c:?}");
                     if result.is_ok() {
+                        table = cut;
                         for s in inside {
                             table.mappings.remove(&s);
                         }
@@ -519,7 +662,7 @@ impl Harness {
                 _ => {}
             }
         }
-        if self.style == UnmapStyle::Iommufd {
+        if self.style != UnmapStyle::Type1v2 {
             assert!(calls.iter().all(|c| c.result != Err(libc::ENOENT)));
         }
     }
@@ -622,7 +765,10 @@ impl Harness {
                     DmaProt::READ_WRITE,
                 );
             }
-            Op::Unmap { page, pages } => self.unmap(Some((page * PAGE, pages * PAGE))),
+            Op::Unmap { page, pages, shift } => {
+                let iova = page * PAGE + if shift { PAGE / 2 } else { 0 };
+                self.unmap(Some((iova, pages * PAGE)))
+            }
             Op::UnmapRanges {
                 page,
                 ref ranges,
@@ -671,7 +817,11 @@ impl Harness {
 }
 
 fn style() -> impl Strategy<Value = UnmapStyle> {
-    prop_oneof![Just(UnmapStyle::Type1v2), Just(UnmapStyle::Iommufd)]
+    prop_oneof![
+        Just(UnmapStyle::Type1v2),
+        Just(UnmapStyle::Iommufd),
+        Just(UnmapStyle::Cutting)
+    ]
 }
 
 proptest! {
@@ -702,11 +852,11 @@ fn random_sequences_reach_every_outcome() {
 
     let mut runner = TestRunner::deterministic();
     let mut totals: BTreeMap<&'static str, u64> = BTreeMap::new();
-    for case in 0..64u64 {
-        let style = if case % 2 == 0 {
-            UnmapStyle::Type1v2
-        } else {
-            UnmapStyle::Iommufd
+    for case in 0..96u64 {
+        let style = match case {
+            64.. => UnmapStyle::Cutting,
+            _ if case % 2 == 0 => UnmapStyle::Type1v2,
+            _ => UnmapStyle::Iommufd,
         };
         let budget = (case % 4 == 1).then_some(6 + case % 20);
         let mut h = Harness::new(
@@ -736,6 +886,8 @@ fn random_sequences_reach_every_outcome() {
         "unmap ok",
         "unmap bisects",
         "unmap failed",
+        "unmap cut",
+        "unmap cut point misaligned",
         "unmap ranges ok",
         "unmap ranges joined",
         "unmap ranges unsorted",
