@@ -174,3 +174,80 @@ fn kernel_iommufd_one_unmap_spans_empty_gaps_but_never_a_mapping() {
     let (backend, edu) = open();
     one_unmap_spans_empty_gaps_but_never_a_mapping(std::sync::Arc::new(backend), &edu);
 }
+
+#[test]
+fn kernel_iommufd_one_run_mapping_is_cut_page_by_page_without_a_window() {
+    let name = "kernel_iommufd_one_run_mapping_is_cut_page_by_page_without_a_window";
+    if !vm_rig::need(name, &[Feature::Edu, Feature::Iommufd]) {
+        return;
+    }
+    const PAGES: u64 = 64;
+    let (backend, edu) = open();
+    // Linux 6.12 and 7.3 both accept type1 (v1) semantics on an iommufd (notes/kernel-7.3.md).
+    backend
+        .cutting()
+        .expect("the kernel accepts type1 (v1) semantics for the IOAS");
+    assert!(backend.capabilities().unwrap().cuts_mappings);
+    assert_usable_iova(&backend, DST_IOVA, PAGES * PAGE);
+    let ledger = iommu::Ledger::new(std::sync::Arc::new(backend)).expect("ledger");
+    let src = MemfdBuf::new(PAGE as usize);
+    let dst = MemfdBuf::new((PAGES * PAGE) as usize);
+    let iova = |page: u64| DST_IOVA + page * PAGE;
+    // SAFETY: `src` and `dst` outlive their mappings (the ledger unmaps everything below,
+    // before they drop) and are touched only through raw pointers while mapped.
+    unsafe {
+        ledger
+            .map_va(SRC_IOVA, PAGE, src.addr(0), DmaProt::READ_WRITE)
+            .expect("map src");
+        ledger
+            .map_va(DST_IOVA, PAGES * PAGE, dst.addr(0), DmaProt::READ_WRITE)
+            .expect("map 64 pages as one mapping");
+    }
+    assert_eq!(ledger.mapping_count(), 2);
+    let data = pattern(0x6c, DMA_LEN);
+    src.write(0, &data);
+    edu.copy_to_device(SRC_IOVA, DMA_LEN as u32)
+        .expect("DMA memory -> edu");
+    // Whether edu's write to `page` lands (the page is refilled first; a blocked DMA still
+    // "completes" for edu, the memory tells).
+    let reached = |page: u64| {
+        let at = (page * PAGE) as usize;
+        dst.write(at, &vec![0x5a; PAGE as usize]);
+        let _ = edu.copy_from_device(iova(page), DMA_LEN as u32);
+        dst.read(at, DMA_LEN) == data
+    };
+    assert!((0..PAGES).all(reached), "the whole run is reachable");
+    let cuts = [10, 0, 63, 31, 32, 11];
+    for (i, &page) in cuts.iter().enumerate() {
+        let report = ledger.unmap(iova(page), PAGE).expect("cut one page");
+        assert_eq!(
+            (report.calls, report.bytes, report.mappings),
+            (1, PAGE, 1),
+            "cutting page {page}: the kernel's byte count"
+        );
+        assert!(!reached(page), "page {page} was cut but DMA landed");
+        assert!(
+            dst.read((page * PAGE) as usize, PAGE as usize)
+                .iter()
+                .all(|&b| b == 0x5a),
+            "the cut page {page} was written"
+        );
+        let cut_so_far = &cuts[..=i];
+        for neighbour in [page.wrapping_sub(1), page + 1] {
+            if neighbour < PAGES && !cut_so_far.contains(&neighbour) {
+                assert!(reached(neighbour), "page {neighbour} lost its mapping");
+            }
+        }
+    }
+    for page in (0..PAGES).filter(|p| !cuts.contains(p)) {
+        assert!(
+            reached(page),
+            "page {page} stayed shared but DMA did not land"
+        );
+    }
+    // [1, 10), [12, 31), [33, 63) and src: the ledger's count is the kernel's.
+    assert_eq!(ledger.mapping_count(), 4);
+    let report = ledger.close().expect("teardown");
+    assert_eq!(report.bytes, (PAGES - cuts.len() as u64 + 1) * PAGE);
+    assert_eq!(report.mappings, 4);
+}
