@@ -238,6 +238,26 @@ pub(crate) fn check_aligned(iova: u64, len: u64, addr: u64, page: u64) -> Result
     Ok(())
 }
 
+/// The bytes a kernel unmap call reported for `[iova, iova + len)`: fewer than `len` when the
+/// range has holes between mappings (the ledger compares with its record); more is a kernel bug,
+/// reported as [`DmaError::PartialUnmap`].
+pub(crate) fn checked_unmapped(
+    kind: BackendKind,
+    iova: u64,
+    len: u64,
+    unmapped: u64,
+) -> Result<u64, DmaError> {
+    if unmapped > len {
+        return Err(DmaError::PartialUnmap {
+            kind,
+            iova,
+            len,
+            unmapped,
+        });
+    }
+    Ok(unmapped)
+}
+
 /// One IOMMU address space. Implementations are thin: one kernel call per method call, no
 /// bookkeeping. Use it through a [`Ledger`](crate::Ledger), which keeps the record of mappings,
 /// refuses bisecting unmaps and budget overruns before the kernel sees them, and merges unmaps.

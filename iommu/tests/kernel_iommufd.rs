@@ -208,14 +208,7 @@ fn kernel_iommufd_one_run_mapping_is_cut_page_by_page_without_a_window() {
     src.write(0, &data);
     edu.copy_to_device(SRC_IOVA, DMA_LEN as u32)
         .expect("DMA memory -> edu");
-    // Whether edu's write to `page` lands (the page is refilled first; a blocked DMA still
-    // "completes" for edu, the memory tells).
-    let reached = |page: u64| {
-        let at = (page * PAGE) as usize;
-        dst.write(at, &vec![0x5a; PAGE as usize]);
-        let _ = edu.copy_from_device(iova(page), DMA_LEN as u32);
-        dst.read(at, DMA_LEN) == data
-    };
+    let reached = |page: u64| dma_write_lands(&edu, &dst, page, iova(page), &data);
     assert!((0..PAGES).all(reached), "the whole run is reachable");
     let cuts = [10, 0, 63, 31, 32, 11];
     for (i, &page) in cuts.iter().enumerate() {

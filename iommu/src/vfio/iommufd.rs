@@ -36,6 +36,7 @@ use super::sys::{self, OwnsFd};
 use super::{AttachedDevices, HostPaths, OpenError, PciAddress, VfioMode, VfioPciDevice};
 use crate::backend::{
     BackendKind, Capabilities, DmaBackend, DmaError, DmaProt, FileMapSupport, IovaRange,
+    checked_unmapped,
 };
 
 const KIND: BackendKind = BackendKind::Iommufd;
@@ -349,15 +350,7 @@ impl DmaBackend for IommufdBackend {
                 .map_err(|e| unmap_error(errno_of(e)))?;
             unmap.length
         };
-        if unmapped > len {
-            return Err(DmaError::PartialUnmap {
-                kind: KIND,
-                iova,
-                len,
-                unmapped,
-            });
-        }
-        Ok(unmapped)
+        checked_unmapped(KIND, iova, len, unmapped)
     }
 }
 

@@ -21,7 +21,7 @@ use super::sys::{self, OwnsFd, type1_info_layout as L};
 use super::{AttachedDevices, HostPaths, OpenError, PciAddress, VfioMode, VfioPciDevice};
 use crate::backend::{
     BackendKind, Capabilities, DmaBackend, DmaError, DmaProt, FileMapSupport, IovaRange,
-    check_aligned,
+    check_aligned, checked_unmapped,
 };
 
 const KIND: BackendKind = BackendKind::Type1;
@@ -321,15 +321,7 @@ impl DmaBackend for Type1Backend {
                     source,
                 }
             })?;
-        if unmapped > len {
-            return Err(DmaError::PartialUnmap {
-                kind: KIND,
-                iova,
-                len,
-                unmapped,
-            });
-        }
-        Ok(unmapped)
+        checked_unmapped(KIND, iova, len, unmapped)
     }
 }
 

@@ -285,6 +285,22 @@ pub fn dma_does_not_reach_unmapped_memory<R: iommu::DeviceRegions>(
     }
 }
 
+/// Whether edu's write of `data` (already in its buffer) to `iova`, which maps page `page` of
+/// `dst`, lands there. The page is refilled with 0x5a first: a blocked DMA still "completes" for
+/// edu, the memory tells.
+pub fn dma_write_lands<R: iommu::DeviceRegions>(
+    edu: &iommu::Edu<R>,
+    dst: &MemfdBuf,
+    page: u64,
+    iova: u64,
+    data: &[u8],
+) -> bool {
+    let at = (page * PAGE) as usize;
+    dst.write(at, &vec![0x5a; PAGE as usize]);
+    let _ = edu.copy_from_device(iova, data.len() as u32);
+    dst.read(at, data.len()) == data
+}
+
 /// Another edu device bound to vfio-pci besides [`edu_address`], if the machine has one (the
 /// rig boots one; a second `-device edu` makes the attach tests run).
 pub fn second_edu() -> Option<PciAddress> {
@@ -381,13 +397,7 @@ pub fn one_unmap_spans_empty_gaps_but_never_a_mapping<R: iommu::DeviceRegions>(
     edu.copy_to_device(SRC_IOVA, DMA_LEN as u32)
         .expect("DMA memory -> edu");
     // Whether edu's write to `page` lands (the page is refilled first).
-    let reached = |page: u64| {
-        let at = (page * PAGE) as usize;
-        dst.write(at, &vec![0x5a; PAGE as usize]);
-        // A blocked DMA still "completes" for edu; the memory tells.
-        let _ = edu.copy_from_device(iova(page), DMA_LEN as u32);
-        dst.read(at, DMA_LEN) == data
-    };
+    let reached = |page: u64| dma_write_lands(edu, &dst, page, iova(page), &data);
 
     // Pages 0, 2 and 4 mapped as three mappings, 1 and 3 hold nothing, 5 stays mapped.
     for page in [0, 2, 4, 5] {
