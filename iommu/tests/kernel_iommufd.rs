@@ -244,3 +244,19 @@ fn kernel_iommufd_one_run_mapping_is_cut_page_by_page_without_a_window() {
     assert_eq!(report.bytes, (PAGES - cuts.len() as u64 + 1) * PAGE);
     assert_eq!(report.mappings, 4);
 }
+
+#[test]
+fn kernel_iommufd_probe_and_backend_agree_on_cutting() {
+    let name = "kernel_iommufd_probe_and_backend_agree_on_cutting";
+    if !vm_rig::need(name, &[Feature::Edu, Feature::Iommufd]) {
+        return;
+    }
+    let probed = iommu::HostPaths::default().probe_iommufd_cutting();
+    let (backend, _edu) = open();
+    eprintln!("cutting: probe {probed:?}, backend {:?}", backend.cutting());
+    assert_eq!(probed, backend.cutting());
+    assert_eq!(
+        backend.capabilities().unwrap().cuts_mappings,
+        probed.is_ok()
+    );
+}

@@ -27,7 +27,7 @@ use iommufd_bindings::iommufd::{
     iommufd_ioas_map_flags_IOMMU_IOAS_MAP_READABLE as MAP_READABLE,
     iommufd_ioas_map_flags_IOMMU_IOAS_MAP_WRITEABLE as MAP_WRITEABLE,
 };
-use iommufd_ioctls::{IommuFd, IommufdError};
+use iommufd_ioctls::{IommuFd, IommufdError, IommufdIoas};
 use vfio_bindings::bindings::vfio::VFIO_TYPE1_IOMMU;
 use vfio_ioctls::{VfioDevice, VfioIommufd, VfioOps};
 use vmm_sys_util::errno;
@@ -217,6 +217,35 @@ fn choose_type1_semantics(iommufd: BorrowedFd<'_>, ioas_id: u32) -> Result<(), C
     })
 }
 
+impl HostPaths {
+    /// Whether an IOAS on this host's `/dev/iommu` cuts mappings: opens it, allocates a
+    /// scratch IOAS and asks for type1 (v1) semantics as [`IommufdBackend::open`] does, without
+    /// any device (the IOAS is destroyed again). For the probe: a VMM learns it per address
+    /// space from [`Capabilities::cuts_mappings`].
+    ///
+    /// # Errors
+    /// The step that failed: opening `/dev/iommu`, `IOMMU_IOAS_ALLOC`, or the refused setup
+    /// step, with the errno.
+    pub fn probe_iommufd_cutting(&self) -> Result<(), CutSetupError> {
+        let path = self.dev.join("iommu");
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| CutSetupError {
+                step: "opening /dev/iommu",
+                source: errno::Error::new(e.raw_os_error().unwrap_or(libc::EIO)),
+            })?;
+        let iommufd = Arc::new(IommuFd::new_from_fd(file));
+        // Dropped before `iommufd` closes: destroys the scratch IOAS.
+        let ioas = IommufdIoas::new(Arc::clone(&iommufd)).map_err(|e| CutSetupError {
+            step: "IOMMU_IOAS_ALLOC",
+            source: errno_of(e),
+        })?;
+        choose_type1_semantics(iommufd.fd(), ioas.id())
+    }
+}
+
 impl DmaBackend for IommufdBackend {
     fn capabilities(&self) -> Result<Capabilities, DmaError> {
         let (iova_ranges, alignment) = self.iova_ranges()?;
@@ -377,6 +406,23 @@ mod tests {
         );
         // uAPI values (include/uapi/linux/iommufd.h).
         assert_eq!((MAP_FIXED_IOVA, MAP_WRITEABLE, MAP_READABLE), (1, 2, 4));
+    }
+
+    #[test]
+    fn the_cutting_probe_names_the_step_that_failed() {
+        let host = crate::vfio::host::tests::FakeHost::new("cutting-probe");
+        let missing = host.paths.probe_iommufd_cutting().unwrap_err();
+        assert_eq!(
+            (missing.step, missing.source.errno()),
+            ("opening /dev/iommu", libc::ENOENT)
+        );
+        // A node that is not an iommufd (a plain file here) refuses the first ioctl.
+        host.node("iommu");
+        let not_iommufd = host.paths.probe_iommufd_cutting().unwrap_err();
+        assert_eq!(
+            (not_iommufd.step, not_iommufd.source.errno()),
+            ("IOMMU_IOAS_ALLOC", libc::ENOTTY)
+        );
     }
 
     #[test]
