@@ -13,6 +13,7 @@ use vmm_sys_util::errno;
 
 /// Which kind of backend this is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum BackendKind {
     /// A VFIO type1v2 container (`/dev/vfio/vfio`).
     Type1,
@@ -78,6 +79,7 @@ impl IovaRange {
 
 /// Which files [`DmaBackend::map_file`] accepts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum FileMapSupport {
     /// No fd-based maps at all (type1; IOMMUFD before Linux 6.13).
     None,
@@ -90,6 +92,7 @@ pub enum FileMapSupport {
 
 /// What a backend can do, read from the kernel where the kernel says it.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Capabilities {
     /// Which backend this is.
     pub kind: BackendKind,
@@ -126,6 +129,7 @@ impl Capabilities {
 
 /// A map or unmap a backend refused or failed, naming the step, the range and the kernel's errno.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum DmaError {
     /// The backend cannot do this at all (for example `map_file` on type1).
     #[error("{kind} does not support {operation}")]

@@ -37,6 +37,7 @@ pub struct DmaFault {
 
 /// A device-side access through the emulated IOMMU that failed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum DmaAccessError {
     /// The IOMMU refused the access; nothing was read or written.
     #[error(

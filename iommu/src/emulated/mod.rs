@@ -59,6 +59,7 @@ pub const DEFAULT_IOVA_RANGE: IovaRange = IovaRange {
 
 /// How the emulated IOMMU answers an unmap that bisects a mapping or holds no mapping.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
 pub enum UnmapStyle {
     /// VFIO type1v2: misaligned or bisecting unmaps fail with `EINVAL` before anything is removed;
     /// a range holding no mapping succeeds with 0 bytes.

@@ -5,6 +5,7 @@ use crate::backend::{DmaError, IovaRange};
 
 /// A request the ledger refused, or a backend call that failed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum LedgerError {
     /// Reading the backend's capabilities when creating the ledger failed.
     #[error("reading the backend's capabilities failed")]

@@ -13,6 +13,7 @@ use super::{DeviceError, DeviceRegionInfo, DeviceRegions, PciAddress};
 
 /// Opening a device through one of the kernel backends failed, naming the step.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum OpenError {
     /// The device cannot be used as it is (driver, group, nodes, permissions).
     #[error(transparent)]

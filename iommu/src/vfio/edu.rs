@@ -37,6 +37,7 @@ pub const EDU_ID: u32 = 0x0100_00ed;
 
 /// An edu operation that failed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum EduError {
     /// Reading or writing a register failed.
     #[error("edu: {what}")]

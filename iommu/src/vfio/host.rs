@@ -49,6 +49,7 @@ pub struct GroupMember {
 
 /// Why a device cannot be used through VFIO, with what to do about it.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum DeviceError {
     /// No such device in sysfs.
     #[error("PCI device {address} does not exist ({path} is missing)")]

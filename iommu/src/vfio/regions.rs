@@ -32,6 +32,7 @@ impl DeviceRegionInfo {
 
 /// A region access that failed, with the region, the range and the errno.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum DeviceRegionError {
     /// The device has no such region.
     #[error("the device has no region {index}")]
