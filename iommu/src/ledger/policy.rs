@@ -82,6 +82,13 @@ impl Source<'_> {
     }
 }
 
+/// A cut made in the record, or undone after the call that was to make it failed.
+#[derive(Clone, Copy)]
+enum CutChange {
+    Cut,
+    Joined,
+}
+
 /// The record of every live mapping in one DMA backend; see the [module docs](crate::ledger).
 ///
 /// Dropping the ledger unmaps whatever is still mapped; use [`Ledger::close`] to see teardown
@@ -569,7 +576,7 @@ impl Ledger {
                 // The call that was to cut there failed: the kernel holds the mapping whole.
                 for at in cuts.into_iter().flatten() {
                     if state.record.join_at(at) {
-                        Self::count_mappings(state, -1);
+                        Self::follow_cut(state, CutChange::Joined);
                     }
                 }
             }
@@ -587,19 +594,18 @@ impl Ledger {
         }
         let cut = state.record.cut_at(at);
         if cut {
-            Self::count_mappings(state, 1);
+            Self::follow_cut(state, CutChange::Cut);
         }
         cut
     }
 
-    /// Follows a change of `delta` (a cut or its undoing) in the number of live mappings that
-    /// no map or unmap call made: the budget and the statistics.
-    fn count_mappings(state: &mut State, delta: i8) {
+    /// Follows a cut in the record, or its undoing, in the budget and the statistics: each
+    /// changes the number of live mappings by one without a map or unmap call of its own.
+    fn follow_cut(state: &mut State, change: CutChange) {
         if let Some(budget) = state.budget.as_mut() {
-            *budget = if delta > 0 {
-                budget.saturating_sub(1)
-            } else {
-                *budget + 1
+            *budget = match change {
+                CutChange::Cut => budget.saturating_sub(1),
+                CutChange::Joined => *budget + 1,
             };
         }
         let live = state.record.mappings;
