@@ -157,9 +157,17 @@ pub struct WorkloadArgs {
     /// Number of transactions (firmware-bounce) or requests (random-mixed).
     #[arg(long, default_value_t = 20_000)]
     pub count: u64,
+    /// firmware-bounce: place the buffers in N two-page slots from 1 MiB (a reused pool, as
+    /// OVMF's; the benchmarks use 8) instead of anywhere in the region.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub bounce_slots: Option<u64>,
     /// Request size of linux-boot's pool conversion.
     #[arg(long, value_parser = parse_size, default_value = "2M")]
     pub chunk: u64,
+    /// linux-boot: single pages of the pool converted back to private afterwards, at random
+    /// places (the benchmarks free 16).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub freed_pages: u64,
     /// Seed of the workload generators (same seed, same requests).
     #[arg(long, default_value_t = 1)]
     pub seed: u64,

@@ -1,96 +1,21 @@
-//! Conversion workloads: what a guest asks of its VMM, as a list of timestamped requests.
+//! The workload generators, and the oracle a run's final state is checked against.
 //!
-//! Everything here is pure and deterministic: the same parameters and `--seed` give the same
-//! requests on every machine, so a run can be repeated and two policies compared on exactly the
-//! same input. The generators model the cases notes/kernel-uapi.md section 7 measures:
+//! They model the cases notes/kernel-uapi.md section 7 measures:
 //! - [`firmware_bounce`]: OVMF-style DMA, 1 or 2 pages flipped to shared for one transaction and
-//!   straight back to private, at random places (the case that took a 1 GiB SNP boot from 32 s to
-//!   1 min 43 s).
+//!   straight back to private (the case that took a 1 GiB SNP boot from 32 s to 1 min 43 s),
+//!   anywhere in the region or in a small pool of bounce slots.
 //! - [`linux_boot`]: a Linux CoCo guest converting its SWIOTLB bounce pool to shared once at boot
-//!   (`clamp(total * 6 / 100, 64 MiB, 1 GiB)`), in chunks.
+//!   (`clamp(total * 6 / 100, 64 MiB, 1 GiB)`), in chunks, then optionally freeing single pages
+//!   of it again (`dma_free_coherent`), which leaves a large shared range mixed.
 //! - [`random_mixed`]: random directions, places and lengths (1 page to 2 MiB).
+//! - [`bounce_in_flight`]: bounce buffers that stay shared while a number of others are in flight.
 
 use std::fmt;
 
-use serde::Serialize;
-
-/// The attribute a request asks a range to have.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Target {
-    /// Convert to shared (host-visible, device-DMA-able).
-    Shared,
-    /// Convert to private.
-    Private,
-}
-
-impl fmt::Display for Target {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Target::Shared => "shared",
-            Target::Private => "private",
-        })
-    }
-}
-
-/// One conversion request: at `time_ns`, make `[gpa, gpa + len)` `to`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-pub struct Request {
-    /// When the guest asked, in nanoseconds from the start of the workload (informational: runs
-    /// go as fast as the engine allows).
-    pub time_ns: u64,
-    /// The attribute asked for.
-    pub to: Target,
-    /// First guest-physical address, relative to the region base.
-    pub gpa: u64,
-    /// Length in bytes.
-    pub len: u64,
-}
-
-/// A named list of requests over a region whose pages all start private.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Workload {
-    /// What produced it (generator name and parameters, or the trace file).
-    pub name: String,
-    /// Bytes of guest RAM the requests address; every request lies inside `[0, region_size)`.
-    pub region_size: u64,
-    /// The requests, in time order.
-    pub requests: Vec<Request>,
-}
-
-/// The base page size every generated request is a multiple of.
-pub const PAGE: u64 = 4096;
+use crate::{Bytes, PAGE, Request, Rng, Target, Workload};
 
 /// Time between two generated guest requests (a firmware DMA transaction takes a few µs).
 const GENERATED_INTERVAL_NS: u64 = 5_000;
-
-/// A small deterministic random number generator (SplitMix64): reproducible from a seed on
-/// every platform, which is all a workload generator needs.
-#[derive(Clone, Debug)]
-pub struct Rng(u64);
-
-impl Rng {
-    /// A generator seeded with `seed`.
-    pub fn new(seed: u64) -> Self {
-        Rng(seed)
-    }
-
-    /// The next 64 random bits.
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// A number in `[0, bound)`; `bound` must not be zero.
-    pub fn below(&mut self, bound: u64) -> u64 {
-        // Multiply-shift: unbiased enough for workload generation, and never divides by zero
-        // for bound >= 1.
-        ((u128::from(self.next_u64()) * u128::from(bound)) >> 64) as u64
-    }
-}
 
 /// Parameters a generator was given that cannot describe a workload.
 #[derive(Debug, PartialEq, Eq)]
@@ -102,6 +27,8 @@ pub enum GenError {
         /// What the workload needs at least.
         needed: u64,
     },
+    /// A bounce area of zero slots.
+    NoSlots,
     /// A size that must be a multiple of the page size is not.
     Unaligned {
         /// Which parameter.
@@ -121,9 +48,10 @@ impl fmt::Display for GenError {
                 f,
                 "the region ({}) is too small for this workload, which needs at least {}; \
                  pass a larger --region-size",
-                crate::units::Bytes(*region_size),
-                crate::units::Bytes(*needed)
+                Bytes(*region_size),
+                Bytes(*needed)
             ),
+            GenError::NoSlots => write!(f, "a bounce area needs at least one slot"),
             GenError::Unaligned { what, value } => write!(
                 f,
                 "{what} ({value:#x}) is not a multiple of the 4 KiB page size"
@@ -150,24 +78,66 @@ fn check_region(region_size: u64, needed: u64) -> Result<(), GenError> {
     Ok(())
 }
 
-/// Firmware bounce buffers: `transactions` DMA transactions, each flipping 1 or 2 pages at a
-/// random page of the region to shared and back to private (two requests per transaction).
+/// Where a firmware places its bounce buffers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BounceArea {
+    /// At a random page of the region for every transaction: a fresh place each time.
+    Anywhere,
+    /// In one of this many two-page slots from [`BOUNCE_POOL_OFFSET`]: a firmware taking its
+    /// bounce buffers from a small pool it reuses, as OVMF's IoMmuDxe does.
+    Slots(u64),
+}
+
+/// Where the [`BounceArea::Slots`] pool starts in the region (1 MiB: low firmware memory).
+pub const BOUNCE_POOL_OFFSET: u64 = 1 << 20;
+
+/// What [`firmware_bounce`] generates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FirmwareBounce {
+    /// DMA transactions (two requests each).
+    pub transactions: u64,
+    /// Where the buffers go.
+    pub area: BounceArea,
+}
+
+/// Firmware bounce buffers: `transactions` DMA transactions, each flipping 1 or 2 pages in
+/// `area` to shared and straight back to private (two requests per transaction). The workload
+/// ends with every page private.
 ///
 /// # Errors
-/// The region is not page-aligned or smaller than two pages.
+/// The region is not page-aligned or too small for the area (two pages; the end of the last
+/// slot), or the area has no slot.
 pub fn firmware_bounce(
     region_size: u64,
-    transactions: u64,
+    params: FirmwareBounce,
     seed: u64,
 ) -> Result<Workload, GenError> {
-    check_region(region_size, 2 * PAGE)?;
+    let FirmwareBounce { transactions, area } = params;
     let pages = region_size / PAGE;
+    let area_name = match area {
+        BounceArea::Anywhere => {
+            check_region(region_size, 2 * PAGE)?;
+            String::new()
+        }
+        BounceArea::Slots(0) => return Err(GenError::NoSlots),
+        BounceArea::Slots(slots) => {
+            let end = slots
+                .checked_mul(2 * PAGE)
+                .and_then(|len| len.checked_add(BOUNCE_POOL_OFFSET))
+                .unwrap_or(u64::MAX);
+            check_region(region_size, end)?;
+            format!(", {slots} slots")
+        }
+    };
     let mut rng = Rng::new(seed);
     let mut requests = Vec::with_capacity(usize::try_from(transactions * 2).unwrap_or(0));
     let mut time_ns = 0;
     for _ in 0..transactions {
         let len_pages = 1 + rng.below(2);
-        let page = rng.below(pages - len_pages + 1);
+        let page = match area {
+            BounceArea::Anywhere => rng.below(pages - len_pages + 1),
+            BounceArea::Slots(slots) => BOUNCE_POOL_OFFSET / PAGE + rng.below(slots) * 2,
+        };
         for to in [Target::Shared, Target::Private] {
             requests.push(Request {
                 time_ns,
@@ -179,7 +149,7 @@ pub fn firmware_bounce(
         }
     }
     Ok(Workload {
-        name: format!("firmware-bounce ({transactions} transactions, seed {seed})"),
+        name: format!("firmware-bounce ({transactions} transactions{area_name}, seed {seed})"),
         region_size,
         requests,
     })
@@ -193,13 +163,24 @@ pub fn swiotlb_pool_size(guest_ram: u64) -> u64 {
     ((guest_ram / 100).saturating_mul(6)).clamp(MIN, MAX) / PAGE * PAGE
 }
 
+/// What [`linux_boot`] generates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinuxBoot {
+    /// Request size of the pool's conversion to shared (the last request may be shorter).
+    pub chunk: u64,
+    /// Single pages of the pool converted back to private afterwards, at random places (a
+    /// driver's `dma_free_coherent`): they leave the shared pool mixed.
+    pub freed_pages: u64,
+}
+
 /// Linux boot: the SWIOTLB pool ([`swiotlb_pool_size`] of the region) converted to shared once,
-/// in requests of `chunk` bytes (the last one may be shorter), at a 2 MiB-aligned place chosen by
-/// `seed`.
+/// in requests of `chunk` bytes, at a 2 MiB-aligned place chosen by `seed`; then `freed_pages`
+/// random pages of it converted back to private one by one.
 ///
 /// # Errors
 /// `chunk` is zero or not page-aligned, or the region is smaller than the pool.
-pub fn linux_boot(region_size: u64, chunk: u64, seed: u64) -> Result<Workload, GenError> {
+pub fn linux_boot(region_size: u64, params: LinuxBoot, seed: u64) -> Result<Workload, GenError> {
+    let LinuxBoot { chunk, freed_pages } = params;
     if chunk == 0 || chunk % PAGE != 0 {
         return Err(GenError::Unaligned {
             what: "the chunk size",
@@ -210,27 +191,37 @@ pub fn linux_boot(region_size: u64, chunk: u64, seed: u64) -> Result<Workload, G
     check_region(region_size, pool)?;
     const ALIGN: u64 = 2 << 20;
     let slots = (region_size - pool) / ALIGN + 1;
-    let base = Rng::new(seed).below(slots) * ALIGN;
-    let base = base.min(region_size - pool);
+    let mut rng = Rng::new(seed);
+    let base = (rng.below(slots) * ALIGN).min(region_size - pool);
     let mut requests = Vec::new();
     let mut offset = 0;
     let mut time_ns = 0;
-    while offset < pool {
-        let len = chunk.min(pool - offset);
+    let mut push = |to, gpa, len| {
         requests.push(Request {
             time_ns,
-            to: Target::Shared,
-            gpa: base + offset,
+            to,
+            gpa,
             len,
         });
-        offset += len;
         time_ns += GENERATED_INTERVAL_NS;
+    };
+    while offset < pool {
+        let len = chunk.min(pool - offset);
+        push(Target::Shared, base + offset, len);
+        offset += len;
     }
+    for _ in 0..freed_pages {
+        push(Target::Private, base + rng.below(pool / PAGE) * PAGE, PAGE);
+    }
+    let freed = match freed_pages {
+        0 => String::new(),
+        n => format!(", {n} pages freed"),
+    };
     Ok(Workload {
         name: format!(
-            "linux-boot (SWIOTLB pool {} at {base:#x} in {} chunks, seed {seed})",
-            crate::units::Bytes(pool),
-            crate::units::Bytes(chunk)
+            "linux-boot (SWIOTLB pool {} at {base:#x} in {} chunks{freed}, seed {seed})",
+            Bytes(pool),
+            Bytes(chunk)
         ),
         region_size,
         requests,
@@ -269,6 +260,63 @@ pub fn random_mixed(region_size: u64, count: u64, seed: u64) -> Result<Workload,
     }
     Ok(Workload {
         name: format!("random-mixed ({count} requests, seed {seed})"),
+        region_size,
+        requests,
+    })
+}
+
+/// What [`bounce_in_flight`] generates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BounceInFlight {
+    /// Buffers converted to shared (and later back).
+    pub buffers: u64,
+    /// How many other buffers are converted shared before a buffer goes back to private.
+    pub in_flight: u64,
+}
+
+/// Bounce buffers in flight: each of `buffers` buffers (1-2 pages at a random place) is
+/// converted shared, and converted back to private `in_flight` buffers later; the workload ends
+/// with the buffers still in flight converted back, so every page is private again.
+///
+/// # Errors
+/// The region is not page-aligned or smaller than two pages.
+pub fn bounce_in_flight(
+    region_size: u64,
+    params: BounceInFlight,
+    seed: u64,
+) -> Result<Workload, GenError> {
+    let BounceInFlight { buffers, in_flight } = params;
+    check_region(region_size, 2 * PAGE)?;
+    let pages = region_size / PAGE;
+    let mut rng = Rng::new(seed);
+    let mut live = std::collections::VecDeque::new();
+    let mut requests = Vec::with_capacity(usize::try_from(buffers * 2).unwrap_or(0));
+    let mut time_ns = 0;
+    let mut push = |requests: &mut Vec<Request>, to, (gpa, len)| {
+        requests.push(Request {
+            time_ns,
+            to,
+            gpa,
+            len,
+        });
+        time_ns += GENERATED_INTERVAL_NS;
+    };
+    for _ in 0..buffers {
+        let len_pages = 1 + rng.below(2);
+        let buffer = (rng.below(pages - len_pages + 1) * PAGE, len_pages * PAGE);
+        push(&mut requests, Target::Shared, buffer);
+        live.push_back(buffer);
+        if live.len() as u64 > in_flight {
+            if let Some(done) = live.pop_front() {
+                push(&mut requests, Target::Private, done);
+            }
+        }
+    }
+    for done in live {
+        push(&mut requests, Target::Private, done);
+    }
+    Ok(Workload {
+        name: format!("bounce-in-flight ({buffers} buffers, {in_flight} in flight, seed {seed})"),
         region_size,
         requests,
     })
@@ -318,6 +366,20 @@ pub fn final_shared(w: &Workload) -> Vec<(u64, u64)> {
 mod tests {
     use super::*;
 
+    fn anywhere(transactions: u64) -> FirmwareBounce {
+        FirmwareBounce {
+            transactions,
+            area: BounceArea::Anywhere,
+        }
+    }
+
+    fn boot(chunk: u64) -> LinuxBoot {
+        LinuxBoot {
+            chunk,
+            freed_pages: 0,
+        }
+    }
+
     fn all_inside_and_aligned(w: &Workload) {
         for r in &w.requests {
             assert!(r.len > 0 && r.len % PAGE == 0, "{r:?}");
@@ -333,7 +395,7 @@ mod tests {
 
     #[test]
     fn firmware_bounce_flips_one_or_two_pages_and_back() {
-        let w = firmware_bounce(64 << 20, 1000, 7).unwrap();
+        let w = firmware_bounce(64 << 20, anywhere(1000), 7).unwrap();
         assert_eq!(w.requests.len(), 2000);
         all_inside_and_aligned(&w);
         let mut lens = std::collections::HashSet::new();
@@ -349,12 +411,12 @@ mod tests {
     #[test]
     fn generators_are_deterministic_per_seed() {
         assert_eq!(
-            firmware_bounce(1 << 30, 100, 1).unwrap(),
-            firmware_bounce(1 << 30, 100, 1).unwrap()
+            firmware_bounce(1 << 30, anywhere(100), 1).unwrap(),
+            firmware_bounce(1 << 30, anywhere(100), 1).unwrap()
         );
         assert_ne!(
-            firmware_bounce(1 << 30, 100, 1).unwrap().requests,
-            firmware_bounce(1 << 30, 100, 2).unwrap().requests
+            firmware_bounce(1 << 30, anywhere(100), 1).unwrap().requests,
+            firmware_bounce(1 << 30, anywhere(100), 2).unwrap().requests
         );
         assert_eq!(
             random_mixed(1 << 30, 100, 3).unwrap(),
@@ -374,7 +436,7 @@ mod tests {
 
     #[test]
     fn linux_boot_converts_the_pool_to_shared_exactly_once() {
-        let w = linux_boot(1 << 30, 2 << 20, 5).unwrap();
+        let w = linux_boot(1 << 30, boot(2 << 20), 5).unwrap();
         all_inside_and_aligned(&w);
         assert_eq!(w.requests.len(), 32);
         assert!(w.requests.iter().all(|r| r.to == Target::Shared));
@@ -384,7 +446,7 @@ mod tests {
             assert_eq!(pair[0].gpa + pair[0].len, pair[1].gpa);
         }
         // A chunk that does not divide the pool leaves a shorter last request.
-        let w = linux_boot(1 << 30, 3 << 20, 5).unwrap();
+        let w = linux_boot(1 << 30, boot(3 << 20), 5).unwrap();
         assert_eq!(w.requests.iter().map(|r| r.len).sum::<u64>(), 64 << 20);
         assert_eq!(w.requests.last().unwrap().len, (64 << 20) % (3 << 20));
     }
@@ -392,14 +454,14 @@ mod tests {
     #[test]
     fn linux_boot_refuses_a_region_smaller_than_its_pool() {
         assert_eq!(
-            linux_boot(32 << 20, 2 << 20, 0),
+            linux_boot(32 << 20, boot(2 << 20), 0),
             Err(GenError::RegionTooSmall {
                 region_size: 32 << 20,
                 needed: 64 << 20
             })
         );
         assert!(matches!(
-            linux_boot(1 << 30, 100, 0),
+            linux_boot(1 << 30, boot(100), 0),
             Err(GenError::Unaligned { .. })
         ));
     }
@@ -443,8 +505,8 @@ mod tests {
         };
         assert_eq!(final_shared(&w), [(0x1000, 0x2000), (0x3000, 0x5000)]);
         // Firmware bounce ends where it started: everything private.
-        assert!(final_shared(&firmware_bounce(1 << 20, 100, 1).unwrap()).is_empty());
-        let boot = linux_boot(1 << 30, 2 << 20, 1).unwrap();
+        assert!(final_shared(&firmware_bounce(1 << 20, anywhere(100), 1).unwrap()).is_empty());
+        let boot = linux_boot(1 << 30, boot(2 << 20), 1).unwrap();
         let pool = &boot.requests;
         assert_eq!(
             final_shared(&boot),
@@ -456,9 +518,79 @@ mod tests {
     }
 
     #[test]
-    fn rng_below_stays_in_bounds() {
-        let mut rng = Rng::new(0);
-        assert!((0..10_000).all(|_| rng.below(3) < 3));
-        assert_eq!(Rng::new(9).below(1), 0);
+    fn firmware_bounce_in_slots_reuses_the_slots_of_its_pool() {
+        let params = FirmwareBounce {
+            transactions: 1000,
+            area: BounceArea::Slots(8),
+        };
+        let w = firmware_bounce(16 << 20, params, 7).unwrap();
+        assert_eq!(w.requests.len(), 2000);
+        all_inside_and_aligned(&w);
+        let places: std::collections::BTreeSet<u64> = w.requests.iter().map(|r| r.gpa).collect();
+        let slots: Vec<u64> = (0..8).map(|s| BOUNCE_POOL_OFFSET + s * 2 * PAGE).collect();
+        assert_eq!(places.into_iter().collect::<Vec<_>>(), slots);
+        assert!(w.requests.iter().all(|r| r.len <= 2 * PAGE));
+        assert!(final_shared(&w).is_empty());
+        let no_slots = FirmwareBounce {
+            area: BounceArea::Slots(0),
+            ..params
+        };
+        assert_eq!(
+            firmware_bounce(16 << 20, no_slots, 7),
+            Err(GenError::NoSlots)
+        );
+        assert!(matches!(
+            firmware_bounce(1 << 20, params, 7),
+            Err(GenError::RegionTooSmall { .. })
+        ));
+    }
+
+    #[test]
+    fn linux_boot_frees_single_pages_of_the_pool_after_sharing_it() {
+        let params = LinuxBoot {
+            chunk: 2 << 20,
+            freed_pages: 16,
+        };
+        let w = linux_boot(256 << 20, params, 3).unwrap();
+        all_inside_and_aligned(&w);
+        assert_eq!(w.requests.len(), 32 + 16);
+        let (pool, freed) = w.requests.split_at(32);
+        assert!(pool.iter().all(|r| r.to == Target::Shared));
+        let (start, end) = (pool[0].gpa, pool[31].gpa + pool[31].len);
+        assert_eq!(end - start, 64 << 20);
+        for r in freed {
+            assert_eq!((r.to, r.len), (Target::Private, PAGE));
+            assert!((start..end).contains(&r.gpa), "{r:?}");
+        }
+        // The pool stays shared but for the freed pages: a mixed range.
+        let shared: u64 = final_shared(&w).iter().map(|(s, e)| e - s).sum();
+        let distinct: std::collections::BTreeSet<u64> = freed.iter().map(|r| r.gpa).collect();
+        assert_eq!(shared, (64 << 20) - distinct.len() as u64 * PAGE);
+        // Without freed pages it is the boot alone.
+        assert_eq!(
+            linux_boot(256 << 20, boot(2 << 20), 3).unwrap().requests,
+            pool
+        );
+    }
+
+    #[test]
+    fn bounce_in_flight_returns_each_buffer_after_the_others_in_flight() {
+        let params = BounceInFlight {
+            buffers: 500,
+            in_flight: 64,
+        };
+        let w = bounce_in_flight(1 << 30, params, 5).unwrap();
+        assert_eq!(w.requests.len(), 1000);
+        all_inside_and_aligned(&w);
+        // The first private request comes after 65 shared ones and returns the first buffer.
+        let first_private = w
+            .requests
+            .iter()
+            .position(|r| r.to == Target::Private)
+            .unwrap();
+        assert_eq!(first_private, 65);
+        let (first, back) = (w.requests[0], w.requests[first_private]);
+        assert_eq!((first.gpa, first.len), (back.gpa, back.len));
+        assert!(final_shared(&w).is_empty());
     }
 }
