@@ -17,6 +17,31 @@ use crate::{Bytes, PAGE, Request, Rng, Target, Workload};
 /// Time between two generated guest requests (a firmware DMA transaction takes a few µs).
 const GENERATED_INTERVAL_NS: u64 = 5_000;
 
+/// Requests in the making, each [`GENERATED_INTERVAL_NS`] after the one before.
+struct Requests {
+    list: Vec<Request>,
+    time_ns: u64,
+}
+
+impl Requests {
+    fn with_capacity(requests: u64) -> Self {
+        Self {
+            list: Vec::with_capacity(usize::try_from(requests).unwrap_or(0)),
+            time_ns: 0,
+        }
+    }
+
+    fn push(&mut self, to: Target, gpa: u64, len: u64) {
+        self.list.push(Request {
+            time_ns: self.time_ns,
+            to,
+            gpa,
+            len,
+        });
+        self.time_ns += GENERATED_INTERVAL_NS;
+    }
+}
+
 /// Parameters a generator was given that cannot describe a workload.
 #[derive(Debug, PartialEq, Eq)]
 pub enum GenError {
@@ -130,8 +155,7 @@ pub fn firmware_bounce(
         }
     };
     let mut rng = Rng::new(seed);
-    let mut requests = Vec::with_capacity(usize::try_from(transactions * 2).unwrap_or(0));
-    let mut time_ns = 0;
+    let mut requests = Requests::with_capacity(transactions.saturating_mul(2));
     for _ in 0..transactions {
         let len_pages = 1 + rng.below(2);
         let page = match area {
@@ -139,19 +163,13 @@ pub fn firmware_bounce(
             BounceArea::Slots(slots) => BOUNCE_POOL_OFFSET / PAGE + rng.below(slots) * 2,
         };
         for to in [Target::Shared, Target::Private] {
-            requests.push(Request {
-                time_ns,
-                to,
-                gpa: page * PAGE,
-                len: len_pages * PAGE,
-            });
-            time_ns += GENERATED_INTERVAL_NS;
+            requests.push(to, page * PAGE, len_pages * PAGE);
         }
     }
     Ok(Workload {
         name: format!("firmware-bounce ({transactions} transactions{area_name}, seed {seed})"),
         region_size,
-        requests,
+        requests: requests.list,
     })
 }
 
@@ -193,25 +211,15 @@ pub fn linux_boot(region_size: u64, params: LinuxBoot, seed: u64) -> Result<Work
     let slots = (region_size - pool) / ALIGN + 1;
     let mut rng = Rng::new(seed);
     let base = (rng.below(slots) * ALIGN).min(region_size - pool);
-    let mut requests = Vec::new();
+    let mut requests = Requests::with_capacity(pool.div_ceil(chunk).saturating_add(freed_pages));
     let mut offset = 0;
-    let mut time_ns = 0;
-    let mut push = |to, gpa, len| {
-        requests.push(Request {
-            time_ns,
-            to,
-            gpa,
-            len,
-        });
-        time_ns += GENERATED_INTERVAL_NS;
-    };
     while offset < pool {
         let len = chunk.min(pool - offset);
-        push(Target::Shared, base + offset, len);
+        requests.push(Target::Shared, base + offset, len);
         offset += len;
     }
     for _ in 0..freed_pages {
-        push(Target::Private, base + rng.below(pool / PAGE) * PAGE, PAGE);
+        requests.push(Target::Private, base + rng.below(pool / PAGE) * PAGE, PAGE);
     }
     let freed = match freed_pages {
         0 => String::new(),
@@ -224,7 +232,7 @@ pub fn linux_boot(region_size: u64, params: LinuxBoot, seed: u64) -> Result<Work
             Bytes(chunk)
         ),
         region_size,
-        requests,
+        requests: requests.list,
     })
 }
 
@@ -238,8 +246,8 @@ pub fn random_mixed(region_size: u64, count: u64, seed: u64) -> Result<Workload,
     check_region(region_size, MAX_LEN)?;
     let pages = region_size / PAGE;
     let mut rng = Rng::new(seed);
-    let mut requests = Vec::with_capacity(usize::try_from(count).unwrap_or(0));
-    for i in 0..count {
+    let mut requests = Requests::with_capacity(count);
+    for _ in 0..count {
         let to = if rng.below(2) == 0 {
             Target::Shared
         } else {
@@ -251,17 +259,12 @@ pub fn random_mixed(region_size: u64, count: u64, seed: u64) -> Result<Workload,
             _ => 16 + rng.below(MAX_LEN / PAGE - 16 + 1),
         };
         let page = rng.below(pages - len_pages + 1);
-        requests.push(Request {
-            time_ns: i * GENERATED_INTERVAL_NS,
-            to,
-            gpa: page * PAGE,
-            len: len_pages * PAGE,
-        });
+        requests.push(to, page * PAGE, len_pages * PAGE);
     }
     Ok(Workload {
         name: format!("random-mixed ({count} requests, seed {seed})"),
         region_size,
-        requests,
+        requests: requests.list,
     })
 }
 
@@ -290,35 +293,25 @@ pub fn bounce_in_flight(
     let pages = region_size / PAGE;
     let mut rng = Rng::new(seed);
     let mut live = std::collections::VecDeque::new();
-    let mut requests = Vec::with_capacity(usize::try_from(buffers * 2).unwrap_or(0));
-    let mut time_ns = 0;
-    let mut push = |requests: &mut Vec<Request>, to, (gpa, len)| {
-        requests.push(Request {
-            time_ns,
-            to,
-            gpa,
-            len,
-        });
-        time_ns += GENERATED_INTERVAL_NS;
-    };
+    let mut requests = Requests::with_capacity(buffers.saturating_mul(2));
     for _ in 0..buffers {
         let len_pages = 1 + rng.below(2);
-        let buffer = (rng.below(pages - len_pages + 1) * PAGE, len_pages * PAGE);
-        push(&mut requests, Target::Shared, buffer);
-        live.push_back(buffer);
+        let (gpa, len) = (rng.below(pages - len_pages + 1) * PAGE, len_pages * PAGE);
+        requests.push(Target::Shared, gpa, len);
+        live.push_back((gpa, len));
         if live.len() as u64 > in_flight {
-            if let Some(done) = live.pop_front() {
-                push(&mut requests, Target::Private, done);
+            if let Some((gpa, len)) = live.pop_front() {
+                requests.push(Target::Private, gpa, len);
             }
         }
     }
-    for done in live {
-        push(&mut requests, Target::Private, done);
+    for (gpa, len) in live {
+        requests.push(Target::Private, gpa, len);
     }
     Ok(Workload {
         name: format!("bounce-in-flight ({buffers} buffers, {in_flight} in flight, seed {seed})"),
         region_size,
-        requests,
+        requests: requests.list,
     })
 }
 
