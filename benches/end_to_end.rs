@@ -478,6 +478,7 @@ impl QemuBitmap {
 
     /// `ram_block_attributes_state_change`: `notify` gets each range QEMU notifies its
     /// listeners of, under the lock.
+    #[inline]
     fn state_change(&self, range: GpaRange, to: Attribute, mut notify: impl FnMut(GpaRange)) {
         let to = match to {
             Attribute::Shared => Target::Shared,
@@ -485,7 +486,13 @@ impl QemuBitmap {
         };
         let mut bits = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let notified = bits.state_change(range.start() - BASE, range.len(), to, |offset, len| {
-            notify(GpaRange::new(BASE + offset, len).expect("inside the region"));
+            // The whole request, or one granule of it.
+            let notified = if len == range.len() {
+                range
+            } else {
+                GpaRange::new(BASE + offset, len).expect("inside the region")
+            };
+            notify(notified);
             Ok::<_, Infallible>(())
         });
         notified.expect("workload ranges are inside the region");

@@ -15,7 +15,8 @@ use crate::Target;
 /// One bit per granule, 1 = shared, starting all private: QEMU's `RamBlockAttributes`.
 #[derive(Clone, Debug)]
 pub struct RamBlockAttributes {
-    granule: u64,
+    /// log2 of the granule size (QEMU's granules are powers of two).
+    shift: u32,
     granules: u64,
     bits: Vec<u64>,
 }
@@ -51,15 +52,16 @@ impl<E: fmt::Debug + fmt::Display> std::error::Error for ModelError<E> {}
 
 impl RamBlockAttributes {
     /// A block of `size` bytes in granules of `granule` bytes, all private; `None` when
-    /// `granule` is zero or does not divide `size`.
+    /// `granule` is not a power of two or does not divide `size`.
     pub fn new(size: u64, granule: u64) -> Option<Self> {
-        if granule == 0 || size % granule != 0 {
+        if !granule.is_power_of_two() || size % granule != 0 {
             return None;
         }
-        let granules = size / granule;
+        let shift = granule.trailing_zeros();
+        let granules = size >> shift;
         let words = usize::try_from(granules.div_ceil(64)).ok()?;
         Some(Self {
-            granule,
+            shift,
             granules,
             bits: vec![0; words],
         })
@@ -67,7 +69,7 @@ impl RamBlockAttributes {
 
     /// Whether granule `index` is shared (`false` past the end).
     pub fn is_shared(&self, index: u64) -> bool {
-        index < self.granules && self.bits[(index / 64) as usize] >> (index % 64) & 1 == 1
+        index < self.granules && self.bit(index)
     }
 
     /// Bytes of heap the bitmap holds.
@@ -81,6 +83,7 @@ impl RamBlockAttributes {
     ///
     /// # Errors
     /// A bad range (nothing changed), or the first notification that failed.
+    #[inline]
     pub fn state_change<E>(
         &mut self,
         offset: u64,
@@ -90,20 +93,19 @@ impl RamBlockAttributes {
     ) -> Result<(), ModelError<E>> {
         let (first, end) = self.granules_of(offset, len)?;
         let shared = to == Target::Shared;
-        let changes = (first..end)
-            .filter(|&g| self.is_shared(g) != shared)
-            .count() as u64;
-        if changes == 0 {
+        // The two range tests QEMU makes first, each stopping at the first granule that
+        // answers it.
+        if (first..end).all(|g| self.bit(g) == shared) {
             return Ok(());
         }
-        if changes == end - first {
+        if (first..end).all(|g| self.bit(g) != shared) {
             (first..end).for_each(|g| self.set(g, shared));
             return notify(offset, len).map_err(ModelError::Listener);
         }
         for g in first..end {
-            if self.is_shared(g) != shared {
+            if self.bit(g) != shared {
                 self.set(g, shared);
-                notify(g * self.granule, self.granule).map_err(ModelError::Listener)?;
+                notify(g << self.shift, 1 << self.shift).map_err(ModelError::Listener)?;
             }
         }
         Ok(())
@@ -128,7 +130,7 @@ impl RamBlockAttributes {
                 break;
             }
             let stop = find_next(&self.bits, end, start, false);
-            f(start * self.granule, (stop - start) * self.granule).map_err(ModelError::Listener)?;
+            f(start << self.shift, (stop - start) << self.shift).map_err(ModelError::Listener)?;
             g = stop;
         }
         Ok(())
@@ -147,10 +149,10 @@ impl RamBlockAttributes {
         let (first, end) = self.granules_of(offset, len)?;
         let mut run: Option<u64> = None;
         for g in first..=end {
-            match (run, g < end && self.is_shared(g)) {
+            match (run, g < end && self.bit(g)) {
                 (None, true) => run = Some(g),
                 (Some(start), false) => {
-                    f(start * self.granule, (g - start) * self.granule)
+                    f(start << self.shift, (g - start) << self.shift)
                         .map_err(ModelError::Listener)?;
                     run = None;
                 }
@@ -161,19 +163,27 @@ impl RamBlockAttributes {
     }
 
     /// The granules `[first, end)` of a byte range, checked.
+    #[inline]
     fn granules_of<E>(&self, offset: u64, len: u64) -> Result<(u64, u64), ModelError<E>> {
         let bad = ModelError::BadRange { offset, len };
         let Some(end) = offset.checked_add(len) else {
             return Err(bad);
         };
-        let (first, end) = (offset / self.granule, end / self.granule);
-        if len == 0 || offset % self.granule != 0 || len % self.granule != 0 || end > self.granules
-        {
+        let (first, end) = (offset >> self.shift, end >> self.shift);
+        let unaligned = (offset | len) & ((1 << self.shift) - 1) != 0;
+        if len == 0 || unaligned || end > self.granules {
             return Err(bad);
         }
         Ok((first, end))
     }
 
+    /// Granule `index`'s bit; `index` is inside the block.
+    #[inline]
+    fn bit(&self, index: u64) -> bool {
+        self.bits[(index / 64) as usize] >> (index % 64) & 1 == 1
+    }
+
+    #[inline]
     fn set(&mut self, index: u64, shared: bool) {
         let word = &mut self.bits[(index / 64) as usize];
         if shared {
@@ -270,6 +280,7 @@ mod tests {
         );
         assert!(RamBlockAttributes::new(G + 1, G).is_none());
         assert!(RamBlockAttributes::new(G, 0).is_none());
+        assert!(RamBlockAttributes::new(3 * G, 3 * G).is_none());
     }
 
     #[test]
