@@ -151,7 +151,8 @@ pub struct WorkloadArgs {
     /// Built-in workload (ignored with --trace).
     #[arg(long, value_enum, default_value_t = WorkloadChoice::FirmwareBounce)]
     pub workload: WorkloadChoice,
-    /// Read the requests from a trace file instead (format: see the README or `trace.rs`).
+    /// Read the requests from a trace file instead (format: see the README, or
+    /// `tools/workloads/src/trace.rs`).
     #[arg(long, value_name = "FILE")]
     pub trace: Option<PathBuf>,
     /// Number of transactions (firmware-bounce) or requests (random-mixed).
