@@ -22,15 +22,19 @@
 //! This host has no `KVM_CAP_MEMORY_ATTRIBUTES`: every strategy sends attribute changes to the
 //! same in-memory stand-in that only counts them ([`KvmStandIn`]).
 //!
-//! Workloads (each ends with the region all private again, so an iteration can repeat):
-//! - `firmware-bounce`: OVMF-style, 1-2 pages of a fixed 8-slot bounce area flipped shared
-//!   (and written, as the firmware fills the buffer) and straight back to private.
+//! Workloads: `tools/workloads`' generators (the ones `dma-map --workload` runs), seed 1, on the
+//! 256 MiB region; one that leaves pages shared gets a last request turning the whole region
+//! private, so an iteration can repeat:
+//! - `firmware-bounce`: OVMF-style, 1-2 pages of an 8-slot bounce area flipped shared
+//!   (and written, as the firmware fills the buffer) and straight back to private
+//!   (`dma-map --workload firmware-bounce --bounce-slots 8 --count 2000`).
 //! - `linux-boot`: the SWIOTLB pool (64 MiB, the minimum) converted shared in 2 MiB requests,
-//!   16 of its pages taken back one by one (`dma_free_coherent`), then the whole pool converted
-//!   back to private in one request: a large range made shared piece by piece, now mixed.
-//! - `random-mixed`: random direction, place and length (60 % one page, 30 % 2-16 pages, 10 %
-//!   up to 2 MiB), like `dma-map --workload random-mixed`.
-//! - `trace`: `benches/sample.trace` in `dma-map`'s trace format.
+//!   16 of its pages taken back one by one (`dma_free_coherent`), then the region back to
+//!   private in one request: a large range made shared piece by piece, now mixed
+//!   (`--workload linux-boot --freed-pages 16`).
+//! - `random-mixed`: 2,000 requests of random direction, place and length (60 % one page, 30 %
+//!   2-16 pages, 10 % 16 pages to 2 MiB), as `dma-map --workload random-mixed`.
+//! - `trace`: `benches/sample.trace`, read by `dma-map`'s trace parser.
 //!
 //! `cargo bench --bench end_to_end` first prints a summary table (time per conversion, kernel
 //! calls per conversion, peak memory held back, ratios to the floor and to QEMU: the strategies
@@ -42,6 +46,7 @@
 //! `manager-bounce/extents` and `manager-bounce/bitmap` measure the state manager alone against
 //! a per-granule bitmap with one counting listener.
 
+use std::convert::Infallible;
 use std::hint::black_box;
 use std::os::fd::AsFd;
 use std::sync::Arc;
@@ -59,11 +64,15 @@ use gmem_dma::{
     DeviceConfig, DiscardPolicy, GuestRam, MemoryAttributes, RegionBacking, RegionSpec,
 };
 use iommu::{DmaBackend, DmaProt, EmulatedIommu};
+use workloads::{
+    BounceArea, BounceInFlight, FirmwareBounce, LinuxBoot, RamBlockAttributes, Target,
+};
 
 const G: u64 = 4096;
 const BASE: u64 = 0x1_0000_0000;
 const REGION: u64 = 256 << 20;
-const POOL: u64 = 64 << 20;
+/// Seed of every generated workload (`dma-map`'s default).
+const SEED: u64 = 1;
 
 // ---------------------------------------------------------------------------------------------
 // Workloads
@@ -79,21 +88,6 @@ struct Workload {
     reqs: Vec<Req>,
 }
 
-struct XorShift(u64);
-
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 fn req(offset: u64, len: u64, to: Attribute) -> Req {
     Req {
         range: GpaRange::new(BASE + offset, len).expect("workload ranges are valid"),
@@ -101,113 +95,56 @@ fn req(offset: u64, len: u64, to: Attribute) -> Req {
     }
 }
 
-fn all_private() -> Req {
-    req(0, REGION, Attribute::Private)
-}
-
-fn firmware_bounce(transactions: usize) -> Workload {
-    const SLOTS: u64 = 8;
-    const AREA: u64 = 1 << 20;
-    let mut rng = XorShift(0x0f1f_2f3f);
-    let mut reqs = Vec::with_capacity(transactions * 2);
-    for _ in 0..transactions {
-        let pages = 1 + rng.below(2);
-        let slot = rng.below(SLOTS);
-        for to in [Attribute::Shared, Attribute::Private] {
-            reqs.push(req(AREA + slot * 2 * G, pages * G, to));
-        }
-    }
-    Workload {
-        name: "firmware-bounce",
-        reqs,
-    }
-}
-
-fn linux_boot() -> Workload {
-    const CHUNK: u64 = 2 << 20;
-    let pool = 64 << 20;
-    let mut reqs: Vec<Req> = (0..POOL / CHUNK)
-        .map(|i| req(pool + i * CHUNK, CHUNK, Attribute::Shared))
+/// A workload of `tools/workloads` (the same `dma-map` runs) as bench requests, made to end all
+/// private so an iteration can repeat: a workload that leaves pages shared gets one last request
+/// turning the whole region private.
+fn bench_workload(name: &'static str, w: workloads::Workload) -> Workload {
+    let mut reqs: Vec<Req> = w
+        .requests
+        .iter()
+        .map(|r| req(r.gpa, r.len, attribute(r.to)))
         .collect();
-    let mut rng = XorShift(0xb007);
-    for _ in 0..16 {
-        reqs.push(req(pool + rng.below(POOL / G) * G, G, Attribute::Private));
+    if !workloads::final_shared(&w).is_empty() {
+        reqs.push(req(0, w.region_size, Attribute::Private));
     }
-    reqs.push(req(pool, POOL, Attribute::Private));
-    Workload {
-        name: "linux-boot",
-        reqs,
-    }
+    Workload { name, reqs }
 }
 
-fn random_mixed(count: usize) -> Workload {
-    let mut rng = XorShift(0x5eed_0001);
-    let granules = REGION / G;
-    let mut reqs = Vec::with_capacity(count + 1);
-    for _ in 0..count {
-        let pick = rng.below(100);
-        let len = if pick < 60 {
-            1
-        } else if pick < 90 {
-            2 + rng.below(15)
-        } else {
-            1 + rng.below(512)
-        };
-        let start = rng.below(granules - len + 1);
-        let to = if rng.below(2) == 0 {
-            Attribute::Shared
-        } else {
-            Attribute::Private
-        };
-        reqs.push(req(start * G, len * G, to));
-    }
-    reqs.push(all_private());
-    Workload {
-        name: "random-mixed",
-        reqs,
-    }
-}
-
-/// Parses `dma-map`'s trace format v1: `<time_ns> <shared|private> <gpa hex> <len hex>`, GPAs
-/// relative to the region base, `#` comments.
-fn trace(text: &str) -> Workload {
-    let hex = |s: &str| u64::from_str_radix(s.trim_start_matches("0x"), 16);
-    let mut reqs: Vec<Req> = text
-        .lines()
-        .enumerate()
-        .filter_map(|(n, line)| {
-            let fields: Vec<&str> = line.split('#').next()?.split_whitespace().collect();
-            if fields.is_empty() {
-                return None;
-            }
-            let bad = || panic!("benches/sample.trace line {}: {line:?}", n + 1);
-            let [_, dir, gpa, len] = fields[..] else {
-                bad()
-            };
-            let to = match dir {
-                "shared" => Attribute::Shared,
-                "private" => Attribute::Private,
-                _ => bad(),
-            };
-            match (hex(gpa), hex(len)) {
-                (Ok(gpa), Ok(len)) => Some(req(gpa, len, to)),
-                _ => bad(),
-            }
-        })
-        .collect();
-    reqs.push(all_private());
-    Workload {
-        name: "trace",
-        reqs,
+fn attribute(to: Target) -> Attribute {
+    match to {
+        Target::Shared => Attribute::Shared,
+        Target::Private => Attribute::Private,
     }
 }
 
 fn workloads() -> Vec<Workload> {
+    let bounce = FirmwareBounce {
+        transactions: 2_000,
+        area: BounceArea::Slots(8),
+    };
+    let boot = LinuxBoot {
+        chunk: 2 << 20,
+        freed_pages: 16,
+    };
+    let generated = "the bench's workload parameters fit its region";
     vec![
-        firmware_bounce(2_000),
-        linux_boot(),
-        random_mixed(2_000),
-        trace(include_str!("sample.trace")),
+        bench_workload(
+            "firmware-bounce",
+            workloads::firmware_bounce(REGION, bounce, SEED).expect(generated),
+        ),
+        bench_workload(
+            "linux-boot",
+            workloads::linux_boot(REGION, boot, SEED).expect(generated),
+        ),
+        bench_workload(
+            "random-mixed",
+            workloads::random_mixed(REGION, 2_000, SEED).expect(generated),
+        ),
+        bench_workload(
+            "trace",
+            workloads::trace::parse(include_str!("sample.trace"), REGION, "benches/sample.trace")
+                .expect("benches/sample.trace is a valid trace"),
+        ),
     ]
 }
 
@@ -529,6 +466,39 @@ impl Runner for Project {
     }
 }
 
+/// QEMU's `RamBlockAttributes` bitmap (`tools/workloads`' model) behind QEMU's mutex, in
+/// guest-physical addresses from `BASE`.
+struct QemuBitmap(Mutex<RamBlockAttributes>);
+
+impl QemuBitmap {
+    fn new(size: u64) -> Self {
+        let bits = RamBlockAttributes::new(size, G).expect("a whole number of granules");
+        Self(Mutex::new(bits))
+    }
+
+    /// `ram_block_attributes_state_change`: `notify` gets each range QEMU notifies its
+    /// listeners of, under the lock.
+    #[inline]
+    fn state_change(&self, range: GpaRange, to: Attribute, mut notify: impl FnMut(GpaRange)) {
+        let to = match to {
+            Attribute::Shared => Target::Shared,
+            Attribute::Private => Target::Private,
+        };
+        let mut bits = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let notified = bits.state_change(range.start() - BASE, range.len(), to, |offset, len| {
+            // The whole request, or one granule of it.
+            let notified = if len == range.len() {
+                range
+            } else {
+                GpaRange::new(BASE + offset, len).expect("inside the region")
+            };
+            notify(notified);
+            Ok::<_, Infallible>(())
+        });
+        notified.expect("workload ranges are inside the region");
+    }
+}
+
 /// QEMU's path, reproduced: `kvm_convert_memory` (attribute over the whole request), then
 /// `ram_block_attributes_state_change` (4 KiB bitmap; uniform ranges notified whole, mixed
 /// ranges per granule), the VFIO listener (one map per granule on populate, one unmap per
@@ -538,7 +508,7 @@ struct Qemu {
     iommu: CountingBackend,
     backing: RegionBacking,
     attributes: KvmStandIn,
-    bits: Mutex<Vec<u64>>,
+    bits: QemuBitmap,
     reqs: Vec<Req>,
     punches: u64,
 }
@@ -549,16 +519,16 @@ impl Qemu {
             iommu: counting_iommu(),
             backing: backing(vm),
             attributes: KvmStandIn::default(),
-            bits: Mutex::new(vec![0; (REGION / G).div_ceil(64) as usize]),
+            bits: QemuBitmap::new(REGION),
             reqs: w.reqs.clone(),
             punches: 0,
         }
     }
 
-    fn populate(&self, gpa: u64, len: u64) {
+    fn populate(&self, range: GpaRange) {
         // vfio_ram_discard_notify_populate: one map per granule.
-        let mut at = gpa;
-        while at < gpa + len {
+        let mut at = range.start();
+        while at < range.end() {
             let host = self.backing.host_addr(at).expect("inside the region");
             // SAFETY: a page of the region's shared mapping, which outlives the IOMMU; raw
             // pointer access only.
@@ -567,52 +537,21 @@ impl Qemu {
         }
     }
 
-    fn discard(&self, gpa: u64, len: u64) {
+    fn discard(&self, range: GpaRange) {
         // vfio_ram_discard_notify_discard: one unmap over the notified range.
-        self.iommu.unmap(gpa, len).expect("unmap");
+        self.iommu.unmap(range.start(), range.len()).expect("unmap");
     }
 
     fn convert(&mut self, range: GpaRange, to: Attribute) {
         let _ = self.attributes.set(range, to);
         let shared = to == Attribute::Shared;
-        let a = (range.start() - BASE) / G;
-        let b = (range.end() - BASE) / G;
-        {
-            let mut bits = self.bits.lock().unwrap_or_else(|p| p.into_inner());
-            let get = |bits: &[u64], g: u64| bits[(g / 64) as usize] >> (g % 64) & 1 == 1;
-            let set = |bits: &mut [u64], g: u64| {
-                let w = &mut bits[(g / 64) as usize];
-                if shared {
-                    *w |= 1 << (g % 64)
-                } else {
-                    *w &= !(1 << (g % 64))
-                }
-            };
-            if (a..b).all(|g| get(&bits, g) == shared) {
-                // Nothing to notify.
-            } else if (a..b).all(|g| get(&bits, g) != shared) {
-                for g in a..b {
-                    set(&mut bits, g);
-                }
-                if shared {
-                    self.populate(range.start(), range.len());
-                } else {
-                    self.discard(range.start(), range.len());
-                }
+        self.bits.state_change(range, to, |r| {
+            if shared {
+                self.populate(r);
             } else {
-                for g in a..b {
-                    if get(&bits, g) != shared {
-                        set(&mut bits, g);
-                        let gpa = BASE + g * G;
-                        if shared {
-                            self.populate(gpa, G);
-                        } else {
-                            self.discard(gpa, G);
-                        }
-                    }
-                }
+                self.discard(r);
             }
-        }
+        });
         let vacated = if shared { View::Private } else { View::Shared };
         punch(&self.backing, vacated, range);
         self.punches += 1;
@@ -667,36 +606,18 @@ impl ViewListener for CountingListener {
     }
 }
 
+/// Bytes of the region the state manager alone is measured on.
+const MANAGER_REGION: u64 = 1 << 30;
+
 /// Bounce buffers of 1-2 granules at random places in 1 GiB, each converted back to private
 /// 64 buffers later (as `discard-manager/benches/conversions.rs`'s `bounce/1GiB`).
 fn manager_trace() -> Vec<Req> {
-    const OUTSTANDING: usize = 64;
-    let granules = (1u64 << 30) / G;
-    let mut rng = XorShift(0x5eed);
-    let mut live = std::collections::VecDeque::new();
-    let mut reqs = Vec::new();
-    for _ in 0..4096 {
-        let len = 1 + rng.below(2);
-        let first = rng.below(granules - len);
-        let range = GpaRange::new(BASE + first * G, len * G).expect("range");
-        reqs.push(Req {
-            range,
-            to: Attribute::Shared,
-        });
-        live.push_back(range);
-        if live.len() > OUTSTANDING {
-            let range = live.pop_front().expect("non-empty");
-            reqs.push(Req {
-                range,
-                to: Attribute::Private,
-            });
-        }
-    }
-    reqs.extend(live.into_iter().map(|range| Req {
-        range,
-        to: Attribute::Private,
-    }));
-    reqs
+    let params = BounceInFlight {
+        buffers: 4096,
+        in_flight: 64,
+    };
+    let w = workloads::bounce_in_flight(MANAGER_REGION, params, SEED).expect("fits 1 GiB");
+    bench_workload("manager-bounce", w).reqs
 }
 
 struct ManagerOnly {
@@ -708,7 +629,7 @@ impl ManagerOnly {
     fn new() -> Self {
         let manager = DiscardManager::new(RegionConfig {
             base: BASE,
-            size: 1 << 30,
+            size: MANAGER_REGION,
             granularity: G,
             initial_attribute: Attribute::Private,
             initially_plugged: true,
@@ -747,7 +668,7 @@ impl Runner for ManagerOnly {
 /// QEMU `RamBlockAttributes`: one bit per granule, a mutex, the listener notified per uniform
 /// range or per granule of a mixed range.
 struct BitmapOnly {
-    bits: Mutex<Vec<u64>>,
+    bits: QemuBitmap,
     listener: Arc<dyn ViewListener>,
     reqs: Vec<Req>,
 }
@@ -755,40 +676,19 @@ struct BitmapOnly {
 impl BitmapOnly {
     fn new() -> Self {
         Self {
-            bits: Mutex::new(vec![0; ((1u64 << 30) / G / 64) as usize]),
+            bits: QemuBitmap::new(MANAGER_REGION),
             listener: Arc::new(CountingListener::default()),
             reqs: manager_trace(),
         }
     }
 
     fn convert(&self, range: GpaRange, to: Attribute) {
-        let shared = to == Attribute::Shared;
-        let a = (range.start() - BASE) / G;
-        let b = (range.end() - BASE) / G;
-        let mut bits = self.bits.lock().unwrap_or_else(|p| p.into_inner());
-        let get = |bits: &[u64], g: u64| bits[(g / 64) as usize] >> (g % 64) & 1 == 1;
-        let notify = |r: GpaRange| {
-            if shared {
+        self.bits.state_change(range, to, |r| match to {
+            Attribute::Shared => {
                 let _ = self.listener.populate(View::Shared, r);
-            } else {
-                self.listener.discard(View::Shared, r);
             }
-        };
-        if (a..b).all(|g| get(&bits, g) == shared) {
-            return;
-        }
-        let uniform = (a..b).all(|g| get(&bits, g) != shared);
-        for g in a..b {
-            if get(&bits, g) != shared {
-                bits[(g / 64) as usize] ^= 1 << (g % 64);
-                if !uniform {
-                    notify(GpaRange::new(BASE + g * G, G).expect("granule"));
-                }
-            }
-        }
-        if uniform {
-            notify(range);
-        }
+            Attribute::Private => self.listener.discard(View::Shared, r),
+        });
     }
 }
 

@@ -21,8 +21,8 @@ use crate::report::{KernelCalls, Setup};
 use crate::setup::{self, Kvm0, REGION_BASE};
 use crate::stats::Latencies;
 use crate::units::Bytes;
-use crate::workload::{Target, Workload};
 use gmem_dma::instrument::{CountingAttributes, CountingBackend};
+use workloads::{Target, Workload};
 
 /// One region with one device, as a run uses it.
 pub struct Bench {

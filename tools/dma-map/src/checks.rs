@@ -10,7 +10,7 @@ use crate::bench::{Bench, Driven};
 use crate::report::Check;
 use crate::setup::REGION_BASE;
 use crate::units::Bytes;
-use crate::workload::{self, Workload};
+use workloads::Workload;
 
 fn check(name: &str, passed: bool, detail: impl Into<String>) -> Check {
     Check {
@@ -34,7 +34,7 @@ pub fn state(bench: &Bench, w: &Workload, d: &Driven) -> anyhow::Result<Vec<Chec
         .view_runs(View::Shared, whole)
         .context("reading the shared view")?;
     if d.failure.is_none() {
-        let expected: Vec<(u64, u64)> = workload::final_shared(w)
+        let expected: Vec<(u64, u64)> = workloads::final_shared(w)
             .into_iter()
             .map(|(s, e)| (REGION_BASE + s, REGION_BASE + e))
             .collect();

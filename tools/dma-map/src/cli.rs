@@ -151,15 +151,24 @@ pub struct WorkloadArgs {
     /// Built-in workload (ignored with --trace).
     #[arg(long, value_enum, default_value_t = WorkloadChoice::FirmwareBounce)]
     pub workload: WorkloadChoice,
-    /// Read the requests from a trace file instead (format: see the README or `trace.rs`).
+    /// Read the requests from a trace file instead (format: see the README, or
+    /// `tools/workloads/src/trace.rs`).
     #[arg(long, value_name = "FILE")]
     pub trace: Option<PathBuf>,
     /// Number of transactions (firmware-bounce) or requests (random-mixed).
     #[arg(long, default_value_t = 20_000)]
     pub count: u64,
+    /// firmware-bounce: place the buffers in N two-page slots from 1 MiB (a reused pool, as
+    /// OVMF's; the benchmarks use 8) instead of anywhere in the region.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub bounce_slots: Option<u64>,
     /// Request size of linux-boot's pool conversion.
     #[arg(long, value_parser = parse_size, default_value = "2M")]
     pub chunk: u64,
+    /// linux-boot: single pages of the pool converted back to private afterwards, at random
+    /// places (the benchmarks free 16).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub freed_pages: u64,
     /// Seed of the workload generators (same seed, same requests).
     #[arg(long, default_value_t = 1)]
     pub seed: u64,

@@ -19,9 +19,7 @@ mod exit;
 mod report;
 mod setup;
 mod stats;
-mod trace;
 mod units;
-mod workload;
 
 use std::process::ExitCode;
 

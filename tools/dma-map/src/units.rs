@@ -1,28 +1,6 @@
 //! Byte sizes as people write them (`64M`, `1G`, `4096`, `0x1000`) and as the reports print them.
 
-use std::fmt;
-
-/// A byte count that prints with a binary unit (`64 MiB`, `4 KiB`, `1.5 GiB`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Bytes(pub u64);
-
-impl fmt::Display for Bytes {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-        let mut unit = 0;
-        let mut whole = self.0;
-        while whole >= 1024 && unit + 1 < UNITS.len() {
-            whole /= 1024;
-            unit += 1;
-        }
-        let scale = 1u64 << (10 * unit);
-        if self.0 % scale == 0 {
-            write!(f, "{} {}", self.0 / scale, UNITS[unit])
-        } else {
-            write!(f, "{:.1} {}", self.0 as f64 / scale as f64, UNITS[unit])
-        }
-    }
-}
+pub use workloads::Bytes;
 
 /// Parses `4096`, `0x1000`, `4K`, `64M`, `1G`, `2GiB`, `1T` (binary multiples, case-insensitive).
 ///
@@ -78,13 +56,5 @@ mod tests {
                 .unwrap_err()
                 .contains("too large")
         );
-    }
-
-    #[test]
-    fn bytes_print_with_the_largest_whole_unit() {
-        assert_eq!(Bytes(64 << 20).to_string(), "64 MiB");
-        assert_eq!(Bytes(4096).to_string(), "4 KiB");
-        assert_eq!(Bytes(1536 << 20).to_string(), "1.5 GiB");
-        assert_eq!(Bytes(100).to_string(), "100 B");
     }
 }

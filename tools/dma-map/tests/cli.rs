@@ -293,6 +293,67 @@ fn a_saved_trace_replays_to_the_same_counts() {
     assert!(again["workload"].as_str().unwrap().starts_with("trace"));
 }
 
+/// The requests of a saved trace: (direction, gpa, len).
+fn saved_requests(args: &[&str]) -> Vec<(String, u64, u64)> {
+    let path = temp_path(&format!("saved-{}.trace", args.join("-")));
+    let mut all = args.to_vec();
+    all.extend(["--save-trace", path.to_str().unwrap()]);
+    json(&all);
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::remove_file(&path).ok();
+    let hex = |s: &str| u64::from_str_radix(s.trim_start_matches("0x"), 16).unwrap();
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f[1].to_string(), hex(f[2]), hex(f[3]))
+        })
+        .collect()
+}
+
+#[test]
+fn bounce_slots_and_freed_pages_shape_the_generated_workload() {
+    let bounce = saved_requests(&[
+        "run",
+        "--count",
+        "200",
+        "--region-size",
+        "16M",
+        "--bounce-slots",
+        "8",
+    ]);
+    assert_eq!(bounce.len(), 400);
+    let slots: Vec<u64> = (0..8).map(|s| 0x10_0000 + s * 0x2000).collect();
+    assert!(
+        bounce.iter().all(|(_, gpa, _)| slots.contains(gpa)),
+        "{bounce:?}"
+    );
+
+    let boot = saved_requests(&[
+        "run",
+        "--workload",
+        "linux-boot",
+        "--region-size",
+        "256M",
+        "--freed-pages",
+        "16",
+    ]);
+    assert_eq!(boot.len(), 32 + 16);
+    assert!(
+        boot[..32]
+            .iter()
+            .all(|(to, _, len)| to == "shared" && *len == 2 << 20)
+    );
+    assert!(
+        boot[32..]
+            .iter()
+            .all(|(to, _, len)| to == "private" && *len == 0x1000)
+    );
+
+    let o = dma_map(&["run", "--bounce-slots", "0"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+}
+
 #[test]
 fn a_bad_trace_line_is_named_by_its_number() {
     let path = temp_path("bad.trace");

@@ -4,7 +4,7 @@ use serde::Serialize;
 
 use crate::cli::{BackendChoice, PolicyChoice, SetupArgs};
 use crate::report::{RunSummary, render_compare};
-use crate::workload::Workload;
+use workloads::Workload;
 
 /// Every run of a comparison.
 #[derive(Clone, Debug, Serialize)]

@@ -47,7 +47,9 @@ fn workload(count: u64) -> WorkloadArgs {
         workload: WorkloadChoice::FirmwareBounce,
         trace: None,
         count,
+        bounce_slots: None,
         chunk: 2 << 20,
+        freed_pages: 0,
         seed: 1,
         save_trace: None,
     }

@@ -12,8 +12,8 @@ use crate::checks;
 use crate::cli::{BackendChoice, PolicyChoice, SetupArgs, WorkloadArgs, WorkloadChoice};
 use crate::exit::{Class, error};
 use crate::report::{KernelCalls, RunSummary};
-use crate::workload::{self, Workload};
-use crate::{trace, units::Bytes};
+use crate::units::Bytes;
+use workloads::{BounceArea, FirmwareBounce, LinuxBoot, Workload, trace};
 
 /// Builds the workload `args` asks for, for a region of `region_size` bytes, and saves it as a
 /// trace when asked.
@@ -32,11 +32,24 @@ pub fn load_workload(args: &WorkloadArgs, region_size: u64) -> anyhow::Result<Wo
         }
         None => match args.workload {
             WorkloadChoice::FirmwareBounce => {
-                workload::firmware_bounce(region_size, args.count, args.seed)
+                let area = args
+                    .bounce_slots
+                    .map_or(BounceArea::Anywhere, BounceArea::Slots);
+                let params = FirmwareBounce {
+                    transactions: args.count,
+                    area,
+                };
+                workloads::firmware_bounce(region_size, params, args.seed)
             }
-            WorkloadChoice::LinuxBoot => workload::linux_boot(region_size, args.chunk, args.seed),
+            WorkloadChoice::LinuxBoot => {
+                let params = LinuxBoot {
+                    chunk: args.chunk,
+                    freed_pages: args.freed_pages,
+                };
+                workloads::linux_boot(region_size, params, args.seed)
+            }
             WorkloadChoice::RandomMixed => {
-                workload::random_mixed(region_size, args.count, args.seed)
+                workloads::random_mixed(region_size, args.count, args.seed)
             }
         }
         .map_err(|e| usage(&e))?,

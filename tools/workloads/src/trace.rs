@@ -15,7 +15,7 @@
 
 use std::fmt;
 
-use crate::workload::{PAGE, Request, Target, Workload};
+use crate::{PAGE, Request, Target, Workload};
 
 /// What is wrong with a trace, and on which line (1-based).
 #[derive(Debug, PartialEq, Eq)]
@@ -227,7 +227,7 @@ pub fn format(workload: &Workload) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::workload::firmware_bounce;
+    use crate::{BounceArea, FirmwareBounce, firmware_bounce};
 
     const REGION: u64 = 1 << 20;
 
@@ -326,7 +326,11 @@ mod tests {
 
     #[test]
     fn a_formatted_workload_parses_back_unchanged() {
-        let w = firmware_bounce(REGION, 50, 3).unwrap();
+        let params = FirmwareBounce {
+            transactions: 50,
+            area: BounceArea::Anywhere,
+        };
+        let w = firmware_bounce(REGION, params, 3).unwrap();
         let back = parse(&format(&w), REGION, "t").unwrap();
         assert_eq!(back.requests, w.requests);
     }
