@@ -32,18 +32,8 @@ use discard_manager::{GpaRange, ListenerError, View, ViewListener};
 use iommu::{DmaProt, Ledger, LedgerError};
 
 use crate::backing::RegionBacking;
+use crate::device::MapBy;
 use crate::range_set::RangeSet;
-
-/// How a device's mappings name the memory.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum MapBy {
-    /// By host virtual address of the region's shared mapping (`VFIO_IOMMU_MAP_DMA`,
-    /// `IOMMU_IOAS_MAP`). Shared view only.
-    Address,
-    /// By file descriptor + offset (`IOMMU_IOAS_MAP_FILE`): the shared file for the shared view,
-    /// the guest_memfd for the private view.
-    File,
-}
 
 /// One unmap that failed inside a discard.
 #[derive(Debug, thiserror::Error)]

@@ -5,7 +5,10 @@
 //! - [`GuestRam`]: regions, devices and the KVM attribute table; what the VMM holds.
 //! - [`RegionBacking`]: the files behind a region, classic (memfd + guest_memfd) or in-place
 //!   (mmap-able guest_memfd), chosen from what the kernel offers ([`KvmSupport`]).
-//! - [`engine`]: the order of every conversion, its rollback, and the discard policies.
+//! - [`Region`]: one region's state manager, backing, policy and devices (attach, detach).
+//! - [`conversion`]: the order of every conversion and its rollback; [`policy`]: when vacated
+//!   backing is freed.
+//! - [`DeviceConfig`]: how a device sees guest memory (shared view, or trusted-IO private view).
 //! - [`dma`]: the listeners that map a view of a region into a device's IOMMU.
 //! - [`ConversionQueue`]: conversions from vCPU threads, merged and answered one by one.
 //! - [`exits`]: vCPU exits to conversion requests, results to what the guest reads.
@@ -46,8 +49,9 @@
 
 pub mod attributes;
 pub mod backing;
+pub mod conversion;
+mod device;
 pub mod dma;
-pub mod engine;
 pub mod exits;
 pub mod host;
 pub mod instrument;
@@ -55,6 +59,7 @@ pub mod policy;
 mod queue;
 mod ram;
 mod range_set;
+mod region;
 pub mod sys;
 
 /// Locks `m`, ignoring poison. Every critical section in this crate leaves its data consistent
@@ -66,8 +71,8 @@ pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 pub use attributes::{AttributeError, KvmAttributes, MemoryAttributes, RecordingAttributes};
 pub use backing::{BackingError, FileKind, RegionBacking};
-pub use dma::MapBy;
-pub use engine::{Conversion, ConversionError, DeviceId, Region};
+pub use conversion::{Conversion, ConversionError};
+pub use device::{AttachError, DetachError, DeviceConfig, DeviceId, MapBy};
 pub use exits::{
     ConversionRequest, ExitError, RequestError, handle_map_gpa_range, handle_memory_fault,
     hypercall_return,
@@ -75,4 +80,5 @@ pub use exits::{
 pub use host::{BackingModel, KvmSupport, ModelChoice, ModelError};
 pub use policy::{DiscardPolicy, FlushReport, HeldBack};
 pub use queue::{ConversionQueue, QueueStats, Ticket};
-pub use ram::{AttachError, DetachError, DeviceConfig, GuestRam, RegionError, RegionSpec};
+pub use ram::{GuestRam, RegionError, RegionSpec};
+pub use region::Region;

@@ -406,10 +406,7 @@ fn a_backend_that_cannot_map_guest_memfd_is_refused_at_attach_with_the_reason() 
             .map_file(FileMapSupport::None)
             .build(),
     );
-    let by_file = DeviceConfig {
-        map_by: MapBy::File,
-        ..DeviceConfig::shared()
-    };
+    let by_file = DeviceConfig::shared_by(MapBy::File);
     assert!(rig.ram.attach_device("nic", type1, by_file).is_err());
     assert!(rig.ram.devices().is_empty());
     assert_eq!(mainline.mapping_count(), 0);
@@ -426,10 +423,7 @@ fn attaching_to_a_running_guest_replays_the_shared_view_and_detaching_unmaps_it(
     let dev = rig.attach(
         "nic",
         EmulatedIommu::new(),
-        DeviceConfig {
-            iova_offset: offset,
-            ..DeviceConfig::shared()
-        },
+        DeviceConfig::shared().with_iova_offset(offset),
     );
     let iovas: Vec<u64> = dev
         .iommu

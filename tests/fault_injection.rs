@@ -113,10 +113,7 @@ const NAMES: [&str; 3] = ["nic-va", "nic-file", "tdisp"];
 fn configs() -> [DeviceConfig; 3] {
     [
         DeviceConfig::shared(),
-        DeviceConfig {
-            map_by: MapBy::File,
-            ..DeviceConfig::shared()
-        },
+        DeviceConfig::shared_by(MapBy::File),
         DeviceConfig::trusted_io(),
     ]
 }

@@ -73,7 +73,7 @@ impl Rig {
         Dev {
             iommu,
             id,
-            view: config.view,
+            view: config.view(),
         }
     }
 

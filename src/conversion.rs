@@ -1,5 +1,5 @@
-//! The conversion engine: the one place that decides the order of the steps of a conversion,
-//! what is undone when one fails, and when backing memory is freed.
+//! The conversion procedure: the order of the steps of a conversion, what is undone when one
+//! fails, and when backing memory is freed.
 //!
 //! # Order of a conversion of `range` to `to`
 //! Under the region's conversion lock:
@@ -40,22 +40,19 @@
 //! backings intact when a listener fails, and it stops the VM. Here every failure returns a
 //! [`ConversionError`] naming the step, the guest gets an error code and keeps running.
 
-use std::ops::{Deref, DerefMut};
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::Ordering;
 
 use discard_manager::{
-    Attribute, Change, DiscardManager, GpaRange, ListenerId, RangeError, RegionConfig,
-    TransactionError, TransactionStep, View,
+    Attribute, Change, GpaRange, ListenerId, RangeError, TransactionError, TransactionStep, View,
 };
-use iommu::{Ledger, LedgerError};
+use iommu::LedgerError;
 
 use crate::attributes::{AttributeError, MemoryAttributes};
-use crate::backing::RegionBacking;
-use crate::dma::{DmaListener, UnmapFailure, UnmapFailures};
+use crate::dma::{UnmapFailure, UnmapFailures};
 use crate::host::BackingModel;
-use crate::policy::{DiscardPolicy, Discarder, FlushReport, HeldBack};
+use crate::policy::{FlushReport, HeldBack};
 use crate::range_set::span;
+use crate::region::{Region, view_bit};
 
 /// A conversion that was refused or failed, naming the step. Unless the variant says
 /// otherwise, nothing changed: state manager, KVM attributes, IOMMU mappings and backings are
@@ -210,7 +207,7 @@ impl Conversion {
 /// guest_memfd) refuses a range holding a page with unexpected references (`EAGAIN`), and the
 /// granules in between may be pinned by devices that map them, so a span could fail where the
 /// runs would not.
-pub struct AttributeStep<'a> {
+pub(crate) struct AttributeStep<'a> {
     attributes: &'a dyn MemoryAttributes,
     to: Attribute,
     span_runs: bool,
@@ -220,7 +217,7 @@ pub struct AttributeStep<'a> {
 
 /// Why [`AttributeStep::apply`] failed.
 #[derive(Debug, thiserror::Error)]
-pub enum StepError {
+pub(crate) enum StepError {
     /// A device unmap in the discard before the step failed.
     #[error("a device unmap failed")]
     Unmap(Vec<UnmapFailure>),
@@ -295,175 +292,7 @@ fn opposite(a: Attribute) -> Attribute {
     }
 }
 
-/// Identifies a device attached to a [`crate::GuestRam`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct DeviceId(pub(crate) u64);
-
-/// One device's listener on one region.
-pub(crate) struct Attached {
-    pub(crate) device: DeviceId,
-    pub(crate) name: String,
-    pub(crate) view: View,
-    pub(crate) id: ListenerId,
-    pub(crate) listener: Arc<DmaListener>,
-    pub(crate) ledger: Arc<Ledger>,
-}
-
-fn view_bit(view: View) -> u8 {
-    match view {
-        View::Shared => 1,
-        View::Private => 2,
-    }
-}
-
-/// A region's device list, locked for a change; when dropped, updates which views have a
-/// device with a mapping budget.
-pub(crate) struct AttachedMut<'a> {
-    list: MutexGuard<'a, Vec<Attached>>,
-    budgeted: &'a AtomicU8,
-}
-
-impl Deref for AttachedMut<'_> {
-    type Target = Vec<Attached>;
-
-    fn deref(&self) -> &Vec<Attached> {
-        &self.list
-    }
-}
-
-impl DerefMut for AttachedMut<'_> {
-    fn deref_mut(&mut self) -> &mut Vec<Attached> {
-        &mut self.list
-    }
-}
-
-impl Drop for AttachedMut<'_> {
-    fn drop(&mut self) {
-        let bits = self
-            .list
-            .iter()
-            .filter(|a| a.ledger.capabilities().mapping_budget.is_some())
-            .fold(0, |bits, a| bits | view_bit(a.view));
-        self.budgeted.store(bits, Ordering::Release);
-    }
-}
-
-/// One guest RAM region: its state manager, backing, discard policy and device listeners.
-pub struct Region {
-    // Drop order: the manager (holding the listeners, which hold the ledgers) before the
-    // backing whose memory the ledgers map.
-    manager: DiscardManager,
-    attached: Mutex<Vec<Attached>>,
-    /// Bit per view ([`view_bit`]): a device listening to it has a mapping budget. Kept by
-    /// [`AttachedMut`] whenever the device list changes, so a conversion need not walk it.
-    budgeted: AtomicU8,
-    backing: Arc<RegionBacking>,
-    granularity: u64,
-    /// The conversion lock, and the held-back frees it protects.
-    discarder: Mutex<Discarder>,
-    failures: Arc<UnmapFailures>,
-}
-
-impl std::fmt::Debug for Region {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Region")
-            .field("range", &self.manager.region())
-            .field("backing", &self.backing)
-            .finish_non_exhaustive()
-    }
-}
-
-use crate::lock;
-
 impl Region {
-    pub(crate) fn new(
-        backing: RegionBacking,
-        config: RegionConfig,
-        policy: DiscardPolicy,
-    ) -> Result<Self, discard_manager::ConfigError> {
-        Ok(Self {
-            manager: DiscardManager::new(config)?,
-            attached: Mutex::new(Vec::new()),
-            budgeted: AtomicU8::new(0),
-            backing: Arc::new(backing),
-            granularity: config.granularity,
-            discarder: Mutex::new(Discarder::new(policy)),
-            failures: Arc::default(),
-        })
-    }
-
-    /// The state manager (for queries, and for listeners other than devices, such as
-    /// migration; do not convert through it directly, or KVM and the backings fall behind).
-    pub fn manager(&self) -> &DiscardManager {
-        &self.manager
-    }
-
-    /// The backing.
-    pub fn backing(&self) -> &Arc<RegionBacking> {
-        &self.backing
-    }
-
-    /// The region's guest range.
-    pub fn range(&self) -> GpaRange {
-        self.manager.region()
-    }
-
-    /// The granularity of state and of every DMA mapping.
-    pub fn granularity(&self) -> u64 {
-        self.granularity
-    }
-
-    /// The discard policy.
-    pub fn policy(&self) -> DiscardPolicy {
-        lock(&self.discarder).policy()
-    }
-
-    /// Backing held back right now.
-    pub fn held_back(&self) -> HeldBack {
-        lock(&self.discarder).held()
-    }
-
-    /// True when `[start, end)` of `side` is held back (may be backed on both sides).
-    pub fn holds(&self, side: View, start: u64, end: u64) -> bool {
-        lock(&self.discarder).holds(side, start, end)
-    }
-
-    /// Frees everything held back now.
-    pub fn flush(&self) -> FlushReport {
-        let mut d = lock(&self.discarder);
-        d.flush(&self.backing)
-    }
-
-    pub(crate) fn failures(&self) -> &Arc<UnmapFailures> {
-        &self.failures
-    }
-
-    pub(crate) fn conversion_lock(&self) -> MutexGuard<'_, Discarder> {
-        lock(&self.discarder)
-    }
-
-    pub(crate) fn attached(&self) -> MutexGuard<'_, Vec<Attached>> {
-        lock(&self.attached)
-    }
-
-    /// The device list, to change it.
-    pub(crate) fn attached_mut(&self) -> AttachedMut<'_> {
-        AttachedMut {
-            list: lock(&self.attached),
-            budgeted: &self.budgeted,
-        }
-    }
-
-    /// GPA extents `[start, end)` that device `name`'s IOMMU still maps although the state
-    /// manager discarded them (unmaps that failed and will be retried).
-    pub fn stale_mappings(&self) -> Vec<(String, Vec<(u64, u64)>)> {
-        self.attached()
-            .iter()
-            .filter(|a| a.listener.stale_bytes() > 0)
-            .map(|a| (a.name.clone(), a.listener.stale_ranges()))
-            .collect()
-    }
-
     /// Returns true when some device still maps granules it should not (stale).
     #[inline]
     fn retry_stale(&self) -> bool {
@@ -516,7 +345,7 @@ impl Region {
             discard_manager::Error::Range(r) => ConversionError::Range(r),
             other => ConversionError::Manager(Box::new(other)),
         })?;
-        let needed: u64 = joining.iter().map(|r| r.len() / self.granularity).sum();
+        let needed: u64 = joining.iter().map(|r| r.len() / self.granularity()).sum();
         if needed == 0 {
             return Ok(());
         }
@@ -543,13 +372,13 @@ impl Region {
         to: Attribute,
         attributes: &dyn MemoryAttributes,
     ) -> Result<Conversion, ConversionError> {
-        let mut discarder = lock(&self.discarder);
+        let mut discarder = self.conversion_lock();
         let stale = self.retry_stale();
         if stale && to == Attribute::Private {
             self.refuse_stale(range)?;
         }
         self.check_budget(range, to)?;
-        let classic = self.backing.model() == BackingModel::Classic;
+        let classic = self.backing().model() == BackingModel::Classic;
         let mut step = AttributeStep {
             attributes,
             to,
@@ -575,7 +404,7 @@ impl Region {
         if classic && !change.is_empty() {
             // A stale mapping may pin the vacated side of a granule between the runs: then
             // free exactly the runs.
-            flushed = discarder.converted(&self.backing, change.runs(), to, !stale);
+            flushed = discarder.converted(self.backing(), change.runs(), to, !stale);
         }
         let conversion = Conversion {
             to,

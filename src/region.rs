@@ -1,0 +1,324 @@
+//! One guest RAM region: its state manager, backing, discard policy, and the devices that listen
+//! to it, attached and detached here and nowhere else.
+//!
+//! The region's device list is the one place that says which device's listener follows which
+//! view of the region; [`Region::attach`] and [`Region::detach`] keep it and the state manager's
+//! registrations in step, under the region's conversion lock. How a conversion runs is in
+//! [`crate::conversion`].
+
+use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use discard_manager::{DiscardManager, GpaRange, ListenerId, RegionConfig, View};
+use iommu::{FileMapSupport, Ledger};
+
+use crate::backing::{FileKind, RegionBacking};
+use crate::device::{AttachError, Device, DeviceConfig, DeviceId, MapBy};
+use crate::dma::{DmaListener, ListenerConfig, UnmapFailures};
+use crate::lock;
+use crate::policy::{DiscardPolicy, Discarder, FlushReport, HeldBack};
+
+/// One device's listener on one region.
+pub(crate) struct Attached {
+    pub(crate) device: DeviceId,
+    pub(crate) name: String,
+    pub(crate) view: View,
+    pub(crate) id: ListenerId,
+    pub(crate) listener: Arc<DmaListener>,
+    pub(crate) ledger: Arc<Ledger>,
+}
+
+pub(crate) fn view_bit(view: View) -> u8 {
+    match view {
+        View::Shared => 1,
+        View::Private => 2,
+    }
+}
+
+/// A region's device list, locked for a change; when dropped, updates which views have a
+/// device with a mapping budget.
+pub(crate) struct AttachedMut<'a> {
+    list: MutexGuard<'a, Vec<Attached>>,
+    budgeted: &'a AtomicU8,
+}
+
+impl Deref for AttachedMut<'_> {
+    type Target = Vec<Attached>;
+
+    fn deref(&self) -> &Vec<Attached> {
+        &self.list
+    }
+}
+
+impl DerefMut for AttachedMut<'_> {
+    fn deref_mut(&mut self) -> &mut Vec<Attached> {
+        &mut self.list
+    }
+}
+
+impl Drop for AttachedMut<'_> {
+    fn drop(&mut self) {
+        let bits = self
+            .list
+            .iter()
+            .filter(|a| a.ledger.capabilities().mapping_budget.is_some())
+            .fold(0, |bits, a| bits | view_bit(a.view));
+        self.budgeted.store(bits, Ordering::Release);
+    }
+}
+
+/// One guest RAM region: its state manager, backing, discard policy and device listeners.
+pub struct Region {
+    // Drop order: the manager (holding the listeners, which hold the ledgers) before the
+    // backing whose memory the ledgers map.
+    pub(crate) manager: DiscardManager,
+    attached: Mutex<Vec<Attached>>,
+    /// Bit per view ([`view_bit`]): a device listening to it has a mapping budget. Kept by
+    /// [`AttachedMut`] whenever the device list changes, so a conversion need not walk it.
+    pub(crate) budgeted: AtomicU8,
+    backing: Arc<RegionBacking>,
+    granularity: u64,
+    /// Serialises conversions, attach and detach on this region, and guards the held-back
+    /// frees (the discard policy's state).
+    conversion_lock: Mutex<Discarder>,
+    pub(crate) failures: Arc<UnmapFailures>,
+}
+
+impl std::fmt::Debug for Region {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Region")
+            .field("range", &self.manager.region())
+            .field("backing", &self.backing)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Region {
+    pub(crate) fn new(
+        backing: RegionBacking,
+        config: RegionConfig,
+        policy: DiscardPolicy,
+    ) -> Result<Self, discard_manager::ConfigError> {
+        Ok(Self {
+            manager: DiscardManager::new(config)?,
+            attached: Mutex::new(Vec::new()),
+            budgeted: AtomicU8::new(0),
+            backing: Arc::new(backing),
+            granularity: config.granularity,
+            conversion_lock: Mutex::new(Discarder::new(policy)),
+            failures: Arc::default(),
+        })
+    }
+
+    /// The state manager (for queries, and for listeners other than devices, such as
+    /// migration; do not convert through it directly, or KVM and the backings fall behind).
+    pub fn manager(&self) -> &DiscardManager {
+        &self.manager
+    }
+
+    /// The backing.
+    pub fn backing(&self) -> &Arc<RegionBacking> {
+        &self.backing
+    }
+
+    /// The region's guest range.
+    pub fn range(&self) -> GpaRange {
+        self.manager.region()
+    }
+
+    /// The granularity of state and of every DMA mapping.
+    pub fn granularity(&self) -> u64 {
+        self.granularity
+    }
+
+    /// The discard policy.
+    pub fn policy(&self) -> DiscardPolicy {
+        self.conversion_lock().policy()
+    }
+
+    /// Backing held back right now.
+    pub fn held_back(&self) -> HeldBack {
+        self.conversion_lock().held()
+    }
+
+    /// True when `[start, end)` of `side` is held back (may be backed on both sides).
+    pub fn holds(&self, side: View, start: u64, end: u64) -> bool {
+        self.conversion_lock().holds(side, start, end)
+    }
+
+    /// Frees everything held back now.
+    pub fn flush(&self) -> FlushReport {
+        self.conversion_lock().flush(&self.backing)
+    }
+
+    /// The conversion lock, and the held-back frees it guards.
+    pub(crate) fn conversion_lock(&self) -> MutexGuard<'_, Discarder> {
+        lock(&self.conversion_lock)
+    }
+
+    pub(crate) fn attached(&self) -> MutexGuard<'_, Vec<Attached>> {
+        lock(&self.attached)
+    }
+
+    /// The device list, to change it.
+    pub(crate) fn attached_mut(&self) -> AttachedMut<'_> {
+        AttachedMut {
+            list: lock(&self.attached),
+            budgeted: &self.budgeted,
+        }
+    }
+
+    /// GPA extents `[start, end)` that device `name`'s IOMMU still maps although the state
+    /// manager discarded them (unmaps that failed and will be retried).
+    pub fn stale_mappings(&self) -> Vec<(String, Vec<(u64, u64)>)> {
+        self.attached()
+            .iter()
+            .filter(|a| a.listener.stale_bytes() > 0)
+            .map(|a| (a.name.clone(), a.listener.stale_ranges()))
+            .collect()
+    }
+
+    /// Checks that `device`'s backend can map what its configuration asks for in this region:
+    /// a kernel that cannot is refused at attach, never in the middle of a conversion.
+    pub(crate) fn check_device(&self, device: &Device) -> Result<(), AttachError> {
+        let caps = device.ledger.capabilities();
+        let name = || device.name.clone();
+        let unsupported = |what| AttachError::Unsupported {
+            device: name(),
+            kind: caps.kind,
+            what,
+        };
+        match device.config {
+            DeviceConfig::TrustedIo { .. } if caps.map_file != FileMapSupport::AnyFile => {
+                return Err(unsupported(
+                    "map guest_memfd by file for a trusted-IO (private view) device",
+                ));
+            }
+            DeviceConfig::Shared {
+                map_by: MapBy::File,
+                ..
+            } if caps.map_file == FileMapSupport::None => {
+                return Err(unsupported("map by file descriptor"));
+            }
+            DeviceConfig::Shared {
+                map_by: MapBy::File,
+                ..
+            } if self.backing.shared_kind() == FileKind::GuestMemfd
+                && caps.map_file != FileMapSupport::AnyFile =>
+            {
+                return Err(unsupported(
+                    "map a guest_memfd by file (mainline accepts memfd and hugetlbfs only)",
+                ));
+            }
+            _ => {}
+        }
+        let page_size = device.ledger.page_size();
+        if self.granularity % page_size != 0 {
+            return Err(AttachError::Granularity {
+                device: name(),
+                granularity: self.granularity,
+                page_size,
+            });
+        }
+        let range = self.range();
+        let offset = device.config.iova_offset();
+        let inside = range.start().checked_add(offset).is_some_and(|iova| {
+            caps.iova_ranges
+                .iter()
+                .any(|r| r.contains(iova, range.len()))
+        });
+        if !inside {
+            return Err(AttachError::IovaRange {
+                device: name(),
+                range,
+                iova_offset: offset,
+            });
+        }
+        Ok(())
+    }
+
+    /// Attaches `device`: checks it, then registers its listener for its view, which maps
+    /// what the view holds now (the replay).
+    ///
+    /// # Errors
+    /// [`AttachError`]; nothing of the device stays registered here.
+    pub(crate) fn attach(&self, device: &Device) -> Result<(), AttachError> {
+        self.check_device(device)?;
+        // The conversion lock: a conversion's budget check and its transaction see either all
+        // of this device or none of it.
+        let _conversions = self.conversion_lock();
+        let range = self.range();
+        let view = device.config.view();
+        let replay_failed = |source| AttachError::Replay {
+            device: device.name.clone(),
+            view,
+            range,
+            source,
+        };
+        let populated = self.manager.view_runs(view, range).map_err(replay_failed)?;
+        let needed: u64 = populated.iter().map(|r| r.len() / self.granularity).sum();
+        device
+            .ledger
+            .check_budget(needed)
+            .map_err(|source| AttachError::Budget {
+                device: device.name.clone(),
+                range,
+                needed,
+                source,
+            })?;
+        let listener = Arc::new(DmaListener::new(
+            ListenerConfig {
+                device: device.name.clone(),
+                view,
+                map_by: device.config.map_by(),
+                iova_offset: device.config.iova_offset(),
+                granularity: self.granularity,
+                prot: device.config.prot(),
+            },
+            Arc::clone(&device.ledger),
+            Arc::clone(&self.backing),
+            Arc::clone(&self.failures),
+        ));
+        let id = self
+            .manager
+            .register(view, range, listener.clone())
+            .map_err(replay_failed)?;
+        self.attached_mut().push(Attached {
+            device: device.id,
+            name: device.name.clone(),
+            view,
+            id,
+            listener,
+            ledger: Arc::clone(&device.ledger),
+        });
+        Ok(())
+    }
+
+    /// Detaches `device`: unregisters its listeners (which unmaps their view) and forgets
+    /// them. Returns the bytes its listeners still map because unmaps failed (the caller
+    /// keeps the memory alive while a mapping may remain).
+    pub(crate) fn detach(&self, device: DeviceId) -> u64 {
+        let _conversions = self.conversion_lock();
+        let mine: Vec<Attached> = {
+            let mut attached = self.attached_mut();
+            let (mine, rest) = attached.drain(..).partition(|a| a.device == device);
+            *attached = rest;
+            mine
+        };
+        let mut stale = 0;
+        for a in mine {
+            if let Err(e) = self.manager.unregister(a.id) {
+                log::warn!(
+                    "{}: unregistering from {} failed: {e}",
+                    a.name,
+                    self.range()
+                );
+            }
+            // Discards that failed during unregistration left stale mappings: retry once.
+            stale += a.listener.retry_stale();
+        }
+        self.failures.drain();
+        stale
+    }
+}
