@@ -662,8 +662,9 @@ impl ViewListener for CountingListener {
         Ok(())
     }
 
-    fn discard(&self, _: View, _: GpaRange) {
+    fn discard(&self, _: View, _: GpaRange) -> Result<(), ListenerError> {
         self.calls.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 }
 
@@ -771,7 +772,7 @@ impl BitmapOnly {
             if shared {
                 let _ = self.listener.populate(View::Shared, r);
             } else {
-                self.listener.discard(View::Shared, r);
+                let _ = self.listener.discard(View::Shared, r);
             }
         };
         if (a..b).all(|g| get(&bits, g) == shared) {

@@ -4,24 +4,30 @@
 //! # Order of a conversion of `range` to `to`
 //! Under the region's conversion lock:
 //!
-//! 0. **Catch up.** Unmaps that failed earlier (stale mappings, see [`crate::dma`]) are retried.
-//!    A conversion to private of a range that a device still maps this way is refused
-//!    ([`ConversionError::StaleMapping`]): it would otherwise "succeed" with the page mapped.
+//! 0. **Catch up.** Unmaps that failed earlier (stale mappings, see [`crate::dma`]) are retried,
+//!    also those of devices detached since. A conversion to private of a range that a device
+//!    still maps this way is refused ([`ConversionError::StaleMapping`]): it would otherwise
+//!    "succeed" with the page mapped. KVM attributes that an earlier failed rollback could not
+//!    set back are set to what the state manager says ([`ConversionError::AttributeRollback`]
+//!    if KVM still refuses), so a request the manager sees as a no-op (the guest's fault on a
+//!    page KVM got wrong) still repairs KVM and the guest does not fault forever.
 //! 1. **Budget.** Every device listening to the gaining view must have room for one mapping per
 //!    granule that joins it ([`iommu::Ledger::check_budget`]); type1 allows 65535 per container.
 //!    A conversion that would not fit is refused here, before anything changed.
 //! 2. **Transaction** ([`discard_manager::DiscardManager::convert_with`]), on exactly the
 //!    granules whose attribute changes:
 //!    1. *discard the losing view*: every device unmaps those granules (to private: the shared
-//!       view's DMA mappings go first, as TDX requires and in-place conversion enforces);
-//!    2. *the attribute step* ([`AttributeStep::apply`]): first check that every unmap of step
-//!       2.1 really happened, else fail (the manager re-populates the losing view: nothing
-//!       changed); then set the KVM attribute;
+//!       view's DMA mappings go first, as TDX requires and in-place conversion enforces). An
+//!       unmap that fails fails its discard, and the manager then skips 2.2 and 2.3 and
+//!       re-populates the losing view: nothing changed ([`ConversionError::Unmap`]);
+//!    2. *the attribute step* (`AttributeStep`): set the KVM attribute;
 //!    3. *populate the gaining view*: devices map the granules (to shared: mapped after the
 //!       attribute, so a device never maps a page the guest still treats as private).
 //!
-//!    A failure in 2.3 makes the manager discard what 2.3 mapped, call
-//!    [`AttributeStep::undo`] (the KVM attribute goes back), and re-populate the losing view.
+//!    A failure in 2.3 makes the manager discard what 2.3 mapped, undo the attribute step (the
+//!    KVM attribute goes back), and re-populate the losing view. A device that cannot
+//!    re-populate it is cut off ([`ConversionError::RollbackFailed`]); what its IOMMU still maps
+//!    stays tracked as stale.
 //! 3. **Free the vacated backing**, per the region's [`DiscardPolicy`]. Last on purpose:
 //!    punching a hole destroys data and cannot be undone, so it runs only once every fallible,
 //!    reversible step succeeded. A failed conversion therefore leaves the backings exactly as
@@ -43,16 +49,32 @@
 use std::sync::atomic::Ordering;
 
 use discard_manager::{
-    Attribute, Change, GpaRange, ListenerId, RangeError, TransactionError, TransactionStep, View,
+    Attribute, Change, DiscardFailure, GpaRange, ListenerError, ListenerId, RangeError,
+    TransactionError, TransactionStep, View,
 };
 use iommu::LedgerError;
 
 use crate::attributes::{AttributeError, MemoryAttributes};
-use crate::dma::{UnmapFailure, UnmapFailures};
+use crate::device::DeviceId;
 use crate::host::BackingModel;
 use crate::policy::{FlushReport, HeldBack};
 use crate::range_set::span;
 use crate::region::{Region, view_bit};
+
+/// One device unmap that failed while the losing view was discarded.
+#[derive(Debug, thiserror::Error)]
+#[error("device {device}: unmap of {view} view {range} failed")]
+pub struct UnmapFailure {
+    /// The device's name (or the listener id, for listeners that are not devices).
+    pub device: String,
+    /// The view that was being discarded.
+    pub view: View,
+    /// The run being discarded (the first of the device's runs when it had several).
+    pub range: GpaRange,
+    /// The device's error (the IOMMU ledger's, for a device).
+    #[source]
+    pub source: ListenerError,
+}
 
 /// A conversion that was refused or failed, naming the step. Unless the variant says
 /// otherwise, nothing changed: state manager, KVM attributes, IOMMU mappings and backings are
@@ -107,8 +129,10 @@ pub enum ConversionError {
         #[source]
         source: discard_manager::ListenerError,
     },
-    /// After a failed populate, setting the KVM attribute back failed: **KVM disagrees with the
-    /// state manager** for `range` (the manager and the devices are as before).
+    /// After a failed populate, setting the KVM attribute back failed, or repairing such an
+    /// earlier failure failed: **KVM disagrees with the state manager** for `range` (the
+    /// manager and the devices are as before). The region keeps the range marked, and every
+    /// later conversion of the region first sets KVM to what the manager says.
     #[error(
         "undoing the KVM attribute of {range} failed; KVM now disagrees with the state manager"
     )]
@@ -119,12 +143,15 @@ pub enum ConversionError {
         #[source]
         source: AttributeError,
     },
-    /// After a failure, a device refused to re-map the losing view and was detached from the
-    /// region (it lost DMA access to the region's view; attach it again).
+    /// After a failure, a device refused to re-map the losing view and was detached from guest
+    /// RAM, every region (it lost DMA access to the region's view; attach it again). What its
+    /// IOMMU could not unmap stays tracked ([`crate::Region::stale_mappings`]) until removed.
     #[error("rollback failed; {} device(s) lost access to the region and were detached: {}", .detached.len(), .detached.join(", "))]
     RollbackFailed {
-        /// The devices detached.
+        /// The names of the devices detached.
         detached: Vec<String>,
+        /// Their ids (no longer attached).
+        devices: Vec<DeviceId>,
         /// The manager's report.
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
@@ -211,19 +238,9 @@ pub(crate) struct AttributeStep<'a> {
     attributes: &'a dyn MemoryAttributes,
     to: Attribute,
     span_runs: bool,
-    failures: &'a UnmapFailures,
+    /// The first error of setting an attribute back, and every run it could not set back.
     undo_failure: Option<AttributeError>,
-}
-
-/// Why [`AttributeStep::apply`] failed.
-#[derive(Debug, thiserror::Error)]
-pub(crate) enum StepError {
-    /// A device unmap in the discard before the step failed.
-    #[error("a device unmap failed")]
-    Unmap(Vec<UnmapFailure>),
-    /// KVM refused the attribute.
-    #[error(transparent)]
-    Attribute(AttributeError),
+    unsynced: Vec<GpaRange>,
 }
 
 const ATTRIBUTE_UNDO_TRIES: usize = 3;
@@ -245,36 +262,28 @@ impl AttributeStep<'_> {
             if let Some(e) = last {
                 log::error!("KVM attribute of {run} could not be set back to {from:?}: {e}");
                 self.undo_failure.get_or_insert(e);
+                self.unsynced.push(run);
             }
         }
     }
 }
 
 impl TransactionStep for AttributeStep<'_> {
-    type Error = StepError;
+    type Error = AttributeError;
 
-    fn apply(&mut self, change: &Change) -> Result<(), StepError> {
-        if self.failures.any() {
-            let failed = self.failures.drain();
-            if !failed.is_empty() {
-                return Err(StepError::Unmap(failed));
-            }
-        }
+    fn apply(&mut self, change: &Change) -> Result<(), AttributeError> {
         let runs = change.runs();
         if let Some(all) = (self.span_runs && runs.len() > 1)
             .then(|| span(runs))
             .flatten()
         {
             // All or nothing: on failure nothing changed, so nothing is set back.
-            return self
-                .attributes
-                .set(all, self.to)
-                .map_err(StepError::Attribute);
+            return self.attributes.set(all, self.to);
         }
         for (i, &run) in runs.iter().enumerate() {
             if let Err(e) = self.attributes.set(run, self.to) {
                 self.set_back(&runs[..i]);
-                return Err(StepError::Attribute(e));
+                return Err(e);
             }
         }
         Ok(())
@@ -293,44 +302,13 @@ fn opposite(a: Attribute) -> Attribute {
 }
 
 impl Region {
-    /// Returns true when some device still maps granules it should not (stale).
-    #[inline]
-    fn retry_stale(&self) -> bool {
-        // The common case: no listener added to its stale set since the last retry left
-        // them all empty.
-        let stale = self.failures.take_stale_hint() && self.retry_stale_devices();
-        // Failures of earlier rollbacks or retries are now in the stale sets; the next step
-        // must only see this conversion's own.
-        if self.failures.any() {
-            self.failures.drain();
-        }
-        stale
-    }
-
-    #[cold]
-    fn retry_stale_devices(&self) -> bool {
-        let mut stale = false;
-        for a in self.attached().iter() {
-            stale |= a.listener.retry_stale() > 0;
-        }
-        if stale {
-            self.failures.mark_stale();
-        }
-        stale
-    }
-
     /// Isolation: a stale mapping is a private page still mapped for a device; converting its
     /// range to private must not report success while it exists.
     fn refuse_stale(&self, range: GpaRange) -> Result<(), ConversionError> {
-        for a in self.attached().iter() {
-            if a.listener.stale_overlaps(range) {
-                return Err(ConversionError::StaleMapping {
-                    device: a.name.clone(),
-                    range,
-                });
-            }
+        match self.stale_in(range) {
+            Some(device) => Err(ConversionError::StaleMapping { device, range }),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     fn check_budget(&self, range: GpaRange, to: Attribute) -> Result<(), ConversionError> {
@@ -363,10 +341,12 @@ impl Region {
     }
 
     /// Converts `range` to `to`; see the [module docs](self) for the order and the rollback.
+    /// A device that a failed rollback cuts off is detached from this region only: the
+    /// caller ([`crate::GuestRam::convert`]) detaches it from the others.
     ///
     /// # Errors
     /// [`ConversionError`] naming the step that failed.
-    pub fn convert(
+    pub(crate) fn convert(
         &self,
         range: GpaRange,
         to: Attribute,
@@ -377,24 +357,30 @@ impl Region {
         if stale && to == Attribute::Private {
             self.refuse_stale(range)?;
         }
+        self.resync(attributes)
+            .map_err(|(range, source)| ConversionError::AttributeRollback { range, source })?;
         self.check_budget(range, to)?;
         let classic = self.backing().model() == BackingModel::Classic;
         let mut step = AttributeStep {
             attributes,
             to,
             span_runs: classic,
-            failures: &self.failures,
             undo_failure: None,
+            unsynced: Vec::new(),
         };
         let result = self.manager.convert_with(range, to, &mut step);
-        let undo_failure = step.undo_failure.take();
         let change = match result {
             Ok(change) => change,
             Err(e) => {
+                // Every unmap that failed came back in `e` or left a stale mapping on the way.
+                self.mark_maybe_stale();
                 let err = self.transaction_error(e);
+                for &run in &step.unsynced {
+                    self.mark_unsynced(run);
+                }
                 // Unmaps that failed during the rollback are stale now; try them once more.
                 self.retry_stale();
-                return Err(match undo_failure {
+                return Err(match step.undo_failure.take() {
                     Some(source) => ConversionError::AttributeRollback { range, source },
                     None => err,
                 });
@@ -429,21 +415,23 @@ impl Region {
             .map_or_else(|| format!("listener {id}"), |a| a.name.clone())
     }
 
-    fn transaction_error(&self, e: TransactionError<StepError>) -> ConversionError {
+    fn unmap_failure(&self, f: DiscardFailure) -> UnmapFailure {
+        UnmapFailure {
+            device: self.device_name(f.listener),
+            view: f.view,
+            range: f.range,
+            source: f.source,
+        }
+    }
+
+    fn transaction_error(&self, e: TransactionError<AttributeError>) -> ConversionError {
         match e {
             TransactionError::Range(r) => ConversionError::Range(r),
-            TransactionError::StepFailed {
-                source: StepError::Attribute(a),
-            } => ConversionError::Attribute(a),
-            TransactionError::StepFailed {
-                source: StepError::Unmap(mut failures),
-            } => {
-                let count = failures.len();
-                ConversionError::Unmap {
-                    first: Box::new(failures.swap_remove(0)),
-                    count,
-                }
-            }
+            TransactionError::StepFailed { source } => ConversionError::Attribute(source),
+            TransactionError::DiscardFailed { first, others } => ConversionError::Unmap {
+                first: Box::new(self.unmap_failure(first)),
+                count: 1 + others.len(),
+            },
             TransactionError::Refused { refusal } => ConversionError::Map {
                 device: self.device_name(refusal.listener),
                 view: refusal.view,
@@ -452,12 +440,13 @@ impl Region {
             },
             TransactionError::RollbackFailed { cause, detached } => {
                 let ids: Vec<ListenerId> = detached.iter().map(|d| d.listener).collect();
-                let names = ids.iter().map(|&id| self.device_name(id)).collect();
-                // The manager unregistered them; forget them here too.
-                self.attached_mut().retain(|a| !ids.contains(&a.id));
+                // The manager unregistered them: the region forgets them too, keeping what
+                // their IOMMUs still map tracked.
+                let (devices, names) = self.cut_off(&ids).into_iter().unzip();
                 let source = format!("{cause}; {} detached", detached.len());
                 ConversionError::RollbackFailed {
                     detached: names,
+                    devices,
                     source: source.into(),
                 }
             }

@@ -324,7 +324,17 @@ impl GuestRam {
         let region = self
             .region_of(range)
             .ok_or(ConversionError::NoRegion { range })?;
-        region.convert(range, to, &*self.attributes)
+        let result = region.convert(range, to, &*self.attributes);
+        if let Err(ConversionError::RollbackFailed { devices, .. }) = &result {
+            // Cut off from one region, the devices leave guest RAM, so that what the error
+            // says and the device list agree.
+            for &id in devices {
+                if let Err(e) = self.detach_device(id) {
+                    log::warn!("{e}");
+                }
+            }
+        }
+        result
     }
 
     /// Frees everything every region holds back.

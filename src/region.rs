@@ -7,7 +7,7 @@
 //! [`crate::conversion`].
 
 use std::ops::{Deref, DerefMut};
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use discard_manager::{DiscardManager, GpaRange, ListenerId, RegionConfig, View};
@@ -15,9 +15,10 @@ use iommu::{FileMapSupport, Ledger};
 
 use crate::backing::{FileKind, RegionBacking};
 use crate::device::{AttachError, Device, DeviceConfig, DeviceId, MapBy};
-use crate::dma::{DmaListener, ListenerConfig, UnmapFailures};
+use crate::dma::{DmaListener, ListenerConfig};
 use crate::lock;
 use crate::policy::{DiscardPolicy, Discarder, FlushReport, HeldBack};
+use crate::range_set::RangeSet;
 
 /// One device's listener on one region.
 pub(crate) struct Attached {
@@ -34,6 +35,14 @@ pub(crate) fn view_bit(view: View) -> u8 {
         View::Shared => 1,
         View::Private => 2,
     }
+}
+
+/// A listener no longer registered (its device was detached, or a failed rollback cut it off)
+/// whose IOMMU still maps granules of the region: kept, retried and reported until a retry
+/// removed them. It holds the ledger and the backing, so the memory outlives the mappings.
+struct Departed {
+    name: String,
+    listener: Arc<DmaListener>,
 }
 
 /// A region's device list, locked for a change; when dropped, updates which views have a
@@ -82,7 +91,17 @@ pub struct Region {
     /// Serialises conversions, attach and detach on this region, and guards the held-back
     /// frees (the discard policy's state).
     conversion_lock: Mutex<Discarder>,
-    pub(crate) failures: Arc<UnmapFailures>,
+    departed: Mutex<Vec<Departed>>,
+    /// Set whenever a listener of the region may have added to its stale set: by a failed
+    /// conversion or a detach, which is where an unmap can fail (the failure comes back on
+    /// their stack). Cleared by a retry that leaves nothing stale. Lets a conversion skip
+    /// the walk over the listeners in the common case.
+    maybe_stale: AtomicBool,
+    /// Ranges whose KVM attribute may disagree with the state manager (setting it back after
+    /// a failed conversion failed), repaired by the next conversion ([`Region::resync`]).
+    unsynced: Mutex<RangeSet>,
+    /// `unsynced` is not empty (read without its lock on every conversion).
+    maybe_unsynced: AtomicBool,
 }
 
 impl std::fmt::Debug for Region {
@@ -107,7 +126,10 @@ impl Region {
             backing: Arc::new(backing),
             granularity: config.granularity,
             conversion_lock: Mutex::new(Discarder::new(policy)),
-            failures: Arc::default(),
+            departed: Mutex::new(Vec::new()),
+            maybe_stale: AtomicBool::new(false),
+            unsynced: Mutex::new(RangeSet::new()),
+            maybe_unsynced: AtomicBool::new(false),
         })
     }
 
@@ -170,13 +192,138 @@ impl Region {
     }
 
     /// GPA extents `[start, end)` that device `name`'s IOMMU still maps although the state
-    /// manager discarded them (unmaps that failed and will be retried).
+    /// manager discarded them (unmaps that failed and will be retried), attached devices
+    /// first, then devices detached since (named `"<name> (detached)"`).
     pub fn stale_mappings(&self) -> Vec<(String, Vec<(u64, u64)>)> {
-        self.attached()
+        let attached = self
+            .attached()
             .iter()
-            .filter(|a| a.listener.stale_bytes() > 0)
             .map(|a| (a.name.clone(), a.listener.stale_ranges()))
+            .collect::<Vec<_>>();
+        let departed = lock(&self.departed)
+            .iter()
+            .map(|d| (format!("{} (detached)", d.name), d.listener.stale_ranges()))
+            .collect::<Vec<_>>();
+        attached
+            .into_iter()
+            .chain(departed)
+            .filter(|(_, stale)| !stale.is_empty())
             .collect()
+    }
+
+    /// A listener of the region may have added to its stale set.
+    pub(crate) fn mark_maybe_stale(&self) {
+        self.maybe_stale.store(true, Ordering::Release);
+    }
+
+    /// Retries the unmap of every stale granule, of attached and departed listeners (a
+    /// departed one with nothing left is dropped). Returns true when some are still stale.
+    #[inline]
+    pub(crate) fn retry_stale(&self) -> bool {
+        // The common case: nothing failed since the last retry left every set empty.
+        self.maybe_stale.swap(false, Ordering::AcqRel) && self.retry_stale_listeners()
+    }
+
+    #[cold]
+    fn retry_stale_listeners(&self) -> bool {
+        let mut stale = false;
+        for a in self.attached().iter() {
+            stale |= a.listener.retry_stale() > 0;
+        }
+        let mut departed = lock(&self.departed);
+        departed.retain(|d| d.listener.retry_stale() > 0);
+        stale |= !departed.is_empty();
+        if stale {
+            self.mark_maybe_stale();
+        }
+        stale
+    }
+
+    /// The first device (attached or departed) whose stale mappings overlap `range`.
+    pub(crate) fn stale_in(&self, range: GpaRange) -> Option<String> {
+        let attached = self
+            .attached()
+            .iter()
+            .find(|a| a.listener.stale_overlaps(range))
+            .map(|a| a.name.clone());
+        attached.or_else(|| {
+            lock(&self.departed)
+                .iter()
+                .find(|d| d.listener.stale_overlaps(range))
+                .map(|d| d.name.clone())
+        })
+    }
+
+    /// Records that KVM's attribute of `range` may disagree with the state manager.
+    pub(crate) fn mark_unsynced(&self, range: GpaRange) {
+        lock(&self.unsynced).insert(range.start(), range.end());
+        self.maybe_unsynced.store(true, Ordering::Release);
+    }
+
+    /// Sets KVM's attribute of every range marked unsynced back to what the state manager
+    /// says, so that a request the manager sees as a no-op (the guest's fault on a page KVM
+    /// got wrong) still makes KVM agree. Returns the first range it could not repair (still
+    /// marked) with KVM's error.
+    pub(crate) fn resync(
+        &self,
+        attributes: &dyn crate::MemoryAttributes,
+    ) -> Result<(), (GpaRange, crate::AttributeError)> {
+        if !self.maybe_unsynced.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let mut unsynced = lock(&self.unsynced);
+        let extents: Vec<(u64, u64)> = unsynced.iter().collect();
+        let mut first_failure = None;
+        for (start, end) in extents {
+            let Some(extent) = GpaRange::new(start, end - start) else {
+                continue;
+            };
+            let Ok(runs) = self.manager.runs(extent) else {
+                continue;
+            };
+            for run in runs {
+                match attributes.set(run.range, run.attribute) {
+                    Ok(()) => unsynced.remove(run.range.start(), run.range.end()),
+                    Err(e) => {
+                        first_failure.get_or_insert((run.range, e));
+                    }
+                }
+            }
+        }
+        self.maybe_unsynced
+            .store(!unsynced.is_empty(), Ordering::Release);
+        first_failure.map_or(Ok(()), Err)
+    }
+
+    /// Forgets the listeners a failed rollback unregistered (the state manager did already):
+    /// those whose IOMMU still maps something are kept as departed. Returns their devices.
+    pub(crate) fn cut_off(&self, listeners: &[ListenerId]) -> Vec<(DeviceId, String)> {
+        let gone: Vec<Attached> = {
+            let mut attached = self.attached_mut();
+            let (gone, rest) = attached.drain(..).partition(|a| listeners.contains(&a.id));
+            *attached = rest;
+            gone
+        };
+        self.mark_maybe_stale();
+        gone.into_iter()
+            .map(|a| {
+                self.depart(&a.name, &a.listener);
+                (a.device, a.name)
+            })
+            .collect()
+    }
+
+    /// Keeps a listener that left while its IOMMU still maps something of the region;
+    /// returns true if it does.
+    fn depart(&self, name: &str, listener: &Arc<DmaListener>) -> bool {
+        let stale = listener.stale_bytes() > 0;
+        if stale {
+            lock(&self.departed).push(Departed {
+                name: name.to_string(),
+                listener: Arc::clone(listener),
+            });
+        }
+        stale
     }
 
     /// Checks that `device`'s backend can map what its configuration asks for in this region:
@@ -278,12 +425,17 @@ impl Region {
             },
             Arc::clone(&device.ledger),
             Arc::clone(&self.backing),
-            Arc::clone(&self.failures),
         ));
         let id = self
             .manager
             .register(view, range, listener.clone())
-            .map_err(replay_failed)?;
+            .map_err(|source| {
+                // A replay whose undo failed leaves mappings: tracked until removed.
+                if self.depart(&device.name, &listener) {
+                    self.mark_maybe_stale();
+                }
+                replay_failed(source)
+            })?;
         self.attached_mut().push(Attached {
             device: device.id,
             name: device.name.clone(),
@@ -296,8 +448,8 @@ impl Region {
     }
 
     /// Detaches `device`: unregisters its listeners (which unmaps their view) and forgets
-    /// them. Returns the bytes its listeners still map because unmaps failed (the caller
-    /// keeps the memory alive while a mapping may remain).
+    /// them. Returns the bytes its listeners still map because unmaps failed: those stay
+    /// tracked here (see [`Region::stale_mappings`]) until a retry removes them.
     pub(crate) fn detach(&self, device: DeviceId) -> u64 {
         let _conversions = self.conversion_lock();
         let mine: Vec<Attached> = {
@@ -316,9 +468,13 @@ impl Region {
                 );
             }
             // Discards that failed during unregistration left stale mappings: retry once.
-            stale += a.listener.retry_stale();
+            let left = a.listener.retry_stale();
+            if left > 0 {
+                stale += left;
+                self.mark_maybe_stale();
+            }
+            self.depart(&a.name, &a.listener);
         }
-        self.failures.drain();
         stale
     }
 }

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use common::{PAGE, Rig, range};
 use discard_manager::{Attribute, View};
 use gmem_dma::{
-    AttachError, ConversionError, DeviceConfig, DiscardPolicy, MapBy, hypercall_return,
+    AttachError, ConversionError, DeviceConfig, DiscardPolicy, MapBy, handle_memory_fault,
+    hypercall_return,
 };
 use iommu::emulated::CallKind;
 use iommu::{EmulatedIommu, FileMapSupport};
@@ -696,4 +697,115 @@ fn unmap_calls(calls: &[iommu::emulated::Call]) -> Vec<(u64, u64)> {
         .filter(|c| c.kind == CallKind::Unmap)
         .map(|c| (c.iova, c.len))
         .collect()
+}
+
+#[test]
+fn a_map_whose_undo_fails_keeps_its_pieces_stale_until_an_unmap_removes_them() {
+    // Issue 13, defect 1: the 2nd page's map fails and undoing the 1st page's map fails too.
+    let rig = rig(DiscardPolicy::Eager);
+    let dev = rig.attach("nic", EmulatedIommu::new(), DeviceConfig::shared());
+    let faults = common::iommu_faults(&dev.iommu);
+    faults.add(|&(kind, iova, _)| {
+        (kind == CallKind::MapVa && iova == BASE + PAGE).then_some(libc::ENOMEM)
+    });
+    faults.add(|&(kind, _, _)| (kind == CallKind::Unmap).then_some(libc::EIO));
+    let r = range(BASE, 2 * PAGE);
+    let err = rig.convert(r, Attribute::Shared).unwrap_err();
+    assert!(matches!(err, ConversionError::Map { .. }), "{err:?}");
+    // The pages stayed private, yet the device still maps the first: that is a stale mapping.
+    assert_eq!(dev.iommu.mapping_count(), 1);
+    assert_eq!(
+        rig.region.stale_mappings(),
+        [("nic".to_string(), vec![(BASE, BASE + PAGE)])]
+    );
+    // Isolation: converting the page to private cannot succeed while the device reaches it.
+    let err = rig
+        .convert(range(BASE, PAGE), Attribute::Private)
+        .unwrap_err();
+    assert!(
+        matches!(&err, ConversionError::StaleMapping { device, .. } if device == "nic"),
+        "{err:?}"
+    );
+    // Once the kernel lets go, the retry removes it and the page can be shared again.
+    faults.clear();
+    rig.convert(range(BASE, PAGE), Attribute::Private).unwrap();
+    assert!(rig.region.stale_mappings().is_empty());
+    assert_eq!(dev.iommu.mapping_count(), 0);
+    rig.convert(r, Attribute::Shared).unwrap();
+    rig.check(&[&dev], &[dev.iommu.take_calls()], None);
+}
+
+#[test]
+fn a_failed_rollback_detaches_the_device_and_keeps_what_it_still_maps_tracked() {
+    // Issue 13, defect 2: pages 2-3 of 4 shared pages to private; KVM refuses, the device
+    // cannot re-map 2-3 (a double fault) and cannot unmap 0-1 when it is cut off.
+    let rig = rig(DiscardPolicy::Eager);
+    let dev = rig.attach("nic", EmulatedIommu::new(), DeviceConfig::shared());
+    rig.convert(range(BASE, 4 * PAGE), Attribute::Shared)
+        .unwrap();
+    let faults = common::iommu_faults(&dev.iommu);
+    faults.add(|&(kind, iova, _)| {
+        (kind == CallKind::Unmap && iova < BASE + 2 * PAGE).then_some(libc::EIO)
+    });
+    faults.add(|&(kind, _, _)| (kind == CallKind::MapVa).then_some(libc::ENOMEM));
+    rig.attrs.inject_failures(|_, to| to == Attribute::Private);
+    let err = rig
+        .convert(range(BASE + 2 * PAGE, 2 * PAGE), Attribute::Private)
+        .unwrap_err();
+    rig.attrs.clear_failures();
+    match &err {
+        ConversionError::RollbackFailed { detached, .. } => assert_eq!(detached, &["nic"]),
+        other => panic!("{other:?}"),
+    }
+    // The error and the device list agree: the device is detached.
+    assert!(rig.ram.devices().is_empty(), "{:?}", rig.ram.devices());
+    // Its IOMMU still maps pages 0-1 (their unmap failed): tracked, not forgotten.
+    assert_eq!(dev.iommu.mapping_count(), 2);
+    assert_eq!(
+        rig.region.stale_mappings(),
+        [("nic (detached)".to_string(), vec![(BASE, BASE + 2 * PAGE)])]
+    );
+    // Isolation: converting them to private is refused while the device reaches them.
+    let err = rig
+        .convert(range(BASE, 2 * PAGE), Attribute::Private)
+        .unwrap_err();
+    assert!(
+        matches!(err, ConversionError::StaleMapping { .. }),
+        "{err:?}"
+    );
+    let mut buf = [0u8; 1];
+    dev.iommu.dma_read(BASE, &mut buf).unwrap();
+    faults.clear();
+    rig.convert(range(BASE, 2 * PAGE), Attribute::Private)
+        .unwrap();
+    assert!(rig.region.stale_mappings().is_empty());
+    assert_eq!(dev.iommu.mapping_count(), 0);
+    assert!(dev.iommu.dma_read(BASE, &mut buf).is_err());
+    rig.check(&[], &[], None);
+}
+
+#[test]
+fn after_a_failed_attribute_undo_the_next_request_over_the_page_repairs_kvm() {
+    // Issue 13, defect 7: to shared, the device refuses the map and KVM refuses to set the
+    // attribute back: KVM says shared, the manager says private.
+    let rig = rig(DiscardPolicy::Eager);
+    let dev = rig.attach("nic", EmulatedIommu::new(), DeviceConfig::shared());
+    let page = range(BASE + 5 * PAGE, PAGE);
+    dev.iommu
+        .inject_failures(|kind, _, _| (*kind == CallKind::MapVa).then_some(libc::ENOMEM));
+    rig.attrs.inject_failures(|_, to| to == Attribute::Private);
+    let err = rig.convert(page, Attribute::Shared).unwrap_err();
+    assert!(
+        matches!(err, ConversionError::AttributeRollback { .. }),
+        "{err:?}"
+    );
+    dev.iommu.clear_failures();
+    rig.attrs.clear_failures();
+    // The guest's private access to the page faults (KVM thinks it is shared). The exit asks
+    // for private, which the manager already says: the answer must make KVM agree, or the
+    // guest faults on the same access forever.
+    let flags = u64::from(kvm_bindings::KVM_MEMORY_EXIT_FLAG_PRIVATE);
+    handle_memory_fault(&rig.ram, flags, page.start(), page.len()).unwrap();
+    assert_eq!(rig.attrs.private_ranges(), [(BASE, BASE + 16 * PAGE)]);
+    rig.check(&[&dev], &[dev.iommu.take_calls()], None);
 }

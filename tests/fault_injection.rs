@@ -15,7 +15,7 @@ mod common;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use common::{Dev, PAGE, Rig, range};
+use common::{Dev, PAGE, Rig, Rules, attribute_faults, iommu_faults, punch_faults, range};
 use discard_manager::{Attribute, GpaRange, ListenerError, View, ViewListener};
 use gmem_dma::{ConversionError, DeviceConfig, DiscardPolicy, MapBy, RegionBacking};
 use iommu::EmulatedIommu;
@@ -39,7 +39,9 @@ impl ViewListener for Flaky {
         }
         Ok(())
     }
-    fn discard(&self, _view: View, _range: GpaRange) {}
+    fn discard(&self, _view: View, _range: GpaRange) -> Result<(), ListenerError> {
+        Ok(())
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -131,38 +133,51 @@ fn iommu(i: usize) -> EmulatedIommu {
     }
 }
 
-/// Makes the `nth` matching call (0-based) during one operation fail.
-fn install(rig: &Rig, devs: &[Dev], flaky: &Flaky, faults: &[(Fault, usize)]) {
-    for &(f, nth) in faults {
-        let count = Arc::new(AtomicUsize::new(0));
-        let hit = move || count.fetch_add(1, Ordering::SeqCst) == nth;
-        match f {
-            Fault::Attribute => rig.attrs.inject_failures(move |_, _| hit()),
-            Fault::Map { dev } => devs[dev].iommu.inject_failures(move |k, _, _| {
-                (*k != CallKind::Unmap && hit()).then_some(libc::ENOMEM)
-            }),
-            Fault::Unmap { dev } => devs[dev].iommu.inject_failures(move |k, _, _| {
-                (*k == CallKind::Unmap && hit()).then_some(libc::EIO)
-            }),
-            Fault::UnmapAll { dev } => devs[dev]
-                .iommu
-                .inject_failures(move |k, _, _| (*k == CallKind::Unmap).then_some(libc::EIO)),
-            Fault::Punch => rig
-                .region
-                .backing()
-                .inject_punch_failures(move |_, _| hit()),
-            Fault::Listener => flaky.fail_next.store(true, Ordering::SeqCst),
-        }
-    }
+/// The composable failure rules of the rig: one set per device, KVM attributes, hole punches.
+struct Faults {
+    devs: Vec<Rules<(CallKind, u64, u64), i32>>,
+    attrs: Rules<(GpaRange, Attribute), ()>,
+    punch: Rules<(View, GpaRange), ()>,
 }
 
-fn clear(rig: &Rig, devs: &[Dev], flaky: &Flaky) {
-    rig.attrs.clear_failures();
-    rig.region.backing().clear_punch_failures();
-    for d in devs {
-        d.iommu.clear_failures();
+impl Faults {
+    fn new(rig: &Rig, devs: &[Dev]) -> Self {
+        Self {
+            devs: devs.iter().map(|d| iommu_faults(&d.iommu)).collect(),
+            attrs: attribute_faults(&rig.attrs),
+            punch: punch_faults(rig.region.backing()),
+        }
     }
-    flaky.fail_next.store(false, Ordering::SeqCst);
+
+    /// Makes the `nth` matching call (0-based) during one operation fail; the faults of one
+    /// operation compose (a map that fails and whose undo fails too, say).
+    fn install(&self, flaky: &Flaky, faults: &[(Fault, usize)]) {
+        for &(f, nth) in faults {
+            let count = Arc::new(AtomicUsize::new(0));
+            let hit = move || count.fetch_add(1, Ordering::SeqCst) == nth;
+            match f {
+                Fault::Attribute => self.attrs.add(move |_| hit().then_some(())),
+                Fault::Map { dev } => self.devs[dev]
+                    .add(move |&(k, _, _)| (k != CallKind::Unmap && hit()).then_some(libc::ENOMEM)),
+                Fault::Unmap { dev } => self.devs[dev]
+                    .add(move |&(k, _, _)| (k == CallKind::Unmap && hit()).then_some(libc::EIO)),
+                Fault::UnmapAll { dev } => {
+                    self.devs[dev].add(|&(k, _, _)| (k == CallKind::Unmap).then_some(libc::EIO))
+                }
+                Fault::Punch => self.punch.add(move |_| hit().then_some(())),
+                Fault::Listener => flaky.fail_next.store(true, Ordering::SeqCst),
+            }
+        }
+    }
+
+    fn clear(&self, flaky: &Flaky) {
+        self.attrs.clear();
+        self.punch.clear();
+        for d in &self.devs {
+            d.clear();
+        }
+        flaky.fail_next.store(false, Ordering::SeqCst);
+    }
 }
 
 /// Page tables minus what was stale: a failed call may still retry old stale unmaps first.
@@ -192,6 +207,7 @@ fn run(policy: DiscardPolicy, ops: Vec<Op>, backing: RegionBacking) {
         .manager()
         .register(View::Shared, rig.region.range(), flaky.clone())
         .unwrap();
+    let mut faults_of = Faults::new(&rig, &devs);
     for op in ops {
         let (start, pages, to, faults) = match op {
             Op::Flush => {
@@ -219,9 +235,9 @@ fn run(policy: DiscardPolicy, ops: Vec<Op>, backing: RegionBacking) {
         for d in &devs {
             d.iommu.take_calls();
         }
-        install(&rig, &devs, &flaky, &faults);
+        faults_of.install(&flaky, &faults);
         let result = rig.convert(r, to);
-        clear(&rig, &devs, &flaky);
+        faults_of.clear(&flaky);
         let mut calls: Vec<_> = devs.iter().map(|d| d.iommu.take_calls()).collect();
         match &result {
             Ok(_) => {
@@ -244,6 +260,7 @@ fn run(policy: DiscardPolicy, ops: Vec<Op>, backing: RegionBacking) {
                         calls[i].clear();
                         rig.ram.detach_device(devs[i].id).unwrap();
                         devs[i] = rig.attach(NAMES[i], iommu(i), configs()[i]);
+                        faults_of.devs[i] = iommu_faults(&devs[i].iommu);
                     } else {
                         flaky = Arc::new(Flaky::default());
                         rig.region

@@ -31,7 +31,9 @@ impl ViewListener for Gate {
         }
         Ok(())
     }
-    fn discard(&self, _view: View, _range: GpaRange) {}
+    fn discard(&self, _view: View, _range: GpaRange) -> Result<(), ListenerError> {
+        Ok(())
+    }
 }
 
 fn share(queue: &ConversionQueue, range: GpaRange) -> gmem_dma::Ticket {

@@ -108,15 +108,16 @@ impl ViewListener for Recorder {
         Ok(())
     }
 
-    fn discard(&self, view: View, range: GpaRange) {
+    fn discard(&self, view: View, range: GpaRange) -> Result<(), ListenerError> {
         self.drop_held(range);
         self.log
             .lock()
             .unwrap()
             .push(Event::Discard(self.name, view, range));
+        Ok(())
     }
 
-    fn discard_runs(&self, view: View, runs: &[GpaRange]) {
+    fn discard_runs(&self, view: View, runs: &[GpaRange]) -> Result<(), ListenerError> {
         assert!(runs.len() >= 2, "{}: discard_runs of {runs:?}", self.name);
         for pair in runs.windows(2) {
             assert!(
@@ -132,6 +133,7 @@ impl ViewListener for Recorder {
             .lock()
             .unwrap()
             .push(Event::DiscardRuns(self.name, view, runs.to_vec()));
+        Ok(())
     }
 }
 
@@ -649,7 +651,9 @@ impl ViewListener for Reenter {
         Ok(())
     }
 
-    fn discard(&self, _view: View, _range: GpaRange) {}
+    fn discard(&self, _view: View, _range: GpaRange) -> Result<(), ListenerError> {
+        Ok(())
+    }
 }
 
 #[test]
@@ -694,7 +698,9 @@ impl ViewListener for Panicker {
     fn populate(&self, _: View, _: GpaRange) -> Result<(), ListenerError> {
         panic!("listener bug");
     }
-    fn discard(&self, _: View, _: GpaRange) {}
+    fn discard(&self, _: View, _: GpaRange) -> Result<(), ListenerError> {
+        Ok(())
+    }
 }
 
 #[test]
