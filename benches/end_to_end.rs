@@ -43,7 +43,6 @@
 //! a per-granule bitmap with one counting listener.
 
 use std::hint::black_box;
-use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -288,16 +287,7 @@ fn fill(backing: &RegionBacking, range: GpaRange) {
 }
 
 fn punch(backing: &RegionBacking, side: View, range: GpaRange) {
-    let file = match side {
-        View::Shared => backing.shared_file(),
-        View::Private => backing.private_file(),
-    };
-    gmem_dma::sys::punch_hole(
-        file.as_fd(),
-        backing.file_offset(range.start()),
-        range.len(),
-    )
-    .expect("punch hole");
+    backing.punch_hole(side, range).expect("punch hole");
 }
 
 // ---------------------------------------------------------------------------------------------

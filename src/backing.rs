@@ -15,8 +15,8 @@ use std::ffi::CStr;
 use std::fmt;
 use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use discard_manager::{GpaRange, View};
 use kvm_ioctls::VmFd;
@@ -139,16 +139,20 @@ pub enum BackingError {
     },
 }
 
+#[cfg(any(test, feature = "testing"))]
 type PunchRule = Box<dyn FnMut(View, GpaRange) -> bool + Send>;
 
-/// Counters and fault injection of the frees. Counters are atomics and the rule sits behind
-/// a flag, so a free (on every eager conversion) takes no lock unless a rule is installed.
+/// Counters and (with the `testing` feature) fault injection of the frees. Counters are
+/// atomics and the rule sits behind a flag, so a free (on every eager conversion) takes no
+/// lock unless a rule is installed.
 #[derive(Default)]
 struct PunchLog {
     calls: AtomicU64,
     bytes: AtomicU64,
-    failing: AtomicBool,
-    fail: Mutex<Option<PunchRule>>,
+    #[cfg(any(test, feature = "testing"))]
+    failing: std::sync::atomic::AtomicBool,
+    #[cfg(any(test, feature = "testing"))]
+    fail: std::sync::Mutex<Option<PunchRule>>,
 }
 
 /// Counters of the frees this backing made.
@@ -370,6 +374,7 @@ impl RegionBacking {
     pub fn punch_hole(&self, side: View, range: GpaRange) -> Result<(), BackingError> {
         self.check(range)?;
         let log = &self.punches;
+        #[cfg(any(test, feature = "testing"))]
         if log.failing.load(Ordering::Acquire)
             && crate::lock(&log.fail)
                 .as_mut()
@@ -397,13 +402,16 @@ impl RegionBacking {
         Ok(())
     }
 
-    /// From now on, a free for which `rule` returns true fails with `EIO` and frees nothing.
+    /// From now on, a free for which `rule` returns true fails with `EIO` and frees nothing
+    /// (a test hook: `testing` feature).
+    #[cfg(any(test, feature = "testing"))]
     pub fn inject_punch_failures(&self, rule: impl FnMut(View, GpaRange) -> bool + Send + 'static) {
         *crate::lock(&self.punches.fail) = Some(Box::new(rule));
         self.punches.failing.store(true, Ordering::Release);
     }
 
-    /// Stops injecting free failures.
+    /// Stops injecting free failures (`testing` feature).
+    #[cfg(any(test, feature = "testing"))]
     pub fn clear_punch_failures(&self) {
         self.punches.failing.store(false, Ordering::Release);
         *crate::lock(&self.punches.fail) = None;

@@ -39,7 +39,7 @@ use crate::device::MapBy;
 use crate::range_set::RangeSet;
 
 /// Follows one view of one region for one device.
-pub struct DmaListener {
+pub(crate) struct DmaListener {
     // Field order matters: the ledger (which unmaps what is left when its last owner drops)
     // must drop before the backing whose memory it maps.
     ledger: Arc<Ledger>,
@@ -231,11 +231,6 @@ impl DmaListener {
         self.stale()
             .iter()
             .any(|(s, e)| s < range.end() && range.start() < e)
-    }
-
-    /// The device's name.
-    pub fn device(&self) -> &str {
-        &self.device
     }
 }
 

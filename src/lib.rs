@@ -9,7 +9,8 @@
 //! - [`conversion`]: the order of every conversion and its rollback; [`policy`]: when vacated
 //!   backing is freed.
 //! - [`DeviceConfig`]: how a device sees guest memory (shared view, or trusted-IO private view).
-//! - [`dma`]: the listeners that map a view of a region into a device's IOMMU.
+//! - The DMA listeners (`dma`) map a view of a region into a device's IOMMU; they are
+//!   attached and detached with the device, never built by hand.
 //! - [`ConversionQueue`]: conversions from vCPU threads, merged and answered one by one.
 //! - [`exits`]: vCPU exits to conversion requests, results to what the guest reads.
 //!
@@ -51,16 +52,17 @@ pub mod attributes;
 pub mod backing;
 pub mod conversion;
 mod device;
-pub mod dma;
+mod dma;
 pub mod exits;
 pub mod host;
+#[cfg(feature = "testing")]
 pub mod instrument;
 pub mod policy;
 mod queue;
 mod ram;
 mod range_set;
 mod region;
-pub mod sys;
+mod sys;
 
 /// Locks `m`, ignoring poison. Every critical section in this crate leaves its data consistent
 /// before anything that can panic (single map/set/vec updates, counters), so a panic elsewhere
@@ -71,7 +73,7 @@ pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 pub use attributes::{AttributeError, KvmAttributes, MemoryAttributes, RecordingAttributes};
 pub use backing::{BackingError, FileKind, RegionBacking};
-pub use conversion::{Conversion, ConversionError};
+pub use conversion::{Conversion, ConversionError, UnmapFailure};
 pub use device::{AttachError, DetachError, DeviceConfig, DeviceId, MapBy};
 pub use exits::{
     ConversionRequest, ExitError, RequestError, handle_map_gpa_range, handle_memory_fault,
@@ -81,4 +83,5 @@ pub use host::{BackingModel, KvmSupport, ModelChoice, ModelError};
 pub use policy::{DiscardPolicy, FlushReport, HeldBack};
 pub use queue::{ConversionQueue, QueueStats, Ticket};
 pub use ram::{GuestRam, RegionError, RegionSpec};
-pub use region::Region;
+pub use region::{Region, RegionState};
+pub use sys::KVM_HC_MAP_GPA_RANGE;

@@ -10,7 +10,9 @@ use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use discard_manager::{DiscardManager, GpaRange, ListenerId, RegionConfig, View};
+use discard_manager::{
+    Counts, DiscardManager, GpaRange, ListenerId, RegionConfig, Run, View, ViewListener,
+};
 use iommu::{FileMapSupport, Ledger};
 
 use crate::backing::{FileKind, RegionBacking};
@@ -77,6 +79,81 @@ impl Drop for AttachedMut<'_> {
     }
 }
 
+/// A region's state manager without its transactions: what a VMM may read and who else may
+/// listen (see [`discard_manager::DiscardManager`] for each call). A conversion through the
+/// manager itself would leave KVM and the backings behind, so it is not offered.
+#[derive(Clone, Copy)]
+pub struct RegionState<'a>(&'a DiscardManager);
+
+impl std::fmt::Debug for RegionState<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("RegionState").field(&self.0.region()).finish()
+    }
+}
+
+impl RegionState<'_> {
+    /// Maximal runs of combined state in `range`, clipped to it, in address order.
+    ///
+    /// # Errors
+    /// See [`DiscardManager::runs`].
+    pub fn runs(&self, range: GpaRange) -> Result<Vec<Run>, discard_manager::Error> {
+        self.0.runs(range)
+    }
+
+    /// Maximal runs of `view` in `range`, clipped to it, in address order.
+    ///
+    /// # Errors
+    /// See [`DiscardManager::view_runs`].
+    pub fn view_runs(
+        &self,
+        view: View,
+        range: GpaRange,
+    ) -> Result<Vec<GpaRange>, discard_manager::Error> {
+        self.0.view_runs(view, range)
+    }
+
+    /// Whether every granule of `range` is in `view`.
+    ///
+    /// # Errors
+    /// See [`DiscardManager::is_populated`].
+    pub fn is_populated(
+        &self,
+        view: View,
+        range: GpaRange,
+    ) -> Result<bool, discard_manager::Error> {
+        self.0.is_populated(view, range)
+    }
+
+    /// Byte totals and number of runs.
+    ///
+    /// # Errors
+    /// See [`DiscardManager::counts`].
+    pub fn counts(&self) -> Result<Counts, discard_manager::Error> {
+        self.0.counts()
+    }
+
+    /// Registers a listener that is not a device (migration, say) and replays the view to it.
+    ///
+    /// # Errors
+    /// See [`DiscardManager::register`].
+    pub fn register(
+        &self,
+        view: View,
+        range: GpaRange,
+        listener: Arc<dyn ViewListener>,
+    ) -> Result<ListenerId, discard_manager::Error> {
+        self.0.register(view, range, listener)
+    }
+
+    /// Unregisters a listener registered with [`RegionState::register`].
+    ///
+    /// # Errors
+    /// See [`DiscardManager::unregister`].
+    pub fn unregister(&self, id: ListenerId) -> Result<(), discard_manager::Error> {
+        self.0.unregister(id)
+    }
+}
+
 /// One guest RAM region: its state manager, backing, discard policy and device listeners.
 pub struct Region {
     // Drop order: the manager (holding the listeners, which hold the ledgers) before the
@@ -133,10 +210,10 @@ impl Region {
         })
     }
 
-    /// The state manager (for queries, and for listeners other than devices, such as
-    /// migration; do not convert through it directly, or KVM and the backings fall behind).
-    pub fn manager(&self) -> &DiscardManager {
-        &self.manager
+    /// The region's state, for queries and for listeners other than devices (migration);
+    /// conversions go through [`crate::GuestRam::convert`], so that KVM and the backings follow.
+    pub fn state(&self) -> RegionState<'_> {
+        RegionState(&self.manager)
     }
 
     /// The backing.

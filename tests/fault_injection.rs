@@ -204,7 +204,7 @@ fn run(policy: DiscardPolicy, ops: Vec<Op>, backing: RegionBacking) {
         .collect();
     let mut flaky = Arc::new(Flaky::default());
     rig.region
-        .manager()
+        .state()
         .register(View::Shared, rig.region.range(), flaky.clone())
         .unwrap();
     let mut faults_of = Faults::new(&rig, &devs);
@@ -264,7 +264,7 @@ fn run(policy: DiscardPolicy, ops: Vec<Op>, backing: RegionBacking) {
                     } else {
                         flaky = Arc::new(Flaky::default());
                         rig.region
-                            .manager()
+                            .state()
                             .register(View::Shared, rig.region.range(), flaky.clone())
                             .unwrap();
                     }

@@ -191,7 +191,7 @@ impl Rig {
         Snapshot {
             runs: self
                 .region
-                .manager()
+                .state()
                 .runs(all)
                 .unwrap()
                 .iter()
@@ -221,7 +221,7 @@ impl Rig {
         stale_before: &[(u64, u64)],
     ) {
         let all = self.region.range();
-        let mgr = self.region.manager();
+        let mgr = self.region.state();
         let runs = mgr.runs(all).unwrap();
         // KVM's table equals the manager's attributes.
         let private: Vec<(u64, u64)> = merge(
