@@ -357,7 +357,7 @@ impl Region {
         if stale && to == Attribute::Private {
             self.refuse_stale(range)?;
         }
-        self.resync(attributes)
+        self.resync(attributes, range)
             .map_err(|(range, source)| ConversionError::AttributeRollback { range, source })?;
         self.check_budget(range, to)?;
         let classic = self.backing().model() == BackingModel::Classic;
@@ -442,11 +442,19 @@ impl Region {
                 let ids: Vec<ListenerId> = detached.iter().map(|d| d.listener).collect();
                 // The manager unregistered them: the region forgets them too, keeping what
                 // their IOMMUs still map tracked.
-                let (devices, names) = self.cut_off(&ids).into_iter().unzip();
+                let devices = self.cut_off(&ids);
+                // Listeners that are not devices (migration, say) are named by their id.
+                let names = ids
+                    .iter()
+                    .map(|&id| match devices.iter().find(|d| d.0 == id) {
+                        Some((_, _, name)) => name.clone(),
+                        None => format!("listener {id}"),
+                    })
+                    .collect();
                 let source = format!("{cause}; {} detached", detached.len());
                 ConversionError::RollbackFailed {
                     detached: names,
-                    devices,
+                    devices: devices.into_iter().map(|d| d.1).collect(),
                     source: source.into(),
                 }
             }

@@ -87,7 +87,9 @@ pub struct RegionState<'a>(&'a DiscardManager);
 
 impl std::fmt::Debug for RegionState<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_tuple("RegionState").field(&self.0.region()).finish()
+        f.debug_tuple("RegionState")
+            .field(&self.0.region())
+            .finish()
     }
 }
 
@@ -339,11 +341,12 @@ impl Region {
 
     /// Sets KVM's attribute of every range marked unsynced back to what the state manager
     /// says, so that a request the manager sees as a no-op (the guest's fault on a page KVM
-    /// got wrong) still makes KVM agree. Returns the first range it could not repair (still
-    /// marked) with KVM's error.
+    /// got wrong) still makes KVM agree. Returns the first range overlapping `request` that it
+    /// could not repair (it stays marked; one elsewhere does not hold up this request).
     pub(crate) fn resync(
         &self,
         attributes: &dyn crate::MemoryAttributes,
+        request: GpaRange,
     ) -> Result<(), (GpaRange, crate::AttributeError)> {
         if !self.maybe_unsynced.load(Ordering::Acquire) {
             return Ok(());
@@ -361,9 +364,10 @@ impl Region {
             for run in runs {
                 match attributes.set(run.range, run.attribute) {
                     Ok(()) => unsynced.remove(run.range.start(), run.range.end()),
-                    Err(e) => {
+                    Err(e) if run.range.intersect(&request).is_some() => {
                         first_failure.get_or_insert((run.range, e));
                     }
+                    Err(e) => log::warn!("KVM attribute of {} still disagrees: {e}", run.range),
                 }
             }
         }
@@ -373,8 +377,9 @@ impl Region {
     }
 
     /// Forgets the listeners a failed rollback unregistered (the state manager did already):
-    /// those whose IOMMU still maps something are kept as departed. Returns their devices.
-    pub(crate) fn cut_off(&self, listeners: &[ListenerId]) -> Vec<(DeviceId, String)> {
+    /// those whose IOMMU still maps something are kept as departed. Returns the devices among
+    /// them: listener, device, name.
+    pub(crate) fn cut_off(&self, listeners: &[ListenerId]) -> Vec<(ListenerId, DeviceId, String)> {
         let gone: Vec<Attached> = {
             let mut attached = self.attached_mut();
             let (gone, rest) = attached.drain(..).partition(|a| listeners.contains(&a.id));
@@ -385,7 +390,7 @@ impl Region {
         gone.into_iter()
             .map(|a| {
                 self.depart(&a.name, &a.listener);
-                (a.device, a.name)
+                (a.id, a.device, a.name)
             })
             .collect()
     }

@@ -800,12 +800,20 @@ fn after_a_failed_attribute_undo_the_next_request_over_the_page_repairs_kvm() {
         "{err:?}"
     );
     dev.iommu.clear_failures();
-    rig.attrs.clear_failures();
     // The guest's private access to the page faults (KVM thinks it is shared). The exit asks
     // for private, which the manager already says: the answer must make KVM agree, or the
-    // guest faults on the same access forever.
+    // guest faults on the same access forever. While KVM still refuses, the answer is an
+    // error, never a success with nothing done.
     let flags = u64::from(kvm_bindings::KVM_MEMORY_EXIT_FLAG_PRIVATE);
+    let err = handle_memory_fault(&rig.ram, flags, page.start(), page.len()).unwrap_err();
+    assert!(err.to_string().contains("disagrees"), "{err}");
+    // A request elsewhere is not held up by it.
+    rig.convert(range(BASE, PAGE), Attribute::Shared).unwrap();
+    rig.attrs.clear_failures();
     handle_memory_fault(&rig.ram, flags, page.start(), page.len()).unwrap();
-    assert_eq!(rig.attrs.private_ranges(), [(BASE, BASE + 16 * PAGE)]);
+    assert_eq!(
+        rig.attrs.private_ranges(),
+        [(BASE + PAGE, BASE + 16 * PAGE)]
+    );
     rig.check(&[&dev], &[dev.iommu.take_calls()], None);
 }
