@@ -37,6 +37,7 @@ pub enum FileKind {
 
 /// Creating, binding or freeing a backing failed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum BackingError {
     /// The region's size does not fit the host's address space.
     #[error("region size {size:#x} does not fit in the host address space")]
@@ -157,6 +158,7 @@ struct PunchLog {
 
 /// Counters of the frees this backing made.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct PunchStats {
     /// Successful `fallocate(PUNCH_HOLE)` calls.
     pub calls: u64,

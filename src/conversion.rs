@@ -64,6 +64,7 @@ use crate::region::{Region, view_bit};
 /// One device unmap that failed while the losing view was discarded.
 #[derive(Debug, thiserror::Error)]
 #[error("device {device}: unmap of {view} view {range} failed")]
+#[non_exhaustive]
 pub struct UnmapFailure {
     /// The device's name (or the listener id, for listeners that are not devices).
     pub device: String,
@@ -80,6 +81,7 @@ pub struct UnmapFailure {
 /// otherwise, nothing changed: state manager, KVM attributes, IOMMU mappings and backings are
 /// as they were.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ConversionError {
     /// The range is not granule-aligned or not inside the region.
     #[error("conversion range is invalid")]

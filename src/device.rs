@@ -210,6 +210,7 @@ pub enum AttachError {
 /// Detaching left mappings behind.
 #[derive(Debug, thiserror::Error)]
 #[error("detaching {device} left mappings in its IOMMU")]
+#[non_exhaustive]
 pub struct DetachError {
     /// The device.
     pub device: String,

@@ -214,7 +214,7 @@ impl DmaListener {
 
     /// The stale GPA extents `[start, end)`, less what the ledger no longer maps (a device's
     /// whole-ledger teardown may have removed it since).
-    pub(crate) fn stale_ranges(&self) -> Vec<(u64, u64)> {
+    pub(crate) fn stale_ranges(&self) -> Vec<GpaRange> {
         let mut stale = self.stale();
         let extents: Vec<(u64, u64)> = stale.iter().collect();
         for (s, e) in extents {
@@ -223,7 +223,10 @@ impl DmaListener {
                 stale.insert(ms, me);
             }
         }
-        stale.iter().collect()
+        stale
+            .iter()
+            .filter_map(|(s, e)| GpaRange::new(s, e - s))
+            .collect()
     }
 
     /// True when a stale extent overlaps `range`.

@@ -27,6 +27,7 @@ pub struct RegionSpec {
 
 /// Adding a region failed; nothing was added.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum RegionError {
     /// The backing's size and the spec do not make a valid region.
     #[error("invalid region geometry")]

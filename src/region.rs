@@ -243,9 +243,10 @@ impl Region {
         self.conversion_lock().held()
     }
 
-    /// True when `[start, end)` of `side` is held back (may be backed on both sides).
-    pub fn holds(&self, side: View, start: u64, end: u64) -> bool {
-        self.conversion_lock().holds(side, start, end)
+    /// True when all of `range` of `side` is held back (may be backed on both sides).
+    pub fn holds(&self, side: View, range: GpaRange) -> bool {
+        self.conversion_lock()
+            .holds(side, range.start(), range.end())
     }
 
     /// Frees everything held back now.
@@ -270,10 +271,10 @@ impl Region {
         }
     }
 
-    /// GPA extents `[start, end)` that device `name`'s IOMMU still maps although the state
+    /// GPA ranges that device `name`'s IOMMU still maps although the state
     /// manager discarded them (unmaps that failed and will be retried), attached devices
     /// first, then devices detached since (named `"<name> (detached)"`).
-    pub fn stale_mappings(&self) -> Vec<(String, Vec<(u64, u64)>)> {
+    pub fn stale_mappings(&self) -> Vec<(String, Vec<GpaRange>)> {
         let attached = self
             .attached()
             .iter()

@@ -166,7 +166,7 @@ fn a_stale_mapping_between_the_runs_is_not_swept_by_the_merged_unmap() {
     let stale = rig.region.stale_mappings();
     assert_eq!(
         stale,
-        [("t1".to_string(), vec![(b.start(), b.end())])],
+        [("t1".to_string(), vec![b])],
         "t1 still maps B, which stayed shared"
     );
     t1.iommu.take_calls();
@@ -640,11 +640,8 @@ fn lazy_discard_holds_exactly_the_vacated_runs_of_a_mixed_request() {
     let c = rig.convert(r, Attribute::Private).unwrap();
     // The shared pages between the runs were never shared-backed after the flush: not held.
     assert_eq!(c.held.shared_bytes, 5 * PAGE);
-    assert!(rig.region.holds(View::Shared, BASE, BASE + 2 * PAGE));
-    assert!(
-        !rig.region
-            .holds(View::Shared, BASE + 2 * PAGE, BASE + 3 * PAGE)
-    );
+    assert!(rig.region.holds(View::Shared, range(BASE, 2 * PAGE)));
+    assert!(!rig.region.holds(View::Shared, range(BASE + 2 * PAGE, PAGE)));
     rig.check(&[&dev], &[dev.iommu.take_calls()], Some(r));
 }
 
@@ -663,10 +660,7 @@ fn a_stale_mapping_refuses_a_conversion_to_private_until_its_retry_succeeds() {
     let err = rig.convert(b, Attribute::Shared).unwrap_err();
     assert!(matches!(err, ConversionError::Map { .. }), "{err:?}");
     s2.iommu.clear_failures();
-    assert_eq!(
-        rig.region.stale_mappings(),
-        [("s1".to_string(), vec![(b.start(), b.end())])]
-    );
+    assert_eq!(rig.region.stale_mappings(), [("s1".to_string(), vec![b])]);
     // Converting a range holding B to private would report success with B mapped: refused.
     let r = range(BASE, 4 * PAGE);
     let err = rig.convert(r, Attribute::Private).unwrap_err();
@@ -716,7 +710,7 @@ fn a_map_whose_undo_fails_keeps_its_pieces_stale_until_an_unmap_removes_them() {
     assert_eq!(dev.iommu.mapping_count(), 1);
     assert_eq!(
         rig.region.stale_mappings(),
-        [("nic".to_string(), vec![(BASE, BASE + PAGE)])]
+        [("nic".to_string(), vec![range(BASE, PAGE)])]
     );
     // Isolation: converting the page to private cannot succeed while the device reaches it.
     let err = rig
@@ -763,7 +757,7 @@ fn a_failed_rollback_detaches_the_device_and_keeps_what_it_still_maps_tracked() 
     assert_eq!(dev.iommu.mapping_count(), 2);
     assert_eq!(
         rig.region.stale_mappings(),
-        [("nic (detached)".to_string(), vec![(BASE, BASE + 2 * PAGE)])]
+        [("nic (detached)".to_string(), vec![range(BASE, 2 * PAGE)])]
     );
     // Isolation: converting them to private is refused while the device reaches them.
     let err = rig

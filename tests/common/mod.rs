@@ -234,7 +234,12 @@ impl Rig {
             private,
             "KVM attributes vs manager"
         );
-        let stale: Vec<(String, Vec<(u64, u64)>)> = self.region.stale_mappings();
+        let stale: Vec<(String, Vec<(u64, u64)>)> = self
+            .region
+            .stale_mappings()
+            .into_iter()
+            .map(|(name, ranges)| (name, ranges.iter().map(|r| (r.start(), r.end())).collect()))
+            .collect();
         for (i, d) in devs.iter().enumerate() {
             let name = &self
                 .ram
@@ -327,7 +332,7 @@ impl Rig {
                 if other {
                     double += PAGE;
                     assert!(
-                        self.region.holds(other_side, gpa, gpa + PAGE),
+                        self.region.holds(other_side, range(gpa, PAGE)),
                         "page {gpa:#x} ({:?}) is backed on the {other_side} side without being held",
                         run.attribute
                     );
