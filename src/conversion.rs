@@ -4,7 +4,7 @@
 //! # Order of a conversion of `range` to `to`
 //! Under the region's conversion lock:
 //!
-//! 0. **Catch up.** Unmaps that failed earlier (stale mappings, see [`crate::dma`]) are retried,
+//! 0. **Catch up.** Unmaps that failed earlier (stale mappings: [`Region::stale_mappings`]) are retried,
 //!    also those of devices detached since. A conversion to private of a range that a device
 //!    still maps this way is refused ([`ConversionError::StaleMapping`]): it would otherwise
 //!    "succeed" with the page mapped. KVM attributes that an earlier failed rollback could not
@@ -28,7 +28,7 @@
 //!    KVM attribute goes back), and re-populate the losing view. A device that cannot
 //!    re-populate it is cut off ([`ConversionError::RollbackFailed`]); what its IOMMU still maps
 //!    stays tracked as stale.
-//! 3. **Free the vacated backing**, per the region's [`DiscardPolicy`]. Last on purpose:
+//! 3. **Free the vacated backing**, per the region's [`crate::DiscardPolicy`]. Last on purpose:
 //!    punching a hole destroys data and cannot be undone, so it runs only once every fallible,
 //!    reversible step succeeded. A failed conversion therefore leaves the backings exactly as
 //!    they were (invariant 4). A hole punch that fails *after* the conversion succeeded does not

@@ -71,6 +71,10 @@ pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// The state authority and the IOMMU crates, whose types appear in this crate's signatures.
+pub use discard_manager;
+pub use iommu;
+
 pub use attributes::{AttributeError, KvmAttributes, MemoryAttributes, RecordingAttributes};
 pub use backing::{BackingError, FileKind, RegionBacking};
 pub use conversion::{Conversion, ConversionError, UnmapFailure};

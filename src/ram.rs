@@ -317,7 +317,7 @@ impl GuestRam {
             .collect()
     }
 
-    /// Converts `range` (inside one region) to `to`. See [`crate::engine`] for the order.
+    /// Converts `range` (inside one region) to `to`. See [`crate::conversion`] for the order.
     ///
     /// # Errors
     /// [`ConversionError`] naming the step; unless it says otherwise nothing changed.
