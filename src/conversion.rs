@@ -39,8 +39,10 @@
 //! One conversion lock per region (it also guards the held-back frees) serialises
 //! conversions, device attach and detach on that region; regions convert in parallel. Order, outer
 //! to inner: `GuestRam` device list → region conversion lock → state manager → region's
-//! attached-device list → a listener's stale set → a device's ledger. Nothing takes an outer
-//! lock while holding an inner one, and no listener calls back into the manager.
+//! attached-device list, then its departed list, its unsynced-attribute set → a listener's
+//! stale set → a device's ledger. Nothing takes an outer lock while holding an inner one, and no
+//! listener calls back into the manager. A device cut off by a failed rollback is detached from
+//! the other regions by [`crate::GuestRam::convert`] after the region's locks are released.
 //!
 //! QEMU's order (attribute, listeners, punch) neither undoes the attribute nor keeps the
 //! backings intact when a listener fails, and it stops the VM. Here every failure returns a

@@ -811,3 +811,30 @@ fn after_a_failed_attribute_undo_the_next_request_over_the_page_repairs_kvm() {
     );
     rig.check(&[&dev], &[dev.iommu.take_calls()], None);
 }
+
+#[test]
+fn a_device_detached_while_its_unmaps_fail_keeps_its_mappings_tracked_until_removed() {
+    let rig = rig(DiscardPolicy::Eager);
+    let dev = rig.attach("nic", EmulatedIommu::new(), DeviceConfig::shared());
+    let r = range(BASE, 2 * PAGE);
+    rig.convert(r, Attribute::Shared).unwrap();
+    dev.iommu
+        .inject_failures(|kind, _, _| (*kind == CallKind::Unmap).then_some(libc::EIO));
+    assert!(rig.ram.detach_device(dev.id).is_err());
+    assert!(rig.ram.devices().is_empty());
+    // The device still reaches both pages: tracked, and a conversion to private is refused.
+    assert_eq!(
+        rig.region.stale_mappings(),
+        [("nic (detached)".to_string(), vec![r])]
+    );
+    let err = rig.convert(r, Attribute::Private).unwrap_err();
+    assert!(
+        matches!(err, ConversionError::StaleMapping { .. }),
+        "{err:?}"
+    );
+    dev.iommu.clear_failures();
+    rig.convert(r, Attribute::Private).unwrap();
+    assert!(rig.region.stale_mappings().is_empty());
+    assert_eq!(dev.iommu.mapping_count(), 0);
+    rig.check(&[], &[], None);
+}
