@@ -2,8 +2,13 @@
 //! to it, attached and detached here and nowhere else.
 //!
 //! The region's device list is the one place that says which device's listener follows which
-//! view of the region; [`Region::attach`] and [`Region::detach`] keep it and the state manager's
-//! registrations in step, under the region's conversion lock. How a conversion runs is in
+//! view of the region; the state manager's registrations only deliver the notifications. They
+//! change in step, under the region's conversion lock: in `attach` and `detach`, and when a
+//! failed rollback makes the manager drop a listener, which comes back on the conversion's stack
+//! (`TransactionError::RollbackFailed`) and is applied by `cut_off`. A listener that leaves while
+//! its IOMMU still maps something (unmaps that failed) is kept as *departed*: its stale mappings
+//! stay reported by [`Region::stale_mappings`], block conversions to private over them, and are
+//! retried before every conversion until they are gone. How a conversion runs is in
 //! [`crate::conversion`].
 
 use std::ops::{Deref, DerefMut};
