@@ -48,7 +48,6 @@
 
 use std::convert::Infallible;
 use std::hint::black_box;
-use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -225,16 +224,7 @@ fn fill(backing: &RegionBacking, range: GpaRange) {
 }
 
 fn punch(backing: &RegionBacking, side: View, range: GpaRange) {
-    let file = match side {
-        View::Shared => backing.shared_file(),
-        View::Private => backing.private_file(),
-    };
-    gmem_dma::sys::punch_hole(
-        file.as_fd(),
-        backing.file_offset(range.start()),
-        range.len(),
-    )
-    .expect("punch hole");
+    backing.punch_hole(side, range).expect("punch hole");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -601,8 +591,9 @@ impl ViewListener for CountingListener {
         Ok(())
     }
 
-    fn discard(&self, _: View, _: GpaRange) {
+    fn discard(&self, _: View, _: GpaRange) -> Result<(), ListenerError> {
         self.calls.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 }
 
@@ -687,7 +678,9 @@ impl BitmapOnly {
             Attribute::Shared => {
                 let _ = self.listener.populate(View::Shared, r);
             }
-            Attribute::Private => self.listener.discard(View::Shared, r),
+            Attribute::Private => {
+                let _ = self.listener.discard(View::Shared, r);
+            }
         });
     }
 }

@@ -15,8 +15,8 @@ use std::ffi::CStr;
 use std::fmt;
 use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use discard_manager::{GpaRange, View};
 use kvm_ioctls::VmFd;
@@ -37,6 +37,7 @@ pub enum FileKind {
 
 /// Creating, binding or freeing a backing failed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum BackingError {
     /// The region's size does not fit the host's address space.
     #[error("region size {size:#x} does not fit in the host address space")]
@@ -139,20 +140,25 @@ pub enum BackingError {
     },
 }
 
+#[cfg(any(test, feature = "testing"))]
 type PunchRule = Box<dyn FnMut(View, GpaRange) -> bool + Send>;
 
-/// Counters and fault injection of the frees. Counters are atomics and the rule sits behind
-/// a flag, so a free (on every eager conversion) takes no lock unless a rule is installed.
+/// Counters and (with the `testing` feature) fault injection of the frees. Counters are
+/// atomics and the rule sits behind a flag, so a free (on every eager conversion) takes no
+/// lock unless a rule is installed.
 #[derive(Default)]
 struct PunchLog {
     calls: AtomicU64,
     bytes: AtomicU64,
-    failing: AtomicBool,
-    fail: Mutex<Option<PunchRule>>,
+    #[cfg(any(test, feature = "testing"))]
+    failing: std::sync::atomic::AtomicBool,
+    #[cfg(any(test, feature = "testing"))]
+    fail: std::sync::Mutex<Option<PunchRule>>,
 }
 
 /// Counters of the frees this backing made.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct PunchStats {
     /// Successful `fallocate(PUNCH_HOLE)` calls.
     pub calls: u64,
@@ -370,6 +376,7 @@ impl RegionBacking {
     pub fn punch_hole(&self, side: View, range: GpaRange) -> Result<(), BackingError> {
         self.check(range)?;
         let log = &self.punches;
+        #[cfg(any(test, feature = "testing"))]
         if log.failing.load(Ordering::Acquire)
             && crate::lock(&log.fail)
                 .as_mut()
@@ -397,13 +404,16 @@ impl RegionBacking {
         Ok(())
     }
 
-    /// From now on, a free for which `rule` returns true fails with `EIO` and frees nothing.
+    /// From now on, a free for which `rule` returns true fails with `EIO` and frees nothing
+    /// (a test hook: `testing` feature).
+    #[cfg(any(test, feature = "testing"))]
     pub fn inject_punch_failures(&self, rule: impl FnMut(View, GpaRange) -> bool + Send + 'static) {
         *crate::lock(&self.punches.fail) = Some(Box::new(rule));
         self.punches.failing.store(true, Ordering::Release);
     }
 
-    /// Stops injecting free failures.
+    /// Stops injecting free failures (`testing` feature).
+    #[cfg(any(test, feature = "testing"))]
     pub fn clear_punch_failures(&self) {
         self.punches.failing.store(false, Ordering::Release);
         *crate::lock(&self.punches.fail) = None;

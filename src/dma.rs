@@ -15,101 +15,31 @@
 //! buffer) lies in one.
 //!
 //! # When an unmap fails
-//! The state manager's `discard` cannot fail, but a kernel unmap can. A failed unmap leaves the
-//! granules mapped, so the listener keeps them in its *stale* set (the manager believes they are
-//! gone; the IOMMU still has them) and reports the failure to the region's [`UnmapFailures`].
-//! The conversion's transaction step checks that log before it changes the KVM attribute and
-//! fails the transaction, so the manager re-populates the view (which maps only what is not
-//! stale) and a conversion to private never reports success while a device still maps one of its
-//! pages (invariant 1). Stale granules are unmapped again before the region's next conversion.
+//! A failed unmap travels back the way it came: `discard` returns it to the state manager,
+//! which fails the transaction before the KVM attribute changes and re-populates the view (the
+//! listener contract, `discard_manager::ViewListener`); the conversion returns
+//! [`crate::ConversionError::Unmap`]. As the contract says, after a discard the listener no
+//! longer holds the range whatever happened: what the IOMMU still maps is the listener's
+//! *stale* set, which it re-adopts if the range is populated again (the rollback does exactly
+//! that), retries before the region's next conversion, and reports
+//! ([`crate::Region::stale_mappings`]). Stale mappings also come from unmaps that fail where
+//! nothing can be rolled back: undoing a populate's own maps, a rollback's discards, the
+//! discards of an unregistration. A conversion to private over a stale granule is refused
+//! until a retry removed it (invariant 1).
 
 use std::fmt;
 use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use discard_manager::{GpaRange, ListenerError, View, ViewListener};
 use iommu::{DmaProt, Ledger, LedgerError};
 
 use crate::backing::RegionBacking;
+use crate::device::MapBy;
 use crate::range_set::RangeSet;
 
-/// How a device's mappings name the memory.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum MapBy {
-    /// By host virtual address of the region's shared mapping (`VFIO_IOMMU_MAP_DMA`,
-    /// `IOMMU_IOAS_MAP`). Shared view only.
-    Address,
-    /// By file descriptor + offset (`IOMMU_IOAS_MAP_FILE`): the shared file for the shared view,
-    /// the guest_memfd for the private view.
-    File,
-}
-
-/// One unmap that failed inside a discard.
-#[derive(Debug, thiserror::Error)]
-#[error("device {device}: unmap of {view} view {range} failed")]
-pub struct UnmapFailure {
-    /// The device's name.
-    pub device: String,
-    /// The view that was being discarded.
-    pub view: View,
-    /// The run being discarded.
-    pub range: GpaRange,
-    /// The ledger's error.
-    #[source]
-    pub source: LedgerError,
-}
-
-/// The failed unmaps of one region since the last check, filled by its listeners' discards and
-/// drained by the conversion step, and whether a listener of the region may hold stale
-/// mappings. Both are read on every conversion, so each has a flag that answers the common
-/// case (nothing failed, nothing stale) without a lock.
-#[derive(Debug, Default)]
-pub struct UnmapFailures {
-    log: Mutex<Vec<UnmapFailure>>,
-    /// Entries in `log` (changed only under its lock).
-    logged: AtomicUsize,
-    /// Set when a listener adds to its stale set; cleared by [`UnmapFailures::take_stale_hint`].
-    maybe_stale: AtomicBool,
-}
-
-impl UnmapFailures {
-    fn lock(&self) -> MutexGuard<'_, Vec<UnmapFailure>> {
-        crate::lock(&self.log)
-    }
-
-    pub(crate) fn record(&self, failure: UnmapFailure) {
-        let mut log = self.lock();
-        log.push(failure);
-        self.logged.store(log.len(), Ordering::Release);
-    }
-
-    /// True when a failure was recorded since the last drain.
-    pub(crate) fn any(&self) -> bool {
-        self.logged.load(Ordering::Acquire) > 0
-    }
-
-    /// Takes every failure recorded so far.
-    pub(crate) fn drain(&self) -> Vec<UnmapFailure> {
-        let mut log = self.lock();
-        self.logged.store(0, Ordering::Release);
-        std::mem::take(&mut *log)
-    }
-
-    /// A listener of the region added to its stale set.
-    pub(crate) fn mark_stale(&self) {
-        self.maybe_stale.store(true, Ordering::Release);
-    }
-
-    /// True when a listener may hold stale mappings (set since the last call); clears the hint,
-    /// so a caller that finds some still stale calls [`UnmapFailures::mark_stale`] again.
-    pub(crate) fn take_stale_hint(&self) -> bool {
-        self.maybe_stale.swap(false, Ordering::AcqRel)
-    }
-}
-
 /// Follows one view of one region for one device.
-pub struct DmaListener {
+pub(crate) struct DmaListener {
     // Field order matters: the ledger (which unmaps what is left when its last owner drops)
     // must drop before the backing whose memory it maps.
     ledger: Arc<Ledger>,
@@ -121,7 +51,6 @@ pub struct DmaListener {
     granularity: u64,
     prot: DmaProt,
     stale: Mutex<RangeSet>,
-    failures: Arc<UnmapFailures>,
 }
 
 impl fmt::Debug for DmaListener {
@@ -150,7 +79,6 @@ impl DmaListener {
         config: ListenerConfig,
         ledger: Arc<Ledger>,
         backing: Arc<RegionBacking>,
-        failures: Arc<UnmapFailures>,
     ) -> Self {
         Self {
             ledger,
@@ -162,7 +90,6 @@ impl DmaListener {
             granularity: config.granularity,
             prot: config.prot,
             stale: Mutex::new(RangeSet::new()),
-            failures,
         }
     }
 
@@ -247,21 +174,15 @@ impl DmaListener {
         for (s, e) in left.iter() {
             stale.insert(s, e);
         }
-        self.failures.mark_stale();
     }
 
-    fn record_failure(&self, range: GpaRange, source: LedgerError) {
+    fn unmap_failed(&self, range: GpaRange, source: LedgerError) -> ListenerError {
         log::warn!(
             "{}: unmap of {} {range} failed: {source}",
             self.device,
             self.view
         );
-        self.failures.record(UnmapFailure {
-            device: self.device.clone(),
-            view: self.view,
-            range,
-            source,
-        });
+        Box::new(source)
     }
 
     /// Tries again to unmap every stale granule. Returns the bytes still stale.
@@ -291,9 +212,21 @@ impl DmaListener {
         self.stale().bytes()
     }
 
-    /// The stale GPA extents `[start, end)`.
-    pub(crate) fn stale_ranges(&self) -> Vec<(u64, u64)> {
-        self.stale().iter().collect()
+    /// The stale GPA extents `[start, end)`, less what the ledger no longer maps (a device's
+    /// whole-ledger teardown may have removed it since).
+    pub(crate) fn stale_ranges(&self) -> Vec<GpaRange> {
+        let mut stale = self.stale();
+        let extents: Vec<(u64, u64)> = stale.iter().collect();
+        for (s, e) in extents {
+            stale.remove(s, e);
+            for (ms, me) in self.still_mapped(s, e).iter() {
+                stale.insert(ms, me);
+            }
+        }
+        stale
+            .iter()
+            .filter_map(|(s, e)| GpaRange::new(s, e - s))
+            .collect()
     }
 
     /// True when a stale extent overlaps `range`.
@@ -302,11 +235,6 @@ impl DmaListener {
             .iter()
             .any(|(s, e)| s < range.end() && range.start() < e)
     }
-
-    /// The device's name.
-    pub fn device(&self) -> &str {
-        &self.device
-    }
 }
 
 impl ViewListener for DmaListener {
@@ -314,9 +242,11 @@ impl ViewListener for DmaListener {
         debug_assert_eq!(view, self.view);
         // The common case: nothing stale, so the whole range is one map run (all or nothing).
         if self.stale().is_empty() {
-            return self
-                .map_run(range.start(), range.end())
-                .map_err(|err| Box::new(err) as ListenerError);
+            return self.map_run(range.start(), range.end()).map_err(|err| {
+                // A failed map whose undo failed too leaves pieces mapped.
+                self.keep_stale(range.start(), range.end());
+                Box::new(err) as ListenerError
+            });
         }
         // Stale granules are still mapped: they need no map, and they are held again.
         let still = self.stale().intersection(range.start(), range.end());
@@ -328,6 +258,7 @@ impl ViewListener for DmaListener {
         let mut done: Vec<(u64, u64)> = Vec::new();
         for (s, e) in todo.iter() {
             if let Err(err) = self.map_run(s, e) {
+                self.keep_stale(s, e);
                 // All or nothing: undo this call's own maps. A failure here leaves them stale,
                 // to be retried before the next conversion.
                 for &(ds, de) in done.iter().rev() {
@@ -348,31 +279,30 @@ impl ViewListener for DmaListener {
         Ok(())
     }
 
-    fn discard(&self, view: View, range: GpaRange) {
+    fn discard(&self, view: View, range: GpaRange) -> Result<(), ListenerError> {
         debug_assert_eq!(view, self.view);
-        if let Err(source) = self.unmap_range(range) {
-            self.record_failure(range, source);
-        }
+        self.unmap_range(range)
+            .map_err(|source| self.unmap_failed(range, source))
     }
 
-    fn discard_runs(&self, view: View, runs: &[GpaRange]) {
+    fn discard_runs(&self, view: View, runs: &[GpaRange]) -> Result<(), ListenerError> {
         debug_assert_eq!(view, self.view);
         let ranges: Vec<(u64, u64)> = runs
             .iter()
             .map(|r| (self.iova(r.start()), r.len()))
             .collect();
         let Err(source) = self.ledger.unmap_ranges(&ranges) else {
-            return;
+            return Ok(());
         };
         // Some calls may have succeeded before the failure: what any run still maps is stale.
         for r in runs {
             self.keep_stale(r.start(), r.end());
         }
-        // One failure for the whole discard (the error is not `Clone`), naming the first run
-        // that stays mapped: the attribute step refuses on any.
         let first_left = runs.iter().find(|r| self.stale_overlaps(**r));
-        if let Some(&range) = first_left.or(runs.first()) {
-            self.record_failure(range, source);
-        }
+        let range = first_left.or(runs.first()).copied();
+        Err(match range {
+            Some(range) => self.unmap_failed(range, source),
+            None => Box::new(source),
+        })
     }
 }

@@ -11,7 +11,7 @@ use kvm_bindings::KVM_MEMORY_EXIT_FLAG_PRIVATE;
 
 use kvm_ioctls::HypercallExit;
 
-use crate::engine::{Conversion, ConversionError};
+use crate::conversion::{Conversion, ConversionError};
 use crate::ram::GuestRam;
 use crate::sys::{
     KVM_HC_MAP_GPA_RANGE, KVM_MAP_GPA_RANGE_ENCRYPTED, KVM_MAP_GPA_RANGE_PAGE_SZ_1G,

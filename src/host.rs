@@ -14,7 +14,8 @@ use kvm_ioctls::{Cap, Kvm, VmFd};
 use crate::sys::{GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, KVM_CAP_GUEST_MEMFD_FLAGS};
 
 /// How a region's shared and private memory are backed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub enum BackingModel {
     /// Two files: a memfd for the shared view (mmap'ed, mapped for DMA) and a guest_memfd for the
     /// private view. A conversion frees the side that lost the page (fallocate `PUNCH_HOLE`).
@@ -45,7 +46,8 @@ pub enum ModelChoice {
 }
 
 /// What one VM on this kernel supports, as `KVM_CHECK_EXTENSION` on the VM fd reports it.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct KvmSupport {
     /// `KVM_CAP_VM_TYPES`: bit `n` set when VM type `n` can be created (0 when the cap is absent).
     pub vm_types: u64,

@@ -5,8 +5,12 @@
 //! - [`GuestRam`]: regions, devices and the KVM attribute table; what the VMM holds.
 //! - [`RegionBacking`]: the files behind a region, classic (memfd + guest_memfd) or in-place
 //!   (mmap-able guest_memfd), chosen from what the kernel offers ([`KvmSupport`]).
-//! - [`engine`]: the order of every conversion, its rollback, and the discard policies.
-//! - [`dma`]: the listeners that map a view of a region into a device's IOMMU.
+//! - [`Region`]: one region's state manager, backing, policy and devices (attach, detach).
+//! - [`conversion`]: the order of every conversion and its rollback; [`policy`]: when vacated
+//!   backing is freed.
+//! - [`DeviceConfig`]: how a device sees guest memory (shared view, or trusted-IO private view).
+//! - The DMA listeners (`dma`) map a view of a region into a device's IOMMU; they are
+//!   attached and detached with the device, never built by hand.
 //! - [`ConversionQueue`]: conversions from vCPU threads, merged and answered one by one.
 //! - [`exits`]: vCPU exits to conversion requests, results to what the guest reads.
 //!
@@ -46,16 +50,19 @@
 
 pub mod attributes;
 pub mod backing;
-pub mod dma;
-pub mod engine;
+pub mod conversion;
+mod device;
+mod dma;
 pub mod exits;
 pub mod host;
+#[cfg(feature = "testing")]
 pub mod instrument;
 pub mod policy;
 mod queue;
 mod ram;
 mod range_set;
-pub mod sys;
+mod region;
+mod sys;
 
 /// Locks `m`, ignoring poison. Every critical section in this crate leaves its data consistent
 /// before anything that can panic (single map/set/vec updates, counters), so a panic elsewhere
@@ -64,10 +71,14 @@ pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// The state authority and the IOMMU crates, whose types appear in this crate's signatures.
+pub use discard_manager;
+pub use iommu;
+
 pub use attributes::{AttributeError, KvmAttributes, MemoryAttributes, RecordingAttributes};
 pub use backing::{BackingError, FileKind, RegionBacking};
-pub use dma::MapBy;
-pub use engine::{Conversion, ConversionError, DeviceId, Region};
+pub use conversion::{Conversion, ConversionError, UnmapFailure};
+pub use device::{AttachError, DetachError, DeviceConfig, DeviceId, MapBy};
 pub use exits::{
     ConversionRequest, ExitError, RequestError, handle_map_gpa_range, handle_memory_fault,
     hypercall_return,
@@ -75,4 +86,6 @@ pub use exits::{
 pub use host::{BackingModel, KvmSupport, ModelChoice, ModelError};
 pub use policy::{DiscardPolicy, FlushReport, HeldBack};
 pub use queue::{ConversionQueue, QueueStats, Ticket};
-pub use ram::{AttachError, DetachError, DeviceConfig, GuestRam, RegionError, RegionSpec};
+pub use ram::{GuestRam, RegionError, RegionSpec};
+pub use region::{Region, RegionState};
+pub use sys::KVM_HC_MAP_GPA_RANGE;

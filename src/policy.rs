@@ -52,6 +52,7 @@ pub enum DiscardPolicy {
 
 /// Backing pages held back right now: backed on both sides on purpose or because a free failed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct HeldBack {
     /// Vacated shared-side bytes (pages that are private now) not yet freed.
     pub shared_bytes: u64,
@@ -70,6 +71,7 @@ impl HeldBack {
 
 /// What one flush did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct FlushReport {
     /// `fallocate` calls that succeeded.
     pub punched_ranges: u64,

@@ -14,7 +14,7 @@ use std::thread::JoinHandle;
 use crossbeam_channel::{Receiver, Sender};
 use discard_manager::{Attribute, GpaRange};
 
-use crate::engine::{Conversion, ConversionError};
+use crate::conversion::{Conversion, ConversionError};
 use crate::exits::ConversionRequest;
 use crate::ram::GuestRam;
 

@@ -3,17 +3,15 @@
 
 use std::sync::{Arc, Mutex, RwLock};
 
-use discard_manager::{Attribute, GpaRange, RegionConfig, View};
-use iommu::{
-    BackendKind, DmaBackend, DmaProt, FileMapSupport, Ledger, LedgerError, LedgerStats, Mapping,
-    UnmapReport,
-};
+use discard_manager::{Attribute, GpaRange, RegionConfig};
+use iommu::{DmaBackend, Ledger, LedgerStats, Mapping, UnmapReport};
 
 use crate::attributes::{AttributeError, MemoryAttributes};
-use crate::backing::{FileKind, RegionBacking};
-use crate::dma::{DmaListener, ListenerConfig, MapBy};
-use crate::engine::{Attached, Conversion, ConversionError, DeviceId, Region};
+use crate::backing::RegionBacking;
+use crate::conversion::{Conversion, ConversionError};
+use crate::device::{AttachError, DetachError, Device, DeviceConfig, DeviceId};
 use crate::policy::{DiscardPolicy, FlushReport, HeldBack};
+use crate::region::Region;
 
 /// How one region is managed (its size and backing come from the [`RegionBacking`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -27,44 +25,9 @@ pub struct RegionSpec {
     pub policy: DiscardPolicy,
 }
 
-/// How a device sees guest memory.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct DeviceConfig {
-    /// The view the device maps: `Shared` for ordinary assigned devices, `Private` for
-    /// trusted-IO devices (TDX Connect, SEV-TIO style).
-    pub view: View,
-    /// How mappings name the memory.
-    pub map_by: MapBy,
-    /// IOVA = GPA + `iova_offset`.
-    pub iova_offset: u64,
-    /// Device access.
-    pub prot: DmaProt,
-}
-
-impl DeviceConfig {
-    /// An ordinary assigned device: shared view, identity IOVA, mapped by host address.
-    pub fn shared() -> Self {
-        Self {
-            view: View::Shared,
-            map_by: MapBy::Address,
-            iova_offset: 0,
-            prot: DmaProt::READ_WRITE,
-        }
-    }
-
-    /// A trusted-IO device: private view, identity IOVA, mapped by guest_memfd + offset.
-    pub fn trusted_io() -> Self {
-        Self {
-            view: View::Private,
-            map_by: MapBy::File,
-            iova_offset: 0,
-            prot: DmaProt::READ_WRITE,
-        }
-    }
-}
-
 /// Adding a region failed; nothing was added.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum RegionError {
     /// The backing's size and the spec do not make a valid region.
     #[error("invalid region geometry")]
@@ -89,98 +52,6 @@ pub enum RegionError {
         #[source]
         source: Box<AttachError>,
     },
-}
-
-/// A device could not be attached; nothing of it stays mapped.
-#[derive(Debug, thiserror::Error)]
-pub enum AttachError {
-    /// The backend cannot report its capabilities.
-    #[error("reading the capabilities of {device}'s IOMMU failed")]
-    Ledger {
-        /// The device.
-        device: String,
-        /// Why.
-        #[source]
-        source: LedgerError,
-    },
-    /// The device wants what its backend cannot map.
-    #[error("device {device}: {kind} cannot {what}")]
-    Unsupported {
-        /// The device.
-        device: String,
-        /// The backend.
-        kind: BackendKind,
-        /// What it cannot do.
-        what: &'static str,
-    },
-    /// The region's granularity is finer than the IOMMU page size.
-    #[error(
-        "device {device}: region granularity {granularity:#x} is not a multiple of the IOMMU page size {page_size:#x}"
-    )]
-    Granularity {
-        /// The device.
-        device: String,
-        /// Region granularity.
-        granularity: u64,
-        /// IOMMU page size.
-        page_size: u64,
-    },
-    /// GPA + offset leaves the IOMMU's usable IOVA ranges.
-    #[error(
-        "device {device}: region {range} + iova offset {iova_offset:#x} is outside the usable IOVA ranges"
-    )]
-    IovaRange {
-        /// The device.
-        device: String,
-        /// The region.
-        range: GpaRange,
-        /// The offset.
-        iova_offset: u64,
-    },
-    /// The view already holds more granules than the mapping budget allows.
-    #[error("device {device}: mapping region {range}'s view needs {needed} mappings")]
-    Budget {
-        /// The device.
-        device: String,
-        /// The region.
-        range: GpaRange,
-        /// Mappings needed.
-        needed: u64,
-        /// The ledger's refusal.
-        #[source]
-        source: LedgerError,
-    },
-    /// Mapping the view (the replay) failed.
-    #[error("device {device}: mapping the {view} view of region {range} failed")]
-    Replay {
-        /// The device.
-        device: String,
-        /// The view.
-        view: View,
-        /// The region.
-        range: GpaRange,
-        /// The manager's report.
-        #[source]
-        source: discard_manager::Error,
-    },
-}
-
-/// Detaching left mappings behind.
-#[derive(Debug, thiserror::Error)]
-#[error("detaching {device} left mappings in its IOMMU")]
-pub struct DetachError {
-    /// The device.
-    pub device: String,
-    /// The ledger's error.
-    #[source]
-    pub source: LedgerError,
-}
-
-struct Device {
-    id: DeviceId,
-    name: String,
-    config: DeviceConfig,
-    ledger: Arc<Ledger>,
 }
 
 /// A ledger whose teardown failed, kept with the memory it still maps until the `GuestRam`
@@ -288,20 +159,14 @@ impl GuestRam {
                 .set(range, Attribute::Private)
                 .map_err(RegionError::InitialAttribute)?;
         }
-        for d in devices.iter() {
-            if let Err(source) = attach_to_region(d, &region) {
-                // The region is not published yet, so only this thread sees it; still, take the
-                // list out before calling the manager (lock order: manager before the list).
-                let attached: Vec<Attached> = region.attached_mut().drain(..).collect();
-                for a in attached {
-                    let _ = region.manager().unregister(a.id);
-                    // What could not be unmapped still points into this region's memory: keep
-                    // the memory alive as long as the mapping may be.
-                    if a.listener.retry_stale() > 0 {
-                        lock(&self.orphans).push(Orphan {
-                            _ledger: Arc::clone(&a.ledger),
-                            _backings: vec![Arc::clone(region.backing())],
-                        });
+        for (i, d) in devices.iter().enumerate() {
+            if let Err(source) = region.attach(d) {
+                // The region is not published yet, so only this thread sees it.
+                for done in &devices[..i] {
+                    if region.detach(done.id) > 0 {
+                        // What could not be unmapped still points into this region's memory:
+                        // keep the memory alive as long as the mapping may be.
+                        self.keep_alive(done, [&region].into_iter());
                     }
                 }
                 if spec.initial == Attribute::Private {
@@ -351,21 +216,21 @@ impl GuestRam {
         };
         let regions = self.regions();
         for r in &regions {
-            check_device(&device, r)?;
+            r.check_device(&device)?;
         }
         for (i, r) in regions.iter().enumerate() {
-            if let Err(e) = attach_to_region(&device, r) {
+            if let Err(e) = r.attach(&device) {
                 for done in &regions[..i] {
-                    detach_from_region(id, done);
+                    done.detach(id);
                 }
                 return Err(e);
             }
         }
         log::info!(
             "attached {name} ({} view, {:?}, iova offset {:#x}) to {} region(s)",
-            config.view,
-            config.map_by,
-            config.iova_offset,
+            config.view(),
+            config.map_by(),
+            config.iova_offset(),
             regions.len()
         );
         devices.push(device);
@@ -386,7 +251,7 @@ impl GuestRam {
         let before = device.ledger.stats();
         let regions = self.regions();
         for r in &regions {
-            detach_from_region(id, r);
+            r.detach(id);
         }
         let result = device.ledger.unmap_all();
         let after = device.ledger.stats();
@@ -403,15 +268,21 @@ impl GuestRam {
                     device.name,
                     device.ledger.mapping_count()
                 );
-                lock(&self.orphans).push(Orphan {
-                    _ledger: Arc::clone(&device.ledger),
-                    _backings: regions.iter().map(|r| Arc::clone(r.backing())).collect(),
-                });
+                self.keep_alive(&device, regions.iter());
                 DetachError {
                     device: device.name.clone(),
                     source,
                 }
             })
+    }
+
+    /// Keeps `device`'s ledger and the backings of `regions` alive until the `GuestRam` drops:
+    /// the ledger still maps memory of them after unmaps failed.
+    fn keep_alive<'a>(&self, device: &Device, regions: impl Iterator<Item = &'a Arc<Region>>) {
+        lock(&self.orphans).push(Orphan {
+            _ledger: Arc::clone(&device.ledger),
+            _backings: regions.map(|r| Arc::clone(r.backing())).collect(),
+        });
     }
 
     /// The live mappings of a device's IOMMU, as its ledger records them.
@@ -446,7 +317,7 @@ impl GuestRam {
             .collect()
     }
 
-    /// Converts `range` (inside one region) to `to`. See [`crate::engine`] for the order.
+    /// Converts `range` (inside one region) to `to`. See [`crate::conversion`] for the order.
     ///
     /// # Errors
     /// [`ConversionError`] naming the step; unless it says otherwise nothing changed.
@@ -454,7 +325,17 @@ impl GuestRam {
         let region = self
             .region_of(range)
             .ok_or(ConversionError::NoRegion { range })?;
-        region.convert(range, to, &*self.attributes)
+        let result = region.convert(range, to, &*self.attributes);
+        if let Err(ConversionError::RollbackFailed { devices, .. }) = &result {
+            // Cut off from one region, the devices leave guest RAM, so that what the error
+            // says and the device list agree.
+            for &id in devices {
+                if let Err(e) = self.detach_device(id) {
+                    log::warn!("{e}");
+                }
+            }
+        }
+        result
     }
 
     /// Frees everything every region holds back.
@@ -482,141 +363,4 @@ impl GuestRam {
             }
         })
     }
-}
-
-fn check_device(device: &Device, region: &Region) -> Result<(), AttachError> {
-    let caps = device.ledger.capabilities();
-    let name = || device.name.clone();
-    let unsupported = |what| AttachError::Unsupported {
-        device: name(),
-        kind: caps.kind,
-        what,
-    };
-    let backing = region.backing();
-    match (device.config.view, device.config.map_by) {
-        (View::Private, _) if caps.map_file != FileMapSupport::AnyFile => {
-            return Err(unsupported(
-                "map guest_memfd by file for a trusted-IO (private view) device",
-            ));
-        }
-        (View::Private, MapBy::Address) => {
-            return Err(unsupported("map private memory by address (it has none)"));
-        }
-        (View::Shared, MapBy::File) if caps.map_file == FileMapSupport::None => {
-            return Err(unsupported("map by file descriptor"));
-        }
-        (View::Shared, MapBy::File)
-            if backing.shared_kind() == FileKind::GuestMemfd
-                && caps.map_file != FileMapSupport::AnyFile =>
-        {
-            return Err(unsupported(
-                "map a guest_memfd by file (mainline accepts memfd and hugetlbfs only)",
-            ));
-        }
-        _ => {}
-    }
-    let page_size = device.ledger.page_size();
-    if region.granularity() % page_size != 0 {
-        return Err(AttachError::Granularity {
-            device: name(),
-            granularity: region.granularity(),
-            page_size,
-        });
-    }
-    let range = region.range();
-    let offset = device.config.iova_offset;
-    let inside = range.start().checked_add(offset).is_some_and(|iova| {
-        caps.iova_ranges
-            .iter()
-            .any(|r| r.contains(iova, range.len()))
-    });
-    if !inside {
-        return Err(AttachError::IovaRange {
-            device: name(),
-            range,
-            iova_offset: offset,
-        });
-    }
-    Ok(())
-}
-
-fn attach_to_region(device: &Device, region: &Arc<Region>) -> Result<(), AttachError> {
-    check_device(device, region)?;
-    // The conversion lock: a conversion's budget check and its transaction see either all of
-    // this device or none of it.
-    let _conversions = region.conversion_lock();
-    let range = region.range();
-    let view = device.config.view;
-    let replay_failed = |source| AttachError::Replay {
-        device: device.name.clone(),
-        view,
-        range,
-        source,
-    };
-    let populated = region
-        .manager()
-        .view_runs(view, range)
-        .map_err(replay_failed)?;
-    let needed: u64 = populated
-        .iter()
-        .map(|r| r.len() / region.granularity())
-        .sum();
-    device
-        .ledger
-        .check_budget(needed)
-        .map_err(|source| AttachError::Budget {
-            device: device.name.clone(),
-            range,
-            needed,
-            source,
-        })?;
-    let listener = Arc::new(DmaListener::new(
-        ListenerConfig {
-            device: device.name.clone(),
-            view,
-            map_by: device.config.map_by,
-            iova_offset: device.config.iova_offset,
-            granularity: region.granularity(),
-            prot: device.config.prot,
-        },
-        Arc::clone(&device.ledger),
-        Arc::clone(region.backing()),
-        Arc::clone(region.failures()),
-    ));
-    let id = region
-        .manager()
-        .register(view, range, listener.clone())
-        .map_err(replay_failed)?;
-    region.attached_mut().push(Attached {
-        device: device.id,
-        name: device.name.clone(),
-        view,
-        id,
-        listener,
-        ledger: Arc::clone(&device.ledger),
-    });
-    Ok(())
-}
-
-fn detach_from_region(device: DeviceId, region: &Region) {
-    let _conversions = region.conversion_lock();
-    let mine: Vec<Attached> = {
-        let mut attached = region.attached_mut();
-        let (mine, rest) = attached.drain(..).partition(|a| a.device == device);
-        *attached = rest;
-        mine
-    };
-    for a in mine {
-        if let Err(e) = region.manager().unregister(a.id) {
-            log::warn!(
-                "{}: unregistering from {} failed: {e}",
-                a.name,
-                region.range()
-            );
-        }
-        // Discards that failed during unregistration left stale mappings; the caller's
-        // `unmap_all` removes whatever is left.
-        a.listener.retry_stale();
-    }
-    region.failures().drain();
 }

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use common::{PAGE, Rig, range};
 use discard_manager::{Attribute, View};
 use gmem_dma::{
-    AttachError, ConversionError, DeviceConfig, DiscardPolicy, MapBy, hypercall_return,
+    AttachError, ConversionError, DeviceConfig, DiscardPolicy, MapBy, handle_memory_fault,
+    hypercall_return,
 };
 use iommu::emulated::CallKind;
 use iommu::{EmulatedIommu, FileMapSupport};
@@ -165,7 +166,7 @@ fn a_stale_mapping_between_the_runs_is_not_swept_by_the_merged_unmap() {
     let stale = rig.region.stale_mappings();
     assert_eq!(
         stale,
-        [("t1".to_string(), vec![(b.start(), b.end())])],
+        [("t1".to_string(), vec![b])],
         "t1 still maps B, which stayed shared"
     );
     t1.iommu.take_calls();
@@ -406,10 +407,7 @@ fn a_backend_that_cannot_map_guest_memfd_is_refused_at_attach_with_the_reason() 
             .map_file(FileMapSupport::None)
             .build(),
     );
-    let by_file = DeviceConfig {
-        map_by: MapBy::File,
-        ..DeviceConfig::shared()
-    };
+    let by_file = DeviceConfig::shared_by(MapBy::File);
     assert!(rig.ram.attach_device("nic", type1, by_file).is_err());
     assert!(rig.ram.devices().is_empty());
     assert_eq!(mainline.mapping_count(), 0);
@@ -426,10 +424,7 @@ fn attaching_to_a_running_guest_replays_the_shared_view_and_detaching_unmaps_it(
     let dev = rig.attach(
         "nic",
         EmulatedIommu::new(),
-        DeviceConfig {
-            iova_offset: offset,
-            ..DeviceConfig::shared()
-        },
+        DeviceConfig::shared().with_iova_offset(offset),
     );
     let iovas: Vec<u64> = dev
         .iommu
@@ -645,11 +640,8 @@ fn lazy_discard_holds_exactly_the_vacated_runs_of_a_mixed_request() {
     let c = rig.convert(r, Attribute::Private).unwrap();
     // The shared pages between the runs were never shared-backed after the flush: not held.
     assert_eq!(c.held.shared_bytes, 5 * PAGE);
-    assert!(rig.region.holds(View::Shared, BASE, BASE + 2 * PAGE));
-    assert!(
-        !rig.region
-            .holds(View::Shared, BASE + 2 * PAGE, BASE + 3 * PAGE)
-    );
+    assert!(rig.region.holds(View::Shared, range(BASE, 2 * PAGE)));
+    assert!(!rig.region.holds(View::Shared, range(BASE + 2 * PAGE, PAGE)));
     rig.check(&[&dev], &[dev.iommu.take_calls()], Some(r));
 }
 
@@ -668,10 +660,7 @@ fn a_stale_mapping_refuses_a_conversion_to_private_until_its_retry_succeeds() {
     let err = rig.convert(b, Attribute::Shared).unwrap_err();
     assert!(matches!(err, ConversionError::Map { .. }), "{err:?}");
     s2.iommu.clear_failures();
-    assert_eq!(
-        rig.region.stale_mappings(),
-        [("s1".to_string(), vec![(b.start(), b.end())])]
-    );
+    assert_eq!(rig.region.stale_mappings(), [("s1".to_string(), vec![b])]);
     // Converting a range holding B to private would report success with B mapped: refused.
     let r = range(BASE, 4 * PAGE);
     let err = rig.convert(r, Attribute::Private).unwrap_err();
@@ -702,4 +691,150 @@ fn unmap_calls(calls: &[iommu::emulated::Call]) -> Vec<(u64, u64)> {
         .filter(|c| c.kind == CallKind::Unmap)
         .map(|c| (c.iova, c.len))
         .collect()
+}
+
+#[test]
+fn a_map_whose_undo_fails_keeps_its_pieces_stale_until_an_unmap_removes_them() {
+    // Issue 13, defect 1: the 2nd page's map fails and undoing the 1st page's map fails too.
+    let rig = rig(DiscardPolicy::Eager);
+    let dev = rig.attach("nic", EmulatedIommu::new(), DeviceConfig::shared());
+    let faults = common::iommu_faults(&dev.iommu);
+    faults.add(|&(kind, iova, _)| {
+        (kind == CallKind::MapVa && iova == BASE + PAGE).then_some(libc::ENOMEM)
+    });
+    faults.add(|&(kind, _, _)| (kind == CallKind::Unmap).then_some(libc::EIO));
+    let r = range(BASE, 2 * PAGE);
+    let err = rig.convert(r, Attribute::Shared).unwrap_err();
+    assert!(matches!(err, ConversionError::Map { .. }), "{err:?}");
+    // The pages stayed private, yet the device still maps the first: that is a stale mapping.
+    assert_eq!(dev.iommu.mapping_count(), 1);
+    assert_eq!(
+        rig.region.stale_mappings(),
+        [("nic".to_string(), vec![range(BASE, PAGE)])]
+    );
+    // Isolation: converting the page to private cannot succeed while the device reaches it.
+    let err = rig
+        .convert(range(BASE, PAGE), Attribute::Private)
+        .unwrap_err();
+    assert!(
+        matches!(&err, ConversionError::StaleMapping { device, .. } if device == "nic"),
+        "{err:?}"
+    );
+    // Once the kernel lets go, the retry removes it and the page can be shared again.
+    faults.clear();
+    rig.convert(range(BASE, PAGE), Attribute::Private).unwrap();
+    assert!(rig.region.stale_mappings().is_empty());
+    assert_eq!(dev.iommu.mapping_count(), 0);
+    rig.convert(r, Attribute::Shared).unwrap();
+    rig.check(&[&dev], &[dev.iommu.take_calls()], None);
+}
+
+#[test]
+fn a_failed_rollback_detaches_the_device_and_keeps_what_it_still_maps_tracked() {
+    // Issue 13, defect 2: pages 2-3 of 4 shared pages to private; KVM refuses, the device
+    // cannot re-map 2-3 (a double fault) and cannot unmap 0-1 when it is cut off.
+    let rig = rig(DiscardPolicy::Eager);
+    let dev = rig.attach("nic", EmulatedIommu::new(), DeviceConfig::shared());
+    rig.convert(range(BASE, 4 * PAGE), Attribute::Shared)
+        .unwrap();
+    let faults = common::iommu_faults(&dev.iommu);
+    faults.add(|&(kind, iova, _)| {
+        (kind == CallKind::Unmap && iova < BASE + 2 * PAGE).then_some(libc::EIO)
+    });
+    faults.add(|&(kind, _, _)| (kind == CallKind::MapVa).then_some(libc::ENOMEM));
+    rig.attrs.inject_failures(|_, to| to == Attribute::Private);
+    let err = rig
+        .convert(range(BASE + 2 * PAGE, 2 * PAGE), Attribute::Private)
+        .unwrap_err();
+    rig.attrs.clear_failures();
+    match &err {
+        ConversionError::RollbackFailed { detached, .. } => assert_eq!(detached, &["nic"]),
+        other => panic!("{other:?}"),
+    }
+    // The error and the device list agree: the device is detached.
+    assert!(rig.ram.devices().is_empty(), "{:?}", rig.ram.devices());
+    // Its IOMMU still maps pages 0-1 (their unmap failed): tracked, not forgotten.
+    assert_eq!(dev.iommu.mapping_count(), 2);
+    assert_eq!(
+        rig.region.stale_mappings(),
+        [("nic (detached)".to_string(), vec![range(BASE, 2 * PAGE)])]
+    );
+    // Isolation: converting them to private is refused while the device reaches them.
+    let err = rig
+        .convert(range(BASE, 2 * PAGE), Attribute::Private)
+        .unwrap_err();
+    assert!(
+        matches!(err, ConversionError::StaleMapping { .. }),
+        "{err:?}"
+    );
+    let mut buf = [0u8; 1];
+    dev.iommu.dma_read(BASE, &mut buf).unwrap();
+    faults.clear();
+    rig.convert(range(BASE, 2 * PAGE), Attribute::Private)
+        .unwrap();
+    assert!(rig.region.stale_mappings().is_empty());
+    assert_eq!(dev.iommu.mapping_count(), 0);
+    assert!(dev.iommu.dma_read(BASE, &mut buf).is_err());
+    rig.check(&[], &[], None);
+}
+
+#[test]
+fn after_a_failed_attribute_undo_the_next_request_over_the_page_repairs_kvm() {
+    // Issue 13, defect 7: to shared, the device refuses the map and KVM refuses to set the
+    // attribute back: KVM says shared, the manager says private.
+    let rig = rig(DiscardPolicy::Eager);
+    let dev = rig.attach("nic", EmulatedIommu::new(), DeviceConfig::shared());
+    let page = range(BASE + 5 * PAGE, PAGE);
+    dev.iommu
+        .inject_failures(|kind, _, _| (*kind == CallKind::MapVa).then_some(libc::ENOMEM));
+    rig.attrs.inject_failures(|_, to| to == Attribute::Private);
+    let err = rig.convert(page, Attribute::Shared).unwrap_err();
+    assert!(
+        matches!(err, ConversionError::AttributeRollback { .. }),
+        "{err:?}"
+    );
+    dev.iommu.clear_failures();
+    // The guest's private access to the page faults (KVM thinks it is shared). The exit asks
+    // for private, which the manager already says: the answer must make KVM agree, or the
+    // guest faults on the same access forever. While KVM still refuses, the answer is an
+    // error, never a success with nothing done.
+    let flags = u64::from(kvm_bindings::KVM_MEMORY_EXIT_FLAG_PRIVATE);
+    let err = handle_memory_fault(&rig.ram, flags, page.start(), page.len()).unwrap_err();
+    assert!(err.to_string().contains("disagrees"), "{err}");
+    // A request elsewhere is not held up by it.
+    rig.convert(range(BASE, PAGE), Attribute::Shared).unwrap();
+    rig.attrs.clear_failures();
+    handle_memory_fault(&rig.ram, flags, page.start(), page.len()).unwrap();
+    assert_eq!(
+        rig.attrs.private_ranges(),
+        [(BASE + PAGE, BASE + 16 * PAGE)]
+    );
+    rig.check(&[&dev], &[dev.iommu.take_calls()], None);
+}
+
+#[test]
+fn a_device_detached_while_its_unmaps_fail_keeps_its_mappings_tracked_until_removed() {
+    let rig = rig(DiscardPolicy::Eager);
+    let dev = rig.attach("nic", EmulatedIommu::new(), DeviceConfig::shared());
+    let r = range(BASE, 2 * PAGE);
+    rig.convert(r, Attribute::Shared).unwrap();
+    dev.iommu
+        .inject_failures(|kind, _, _| (*kind == CallKind::Unmap).then_some(libc::EIO));
+    assert!(rig.ram.detach_device(dev.id).is_err());
+    assert!(rig.ram.devices().is_empty());
+    // The device still reaches both pages: tracked, and a conversion to private is refused.
+    assert_eq!(
+        rig.region.stale_mappings(),
+        [("nic (detached)".to_string(), vec![r])]
+    );
+    let err = rig.convert(r, Attribute::Private).unwrap_err();
+    assert!(
+        matches!(err, ConversionError::StaleMapping { .. }),
+        "{err:?}"
+    );
+    dev.iommu.clear_failures();
+    rig.convert(r, Attribute::Private).unwrap();
+    assert!(rig.region.stale_mappings().is_empty());
+    assert_eq!(dev.iommu.mapping_count(), 0);
+    rig.check(&[], &[], None);
 }

@@ -15,7 +15,7 @@ mod common;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use common::{Dev, PAGE, Rig, range};
+use common::{Dev, PAGE, Rig, Rules, attribute_faults, iommu_faults, punch_faults, range};
 use discard_manager::{Attribute, GpaRange, ListenerError, View, ViewListener};
 use gmem_dma::{ConversionError, DeviceConfig, DiscardPolicy, MapBy, RegionBacking};
 use iommu::EmulatedIommu;
@@ -39,7 +39,9 @@ impl ViewListener for Flaky {
         }
         Ok(())
     }
-    fn discard(&self, _view: View, _range: GpaRange) {}
+    fn discard(&self, _view: View, _range: GpaRange) -> Result<(), ListenerError> {
+        Ok(())
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -113,10 +115,7 @@ const NAMES: [&str; 3] = ["nic-va", "nic-file", "tdisp"];
 fn configs() -> [DeviceConfig; 3] {
     [
         DeviceConfig::shared(),
-        DeviceConfig {
-            map_by: MapBy::File,
-            ..DeviceConfig::shared()
-        },
+        DeviceConfig::shared_by(MapBy::File),
         DeviceConfig::trusted_io(),
     ]
 }
@@ -134,38 +133,51 @@ fn iommu(i: usize) -> EmulatedIommu {
     }
 }
 
-/// Makes the `nth` matching call (0-based) during one operation fail.
-fn install(rig: &Rig, devs: &[Dev], flaky: &Flaky, faults: &[(Fault, usize)]) {
-    for &(f, nth) in faults {
-        let count = Arc::new(AtomicUsize::new(0));
-        let hit = move || count.fetch_add(1, Ordering::SeqCst) == nth;
-        match f {
-            Fault::Attribute => rig.attrs.inject_failures(move |_, _| hit()),
-            Fault::Map { dev } => devs[dev].iommu.inject_failures(move |k, _, _| {
-                (*k != CallKind::Unmap && hit()).then_some(libc::ENOMEM)
-            }),
-            Fault::Unmap { dev } => devs[dev].iommu.inject_failures(move |k, _, _| {
-                (*k == CallKind::Unmap && hit()).then_some(libc::EIO)
-            }),
-            Fault::UnmapAll { dev } => devs[dev]
-                .iommu
-                .inject_failures(move |k, _, _| (*k == CallKind::Unmap).then_some(libc::EIO)),
-            Fault::Punch => rig
-                .region
-                .backing()
-                .inject_punch_failures(move |_, _| hit()),
-            Fault::Listener => flaky.fail_next.store(true, Ordering::SeqCst),
-        }
-    }
+/// The composable failure rules of the rig: one set per device, KVM attributes, hole punches.
+struct Faults {
+    devs: Vec<Rules<(CallKind, u64, u64), i32>>,
+    attrs: Rules<(GpaRange, Attribute), ()>,
+    punch: Rules<(View, GpaRange), ()>,
 }
 
-fn clear(rig: &Rig, devs: &[Dev], flaky: &Flaky) {
-    rig.attrs.clear_failures();
-    rig.region.backing().clear_punch_failures();
-    for d in devs {
-        d.iommu.clear_failures();
+impl Faults {
+    fn new(rig: &Rig, devs: &[Dev]) -> Self {
+        Self {
+            devs: devs.iter().map(|d| iommu_faults(&d.iommu)).collect(),
+            attrs: attribute_faults(&rig.attrs),
+            punch: punch_faults(rig.region.backing()),
+        }
     }
-    flaky.fail_next.store(false, Ordering::SeqCst);
+
+    /// Makes the `nth` matching call (0-based) during one operation fail; the faults of one
+    /// operation compose (a map that fails and whose undo fails too, say).
+    fn install(&self, flaky: &Flaky, faults: &[(Fault, usize)]) {
+        for &(f, nth) in faults {
+            let count = Arc::new(AtomicUsize::new(0));
+            let hit = move || count.fetch_add(1, Ordering::SeqCst) == nth;
+            match f {
+                Fault::Attribute => self.attrs.add(move |_| hit().then_some(())),
+                Fault::Map { dev } => self.devs[dev]
+                    .add(move |&(k, _, _)| (k != CallKind::Unmap && hit()).then_some(libc::ENOMEM)),
+                Fault::Unmap { dev } => self.devs[dev]
+                    .add(move |&(k, _, _)| (k == CallKind::Unmap && hit()).then_some(libc::EIO)),
+                Fault::UnmapAll { dev } => {
+                    self.devs[dev].add(|&(k, _, _)| (k == CallKind::Unmap).then_some(libc::EIO))
+                }
+                Fault::Punch => self.punch.add(move |_| hit().then_some(())),
+                Fault::Listener => flaky.fail_next.store(true, Ordering::SeqCst),
+            }
+        }
+    }
+
+    fn clear(&self, flaky: &Flaky) {
+        self.attrs.clear();
+        self.punch.clear();
+        for d in &self.devs {
+            d.clear();
+        }
+        flaky.fail_next.store(false, Ordering::SeqCst);
+    }
 }
 
 /// Page tables minus what was stale: a failed call may still retry old stale unmaps first.
@@ -192,9 +204,10 @@ fn run(policy: DiscardPolicy, ops: Vec<Op>, backing: RegionBacking) {
         .collect();
     let mut flaky = Arc::new(Flaky::default());
     rig.region
-        .manager()
+        .state()
         .register(View::Shared, rig.region.range(), flaky.clone())
         .unwrap();
+    let mut faults_of = Faults::new(&rig, &devs);
     for op in ops {
         let (start, pages, to, faults) = match op {
             Op::Flush => {
@@ -218,13 +231,14 @@ fn run(policy: DiscardPolicy, ops: Vec<Op>, backing: RegionBacking) {
             .stale_mappings()
             .into_iter()
             .flat_map(|(_, s)| s)
+            .map(|s| (s.start(), s.end()))
             .collect();
         for d in &devs {
             d.iommu.take_calls();
         }
-        install(&rig, &devs, &flaky, &faults);
+        faults_of.install(&flaky, &faults);
         let result = rig.convert(r, to);
-        clear(&rig, &devs, &flaky);
+        faults_of.clear(&flaky);
         let mut calls: Vec<_> = devs.iter().map(|d| d.iommu.take_calls()).collect();
         match &result {
             Ok(_) => {
@@ -232,7 +246,7 @@ fn run(policy: DiscardPolicy, ops: Vec<Op>, backing: RegionBacking) {
                     // Isolation, strictly: nothing in the range is mapped for the shared view.
                     for (name, stale) in rig.region.stale_mappings() {
                         assert!(
-                            stale.iter().all(|&(s, e)| e <= r.start() || r.end() <= s),
+                            stale.iter().all(|s| s.intersect(&r).is_none()),
                             "{name} still maps part of {r} after a successful conversion to private"
                         );
                     }
@@ -245,12 +259,17 @@ fn run(policy: DiscardPolicy, ops: Vec<Op>, backing: RegionBacking) {
                 for name in detached {
                     if let Some(i) = NAMES.iter().position(|n| n == name) {
                         calls[i].clear();
-                        rig.ram.detach_device(devs[i].id).unwrap();
+                        // Detached from guest RAM by the failed conversion itself.
+                        assert!(
+                            rig.ram.devices().iter().all(|d| d.0 != devs[i].id),
+                            "{name} is detached but still listed"
+                        );
                         devs[i] = rig.attach(NAMES[i], iommu(i), configs()[i]);
+                        faults_of.devs[i] = iommu_faults(&devs[i].iommu);
                     } else {
                         flaky = Arc::new(Flaky::default());
                         rig.region
-                            .manager()
+                            .state()
                             .register(View::Shared, rig.region.range(), flaky.clone())
                             .unwrap();
                     }
@@ -268,7 +287,13 @@ fn run(policy: DiscardPolicy, ops: Vec<Op>, backing: RegionBacking) {
                 // Stale mappings (private pages a device still maps because unmaps failed, also
                 // during the rollback) are reported by the engine and excluded here.
                 let mut stale_before = stale_before.clone();
-                stale_before.extend(rig.region.stale_mappings().into_iter().flat_map(|(_, s)| s));
+                stale_before.extend(
+                    rig.region
+                        .stale_mappings()
+                        .into_iter()
+                        .flat_map(|(_, s)| s)
+                        .map(|s| (s.start(), s.end())),
+                );
                 assert_eq!(after.runs, before.runs, "{e}: manager changed");
                 assert_eq!(after.private, before.private, "{e}: KVM attributes changed");
                 assert_eq!(
@@ -348,4 +373,5 @@ fn a_double_fault_detaches_the_device_and_says_so() {
     // The state is as before; the detached device holds nothing of the region any more.
     assert_eq!(rig.attrs.private_ranges(), [(BASE, BASE + PAGES * PAGE)]);
     assert_eq!(devs[2].iommu.mapping_count(), 0);
+    assert!(rig.ram.devices().iter().all(|d| d.0 != devs[2].id));
 }

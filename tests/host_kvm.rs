@@ -138,10 +138,7 @@ fn in_place_region_maps_the_guest_memfd_by_address_and_frees_nothing_on_conversi
             .map_file(FileMapSupport::Memfd)
             .build(),
     );
-    let by_file = DeviceConfig {
-        map_by: MapBy::File,
-        ..DeviceConfig::shared()
-    };
+    let by_file = DeviceConfig::shared_by(MapBy::File);
     let err = ram
         .attach_device("nic-file", mainline, by_file)
         .unwrap_err();

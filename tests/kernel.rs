@@ -183,10 +183,7 @@ fn edu_dma_follows_conversions(
     let base = 0x100_0000;
     let rig = Rig::new(base, 64, DiscardPolicy::Eager);
     rig.touch(View::Private, rig.region.range());
-    let config = DeviceConfig {
-        map_by,
-        ..DeviceConfig::shared()
-    };
+    let config = DeviceConfig::shared_by(map_by);
     rig.ram.attach_device("edu", backend, config).unwrap();
     let page = |p: u64| base + p * PAGE;
     rig.convert(range(page(0), 4 * PAGE), Attribute::Shared)
@@ -380,10 +377,7 @@ fn kernel_iommufd_edu_dma_follows_conversions_by_memfd() {
         // IOMMU_IOAS_MAP_FILE needs Linux 6.13: the device is refused at attach, with the
         // reason, before any conversion could depend on it.
         let rig = Rig::new(0x100_0000, 4, DiscardPolicy::Eager);
-        let config = DeviceConfig {
-            map_by: MapBy::File,
-            ..DeviceConfig::shared()
-        };
+        let config = DeviceConfig::shared_by(MapBy::File);
         let err = rig.ram.attach_device("edu", backend, config).unwrap_err();
         assert!(matches!(err, AttachError::Unsupported { .. }), "{err:?}");
         eprintln!("{name}: this kernel has no IOMMU_IOAS_MAP_FILE; refused at attach: {err}");

@@ -31,7 +31,9 @@ impl ViewListener for Gate {
         }
         Ok(())
     }
-    fn discard(&self, _view: View, _range: GpaRange) {}
+    fn discard(&self, _view: View, _range: GpaRange) -> Result<(), ListenerError> {
+        Ok(())
+    }
 }
 
 fn share(queue: &ConversionQueue, range: GpaRange) -> gmem_dma::Ticket {
@@ -50,7 +52,7 @@ fn gated(rig: &Rig) -> (Receiver<()>, Sender<()>) {
         once: Mutex::new(false),
     });
     rig.region
-        .manager()
+        .state()
         .register(View::Shared, rig.region.range(), gate)
         .unwrap();
     (entered, release)
@@ -155,7 +157,7 @@ fn many_vcpu_threads_converting_at_once_leave_everything_consistent() {
     for view in [View::Shared, View::Private] {
         for r in rig
             .region
-            .manager()
+            .state()
             .view_runs(view, rig.region.range())
             .unwrap()
         {
@@ -182,8 +184,5 @@ fn shutdown_runs_what_is_already_queued() {
     for t in queued {
         assert_eq!(t.wait().unwrap().bytes(), PAGE);
     }
-    assert_eq!(
-        rig.region.manager().counts().unwrap().shared_bytes,
-        9 * PAGE
-    );
+    assert_eq!(rig.region.state().counts().unwrap().shared_bytes, 9 * PAGE);
 }

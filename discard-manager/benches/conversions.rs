@@ -108,9 +108,10 @@ impl ViewListener for Counter {
         Ok(())
     }
 
-    fn discard(&self, _: View, range: GpaRange) {
+    fn discard(&self, _: View, range: GpaRange) -> Result<(), ListenerError> {
         add(&self.calls, 1);
         add(&self.bytes, range.len().wrapping_neg());
+        Ok(())
     }
 }
 
@@ -145,7 +146,7 @@ impl BitmapInner {
                 if shared {
                     l.populate(View::Shared, r)?;
                 } else {
-                    l.discard(View::Shared, r);
+                    l.discard(View::Shared, r)?;
                 }
             }
         }
@@ -409,7 +410,7 @@ fn bench_bounce(c: &mut Criterion) {
                 let _held = lock.lock().unwrap();
                 match to {
                     Attribute::Shared => listener.populate(View::Shared, black_box(r)).unwrap(),
-                    Attribute::Private => listener.discard(View::Shared, black_box(r)),
+                    Attribute::Private => listener.discard(View::Shared, black_box(r)).unwrap(),
                 }
             }
         })

@@ -71,6 +71,36 @@ impl std::error::Error for Refusal {
     }
 }
 
+/// A listener whose `discard` failed while a transaction went forward: it could not drop all
+/// of `range` (see [`crate::ViewListener`], "When a discard fails").
+#[derive(Debug)]
+pub struct DiscardFailure {
+    /// Which listener.
+    pub listener: ListenerId,
+    /// The view it listens to.
+    pub view: View,
+    /// The range it was told to discard (one run, or the first of a `discard_runs` call).
+    pub range: GpaRange,
+    /// Its error.
+    pub source: ListenerError,
+}
+
+impl fmt::Display for DiscardFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "listener {} could not discard {} view range {}",
+            self.listener, self.view, self.range
+        )
+    }
+}
+
+impl std::error::Error for DiscardFailure {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.source)
+    }
+}
+
 /// What started a rollback that then failed.
 #[derive(Debug, thiserror::Error)]
 pub enum RollbackCause<E: std::error::Error + 'static> {
@@ -80,6 +110,15 @@ pub enum RollbackCause<E: std::error::Error + 'static> {
     /// A listener refused a populate.
     #[error(transparent)]
     Refused(Refusal),
+    /// Listeners failed to discard before the step.
+    #[error("{first} ({} more)", others.len())]
+    DiscardFailed {
+        /// The first failure.
+        #[source]
+        first: DiscardFailure,
+        /// The others, in the order sent.
+        others: Vec<DiscardFailure>,
+    },
 }
 
 /// A transaction failed. Except for [`TransactionError::RollbackFailed`], the state and every
@@ -101,6 +140,17 @@ pub enum TransactionError<E: std::error::Error + 'static> {
         /// The step's error.
         #[source]
         source: E,
+    },
+    /// Discards failed while the losing view was discarded (every discard was still sent).
+    /// The step was not run, the losing view was re-populated, and the state is unchanged;
+    /// what the failed listeners could not drop they track themselves.
+    #[error("{first} ({} more); the transaction was rolled back", others.len())]
+    DiscardFailed {
+        /// The first discard that failed.
+        #[source]
+        first: DiscardFailure,
+        /// The other discards that failed, in the order sent.
+        others: Vec<DiscardFailure>,
     },
     /// A listener refused a populate. Every listener already told was rolled back, the step
     /// was undone, and the state is unchanged.

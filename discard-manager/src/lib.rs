@@ -11,7 +11,7 @@
 //! over a range; every change reaches them as maximal, granule-aligned runs. Conversions and
 //! plug/unplug are transactions: discard on the view that loses the pages, the caller's own
 //! [`TransactionStep`] (the KVM attribute change), populate on the view that gains them; a
-//! refused populate rolls everything back.
+//! refused populate or a failed discard rolls everything back.
 //!
 //! # Locking rule
 //! Each manager has **one mutex, held for the whole of every call**: the plan, all listener
@@ -56,8 +56,9 @@
 //!         self.0.lock().unwrap().push(format!("map {view} {range}"));
 //!         Ok(())
 //!     }
-//!     fn discard(&self, view: View, range: GpaRange) {
+//!     fn discard(&self, view: View, range: GpaRange) -> Result<(), ListenerError> {
 //!         self.0.lock().unwrap().push(format!("unmap {view} {range}"));
+//!         Ok(())
 //!     }
 //! }
 //!
@@ -102,7 +103,7 @@ mod range;
 
 pub use change::{Change, ChangeKind, ViewRange};
 pub use config::{ConfigError, MIN_GRANULARITY, RegionConfig};
-pub use error::{Detached, Error, Refusal, RollbackCause, TransactionError};
+pub use error::{Detached, DiscardFailure, Error, Refusal, RollbackCause, TransactionError};
 pub use listener::{ListenerError, ListenerId, NoStep, TransactionStep, ViewListener};
 pub use manager::{Counts, DiscardManager, ListenerInfo, Run};
 pub use range::{Attribute, GpaRange, RangeError, View};

@@ -6,7 +6,7 @@ use std::fmt;
 use crate::change::Change;
 use crate::range::{GpaRange, View};
 
-/// Why a listener refused to populate a range.
+/// Why a listener refused to populate a range, or could not drop all of a discarded one.
 pub type ListenerError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Identifies a registered listener; returned by [`crate::DiscardManager::register`].
@@ -35,25 +35,48 @@ impl fmt::Display for ListenerId {
 /// never one per granule). The manager guarantees the listener's holdings stay exact:
 ///
 /// * `populate` is called only for granules the listener does **not** hold, and `discard`
-///   only for granules it **does** hold (it holds what it acknowledged with `Ok` from
-///   `populate` and was not discarded since). A range may be discarded in pieces other
-///   than the ones it was populated in (e.g. populated as one run, discarded granule by
-///   granule, and vice versa).
-/// * A listener must be all-or-nothing per call: when `populate` returns `Err`, it holds
-///   nothing of that range (it undoes its own partial work before returning).
+///   only for granules it **does** hold. It holds what it acknowledged with `Ok` from
+///   `populate` and was not sent to `discard` since (whatever `discard` returned). A range may
+///   be discarded in pieces other than the ones it was populated in (e.g. populated as one
+///   run, discarded granule by granule, and vice versa).
+/// * A listener must be all-or-nothing per `populate`: when it returns `Err`, the listener
+///   holds nothing of that range (it undoes its own partial work before returning).
+///
+/// # When a discard fails
+/// `discard` (and `discard_runs`) may fail: a kernel unmap can, and a device that keeps
+/// reaching a page must not be reported as having let go of it. A failure changes two things,
+/// and only these:
+///
+/// * **Holdings.** After `discard(view, r)` the listener no longer holds `r`, whatever it
+///   returned: the manager never sends `discard` for `r` again. What the listener could not
+///   drop is its own to keep track of (a DMA mapper keeps the still-mapped pieces as *stale*,
+///   retries their unmap later and reports them), because the manager keeps per-granule state,
+///   not per-listener leftovers. A later `populate` of granules the listener could not drop
+///   is legal (they are not held) and the listener takes them back without acquiring them
+///   twice (a DMA mapper re-adopts its stale mapping instead of mapping again).
+/// * **The transaction.** A discard that fails while a transaction goes forward (before the
+///   caller's step) makes the transaction fail: every discard of the change is still sent
+///   (each listener drops what it can), then the step is skipped, the losing view is
+///   re-populated exactly as after a failed step (the listener whose discard failed included),
+///   and the manager returns [`crate::TransactionError::DiscardFailed`] naming every failed
+///   discard. A discard that fails where nothing can be rolled back (during a rollback, a
+///   replay undo, an unregistration, or the detachment of a double fault) does not stop the
+///   manager; the listener keeps what it could not drop, as above.
 ///
 /// # Calls during a rollback
-/// If a populate fails (or the caller's step fails), the manager undoes the transaction.
-/// During that rollback a listener can receive exactly these calls, and nothing else:
+/// If a discard or a populate fails (or the caller's step fails), the manager undoes the
+/// transaction. During that rollback a listener can receive exactly these calls, and nothing
+/// else:
 ///
 /// 1. `discard(view, r)` for each `r` it acknowledged with `Ok` from `populate` earlier in
 ///    the **same** transaction, with the identical range, in reverse order. The listener
 ///    whose populate failed receives no discard for the range it refused.
 /// 2. `populate(view, r)` for each `r` it was sent `discard` for earlier in the **same**
 ///    transaction (the view that was losing the pages; each run of a `discard_runs` call
-///    counts as one), with the identical range, in the original order. If this populate fails too (a double fault), the manager sends the
-///    listener `discard` for everything else it still holds, unregisters it, and reports
-///    it in [`crate::TransactionError::RollbackFailed`].
+///    counts as one), with the identical range, in the original order. If this populate
+///    fails too (a double fault), the manager sends the listener `discard` for everything
+///    else it still holds, unregisters it, and reports it in
+///    [`crate::TransactionError::RollbackFailed`].
 ///
 /// Replay on registration and discards on unregistration follow the same rules: a failed
 /// replay populate is followed by `discard` of exactly the runs already replayed.
@@ -71,24 +94,37 @@ pub trait ViewListener: Send + Sync {
     /// Any error refuses the range; the listener must then hold nothing of it.
     fn populate(&self, view: View, range: GpaRange) -> Result<(), ListenerError>;
 
-    /// `range` leaves `view`: drop every use of it (e.g. unmap it). Cannot fail.
-    fn discard(&self, view: View, range: GpaRange);
+    /// `range` leaves `view`: drop every use of it (e.g. unmap it).
+    ///
+    /// # Errors
+    /// Part of `range` could not be dropped; the listener keeps track of that part itself
+    /// (see [When a discard fails](ViewListener#when-a-discard-fails)).
+    fn discard(&self, view: View, range: GpaRange) -> Result<(), ListenerError>;
 
     /// Several runs leave `view` in one transaction: called instead of [`discard`] when a
     /// transaction takes two or more runs from this listener. `runs` are sorted, disjoint
     /// and never adjacent (what lies between them is outside `view` or outside the
     /// listener's range, so the listener holds nothing there from the manager); each is a
-    /// range `discard` could have received. Cannot fail.
+    /// range `discard` could have received.
     ///
-    /// The default discards them one by one. A listener that can drop several runs in one
-    /// operation overrides it: a DMA mapper unmaps them with one IOMMU call spanning the
-    /// gaps, when it has nothing else mapped in between.
+    /// The default discards them one by one, every one even after a failure, and returns
+    /// the first error. A listener that can drop several runs in one operation overrides
+    /// it: a DMA mapper unmaps them with one IOMMU call spanning the gaps, when it has
+    /// nothing else mapped in between.
+    ///
+    /// # Errors
+    /// As [`discard`]: after the call the listener holds none of `runs` whatever it returns.
     ///
     /// [`discard`]: ViewListener::discard
-    fn discard_runs(&self, view: View, runs: &[GpaRange]) {
+    fn discard_runs(&self, view: View, runs: &[GpaRange]) -> Result<(), ListenerError> {
+        let mut first = Ok(());
         for &range in runs {
-            self.discard(view, range);
+            let result = self.discard(view, range);
+            if first.is_ok() {
+                first = result;
+            }
         }
+        first
     }
 }
 

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::change::{Change, ChangeKind};
 use crate::config::{ConfigError, Geometry, RegionConfig};
-use crate::error::{Detached, Error, Refusal, RollbackCause, TransactionError};
+use crate::error::{Detached, DiscardFailure, Error, Refusal, RollbackCause, TransactionError};
 use crate::extents::{Extents, Plan, State};
 use crate::listener::{ListenerId, NoStep, TransactionStep, ViewListener};
 use crate::range::{Attribute, GpaRange, View};
@@ -242,7 +242,9 @@ impl DiscardManager {
                 .extents
                 .for_each_run(granules.0, refused_at, |done_start, done_end, done| {
                     if done.view() == Some(view) {
-                        listener.discard(view, self.geometry.range_of(done_start, done_end));
+                        // A replay undo cannot be rolled back: the listener tracks leftovers.
+                        let _ =
+                            listener.discard(view, self.geometry.range_of(done_start, done_end));
                     }
                 });
             return Err(Error::ReplayRefused {
@@ -281,7 +283,9 @@ impl DiscardManager {
     }
 
     /// Sends `entry` discard for every run of its view in its range, except `holes`
-    /// (sorted, disjoint, each inside one run: ranges it no longer holds).
+    /// (sorted, disjoint, each inside one run: ranges it no longer holds). The listener is
+    /// leaving: a discard that fails cannot be rolled back, and the listener keeps track of
+    /// what it could not drop (see the listener contract), so failures are not collected.
     fn discard_all(&self, extents: &Extents, entry: &Entry, holes: &[GpaRange]) {
         let view = entry.info.view;
         let mut holes = holes.iter().peekable();
@@ -293,14 +297,14 @@ impl DiscardManager {
             let mut cursor = run.start();
             while let Some(hole) = holes.next_if(|h| h.start() <= run.last()) {
                 if hole.start() > cursor {
-                    entry
+                    let _ = entry
                         .listener
                         .discard(view, GpaRange::from_bounds(cursor, hole.start()));
                 }
                 cursor = cursor.max(hole.end());
             }
             if cursor < run.end() {
-                entry
+                let _ = entry
                     .listener
                     .discard(view, GpaRange::from_bounds(cursor, run.end()));
             }
@@ -419,19 +423,31 @@ impl DiscardManager {
                 change
             }
         };
-        // What was sent is not recorded here: discards cannot fail and both loops run in a
-        // fixed order, so a rollback recomputes the notifications it must undo (`sent`).
+        // What was sent is not recorded here: every discard is sent whatever earlier ones
+        // returned, and both loops run in a fixed order, so a rollback recomputes the
+        // notifications it must undo (`sent`).
+        let mut failed = Vec::new();
         if let [vr] = change.discarded() {
             for entry in &inner.listeners {
                 if entry.info.view != vr.view {
                     continue;
                 }
                 if let Some(range) = entry.info.range.intersect(&vr.range) {
-                    entry.listener.discard(vr.view, range);
+                    if let Err(source) = entry.listener.discard(vr.view, range) {
+                        failed.push(DiscardFailure {
+                            listener: entry.info.id,
+                            view: vr.view,
+                            range,
+                            source,
+                        });
+                    }
                 }
             }
         } else if !change.discarded().is_empty() {
-            Self::discard_batched(inner, &change);
+            Self::discard_batched(inner, &change, &mut failed);
+        }
+        if !failed.is_empty() {
+            return Err(self.discards_failed(inner, &change, failed));
         }
 
         if let Err(source) = step.apply(&change) {
@@ -473,7 +489,7 @@ impl DiscardManager {
 
     /// The discards of a change with several discarded runs: each listener gets its share
     /// in one call, so that it can drop them together (one IOMMU unmap across the gaps).
-    fn discard_batched(inner: &mut Inner, change: &Change) {
+    fn discard_batched(inner: &mut Inner, change: &Change, failed: &mut Vec<DiscardFailure>) {
         for entry in &inner.listeners {
             let batch = &mut inner.batch;
             batch.clear();
@@ -484,10 +500,18 @@ impl DiscardManager {
                     .filter(|vr| vr.view == entry.info.view)
                     .filter_map(|vr| entry.info.range.intersect(&vr.range)),
             );
-            match batch.as_slice() {
-                [] => {}
+            let result = match batch.as_slice() {
+                [] => Ok(()),
                 [range] => entry.listener.discard(entry.info.view, *range),
                 runs => entry.listener.discard_runs(entry.info.view, runs),
+            };
+            if let Err(source) = result {
+                failed.push(DiscardFailure {
+                    listener: entry.info.id,
+                    view: entry.info.view,
+                    range: batch[0],
+                    source,
+                });
             }
         }
     }
@@ -501,6 +525,26 @@ impl DiscardManager {
         source: E,
     ) -> TransactionError<E> {
         self.rolled_back(inner, change, RollbackCause::Step(source))
+    }
+
+    /// Discards failed before the step: re-populate the losing view (the failed listeners'
+    /// ranges included: they no longer hold them, see the listener contract).
+    #[cold]
+    fn discards_failed<E: std::error::Error + 'static>(
+        &self,
+        inner: &mut Inner,
+        change: &Change,
+        mut failed: Vec<DiscardFailure>,
+    ) -> TransactionError<E> {
+        let first = failed.remove(0);
+        self.rolled_back(
+            inner,
+            change,
+            RollbackCause::DiscardFailed {
+                first,
+                others: failed,
+            },
+        )
     }
 
     /// A populate was refused at `until` = (position in the populated runs, listener
@@ -522,7 +566,8 @@ impl DiscardManager {
         );
         for sent in inner.sent_populates.iter().rev() {
             let entry = &inner.listeners[sent.index];
-            entry.listener.discard(entry.info.view, sent.range);
+            // Nothing left to roll back to: what the listener cannot drop it tracks itself.
+            let _ = entry.listener.discard(entry.info.view, sent.range);
         }
         step.undo(change);
         self.rolled_back(inner, change, RollbackCause::Refused(refusal))
@@ -547,6 +592,9 @@ impl DiscardManager {
             _ if !detached.is_empty() => TransactionError::RollbackFailed { cause, detached },
             RollbackCause::Step(source) => TransactionError::StepFailed { source },
             RollbackCause::Refused(refusal) => TransactionError::Refused { refusal },
+            RollbackCause::DiscardFailed { first, others } => {
+                TransactionError::DiscardFailed { first, others }
+            }
         }
     }
 

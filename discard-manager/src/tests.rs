@@ -44,6 +44,7 @@ struct Recorder {
     log: Log,
     held: Mutex<BTreeSet<u64>>,
     fail: Mutex<Option<FailRule>>,
+    fail_discard: Mutex<Option<FailRule>>,
 }
 
 impl Recorder {
@@ -54,7 +55,26 @@ impl Recorder {
             log: log.clone(),
             held: Mutex::new(BTreeSet::new()),
             fail: Mutex::new(None),
+            fail_discard: Mutex::new(None),
         })
+    }
+
+    /// Fails the discards of ranges `rule` picks (after dropping them, as the contract says).
+    fn fail_discard_when(&self, rule: impl FnMut(GpaRange) -> bool + Send + 'static) {
+        *self.fail_discard.lock().unwrap() = Some(Box::new(rule));
+    }
+
+    fn discard_result(&self, range: GpaRange) -> Result<(), ListenerError> {
+        let fails = self
+            .fail_discard
+            .lock()
+            .unwrap()
+            .as_mut()
+            .is_some_and(|rule| rule(range));
+        if fails {
+            return Err(format!("{} cannot drop {range}", self.name).into());
+        }
+        Ok(())
     }
 
     fn fail_when(&self, rule: impl FnMut(GpaRange) -> bool + Send + 'static) {
@@ -108,15 +128,16 @@ impl ViewListener for Recorder {
         Ok(())
     }
 
-    fn discard(&self, view: View, range: GpaRange) {
+    fn discard(&self, view: View, range: GpaRange) -> Result<(), ListenerError> {
         self.drop_held(range);
         self.log
             .lock()
             .unwrap()
             .push(Event::Discard(self.name, view, range));
+        self.discard_result(range)
     }
 
-    fn discard_runs(&self, view: View, runs: &[GpaRange]) {
+    fn discard_runs(&self, view: View, runs: &[GpaRange]) -> Result<(), ListenerError> {
         assert!(runs.len() >= 2, "{}: discard_runs of {runs:?}", self.name);
         for pair in runs.windows(2) {
             assert!(
@@ -132,6 +153,8 @@ impl ViewListener for Recorder {
             .lock()
             .unwrap()
             .push(Event::DiscardRuns(self.name, view, runs.to_vec()));
+        runs.iter()
+            .try_for_each(|&range| self.discard_result(range))
     }
 }
 
@@ -455,6 +478,57 @@ fn refused_populate_rolls_back_every_listener_the_step_and_the_state() {
 }
 
 #[test]
+fn failed_discard_skips_the_step_and_repopulates_every_listener_that_lost_the_range() {
+    let mgr = manager(16, Attribute::Shared, true);
+    let log = Log::default();
+    let sh1 = Recorder::new("sh1", mgr.region(), &log);
+    let sh2 = Recorder::new("sh2", mgr.region(), &log);
+    let pv = Recorder::new("pv", mgr.region(), &log);
+    let id1 = mgr
+        .register(View::Shared, mgr.region(), sh1.clone())
+        .unwrap();
+    mgr.register(View::Shared, mgr.region(), sh2.clone())
+        .unwrap();
+    mgr.register(View::Private, mgr.region(), pv.clone())
+        .unwrap();
+    take(&log);
+    let before = mgr.runs(mgr.region()).unwrap();
+
+    sh1.fail_discard_when(|range| range == r(2, 4));
+    let mut step = RecStep {
+        log: log.clone(),
+        fail: false,
+    };
+    let err = mgr
+        .convert_with(r(2, 4), Attribute::Private, &mut step)
+        .unwrap_err();
+    let TransactionError::DiscardFailed { first, others } = &err else {
+        panic!("unexpected {err}");
+    };
+    assert_eq!(
+        (first.listener, first.view, first.range, others.len()),
+        (id1, View::Shared, r(2, 4), 0)
+    );
+    assert!(err.to_string().contains("could not discard"), "{err}");
+    assert_eq!(
+        take(&log),
+        [
+            // Every discard is still sent; then no step, no populate of the gaining view, and
+            // the losing view comes back, the failed listener's range included.
+            Discard("sh1", View::Shared, r(2, 4)),
+            Discard("sh2", View::Shared, r(2, 4)),
+            Populate("sh1", View::Shared, r(2, 4)),
+            Populate("sh2", View::Shared, r(2, 4)),
+        ]
+    );
+    assert_eq!(mgr.runs(mgr.region()).unwrap(), before);
+    assert_eq!(sh1.held_runs(), [mgr.region()]);
+    assert_eq!(sh2.held_runs(), [mgr.region()]);
+    assert_eq!(pv.held_runs(), []);
+    mgr.check_invariants();
+}
+
+#[test]
 fn failed_step_repopulates_the_losing_view_and_changes_nothing() {
     let mgr = manager(16, Attribute::Shared, true);
     let log = Log::default();
@@ -649,7 +723,9 @@ impl ViewListener for Reenter {
         Ok(())
     }
 
-    fn discard(&self, _view: View, _range: GpaRange) {}
+    fn discard(&self, _view: View, _range: GpaRange) -> Result<(), ListenerError> {
+        Ok(())
+    }
 }
 
 #[test]
@@ -694,7 +770,9 @@ impl ViewListener for Panicker {
     fn populate(&self, _: View, _: GpaRange) -> Result<(), ListenerError> {
         panic!("listener bug");
     }
-    fn discard(&self, _: View, _: GpaRange) {}
+    fn discard(&self, _: View, _: GpaRange) -> Result<(), ListenerError> {
+        Ok(())
+    }
 }
 
 #[test]

@@ -1,8 +1,8 @@
 //! Property test: the manager against a deliberately simple per-granule model.
 //!
 //! Long random sequences of convert / plug / unplug / register / unregister run against
-//! listeners that refuse populates at random (also during rollbacks, producing double
-//! faults) and a step that fails at random. After every operation:
+//! listeners that refuse populates and fail discards at random (also during rollbacks,
+//! producing double faults) and a step that fails at random. After every operation:
 //! * the manager's runs equal the model (a `Vec` with one state per granule),
 //! * every registered listener's own record equals the manager's view over its range
 //!   (and the model's), and detached or unregistered listeners hold nothing,
@@ -12,7 +12,8 @@
 //!
 //! Each listener asserts, on every call, that it never gets a populate for something it
 //! holds or a discard for something it does not hold, and that ranges are aligned and
-//! inside its range.
+//! inside its range. A listener whose discard fails keeps the range as *stale* (it no longer
+//! holds it, as the contract says, but could not drop it); a later populate takes it back.
 
 use std::sync::{Arc, Mutex};
 
@@ -68,9 +69,14 @@ fn runs_where(a: u64, b: u64, pred: impl Fn(u64) -> bool) -> Vec<GpaRange> {
 struct ProbeState {
     held: Vec<bool>,
     calls: Vec<(bool, GpaRange)>,
+    /// Granules a failed discard could not drop (not held).
+    stale: Vec<bool>,
     populate_calls: u32,
     fail_at: Vec<u32>,
     failed: u32,
+    discard_calls: u32,
+    discard_fail_at: Vec<u32>,
+    discard_failed: u32,
 }
 
 /// A listener that records what it holds and refuses the populate calls it is told to.
@@ -103,12 +109,40 @@ impl Probe {
         runs_where(0, GRANULES, |g| s.held[g as usize])
     }
 
-    fn start_op(&self, fail_at: Vec<u32>) {
+    fn start_op(&self, fail_at: Vec<u32>, discard_fail_at: Vec<u32>) {
         let mut s = self.state.lock().unwrap();
         s.calls.clear();
         s.populate_calls = 0;
         s.fail_at = fail_at;
         s.failed = 0;
+        s.discard_calls = 0;
+        s.discard_fail_at = discard_fail_at;
+        s.discard_failed = 0;
+    }
+
+    /// Drops `runs` (held, as the contract promises); one failure decision for the call: a
+    /// failed call leaves every granule of it stale.
+    fn drop_runs(&self, view: View, runs: &[GpaRange]) -> Result<(), ListenerError> {
+        let mut s = self.state.lock().unwrap();
+        let call = s.discard_calls;
+        s.discard_calls += 1;
+        let fails = s.discard_fail_at.contains(&call);
+        for &range in runs {
+            for g in self.granules(view, range) {
+                assert!(
+                    s.held[g as usize],
+                    "discard of unheld granule {g} in {range}"
+                );
+                s.held[g as usize] = false;
+                s.stale[g as usize] = fails;
+            }
+            s.calls.push((false, range));
+        }
+        if fails {
+            s.discard_failed += 1;
+            return Err(format!("failing discard call {call}").into());
+        }
+        Ok(())
     }
 }
 
@@ -128,33 +162,23 @@ impl ViewListener for Probe {
                 "populate of held granule {g} in {range}"
             );
             s.held[g as usize] = true;
+            s.stale[g as usize] = false;
         }
         s.calls.push((true, range));
         Ok(())
     }
 
-    fn discard(&self, view: View, range: GpaRange) {
-        let granules = self.granules(view, range);
-        let mut s = self.state.lock().unwrap();
-        for g in granules {
-            assert!(
-                s.held[g as usize],
-                "discard of unheld granule {g} in {range}"
-            );
-            s.held[g as usize] = false;
-        }
-        s.calls.push((false, range));
+    fn discard(&self, view: View, range: GpaRange) -> Result<(), ListenerError> {
+        self.drop_runs(view, &[range])
     }
 
-    fn discard_runs(&self, view: View, runs: &[GpaRange]) {
+    fn discard_runs(&self, view: View, runs: &[GpaRange]) -> Result<(), ListenerError> {
         assert!(runs.len() >= 2, "discard_runs of {runs:?}");
         assert!(
             runs.windows(2).all(|w| w[0].end() < w[1].start()),
             "discard_runs: not sorted and apart: {runs:?}"
         );
-        for &range in runs {
-            self.discard(view, range);
-        }
+        self.drop_runs(view, runs)
     }
 }
 
@@ -185,6 +209,9 @@ impl TransactionStep for Step {
     }
 }
 
+/// (listener slot, 0-based call of the operation that fails).
+type Failure = (usize, u32);
+
 #[derive(Clone, Copy, Debug)]
 enum Kind {
     Convert(Attribute),
@@ -200,6 +227,7 @@ enum Op {
         len: u64,
         misalign: bool,
         fails: Vec<(usize, u32)>,
+        discard_fails: Vec<(usize, u32)>,
         step_fails: bool,
     },
     Register {
@@ -236,10 +264,15 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Vec::new()),
         1 => proptest::collection::vec((0..SLOTS, 0u32..3), 1..=3),
     ];
+    let discard_fails = prop_oneof![
+        3 => Just(Vec::new()),
+        1 => proptest::collection::vec((0..SLOTS, 0u32..3), 1..=2),
+    ];
     prop_oneof![
-        12 => (kind, span(), proptest::bool::weighted(0.03), fails, proptest::bool::weighted(0.08))
-            .prop_map(|(kind, (a, len), misalign, fails, step_fails)| Op::Transaction {
-                kind, a, len, misalign, fails, step_fails
+        12 => (kind, span(), proptest::bool::weighted(0.03), fails, discard_fails,
+               proptest::bool::weighted(0.08))
+            .prop_map(|(kind, (a, len), misalign, fails, discard_fails, step_fails)| {
+                Op::Transaction { kind, a, len, misalign, fails, discard_fails, step_fails }
             }),
         2 => (0..SLOTS, prop_oneof![Just(View::Shared), Just(View::Private)], 0..GRANULES,
               proptest::option::weighted(0.2, 0u32..3))
@@ -295,8 +328,16 @@ impl Harness {
                 len,
                 misalign,
                 fails,
+                discard_fails,
                 step_fails,
-            } => self.transaction(*kind, *a, *len, *misalign, fails, *step_fails),
+            } => self.transaction(
+                *kind,
+                *a,
+                *len,
+                *misalign,
+                (fails, discard_fails),
+                *step_fails,
+            ),
             Op::Register {
                 slot,
                 view,
@@ -320,13 +361,14 @@ impl Harness {
         a: u64,
         len: u64,
         misalign: bool,
-        fails: &[(usize, u32)],
+        (fails, discard_fails): (&[Failure], &[Failure]),
         step_fails: bool,
     ) {
+        let of =
+            |list: &[Failure], slot| list.iter().filter(|f| f.0 == slot).map(|f| f.1).collect();
         for (slot, entry) in self.slots.iter().enumerate() {
             if let Some((_, p)) = entry {
-                let fail_at = fails.iter().filter(|f| f.0 == slot).map(|f| f.1).collect();
-                p.start_op(fail_at);
+                p.start_op(of(fails, slot), of(discard_fails, slot));
             }
         }
         let b = a + len;
@@ -354,10 +396,15 @@ impl Harness {
             }
         }
         let failures: u32 = self.probes().map(|p| p.state.lock().unwrap().failed).sum();
+        let discard_failures: u32 = self
+            .probes()
+            .map(|p| p.state.lock().unwrap().discard_failed)
+            .sum();
         match result {
             Ok(change) => {
                 assert!(!misalign, "misaligned range accepted");
                 assert_eq!(failures, 0, "a refusal was ignored");
+                assert_eq!(discard_failures, 0, "a failed discard was ignored");
                 self.check_change(kind, &change, &new, a, b);
                 assert_eq!(step.applied, u32::from(!change.is_empty()));
                 assert_eq!(step.undone, 0);
@@ -375,6 +422,14 @@ impl Harness {
             Err(TransactionError::StepFailed { .. }) => {
                 assert!(step_fails);
                 self.outcomes.step_failed += 1;
+            }
+            Err(TransactionError::DiscardFailed { first, others }) => {
+                assert!(
+                    discard_failures as usize > others.len(),
+                    "{first} without an injected discard failure"
+                );
+                assert_eq!(step.applied, 0, "the step ran after a failed discard");
+                self.outcomes.discard_failed += 1;
             }
             Err(TransactionError::Refused { refusal }) => {
                 assert!(
@@ -445,10 +500,11 @@ impl Harness {
             b: a + len,
             state: Mutex::new(ProbeState {
                 held: vec![false; GRANULES as usize],
+                stale: vec![false; GRANULES as usize],
                 ..ProbeState::default()
             }),
         });
-        probe.start_op(fail_at.into_iter().collect());
+        probe.start_op(fail_at.into_iter().collect(), Vec::new());
         match self.mgr.register(view, probe.range(), probe.clone()) {
             Ok(id) => {
                 assert_eq!(probe.state.lock().unwrap().failed, 0);
@@ -522,6 +578,7 @@ struct Outcomes {
     bad_range: u64,
     step_failed: u64,
     refused: u64,
+    discard_failed: u64,
     rollback_failed: u64,
     replay_refused: u64,
     /// Most runs the manager held at once (the storage splits chunks above 64).
@@ -534,6 +591,7 @@ impl Outcomes {
         self.bad_range += o.bad_range;
         self.step_failed += o.step_failed;
         self.refused += o.refused;
+        self.discard_failed += o.discard_failed;
         self.rollback_failed += o.rollback_failed;
         self.replay_refused += o.replay_refused;
         self.max_runs = self.max_runs.max(o.max_runs);
@@ -575,6 +633,7 @@ fn manager_and_listeners_follow_a_per_granule_model() {
         ("bad range", o.bad_range),
         ("step failed", o.step_failed),
         ("refused", o.refused),
+        ("discard failed", o.discard_failed),
         ("rollback failed", o.rollback_failed),
         ("replay refused", o.replay_refused),
     ] {

@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use discard_manager::{Attribute, GpaRange};
-use gmem_dma::sys::KVM_HC_MAP_GPA_RANGE;
+use gmem_dma::KVM_HC_MAP_GPA_RANGE;
 use gmem_dma::{DeviceConfig, DiscardPolicy, GuestRam, KvmAttributes, KvmSupport, ModelChoice};
 use gmem_dma::{RegionBacking, RegionSpec};
 use iommu::{DmaBackend, Edu, HostPaths, PciAddress, VfioMode};

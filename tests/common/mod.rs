@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use std::os::unix::fs::FileExt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use discard_manager::{Attribute, GpaRange, View};
 use gmem_dma::{
@@ -14,6 +14,73 @@ use iommu::EmulatedIommu;
 use iommu::emulated::{Call, CallKind, TableEntry};
 
 pub const PAGE: u64 = 4096;
+
+type Rule<Call, Out> = Box<dyn FnMut(&Call) -> Option<Out> + Send>;
+
+/// Failure rules that compose. The emulated IOMMU and the recording attribute table each keep
+/// one injector, which a second injection replaces; [`iommu_faults`] and [`attribute_faults`]
+/// install one that asks every rule added here. Every rule sees every call (so a rule that
+/// counts calls keeps counting) and the call fails with the first answer given.
+pub struct Rules<Call, Out>(Arc<Mutex<Vec<Rule<Call, Out>>>>);
+
+impl<Call, Out> Clone for Rules<Call, Out> {
+    fn clone(&self) -> Self {
+        Self(Arc::clone(&self.0))
+    }
+}
+
+impl<Call, Out> Rules<Call, Out> {
+    fn new() -> Self {
+        Self(Arc::new(Mutex::new(Vec::new())))
+    }
+
+    /// Adds a rule; the earlier ones stay.
+    pub fn add(&self, rule: impl FnMut(&Call) -> Option<Out> + Send + 'static) {
+        self.0.lock().unwrap().push(Box::new(rule));
+    }
+
+    /// Removes every rule.
+    pub fn clear(&self) {
+        self.0.lock().unwrap().clear();
+    }
+
+    fn ask(&self, call: &Call) -> Option<Out> {
+        let mut first = None;
+        for rule in self.0.lock().unwrap().iter_mut() {
+            let answer = rule(call);
+            if first.is_none() {
+                first = answer;
+            }
+        }
+        first
+    }
+}
+
+/// Composable failures of `iommu`'s calls: a rule sees (kind, iova, len) and answers an errno.
+pub fn iommu_faults(iommu: &EmulatedIommu) -> Rules<(CallKind, u64, u64), i32> {
+    let rules = Rules::new();
+    let asked = rules.clone();
+    iommu.inject_failures(move |kind, iova, len| asked.ask(&(*kind, iova, len)));
+    rules
+}
+
+/// Composable failures of `backing`'s hole punches: a rule sees (side, range) and answers
+/// `Some(())` to fail it.
+pub fn punch_faults(backing: &RegionBacking) -> Rules<(View, GpaRange), ()> {
+    let rules = Rules::new();
+    let asked = rules.clone();
+    backing.inject_punch_failures(move |side, range| asked.ask(&(side, range)).is_some());
+    rules
+}
+
+/// Composable failures of `attrs`'s calls: a rule sees (range, attribute) and answers
+/// `Some(())` to fail it.
+pub fn attribute_faults(attrs: &RecordingAttributes) -> Rules<(GpaRange, Attribute), ()> {
+    let rules = Rules::new();
+    let asked = rules.clone();
+    attrs.inject_failures(move |range, attribute| asked.ask(&(range, attribute)).is_some());
+    rules
+}
 
 pub fn range(start: u64, len: u64) -> GpaRange {
     GpaRange::new(start, len).unwrap()
@@ -73,7 +140,7 @@ impl Rig {
         Dev {
             iommu,
             id,
-            view: config.view,
+            view: config.view(),
         }
     }
 
@@ -124,7 +191,7 @@ impl Rig {
         Snapshot {
             runs: self
                 .region
-                .manager()
+                .state()
                 .runs(all)
                 .unwrap()
                 .iter()
@@ -154,7 +221,7 @@ impl Rig {
         stale_before: &[(u64, u64)],
     ) {
         let all = self.region.range();
-        let mgr = self.region.manager();
+        let mgr = self.region.state();
         let runs = mgr.runs(all).unwrap();
         // KVM's table equals the manager's attributes.
         let private: Vec<(u64, u64)> = merge(
@@ -167,7 +234,12 @@ impl Rig {
             private,
             "KVM attributes vs manager"
         );
-        let stale: Vec<(String, Vec<(u64, u64)>)> = self.region.stale_mappings();
+        let stale: Vec<(String, Vec<(u64, u64)>)> = self
+            .region
+            .stale_mappings()
+            .into_iter()
+            .map(|(name, ranges)| (name, ranges.iter().map(|r| (r.start(), r.end())).collect()))
+            .collect();
         for (i, d) in devs.iter().enumerate() {
             let name = &self
                 .ram
@@ -260,7 +332,7 @@ impl Rig {
                 if other {
                     double += PAGE;
                     assert!(
-                        self.region.holds(other_side, gpa, gpa + PAGE),
+                        self.region.holds(other_side, range(gpa, PAGE)),
                         "page {gpa:#x} ({:?}) is backed on the {other_side} side without being held",
                         run.attribute
                     );

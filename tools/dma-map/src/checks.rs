@@ -28,7 +28,7 @@ fn extents(runs: &[GpaRange]) -> Vec<(u64, u64)> {
 pub fn state(bench: &Bench, w: &Workload, d: &Driven) -> anyhow::Result<Vec<Check>> {
     let mut checks = Vec::new();
     let whole = bench.region.range();
-    let manager = bench.region.manager();
+    let manager = bench.region.state();
     let mappings = bench.ram.device_mappings(bench.device).unwrap_or_default();
     let shared_runs = manager
         .view_runs(View::Shared, whole)

@@ -1,28 +1,34 @@
-//! The conversion engine: the one place that decides the order of the steps of a conversion,
-//! what is undone when one fails, and when backing memory is freed.
+//! The conversion procedure: the order of the steps of a conversion, what is undone when one
+//! fails, and when backing memory is freed.
 //!
 //! # Order of a conversion of `range` to `to`
 //! Under the region's conversion lock:
 //!
-//! 0. **Catch up.** Unmaps that failed earlier (stale mappings, see [`crate::dma`]) are retried.
-//!    A conversion to private of a range that a device still maps this way is refused
-//!    ([`ConversionError::StaleMapping`]): it would otherwise "succeed" with the page mapped.
+//! 0. **Catch up.** Unmaps that failed earlier (stale mappings: [`Region::stale_mappings`]) are retried,
+//!    also those of devices detached since. A conversion to private of a range that a device
+//!    still maps this way is refused ([`ConversionError::StaleMapping`]): it would otherwise
+//!    "succeed" with the page mapped. KVM attributes that an earlier failed rollback could not
+//!    set back are set to what the state manager says ([`ConversionError::AttributeRollback`]
+//!    if KVM still refuses), so a request the manager sees as a no-op (the guest's fault on a
+//!    page KVM got wrong) still repairs KVM and the guest does not fault forever.
 //! 1. **Budget.** Every device listening to the gaining view must have room for one mapping per
 //!    granule that joins it ([`iommu::Ledger::check_budget`]); type1 allows 65535 per container.
 //!    A conversion that would not fit is refused here, before anything changed.
 //! 2. **Transaction** ([`discard_manager::DiscardManager::convert_with`]), on exactly the
 //!    granules whose attribute changes:
 //!    1. *discard the losing view*: every device unmaps those granules (to private: the shared
-//!       view's DMA mappings go first, as TDX requires and in-place conversion enforces);
-//!    2. *the attribute step* ([`AttributeStep::apply`]): first check that every unmap of step
-//!       2.1 really happened, else fail (the manager re-populates the losing view: nothing
-//!       changed); then set the KVM attribute;
+//!       view's DMA mappings go first, as TDX requires and in-place conversion enforces). An
+//!       unmap that fails fails its discard, and the manager then skips 2.2 and 2.3 and
+//!       re-populates the losing view: nothing changed ([`ConversionError::Unmap`]);
+//!    2. *the attribute step* (`AttributeStep`): set the KVM attribute;
 //!    3. *populate the gaining view*: devices map the granules (to shared: mapped after the
 //!       attribute, so a device never maps a page the guest still treats as private).
 //!
-//!    A failure in 2.3 makes the manager discard what 2.3 mapped, call
-//!    [`AttributeStep::undo`] (the KVM attribute goes back), and re-populate the losing view.
-//! 3. **Free the vacated backing**, per the region's [`DiscardPolicy`]. Last on purpose:
+//!    A failure in 2.3 makes the manager discard what 2.3 mapped, undo the attribute step (the
+//!    KVM attribute goes back), and re-populate the losing view. A device that cannot
+//!    re-populate it is cut off ([`ConversionError::RollbackFailed`]); what its IOMMU still maps
+//!    stays tracked as stale.
+//! 3. **Free the vacated backing**, per the region's [`crate::DiscardPolicy`]. Last on purpose:
 //!    punching a hole destroys data and cannot be undone, so it runs only once every fallible,
 //!    reversible step succeeded. A failed conversion therefore leaves the backings exactly as
 //!    they were (invariant 4). A hole punch that fails *after* the conversion succeeded does not
@@ -33,34 +39,51 @@
 //! One conversion lock per region (it also guards the held-back frees) serialises
 //! conversions, device attach and detach on that region; regions convert in parallel. Order, outer
 //! to inner: `GuestRam` device list → region conversion lock → state manager → region's
-//! attached-device list → a listener's stale set → a device's ledger. Nothing takes an outer
-//! lock while holding an inner one, and no listener calls back into the manager.
+//! attached-device list, then its departed list, its unsynced-attribute set → a listener's
+//! stale set → a device's ledger. Nothing takes an outer lock while holding an inner one, and no
+//! listener calls back into the manager. A device cut off by a failed rollback is detached from
+//! the other regions by [`crate::GuestRam::convert`] after the region's locks are released.
 //!
 //! QEMU's order (attribute, listeners, punch) neither undoes the attribute nor keeps the
 //! backings intact when a listener fails, and it stops the VM. Here every failure returns a
 //! [`ConversionError`] naming the step, the guest gets an error code and keeps running.
 
-use std::ops::{Deref, DerefMut};
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::Ordering;
 
 use discard_manager::{
-    Attribute, Change, DiscardManager, GpaRange, ListenerId, RangeError, RegionConfig,
+    Attribute, Change, DiscardFailure, GpaRange, ListenerError, ListenerId, RangeError,
     TransactionError, TransactionStep, View,
 };
-use iommu::{Ledger, LedgerError};
+use iommu::LedgerError;
 
 use crate::attributes::{AttributeError, MemoryAttributes};
-use crate::backing::RegionBacking;
-use crate::dma::{DmaListener, UnmapFailure, UnmapFailures};
+use crate::device::DeviceId;
 use crate::host::BackingModel;
-use crate::policy::{DiscardPolicy, Discarder, FlushReport, HeldBack};
+use crate::policy::{FlushReport, HeldBack};
 use crate::range_set::span;
+use crate::region::{Region, view_bit};
+
+/// One device unmap that failed while the losing view was discarded.
+#[derive(Debug, thiserror::Error)]
+#[error("device {device}: unmap of {view} view {range} failed")]
+#[non_exhaustive]
+pub struct UnmapFailure {
+    /// The device's name (or the listener id, for listeners that are not devices).
+    pub device: String,
+    /// The view that was being discarded.
+    pub view: View,
+    /// The run being discarded (the first of the device's runs when it had several).
+    pub range: GpaRange,
+    /// The device's error (the IOMMU ledger's, for a device).
+    #[source]
+    pub source: ListenerError,
+}
 
 /// A conversion that was refused or failed, naming the step. Unless the variant says
 /// otherwise, nothing changed: state manager, KVM attributes, IOMMU mappings and backings are
 /// as they were.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ConversionError {
     /// The range is not granule-aligned or not inside the region.
     #[error("conversion range is invalid")]
@@ -110,8 +133,10 @@ pub enum ConversionError {
         #[source]
         source: discard_manager::ListenerError,
     },
-    /// After a failed populate, setting the KVM attribute back failed: **KVM disagrees with the
-    /// state manager** for `range` (the manager and the devices are as before).
+    /// After a failed populate, setting the KVM attribute back failed, or repairing such an
+    /// earlier failure failed: **KVM disagrees with the state manager** for `range` (the
+    /// manager and the devices are as before). The region keeps the range marked, and every
+    /// later conversion of the region first sets KVM to what the manager says.
     #[error(
         "undoing the KVM attribute of {range} failed; KVM now disagrees with the state manager"
     )]
@@ -122,12 +147,15 @@ pub enum ConversionError {
         #[source]
         source: AttributeError,
     },
-    /// After a failure, a device refused to re-map the losing view and was detached from the
-    /// region (it lost DMA access to the region's view; attach it again).
+    /// After a failure, a device refused to re-map the losing view and was detached from guest
+    /// RAM, every region (it lost DMA access to the region's view; attach it again). What its
+    /// IOMMU could not unmap stays tracked ([`crate::Region::stale_mappings`]) until removed.
     #[error("rollback failed; {} device(s) lost access to the region and were detached: {}", .detached.len(), .detached.join(", "))]
     RollbackFailed {
-        /// The devices detached.
+        /// The names of the devices detached.
         detached: Vec<String>,
+        /// Their ids (no longer attached).
+        devices: Vec<DeviceId>,
         /// The manager's report.
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
@@ -210,23 +238,13 @@ impl Conversion {
 /// guest_memfd) refuses a range holding a page with unexpected references (`EAGAIN`), and the
 /// granules in between may be pinned by devices that map them, so a span could fail where the
 /// runs would not.
-pub struct AttributeStep<'a> {
+pub(crate) struct AttributeStep<'a> {
     attributes: &'a dyn MemoryAttributes,
     to: Attribute,
     span_runs: bool,
-    failures: &'a UnmapFailures,
+    /// The first error of setting an attribute back, and every run it could not set back.
     undo_failure: Option<AttributeError>,
-}
-
-/// Why [`AttributeStep::apply`] failed.
-#[derive(Debug, thiserror::Error)]
-pub enum StepError {
-    /// A device unmap in the discard before the step failed.
-    #[error("a device unmap failed")]
-    Unmap(Vec<UnmapFailure>),
-    /// KVM refused the attribute.
-    #[error(transparent)]
-    Attribute(AttributeError),
+    unsynced: Vec<GpaRange>,
 }
 
 const ATTRIBUTE_UNDO_TRIES: usize = 3;
@@ -248,36 +266,28 @@ impl AttributeStep<'_> {
             if let Some(e) = last {
                 log::error!("KVM attribute of {run} could not be set back to {from:?}: {e}");
                 self.undo_failure.get_or_insert(e);
+                self.unsynced.push(run);
             }
         }
     }
 }
 
 impl TransactionStep for AttributeStep<'_> {
-    type Error = StepError;
+    type Error = AttributeError;
 
-    fn apply(&mut self, change: &Change) -> Result<(), StepError> {
-        if self.failures.any() {
-            let failed = self.failures.drain();
-            if !failed.is_empty() {
-                return Err(StepError::Unmap(failed));
-            }
-        }
+    fn apply(&mut self, change: &Change) -> Result<(), AttributeError> {
         let runs = change.runs();
         if let Some(all) = (self.span_runs && runs.len() > 1)
             .then(|| span(runs))
             .flatten()
         {
             // All or nothing: on failure nothing changed, so nothing is set back.
-            return self
-                .attributes
-                .set(all, self.to)
-                .map_err(StepError::Attribute);
+            return self.attributes.set(all, self.to);
         }
         for (i, &run) in runs.iter().enumerate() {
             if let Err(e) = self.attributes.set(run, self.to) {
                 self.set_back(&runs[..i]);
-                return Err(StepError::Attribute(e));
+                return Err(e);
             }
         }
         Ok(())
@@ -295,213 +305,14 @@ fn opposite(a: Attribute) -> Attribute {
     }
 }
 
-/// Identifies a device attached to a [`crate::GuestRam`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct DeviceId(pub(crate) u64);
-
-/// One device's listener on one region.
-pub(crate) struct Attached {
-    pub(crate) device: DeviceId,
-    pub(crate) name: String,
-    pub(crate) view: View,
-    pub(crate) id: ListenerId,
-    pub(crate) listener: Arc<DmaListener>,
-    pub(crate) ledger: Arc<Ledger>,
-}
-
-fn view_bit(view: View) -> u8 {
-    match view {
-        View::Shared => 1,
-        View::Private => 2,
-    }
-}
-
-/// A region's device list, locked for a change; when dropped, updates which views have a
-/// device with a mapping budget.
-pub(crate) struct AttachedMut<'a> {
-    list: MutexGuard<'a, Vec<Attached>>,
-    budgeted: &'a AtomicU8,
-}
-
-impl Deref for AttachedMut<'_> {
-    type Target = Vec<Attached>;
-
-    fn deref(&self) -> &Vec<Attached> {
-        &self.list
-    }
-}
-
-impl DerefMut for AttachedMut<'_> {
-    fn deref_mut(&mut self) -> &mut Vec<Attached> {
-        &mut self.list
-    }
-}
-
-impl Drop for AttachedMut<'_> {
-    fn drop(&mut self) {
-        let bits = self
-            .list
-            .iter()
-            .filter(|a| a.ledger.capabilities().mapping_budget.is_some())
-            .fold(0, |bits, a| bits | view_bit(a.view));
-        self.budgeted.store(bits, Ordering::Release);
-    }
-}
-
-/// One guest RAM region: its state manager, backing, discard policy and device listeners.
-pub struct Region {
-    // Drop order: the manager (holding the listeners, which hold the ledgers) before the
-    // backing whose memory the ledgers map.
-    manager: DiscardManager,
-    attached: Mutex<Vec<Attached>>,
-    /// Bit per view ([`view_bit`]): a device listening to it has a mapping budget. Kept by
-    /// [`AttachedMut`] whenever the device list changes, so a conversion need not walk it.
-    budgeted: AtomicU8,
-    backing: Arc<RegionBacking>,
-    granularity: u64,
-    /// The conversion lock, and the held-back frees it protects.
-    discarder: Mutex<Discarder>,
-    failures: Arc<UnmapFailures>,
-}
-
-impl std::fmt::Debug for Region {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Region")
-            .field("range", &self.manager.region())
-            .field("backing", &self.backing)
-            .finish_non_exhaustive()
-    }
-}
-
-use crate::lock;
-
 impl Region {
-    pub(crate) fn new(
-        backing: RegionBacking,
-        config: RegionConfig,
-        policy: DiscardPolicy,
-    ) -> Result<Self, discard_manager::ConfigError> {
-        Ok(Self {
-            manager: DiscardManager::new(config)?,
-            attached: Mutex::new(Vec::new()),
-            budgeted: AtomicU8::new(0),
-            backing: Arc::new(backing),
-            granularity: config.granularity,
-            discarder: Mutex::new(Discarder::new(policy)),
-            failures: Arc::default(),
-        })
-    }
-
-    /// The state manager (for queries, and for listeners other than devices, such as
-    /// migration; do not convert through it directly, or KVM and the backings fall behind).
-    pub fn manager(&self) -> &DiscardManager {
-        &self.manager
-    }
-
-    /// The backing.
-    pub fn backing(&self) -> &Arc<RegionBacking> {
-        &self.backing
-    }
-
-    /// The region's guest range.
-    pub fn range(&self) -> GpaRange {
-        self.manager.region()
-    }
-
-    /// The granularity of state and of every DMA mapping.
-    pub fn granularity(&self) -> u64 {
-        self.granularity
-    }
-
-    /// The discard policy.
-    pub fn policy(&self) -> DiscardPolicy {
-        lock(&self.discarder).policy()
-    }
-
-    /// Backing held back right now.
-    pub fn held_back(&self) -> HeldBack {
-        lock(&self.discarder).held()
-    }
-
-    /// True when `[start, end)` of `side` is held back (may be backed on both sides).
-    pub fn holds(&self, side: View, start: u64, end: u64) -> bool {
-        lock(&self.discarder).holds(side, start, end)
-    }
-
-    /// Frees everything held back now.
-    pub fn flush(&self) -> FlushReport {
-        let mut d = lock(&self.discarder);
-        d.flush(&self.backing)
-    }
-
-    pub(crate) fn failures(&self) -> &Arc<UnmapFailures> {
-        &self.failures
-    }
-
-    pub(crate) fn conversion_lock(&self) -> MutexGuard<'_, Discarder> {
-        lock(&self.discarder)
-    }
-
-    pub(crate) fn attached(&self) -> MutexGuard<'_, Vec<Attached>> {
-        lock(&self.attached)
-    }
-
-    /// The device list, to change it.
-    pub(crate) fn attached_mut(&self) -> AttachedMut<'_> {
-        AttachedMut {
-            list: lock(&self.attached),
-            budgeted: &self.budgeted,
-        }
-    }
-
-    /// GPA extents `[start, end)` that device `name`'s IOMMU still maps although the state
-    /// manager discarded them (unmaps that failed and will be retried).
-    pub fn stale_mappings(&self) -> Vec<(String, Vec<(u64, u64)>)> {
-        self.attached()
-            .iter()
-            .filter(|a| a.listener.stale_bytes() > 0)
-            .map(|a| (a.name.clone(), a.listener.stale_ranges()))
-            .collect()
-    }
-
-    /// Returns true when some device still maps granules it should not (stale).
-    #[inline]
-    fn retry_stale(&self) -> bool {
-        // The common case: no listener added to its stale set since the last retry left
-        // them all empty.
-        let stale = self.failures.take_stale_hint() && self.retry_stale_devices();
-        // Failures of earlier rollbacks or retries are now in the stale sets; the next step
-        // must only see this conversion's own.
-        if self.failures.any() {
-            self.failures.drain();
-        }
-        stale
-    }
-
-    #[cold]
-    fn retry_stale_devices(&self) -> bool {
-        let mut stale = false;
-        for a in self.attached().iter() {
-            stale |= a.listener.retry_stale() > 0;
-        }
-        if stale {
-            self.failures.mark_stale();
-        }
-        stale
-    }
-
     /// Isolation: a stale mapping is a private page still mapped for a device; converting its
     /// range to private must not report success while it exists.
     fn refuse_stale(&self, range: GpaRange) -> Result<(), ConversionError> {
-        for a in self.attached().iter() {
-            if a.listener.stale_overlaps(range) {
-                return Err(ConversionError::StaleMapping {
-                    device: a.name.clone(),
-                    range,
-                });
-            }
+        match self.stale_in(range) {
+            Some(device) => Err(ConversionError::StaleMapping { device, range }),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     fn check_budget(&self, range: GpaRange, to: Attribute) -> Result<(), ConversionError> {
@@ -516,7 +327,7 @@ impl Region {
             discard_manager::Error::Range(r) => ConversionError::Range(r),
             other => ConversionError::Manager(Box::new(other)),
         })?;
-        let needed: u64 = joining.iter().map(|r| r.len() / self.granularity).sum();
+        let needed: u64 = joining.iter().map(|r| r.len() / self.granularity()).sum();
         if needed == 0 {
             return Ok(());
         }
@@ -534,38 +345,46 @@ impl Region {
     }
 
     /// Converts `range` to `to`; see the [module docs](self) for the order and the rollback.
+    /// A device that a failed rollback cuts off is detached from this region only: the
+    /// caller ([`crate::GuestRam::convert`]) detaches it from the others.
     ///
     /// # Errors
     /// [`ConversionError`] naming the step that failed.
-    pub fn convert(
+    pub(crate) fn convert(
         &self,
         range: GpaRange,
         to: Attribute,
         attributes: &dyn MemoryAttributes,
     ) -> Result<Conversion, ConversionError> {
-        let mut discarder = lock(&self.discarder);
+        let mut discarder = self.conversion_lock();
         let stale = self.retry_stale();
         if stale && to == Attribute::Private {
             self.refuse_stale(range)?;
         }
+        self.resync(attributes, range)
+            .map_err(|(range, source)| ConversionError::AttributeRollback { range, source })?;
         self.check_budget(range, to)?;
-        let classic = self.backing.model() == BackingModel::Classic;
+        let classic = self.backing().model() == BackingModel::Classic;
         let mut step = AttributeStep {
             attributes,
             to,
             span_runs: classic,
-            failures: &self.failures,
             undo_failure: None,
+            unsynced: Vec::new(),
         };
         let result = self.manager.convert_with(range, to, &mut step);
-        let undo_failure = step.undo_failure.take();
         let change = match result {
             Ok(change) => change,
             Err(e) => {
+                // Every unmap that failed came back in `e` or left a stale mapping on the way.
+                self.mark_maybe_stale();
                 let err = self.transaction_error(e);
+                for &run in &step.unsynced {
+                    self.mark_unsynced(run);
+                }
                 // Unmaps that failed during the rollback are stale now; try them once more.
                 self.retry_stale();
-                return Err(match undo_failure {
+                return Err(match step.undo_failure.take() {
                     Some(source) => ConversionError::AttributeRollback { range, source },
                     None => err,
                 });
@@ -575,7 +394,7 @@ impl Region {
         if classic && !change.is_empty() {
             // A stale mapping may pin the vacated side of a granule between the runs: then
             // free exactly the runs.
-            flushed = discarder.converted(&self.backing, change.runs(), to, !stale);
+            flushed = discarder.converted(self.backing(), change.runs(), to, !stale);
         }
         let conversion = Conversion {
             to,
@@ -600,21 +419,23 @@ impl Region {
             .map_or_else(|| format!("listener {id}"), |a| a.name.clone())
     }
 
-    fn transaction_error(&self, e: TransactionError<StepError>) -> ConversionError {
+    fn unmap_failure(&self, f: DiscardFailure) -> UnmapFailure {
+        UnmapFailure {
+            device: self.device_name(f.listener),
+            view: f.view,
+            range: f.range,
+            source: f.source,
+        }
+    }
+
+    fn transaction_error(&self, e: TransactionError<AttributeError>) -> ConversionError {
         match e {
             TransactionError::Range(r) => ConversionError::Range(r),
-            TransactionError::StepFailed {
-                source: StepError::Attribute(a),
-            } => ConversionError::Attribute(a),
-            TransactionError::StepFailed {
-                source: StepError::Unmap(mut failures),
-            } => {
-                let count = failures.len();
-                ConversionError::Unmap {
-                    first: Box::new(failures.swap_remove(0)),
-                    count,
-                }
-            }
+            TransactionError::StepFailed { source } => ConversionError::Attribute(source),
+            TransactionError::DiscardFailed { first, others } => ConversionError::Unmap {
+                first: Box::new(self.unmap_failure(first)),
+                count: 1 + others.len(),
+            },
             TransactionError::Refused { refusal } => ConversionError::Map {
                 device: self.device_name(refusal.listener),
                 view: refusal.view,
@@ -623,12 +444,21 @@ impl Region {
             },
             TransactionError::RollbackFailed { cause, detached } => {
                 let ids: Vec<ListenerId> = detached.iter().map(|d| d.listener).collect();
-                let names = ids.iter().map(|&id| self.device_name(id)).collect();
-                // The manager unregistered them; forget them here too.
-                self.attached_mut().retain(|a| !ids.contains(&a.id));
+                // The manager unregistered them: the region forgets them too, keeping what
+                // their IOMMUs still map tracked.
+                let devices = self.cut_off(&ids);
+                // Listeners that are not devices (migration, say) are named by their id.
+                let names = ids
+                    .iter()
+                    .map(|&id| match devices.iter().find(|d| d.0 == id) {
+                        Some((_, _, name)) => name.clone(),
+                        None => format!("listener {id}"),
+                    })
+                    .collect();
                 let source = format!("{cause}; {} detached", detached.len());
                 ConversionError::RollbackFailed {
                     detached: names,
+                    devices: devices.into_iter().map(|d| d.1).collect(),
                     source: source.into(),
                 }
             }
