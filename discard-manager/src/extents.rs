@@ -17,7 +17,8 @@
 
 use crate::range::{Attribute, View};
 
-/// Maximum entries per chunk (one chunk = 512 bytes of entries).
+/// Maximum entries per chunk (one chunk = 512 bytes of entries): a power of two, for the
+/// fixed-step search.
 const CHUNK: usize = 64;
 
 /// Emptied chunk buffers kept for reuse.
@@ -127,16 +128,103 @@ impl Plan {
     }
 }
 
+/// An empty slot of a chunk: above every packed entry (keys are below 2^62), so the
+/// fixed-step search in [`Chunk::count_below`] never counts it.
+const EMPTY: u64 = u64::MAX;
+
+/// Up to [`CHUNK`] sorted entries in a fixed array whose unused slots hold [`EMPTY`], so that a
+/// search takes the same [`CHUNK`]`.ilog2() + 1` branch-free steps whatever the length, with
+/// no length check and no bounds check.
+#[derive(Clone)]
+struct Chunk {
+    keys: [u64; CHUNK],
+    len: usize,
+}
+
+impl Chunk {
+    fn new() -> Box<Chunk> {
+        Box::new(Chunk {
+            keys: [EMPTY; CHUNK],
+            len: 0,
+        })
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn entries(&self) -> &[u64] {
+        &self.keys[..self.len]
+    }
+
+    /// How many entries are `< bound`: a fixed number of halving steps over the whole array
+    /// (the empty slots compare above any bound).
+    fn count_below(&self, bound: u64) -> usize {
+        let mut i = 0;
+        let mut step = CHUNK / 2;
+        while step > 0 {
+            if self.keys[i + step - 1] < bound {
+                i += step;
+            }
+            step /= 2;
+        }
+        // The steps reach index CHUNK - 1 at most and never test it when every lower entry
+        // is below `bound`.
+        i + usize::from(self.keys[i] < bound)
+    }
+
+    /// Replaces entries `i..end` by `with`, shifting the tail once; the result must fit.
+    #[inline]
+    fn replace(&mut self, i: usize, end: usize, with: &[u64]) {
+        let old = self.len;
+        let new_end = i + with.len();
+        let new_len = old - (end - i) + with.len();
+        debug_assert!(new_len <= CHUNK, "chunk overflow");
+        if new_end != end {
+            self.keys.copy_within(end..old, new_end);
+        }
+        // A few entries: a loop, not a call to `memcpy`.
+        for (slot, &entry) in self.keys[i..new_end].iter_mut().zip(with) {
+            *slot = entry;
+        }
+        // At most a few slots on the hot path: a loop, not a call to `memset`.
+        for slot in self.keys.get_mut(new_len..old).unwrap_or_default() {
+            *slot = EMPTY;
+        }
+        self.len = new_len;
+    }
+
+    fn extend(&mut self, with: &[u64]) {
+        self.replace(self.len, self.len, with);
+    }
+
+    fn clear(&mut self) {
+        self.replace(0, self.len, &[]);
+    }
+}
+
+impl std::ops::Index<usize> for Chunk {
+    type Output = u64;
+
+    fn index(&self, i: usize) -> &u64 {
+        &self.entries()[i]
+    }
+}
+
 pub(crate) struct Extents {
-    chunks: Vec<Vec<u64>>,
+    chunks: Vec<Box<Chunk>>,
     /// `firsts[c]` = key of `chunks[c][0]`.
     firsts: Vec<u64>,
     granules: u64,
     /// Granules per state, indexed by `State::index`.
     totals: [u64; 4],
     len: usize,
-    /// Emptied chunk buffers (capacity `CHUNK`) kept for reuse.
-    spare: Vec<Vec<u64>>,
+    /// Emptied chunk buffers kept for reuse.
+    spare: Vec<Box<Chunk>>,
     /// Buffer for the rare chunk overflow.
     scratch: Vec<u64>,
 }
@@ -145,8 +233,8 @@ impl Extents {
     pub(crate) fn new(granules: u64, initial: State) -> Self {
         let mut totals = [0; 4];
         totals[initial.index()] = granules;
-        let mut chunk = Vec::with_capacity(CHUNK);
-        chunk.push(pack(0, initial));
+        let mut chunk = Chunk::new();
+        chunk.extend(&[pack(0, initial)]);
         Self {
             chunks: vec![chunk],
             firsts: vec![0],
@@ -169,17 +257,15 @@ impl Extents {
     }
 
     /// Position of the last entry with key `<= g` (the run containing `g`).
+    #[inline]
     fn locate(&self, g: u64) -> Pos {
         let chunk = match self.firsts.len() {
             1 => 0,
-            _ => self.firsts.partition_point(|&f| f <= g).saturating_sub(1),
+            _ => self.firsts.partition_point(|&f| f <= g) - 1,
         };
         // key_of(e) <= g  <=>  e < (g + 1) << 2: compares packed entries without unpacking
-        // (g < 2^62, so the shift cannot overflow).
-        let bound = (g + 1) << 2;
-        let index = self.chunks[chunk]
-            .partition_point(|&e| e < bound)
-            .saturating_sub(1);
+        // (g < 2^62, so the shift cannot overflow). The chunk's first key is <= g.
+        let index = self.chunks[chunk].count_below((g + 1) << 2) - 1;
         Pos { chunk, index }
     }
 
@@ -235,10 +321,10 @@ impl Extents {
             return Ok(());
         }
         let pos = self.locate(a);
-        let (mut start, mut state) = (a, state_of(self.chunks[pos.chunk][pos.index]));
+        let (mut start, mut state) = (a, state_of(self.entry(pos)));
         let mut skip = pos.index + 1;
         for chunk in &self.chunks[pos.chunk..] {
-            for &entry in chunk.get(skip..).unwrap_or_default() {
+            for &entry in chunk.entries().get(skip..).unwrap_or_default() {
                 let key = key_of(entry);
                 if key >= b {
                     return f(start, b, state);
@@ -264,15 +350,17 @@ impl Extents {
     pub(crate) fn within_one_run(&self, a: u64, b: u64) -> Option<Within> {
         let pos = self.locate(a);
         let chunk = &self.chunks[pos.chunk];
-        let entry = chunk[pos.index];
-        // The run ends at the next entry's key: in this chunk, else the next chunk's first.
-        let end = match chunk.get(pos.index + 1) {
-            Some(&next) => key_of(next),
-            None => self
-                .firsts
+        let entry = chunk.keys[pos.index];
+        // The run ends at the next entry's key: in this chunk (an empty slot reads as past
+        // the region), else the next chunk's first, else the region's end.
+        let next = chunk.keys.get(pos.index + 1).copied().unwrap_or(EMPTY);
+        let end = if next != EMPTY {
+            key_of(next)
+        } else {
+            self.firsts
                 .get(pos.chunk + 1)
                 .copied()
-                .unwrap_or(self.granules),
+                .unwrap_or(self.granules)
         };
         (b <= end).then_some(Within {
             pos,
@@ -321,25 +409,7 @@ impl Extents {
                 index: w.pos.index + 1,
             }
         };
-        let replacement = &replacement[..n];
-        // Common case: the edit stays inside one chunk that neither overflows nor gets sparse,
-        // so none of `splice`'s spill, split or merge bookkeeping applies.
-        // (A lone chunk has no neighbour to merge with, so it may be sparse.)
-        let alone = self.chunks.len() == 1;
-        let chunk = &mut self.chunks[at.chunk];
-        let end = at.index + existing;
-        if end <= chunk.len()
-            && chunk.len() - existing + n <= CHUNK
-            && (alone || chunk.len() - existing + n >= CHUNK / 4)
-        {
-            replace_range(chunk, at.index, end, replacement);
-            if at.index == 0 {
-                self.firsts[at.chunk] = key_of(chunk[0]);
-            }
-            self.len = self.len - existing + n;
-            return;
-        }
-        self.splice(at, existing, replacement);
+        self.splice(at, existing, &replacement[..n]);
     }
 
     /// The two shapes a bounce buffer takes, edited in place when the chunk has room (or,
@@ -355,10 +425,11 @@ impl Extents {
             if len + 2 > CHUNK {
                 return false;
             }
-            chunk.extend_from_slice(&[0, 0]);
-            chunk.copy_within(i + 1..len, i + 3);
-            chunk[i + 1] = pack(a, new);
-            chunk[i + 2] = pack(b, w.state);
+            // The two slots past the end are empty and take the shifted tail.
+            chunk.keys.copy_within(i + 1..len, i + 3);
+            chunk.keys[i + 1] = pack(a, new);
+            chunk.keys[i + 2] = pack(b, w.state);
+            chunk.len = len + 2;
             self.len += 2;
             return true;
         }
@@ -369,11 +440,13 @@ impl Extents {
             && i > 0
             && i + 1 < len
             && (alone || len - 2 >= CHUNK / 4)
-            && state_of(chunk[i - 1]) == new
-            && state_of(chunk[i + 1]) == new
+            && state_of(chunk.keys[i - 1]) == new
+            && state_of(chunk.keys[i + 1]) == new
         {
-            chunk.copy_within(i + 2..len, i);
-            chunk.truncate(len - 2);
+            chunk.keys.copy_within(i + 2..len, i);
+            chunk.keys[len - 2] = EMPTY;
+            chunk.keys[len - 1] = EMPTY;
+            chunk.len = len - 2;
             self.len -= 2;
             return true;
         }
@@ -469,24 +542,21 @@ impl Extents {
         self.len = self.len - existing + replacement.len();
         let mut next = c + 1;
         if chunk.len() - (end - i) + replacement.len() <= CHUNK {
-            replace_range(chunk, i, end, replacement);
+            chunk.replace(i, end, replacement);
         } else {
             // Rare: the chunk overflows. Rebuild it as half-full chunks.
             let mut all = std::mem::take(&mut self.scratch);
             all.clear();
             let chunk = &mut self.chunks[c];
-            all.extend_from_slice(&chunk[..i]);
+            all.extend_from_slice(&chunk.entries()[..i]);
             all.extend_from_slice(replacement);
-            all.extend_from_slice(&chunk[end..]);
+            all.extend_from_slice(&chunk.entries()[end..]);
             let mut parts = all.chunks(CHUNK / 2);
             chunk.clear();
-            chunk.extend_from_slice(parts.next().unwrap_or(&[]));
+            chunk.extend(parts.next().unwrap_or(&[]));
             for part in parts {
-                let mut fresh = self
-                    .spare
-                    .pop()
-                    .unwrap_or_else(|| Vec::with_capacity(CHUNK));
-                fresh.extend_from_slice(part);
+                let mut fresh = self.spare.pop().unwrap_or_else(Chunk::new);
+                fresh.extend(part);
                 self.firsts.insert(next, key_of(part[0]));
                 self.chunks.insert(next, fresh);
                 next += 1;
@@ -500,7 +570,7 @@ impl Extents {
         while spilled > 0 && next < self.chunks.len() {
             let chunk = &mut self.chunks[next];
             let n = spilled.min(chunk.len());
-            chunk.drain(..n);
+            chunk.replace(0, n, &[]);
             spilled -= n;
             if chunk.is_empty() {
                 self.remove_chunk(next);
@@ -529,11 +599,11 @@ impl Extents {
         let limit = CHUNK * 3 / 4;
         if c + 1 < self.chunks.len() && self.chunks[c].len() + self.chunks[c + 1].len() <= limit {
             let (head, tail) = self.chunks.split_at_mut(c + 1);
-            head[c].extend_from_slice(&tail[0]);
+            head[c].extend(tail[0].entries());
             self.remove_chunk(c + 1);
         } else if c > 0 && self.chunks[c - 1].len() + self.chunks[c].len() <= limit {
             let (head, tail) = self.chunks.split_at_mut(c);
-            head[c - 1].extend_from_slice(&tail[0]);
+            head[c - 1].extend(tail[0].entries());
             self.remove_chunk(c);
         }
     }
@@ -550,17 +620,11 @@ impl Extents {
     }
 
     /// Heap bytes of the storage, exactly as allocated (by capacity): the chunk table, the
-    /// `firsts` table, every chunk's buffer, the spare buffers and the overflow scratch.
+    /// `firsts` table, every chunk (live and spare) and the overflow scratch.
     pub(crate) fn heap_bytes(&self) -> usize {
-        let buffers: usize = self
-            .chunks
-            .iter()
-            .chain(&self.spare)
-            .map(|c| c.capacity() * size_of::<u64>())
-            .sum();
-        (self.chunks.capacity() + self.spare.capacity()) * size_of::<Vec<u64>>()
+        (self.chunks.capacity() + self.spare.capacity()) * size_of::<Box<Chunk>>()
+            + (self.chunks.len() + self.spare.len()) * size_of::<Chunk>()
             + (self.firsts.capacity() + self.scratch.capacity()) * size_of::<u64>()
-            + buffers
     }
 
     #[cfg(test)]
@@ -570,9 +634,12 @@ impl Extents {
         let mut count = 0;
         for (c, chunk) in self.chunks.iter().enumerate() {
             assert!(!chunk.is_empty() && chunk.len() <= CHUNK, "chunk {c} size");
-            assert_eq!(chunk.capacity(), CHUNK, "chunk {c} reallocated");
+            assert!(
+                chunk.keys[chunk.len()..].iter().all(|&k| k == EMPTY),
+                "chunk {c} has a non-empty slot past its length"
+            );
             assert_eq!(self.firsts[c], key_of(chunk[0]), "firsts[{c}]");
-            for &e in chunk {
+            for &e in chunk.entries() {
                 match prev {
                     None => assert_eq!(key_of(e), 0, "first key is not 0"),
                     Some(p) => {
@@ -587,26 +654,6 @@ impl Extents {
         }
         assert_eq!(count, self.len);
         assert_eq!(self.totals.iter().sum::<u64>(), self.granules);
-    }
-}
-
-/// `chunk[i..end] = replacement`, shifting the tail once, within the chunk's capacity.
-fn replace_range(chunk: &mut Vec<u64>, i: usize, end: usize, replacement: &[u64]) {
-    let old_len = chunk.len();
-    let new_end = i + replacement.len();
-    if new_end > end {
-        // Grow by pushing (one or two slots, within capacity): `resize` would call `memset`.
-        for _ in end..new_end {
-            chunk.push(0);
-        }
-        chunk.copy_within(end..old_len, new_end);
-    } else if new_end < end {
-        chunk.copy_within(end..old_len, new_end);
-        chunk.truncate(old_len - (end - new_end));
-    }
-    // A few entries: a loop, not a call to `memcpy`.
-    for (slot, &entry) in chunk[i..new_end].iter_mut().zip(replacement) {
-        *slot = entry;
     }
 }
 
