@@ -27,8 +27,8 @@
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
-use std::rc::Rc;
 use std::hint::black_box;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -741,7 +741,12 @@ fn only(spec: &str) {
         ["replay", "listener-calls-only"] => {
             let replay = Replay::new();
             let n = replay.shared.len();
-            Only::each(move || { black_box(replay.listener_calls_only()); }, n)
+            Only::each(
+                move || {
+                    black_box(replay.listener_calls_only());
+                },
+                n,
+            )
         }
         _ => panic!(
             "CONVERSIONS_ONLY=bounce/<case>/<extents|bitmap>, mixed-2MiB/<extents|bitmap>, \

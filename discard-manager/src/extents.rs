@@ -55,6 +55,17 @@ impl State {
         State(self.0 & 2 | matches!(attribute, Attribute::Private) as u8)
     }
 
+    /// The state of the granules in `view`: plugged, with the view's attribute.
+    pub(crate) fn of_view(view: View) -> State {
+        State::new(
+            true,
+            match view {
+                View::Shared => Attribute::Shared,
+                View::Private => Attribute::Private,
+            },
+        )
+    }
+
     /// The view this granule belongs to, `None` when unplugged.
     pub(crate) fn view(self) -> Option<View> {
         self.plugged().then(|| self.attribute().view())
@@ -335,6 +346,40 @@ impl Extents {
             skip = 0;
         }
         f(start, b, state)
+    }
+
+    /// Calls `f(start, end)` for each maximal run of `view` overlapping `[a, b)`, clipped to
+    /// it, in address order, until `f` fails: the walk of a replay. A view is one state
+    /// (plugged, with the view's attribute), so the runs of the other states are passed over
+    /// by one compare each, without a call.
+    pub(crate) fn try_for_each_view_run<E>(
+        &self,
+        a: u64,
+        b: u64,
+        view: View,
+        mut f: impl FnMut(u64, u64) -> Result<(), E>,
+    ) -> Result<(), E> {
+        if a >= b {
+            return Ok(());
+        }
+        let wanted = State::of_view(view);
+        let pos = self.locate(a);
+        let (mut start, mut state) = (a, state_of(self.entry(pos)));
+        let mut skip = pos.index + 1;
+        'walk: for chunk in &self.chunks[pos.chunk..] {
+            for &entry in chunk.entries().get(skip..).unwrap_or_default() {
+                let key = key_of(entry);
+                if key >= b {
+                    break 'walk;
+                }
+                if state == wanted {
+                    f(start, key)?;
+                }
+                (start, state) = (key, state_of(entry));
+            }
+            skip = 0;
+        }
+        if state == wanted { f(start, b) } else { Ok(()) }
     }
 
     /// [`Extents::try_for_each_run`] for a walk that cannot fail.
