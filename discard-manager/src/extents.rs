@@ -782,6 +782,108 @@ mod tests {
     }
 
     #[test]
+    fn chunk_search_counts_entries_below_a_bound_at_every_fill_level() {
+        for len in 0..=CHUNK {
+            let mut chunk = Chunk::new();
+            let entries: Vec<u64> = (0..len as u64).map(|k| pack(3 * k, SHARED)).collect();
+            chunk.extend(&entries);
+            for g in 0..3 * CHUNK as u64 + 2 {
+                let bound = g << 2;
+                let expected = entries.iter().filter(|&&e| e < bound).count();
+                assert_eq!(
+                    chunk.count_below(bound),
+                    expected,
+                    "len {len}, bound {bound}"
+                );
+            }
+            // Emptying slots restores the padding the search relies on.
+            chunk.clear();
+            assert!(chunk.keys.iter().all(|&k| k == EMPTY));
+        }
+    }
+
+    #[test]
+    fn a_full_chunk_splits_and_runs_merge_back_across_chunk_boundaries() {
+        // 200 isolated shared granules: the first chunk fills (CHUNK entries), overflows into
+        // new chunks, and some runs start a chunk, so taking them back merges across chunks.
+        // (Granule 0 shared first, so that the shared runs' entries sit at even positions,
+        // where a split at CHUNK / 2 starts a chunk.)
+        let mut e = Extents::new(4000, PRIVATE);
+        set(&mut e, 0, 1, SHARED);
+        for i in 0..200 {
+            set(&mut e, 10 * i + 5, 10 * i + 6, SHARED);
+        }
+        assert_eq!(e.len(), 402);
+        assert!(e.chunks.len() > 402 / CHUNK, "chunks never split");
+        assert!(
+            (1..e.chunks.len()).any(|c| state_of(e.chunks[c][0]) == SHARED),
+            "no shared run starts a chunk"
+        );
+        for i in (0..200).rev().step_by(2).chain((0..200).step_by(2)) {
+            set(&mut e, 10 * i + 5, 10 * i + 6, PRIVATE);
+        }
+        set(&mut e, 0, 1, PRIVATE);
+        assert_eq!(runs(&e, 0, 4000), [(0, 4000, PRIVATE)]);
+        assert_eq!(e.chunks.len(), 1);
+    }
+
+    #[test]
+    fn granules_at_both_ends_of_a_1_tib_region_flip_and_merge_back() {
+        let granules = (1u64 << 40) / 4096;
+        let last = granules - 1;
+        let mut e = Extents::new(granules, PRIVATE);
+        // The region's first and last granules: a run with no left or no right neighbour.
+        set(&mut e, 0, 1, SHARED);
+        set(&mut e, last, granules, SHARED);
+        assert_eq!(
+            runs(&e, 0, granules),
+            [(0, 1, SHARED), (1, last, PRIVATE), (last, granules, SHARED)]
+        );
+        let w = e.within_one_run(last, granules).expect("one run");
+        assert_eq!((w.start, w.end, w.state), (last, granules, SHARED));
+        let mut shared = Vec::new();
+        let _ = e.try_for_each_view_run(0, granules, View::Shared, |s, t| {
+            shared.push((s, t));
+            Ok::<(), ()>(())
+        });
+        assert_eq!(shared, [(0, 1), (last, granules)]);
+        assert_eq!(e.total(true, Attribute::Shared), 2);
+        set(&mut e, last, granules, PRIVATE);
+        set(&mut e, 0, 1, PRIVATE);
+        assert_eq!(runs(&e, 0, granules), [(0, granules, PRIVATE)]);
+        // A region with one run costs bytes: one chunk, no tables beyond it.
+        assert!(e.heap_bytes() < 1024, "{} bytes", e.heap_bytes());
+    }
+
+    #[test]
+    fn view_walk_stops_at_the_first_failure() {
+        let mut e = Extents::new(100, PRIVATE);
+        for start in [10, 30, 50] {
+            set(&mut e, start, start + 5, SHARED);
+        }
+        let mut seen = Vec::new();
+        let stopped = e.try_for_each_view_run(0, 100, View::Shared, |s, t| {
+            seen.push((s, t));
+            if s == 30 { Err(s) } else { Ok(()) }
+        });
+        assert_eq!(stopped, Err(30));
+        assert_eq!(seen, [(10, 15), (30, 35)]);
+        // Clipped at both ends, and nothing for a range inside another state's run.
+        seen.clear();
+        let _ = e.try_for_each_view_run(12, 52, View::Shared, |s, t| {
+            seen.push((s, t));
+            Ok::<(), ()>(())
+        });
+        assert_eq!(seen, [(12, 15), (30, 35), (50, 52)]);
+        seen.clear();
+        let _ = e.try_for_each_view_run(16, 29, View::Shared, |s, t| {
+            seen.push((s, t));
+            Ok::<(), ()>(())
+        });
+        assert!(seen.is_empty());
+    }
+
+    #[test]
     fn random_updates_match_a_per_granule_vector() {
         random_updates(64, 64, 5000);
         // Thousands of runs: chunk splits, spills across chunks and merges.
@@ -834,6 +936,21 @@ mod tests {
                     Some(last) if last.2 == st => last.1 = g + 1,
                     _ => expected.push((g, g + 1, st)),
                 }
+            }
+            // The view walk gives exactly the runs of the view's state, clipped.
+            for view in [View::Shared, View::Private] {
+                let wanted = State::of_view(view);
+                let mut walked = Vec::new();
+                let _ = e.try_for_each_view_run(qa, qb, view, |s, t| {
+                    walked.push((s, t));
+                    Ok::<(), ()>(())
+                });
+                let in_view: Vec<(u64, u64)> = expected
+                    .iter()
+                    .filter(|r| r.2 == wanted)
+                    .map(|r| (r.0, r.1))
+                    .collect();
+                assert_eq!(walked, in_view, "{view} runs of [{qa}, {qb})");
             }
             expected.truncate(3);
             assert_eq!(walked, expected, "runs of [{qa}, {qb})");
