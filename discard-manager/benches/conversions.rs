@@ -636,6 +636,19 @@ fn bench_replay(c: &mut Criterion) {
 
 /// Prints live heap bytes per run, measured with the counting allocator.
 fn report_memory(_c: &mut Criterion) {
+    // A 1 TiB region holding one shared run (three extents): bytes, not a bitmap's megabytes.
+    let before = LIVE_BYTES.load(Ordering::Relaxed);
+    let mgr = extents(TIB);
+    mgr.convert(GpaRange::new(BASE + TIB / 2, G).unwrap(), Attribute::Shared)
+        .unwrap();
+    let live = LIVE_BYTES.load(Ordering::Relaxed) - before;
+    println!(
+        "memory/1TiB-1-shared-run: extents {} runs, {live} heap bytes measured \
+         (memory_bytes(): {} B)",
+        mgr.extent_count().unwrap(),
+        mgr.memory_bytes().unwrap()
+    );
+    drop(mgr);
     for count in [1_000u64, 10_000, 100_000] {
         let granules = TIB / G;
         let runs = scattered_runs(0, granules, count, count);
