@@ -595,6 +595,9 @@ impl Replay {
     }
 }
 
+/// One timed replay of [`Replay`].
+type ReplayCase = fn(&Replay) -> Duration;
+
 fn bench_replay(c: &mut Criterion) {
     let replay = Replay::new();
     // The three replays hand the same runs to the listener.
@@ -620,7 +623,7 @@ fn bench_replay(c: &mut Criterion) {
     replay.bitmap.unregister_all();
 
     let mut group = c.benchmark_group("replay-1TiB-10k-runs");
-    let cases: [(&str, fn(&Replay) -> Duration); 4] = [
+    let cases: [(&str, ReplayCase); 4] = [
         ("extents", Replay::extents),
         ("listener-calls-only", Replay::listener_calls_only),
         ("bitmap-word-scan", Replay::bitmap_word_scan),
