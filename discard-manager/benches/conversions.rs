@@ -339,28 +339,37 @@ const BOUNCE_CASES: [(&str, u64, u64); 3] = [
     ("1TiB-10k-runs", TIB, 10_000),
 ];
 
-/// One bounce case: the manager and the bitmap, each with one listener on the whole region
-/// and the same background runs, and the trace both replay.
-struct Bounce {
+/// A manager and a bitmap over `size` bytes, all private but for `shared`.
+fn both_sharing(size: u64, shared: impl IntoIterator<Item = GpaRange>) -> (DiscardManager, Bitmap) {
+    let mgr = extents(size);
+    let bitmap = Bitmap::new(size);
+    for r in shared {
+        mgr.convert(r, Attribute::Shared).unwrap();
+        bitmap.convert(r, Attribute::Shared).unwrap();
+    }
+    (mgr, bitmap)
+}
+
+/// The manager and the bitmap in the same state, each with a listener, and the trace both
+/// replay.
+struct Traced {
     mgr: DiscardManager,
     bitmap: Bitmap,
     trace: Vec<(GpaRange, Attribute)>,
 }
 
-impl Bounce {
-    fn new(size: u64, background: u64) -> Self {
+impl Traced {
+    /// One bounce case: one listener on the whole region and the same background runs.
+    fn bounce(size: u64, background: u64) -> Self {
         let granules = size / G;
         // Bounce buffers in the lower half, background runs in the upper half.
         let trace = bounce_trace(granules / 2, 4096, 0x5eed ^ size);
-        let mgr = extents(size);
-        let bitmap = Bitmap::new(size);
-        for r in scattered_runs(granules / 2, granules / 2, background.max(1), 7)
-            .into_iter()
-            .take(background as usize)
-        {
-            mgr.convert(r, Attribute::Shared).unwrap();
-            bitmap.convert(r, Attribute::Shared).unwrap();
-        }
+        let (mgr, bitmap) = both_sharing(
+            size,
+            scattered_runs(granules / 2, granules / 2, background.max(1), 7)
+                .into_iter()
+                .take(background as usize),
+        );
         let region = GpaRange::new(BASE, size).unwrap();
         mgr.register(View::Shared, region, Arc::new(Counter::default()))
             .unwrap();
@@ -384,7 +393,7 @@ impl Bounce {
 fn bench_bounce(c: &mut Criterion) {
     let mut group = c.benchmark_group("bounce");
     for (name, size, background) in BOUNCE_CASES {
-        let bounce = Bounce::new(size, background);
+        let bounce = Traced::bounce(size, background);
         group.throughput(Throughput::Elements(bounce.trace.len() as u64));
 
         // No heap allocation per conversion on the hot path (after the first pass).
@@ -460,9 +469,7 @@ fn mixed_trace() -> (Vec<GpaRange>, Vec<(GpaRange, Attribute)>) {
 
 /// The `mixed-2MiB` case: the manager and the bitmap holding the seeds, one listener each.
 struct Mixed {
-    mgr: DiscardManager,
-    bitmap: Bitmap,
-    trace: Vec<(GpaRange, Attribute)>,
+    traced: Traced,
     listeners: (Arc<Counter>, Arc<Counter>),
 }
 
@@ -470,38 +477,19 @@ impl Mixed {
     fn new() -> Self {
         let (seeds, trace) = mixed_trace();
         let region = GpaRange::new(BASE, GIB).unwrap();
-        let mgr = extents(GIB);
-        let bitmap = Bitmap::new(GIB);
-        for &g in &seeds {
-            mgr.convert(g, Attribute::Shared).unwrap();
-            bitmap.convert(g, Attribute::Shared).unwrap();
-        }
+        let (mgr, bitmap) = both_sharing(GIB, seeds);
         let listeners = (Arc::new(Counter::default()), Arc::new(Counter::default()));
         mgr.register(View::Shared, region, listeners.0.clone())
             .unwrap();
         bitmap.register_word_scan(region, listeners.1.clone());
         Self {
-            mgr,
-            bitmap,
-            trace,
+            traced: Traced { mgr, bitmap, trace },
             listeners,
         }
     }
 
     fn blocks(&self) -> u64 {
-        (self.trace.len() / 6) as u64
-    }
-
-    fn run_extents(&self) {
-        for &(r, to) in &self.trace {
-            black_box(self.mgr.convert(r, to).unwrap());
-        }
-    }
-
-    fn run_bitmap(&self) {
-        for &(r, to) in &self.trace {
-            self.bitmap.convert(r, to).unwrap();
-        }
+        (self.traced.trace.len() / 6) as u64
     }
 }
 
@@ -512,8 +500,8 @@ fn bench_mixed(c: &mut Criterion) {
         a.calls.load(Ordering::Relaxed),
         b.calls.load(Ordering::Relaxed),
     );
-    mixed.run_extents();
-    mixed.run_bitmap();
+    mixed.traced.run_extents();
+    mixed.traced.run_bitmap();
     let blocks = mixed.blocks();
     println!(
         "mixed-2MiB: listener calls per block: extents {}, bitmap {}",
@@ -522,8 +510,8 @@ fn bench_mixed(c: &mut Criterion) {
     );
     let mut group = c.benchmark_group("mixed-2MiB");
     group.throughput(Throughput::Elements(blocks));
-    group.bench_function("extents", |bch| bch.iter(|| mixed.run_extents()));
-    group.bench_function("bitmap", |bch| bch.iter(|| mixed.run_bitmap()));
+    group.bench_function("extents", |bch| bch.iter(|| mixed.traced.run_extents()));
+    group.bench_function("bitmap", |bch| bch.iter(|| mixed.traced.run_bitmap()));
     group.finish();
 }
 
@@ -541,12 +529,7 @@ impl Replay {
         let granules = TIB / G;
         let runs = scattered_runs(0, granules, 10_000, 42);
         let region = GpaRange::new(BASE, TIB).unwrap();
-        let mgr = extents(TIB);
-        let bitmap = Bitmap::new(TIB);
-        for &r in &runs {
-            mgr.convert(r, Attribute::Shared).unwrap();
-            bitmap.convert(r, Attribute::Shared).unwrap();
-        }
+        let (mgr, bitmap) = both_sharing(TIB, runs);
         let shared = mgr.view_runs(View::Shared, region).unwrap();
         Self {
             mgr,
@@ -576,22 +559,22 @@ impl Replay {
         t.elapsed()
     }
 
-    fn bitmap_word_scan(&self) -> Duration {
-        let l = Arc::new(Counter::default());
+    /// Registers a fresh listener on the bitmap with `register` (timed), then clears it.
+    fn bitmap(&self, register: fn(&Bitmap, GpaRange, Arc<dyn ViewListener>)) -> Duration {
+        let l: Arc<dyn ViewListener> = Arc::new(Counter::default());
         let t = Instant::now();
-        self.bitmap.register_word_scan(self.region, l);
+        register(&self.bitmap, self.region, l);
         let elapsed = t.elapsed();
         self.bitmap.unregister_all();
         elapsed
     }
 
+    fn bitmap_word_scan(&self) -> Duration {
+        self.bitmap(Bitmap::register_word_scan)
+    }
+
     fn bitmap_per_granule(&self) -> Duration {
-        let l = Arc::new(Counter::default());
-        let t = Instant::now();
-        self.bitmap.register_walk(self.region, l);
-        let elapsed = t.elapsed();
-        self.bitmap.unregister_all();
-        elapsed
+        self.bitmap(Bitmap::register_walk)
     }
 }
 
@@ -716,7 +699,7 @@ fn only(spec: &str) {
                 .into_iter()
                 .find(|(name, ..)| *name == case)
                 .expect("bounce case: 1GiB, 1TiB or 1TiB-10k-runs");
-            let bounce = Bounce::new(size, background);
+            let bounce = Traced::bounce(size, background);
             let n = bounce.trace.len();
             match side {
                 "extents" => Only::each(move || bounce.run_extents(), n),
@@ -725,7 +708,7 @@ fn only(spec: &str) {
             }
         }
         ["mixed-2MiB", side] => {
-            let mixed = Mixed::new();
+            let mixed = Mixed::new().traced;
             let n = mixed.trace.len();
             match side {
                 "extents" => Only::each(move || mixed.run_extents(), n),
