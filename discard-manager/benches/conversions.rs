@@ -26,12 +26,14 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
 use std::hint::black_box;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{Criterion, Throughput, criterion_group};
 use discard_manager::{
     Attribute, DiscardManager, GpaRange, ListenerError, RegionConfig, View, ViewListener,
 };
@@ -331,60 +333,84 @@ fn scattered_runs(first: u64, granules: u64, runs: u64, seed: u64) -> Vec<GpaRan
         .collect()
 }
 
-fn bench_bounce(c: &mut Criterion) {
-    let mut group = c.benchmark_group("bounce");
-    for (name, size, background) in [
-        ("1GiB", GIB, 0),
-        ("1TiB", TIB, 0),
-        ("1TiB-10k-runs", TIB, 10_000),
-    ] {
+/// The bounce regions: name, size, shared runs already held elsewhere.
+const BOUNCE_CASES: [(&str, u64, u64); 3] = [
+    ("1GiB", GIB, 0),
+    ("1TiB", TIB, 0),
+    ("1TiB-10k-runs", TIB, 10_000),
+];
+
+/// A manager and a bitmap over `size` bytes, all private but for `shared`.
+fn both_sharing(size: u64, shared: impl IntoIterator<Item = GpaRange>) -> (DiscardManager, Bitmap) {
+    let mgr = extents(size);
+    let bitmap = Bitmap::new(size);
+    for r in shared {
+        mgr.convert(r, Attribute::Shared).unwrap();
+        bitmap.convert(r, Attribute::Shared).unwrap();
+    }
+    (mgr, bitmap)
+}
+
+/// The manager and the bitmap in the same state, each with a listener, and the trace both
+/// replay.
+struct Traced {
+    mgr: DiscardManager,
+    bitmap: Bitmap,
+    trace: Vec<(GpaRange, Attribute)>,
+}
+
+impl Traced {
+    /// One bounce case: one listener on the whole region and the same background runs.
+    fn bounce(size: u64, background: u64) -> Self {
         let granules = size / G;
         // Bounce buffers in the lower half, background runs in the upper half.
         let trace = bounce_trace(granules / 2, 4096, 0x5eed ^ size);
-        group.throughput(Throughput::Elements(trace.len() as u64));
-
-        let mgr = extents(size);
-        let bitmap = Bitmap::new(size);
-        for r in scattered_runs(granules / 2, granules / 2, background.max(1), 7)
-            .into_iter()
-            .take(background as usize)
-        {
-            mgr.convert(r, Attribute::Shared).unwrap();
-            bitmap.convert(r, Attribute::Shared).unwrap();
-        }
+        let (mgr, bitmap) = both_sharing(
+            size,
+            scattered_runs(granules / 2, granules / 2, background.max(1), 7)
+                .into_iter()
+                .take(background as usize),
+        );
         let region = GpaRange::new(BASE, size).unwrap();
-        let counter = Arc::new(Counter::default());
-        mgr.register(View::Shared, region, counter.clone()).unwrap();
+        mgr.register(View::Shared, region, Arc::new(Counter::default()))
+            .unwrap();
         bitmap.register_word_scan(region, Arc::new(Counter::default()));
+        Self { mgr, bitmap, trace }
+    }
+
+    fn run_extents(&self) {
+        for &(r, to) in &self.trace {
+            black_box(self.mgr.convert(r, to).unwrap());
+        }
+    }
+
+    fn run_bitmap(&self) {
+        for &(r, to) in &self.trace {
+            self.bitmap.convert(r, to).unwrap();
+        }
+    }
+}
+
+fn bench_bounce(c: &mut Criterion) {
+    let mut group = c.benchmark_group("bounce");
+    for (name, size, background) in BOUNCE_CASES {
+        let bounce = Traced::bounce(size, background);
+        group.throughput(Throughput::Elements(bounce.trace.len() as u64));
 
         // No heap allocation per conversion on the hot path (after the first pass).
-        for &(r, to) in &trace {
-            mgr.convert(r, to).unwrap();
-        }
+        bounce.run_extents();
         let before = ALLOCATIONS.load(Ordering::Relaxed);
-        for &(r, to) in &trace {
-            black_box(mgr.convert(r, to).unwrap());
-        }
+        bounce.run_extents();
         let allocs = ALLOCATIONS.load(Ordering::Relaxed) - before;
         println!(
             "bounce/{name}: {} conversions, {allocs} heap allocations in one pass (extents)",
-            trace.len()
+            bounce.trace.len()
         );
 
         group.bench_function(format!("{name}/extents"), |b| {
-            b.iter(|| {
-                for &(r, to) in &trace {
-                    black_box(mgr.convert(r, to).unwrap());
-                }
-            })
+            b.iter(|| bounce.run_extents())
         });
-        group.bench_function(format!("{name}/bitmap"), |b| {
-            b.iter(|| {
-                for &(r, to) in &trace {
-                    bitmap.convert(r, to).unwrap();
-                }
-            })
-        });
+        group.bench_function(format!("{name}/bitmap"), |b| b.iter(|| bounce.run_bitmap()));
     }
     // What every conversion pays before touching any state: the lock both sides take and
     // the one listener call, here alone; and the extents' lookup alone (lock and search,
@@ -442,27 +468,42 @@ fn mixed_trace() -> (Vec<GpaRange>, Vec<(GpaRange, Attribute)>) {
     (seeds, trace)
 }
 
-fn bench_mixed(c: &mut Criterion) {
-    let (seeds, trace) = mixed_trace();
-    let region = GpaRange::new(BASE, GIB).unwrap();
-    let mgr = extents(GIB);
-    let bitmap = Bitmap::new(GIB);
-    for &g in &seeds {
-        mgr.convert(g, Attribute::Shared).unwrap();
-        bitmap.convert(g, Attribute::Shared).unwrap();
+/// The `mixed-2MiB` case: the manager and the bitmap holding the seeds, one listener each.
+struct Mixed {
+    traced: Traced,
+    listeners: (Arc<Counter>, Arc<Counter>),
+}
+
+impl Mixed {
+    fn new() -> Self {
+        let (seeds, trace) = mixed_trace();
+        let region = GpaRange::new(BASE, GIB).unwrap();
+        let (mgr, bitmap) = both_sharing(GIB, seeds);
+        let listeners = (Arc::new(Counter::default()), Arc::new(Counter::default()));
+        mgr.register(View::Shared, region, listeners.0.clone())
+            .unwrap();
+        bitmap.register_word_scan(region, listeners.1.clone());
+        Self {
+            traced: Traced { mgr, bitmap, trace },
+            listeners,
+        }
     }
-    let (a, b) = (Arc::new(Counter::default()), Arc::new(Counter::default()));
-    mgr.register(View::Shared, region, a.clone()).unwrap();
-    bitmap.register_word_scan(region, b.clone());
+
+    fn blocks(&self) -> u64 {
+        (self.traced.trace.len() / 6) as u64
+    }
+}
+
+fn bench_mixed(c: &mut Criterion) {
+    let mixed = Mixed::new();
+    let (a, b) = &mixed.listeners;
     let (a0, b0) = (
         a.calls.load(Ordering::Relaxed),
         b.calls.load(Ordering::Relaxed),
     );
-    for &(r, to) in &trace {
-        mgr.convert(r, to).unwrap();
-        bitmap.convert(r, to).unwrap();
-    }
-    let blocks = (trace.len() / 6) as u64;
+    mixed.traced.run_extents();
+    mixed.traced.run_bitmap();
+    let blocks = mixed.blocks();
     println!(
         "mixed-2MiB: listener calls per block: extents {}, bitmap {}",
         (a.calls.load(Ordering::Relaxed) - a0) / blocks,
@@ -470,42 +511,91 @@ fn bench_mixed(c: &mut Criterion) {
     );
     let mut group = c.benchmark_group("mixed-2MiB");
     group.throughput(Throughput::Elements(blocks));
-    group.bench_function("extents", |bch| {
-        bch.iter(|| {
-            for &(r, to) in &trace {
-                black_box(mgr.convert(r, to).unwrap());
-            }
-        })
-    });
-    group.bench_function("bitmap", |bch| {
-        bch.iter(|| {
-            for &(r, to) in &trace {
-                bitmap.convert(r, to).unwrap();
-            }
-        })
-    });
+    group.bench_function("extents", |bch| bch.iter(|| mixed.traced.run_extents()));
+    group.bench_function("bitmap", |bch| bch.iter(|| mixed.traced.run_bitmap()));
     group.finish();
 }
 
-fn bench_replay(c: &mut Criterion) {
-    let granules = TIB / G;
-    let runs = scattered_runs(0, granules, 10_000, 42);
-    let region = GpaRange::new(BASE, TIB).unwrap();
-    let mgr = extents(TIB);
-    let bitmap = Bitmap::new(TIB);
-    for &r in &runs {
-        mgr.convert(r, Attribute::Shared).unwrap();
-        bitmap.convert(r, Attribute::Shared).unwrap();
+/// The replay case: a 1 TiB region holding 10,000 shared runs, in the manager and the
+/// bitmap (no listener registered), and the same runs as a list.
+struct Replay {
+    mgr: DiscardManager,
+    bitmap: Bitmap,
+    region: GpaRange,
+    shared: Vec<GpaRange>,
+}
+
+impl Replay {
+    fn new() -> Self {
+        let granules = TIB / G;
+        let runs = scattered_runs(0, granules, 10_000, 42);
+        let region = GpaRange::new(BASE, TIB).unwrap();
+        let (mgr, bitmap) = both_sharing(TIB, runs);
+        let shared = mgr.view_runs(View::Shared, region).unwrap();
+        Self {
+            mgr,
+            bitmap,
+            region,
+            shared,
+        }
     }
+
+    /// Registers a fresh listener (timing only the registration), then unregisters it.
+    fn extents(&self) -> Duration {
+        let l = Arc::new(Counter::default());
+        let t = Instant::now();
+        let id = self.mgr.register(View::Shared, self.region, l).unwrap();
+        let elapsed = t.elapsed();
+        self.mgr.unregister(id).unwrap();
+        elapsed
+    }
+
+    /// What no replay can go below: the 10,000 listener calls alone, from a list.
+    fn listener_calls_only(&self) -> Duration {
+        let l: Arc<dyn ViewListener> = Arc::new(Counter::default());
+        let t = Instant::now();
+        for &r in &self.shared {
+            l.populate(View::Shared, black_box(r)).unwrap();
+        }
+        t.elapsed()
+    }
+
+    /// Registers a fresh listener on the bitmap with `register` (timed), then clears it.
+    fn bitmap(&self, register: fn(&Bitmap, GpaRange, Arc<dyn ViewListener>)) -> Duration {
+        let l: Arc<dyn ViewListener> = Arc::new(Counter::default());
+        let t = Instant::now();
+        register(&self.bitmap, self.region, l);
+        let elapsed = t.elapsed();
+        self.bitmap.unregister_all();
+        elapsed
+    }
+
+    fn bitmap_word_scan(&self) -> Duration {
+        self.bitmap(Bitmap::register_word_scan)
+    }
+
+    fn bitmap_per_granule(&self) -> Duration {
+        self.bitmap(Bitmap::register_walk)
+    }
+}
+
+/// One timed replay of [`Replay`].
+type ReplayCase = fn(&Replay) -> Duration;
+
+fn bench_replay(c: &mut Criterion) {
+    let replay = Replay::new();
     // The three replays hand the same runs to the listener.
     let (a, b, c2) = (
         Arc::new(Counter::default()),
         Arc::new(Counter::default()),
         Arc::new(Counter::default()),
     );
-    let id = mgr.register(View::Shared, region, a.clone()).unwrap();
-    bitmap.register_walk(region, b.clone());
-    bitmap.register_word_scan(region, c2.clone());
+    let id = replay
+        .mgr
+        .register(View::Shared, replay.region, a.clone())
+        .unwrap();
+    replay.bitmap.register_walk(replay.region, b.clone());
+    replay.bitmap.register_word_scan(replay.region, c2.clone());
     for counter in [&a, &b, &c2] {
         assert_eq!(counter.calls.load(Ordering::Relaxed), 10_000);
         assert_eq!(
@@ -513,70 +603,39 @@ fn bench_replay(c: &mut Criterion) {
             a.bytes.load(Ordering::Relaxed)
         );
     }
-    mgr.unregister(id).unwrap();
-    bitmap.unregister_all();
+    replay.mgr.unregister(id).unwrap();
+    replay.bitmap.unregister_all();
 
     let mut group = c.benchmark_group("replay-1TiB-10k-runs");
-    group.bench_function("extents", |bch| {
-        bch.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                let l = Arc::new(Counter::default());
-                let t = Instant::now();
-                let id = mgr.register(View::Shared, region, l).unwrap();
-                total += t.elapsed();
-                mgr.unregister(id).unwrap();
-            }
-            total
-        })
-    });
-    // What no replay can go below: the 10,000 listener calls alone, from a list.
-    let shared: Vec<GpaRange> = mgr.view_runs(View::Shared, region).unwrap();
-    group.bench_function("listener-calls-only", |bch| {
-        bch.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                let l: Arc<dyn ViewListener> = Arc::new(Counter::default());
-                let t = Instant::now();
-                for &r in &shared {
-                    l.populate(View::Shared, black_box(r)).unwrap();
-                }
-                total += t.elapsed();
-            }
-            total
-        })
-    });
-    group.bench_function("bitmap-word-scan", |bch| {
-        bch.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                let l = Arc::new(Counter::default());
-                let t = Instant::now();
-                bitmap.register_word_scan(region, l);
-                total += t.elapsed();
-                bitmap.unregister_all();
-            }
-            total
-        })
-    });
-    group.bench_function("bitmap-per-granule", |bch| {
-        bch.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                let l = Arc::new(Counter::default());
-                let t = Instant::now();
-                bitmap.register_walk(region, l);
-                total += t.elapsed();
-                bitmap.unregister_all();
-            }
-            total
-        })
-    });
+    let cases: [(&str, ReplayCase); 4] = [
+        ("extents", Replay::extents),
+        ("listener-calls-only", Replay::listener_calls_only),
+        ("bitmap-word-scan", Replay::bitmap_word_scan),
+        ("bitmap-per-granule", Replay::bitmap_per_granule),
+    ];
+    for (name, case) in cases {
+        group.bench_function(name, |bch| {
+            bch.iter_custom(|iters| (0..iters).map(|_| case(&replay)).sum())
+        });
+    }
     group.finish();
 }
 
 /// Prints live heap bytes per run, measured with the counting allocator.
 fn report_memory(_c: &mut Criterion) {
+    // A 1 TiB region holding one shared run (three extents): bytes, not a bitmap's megabytes.
+    let before = LIVE_BYTES.load(Ordering::Relaxed);
+    let mgr = extents(TIB);
+    mgr.convert(GpaRange::new(BASE + TIB / 2, G).unwrap(), Attribute::Shared)
+        .unwrap();
+    let live = LIVE_BYTES.load(Ordering::Relaxed) - before;
+    println!(
+        "memory/1TiB-1-shared-run: extents {} runs, {live} heap bytes measured \
+         (memory_bytes(): {} B)",
+        mgr.extent_count().unwrap(),
+        mgr.memory_bytes().unwrap()
+    );
+    drop(mgr);
     for count in [1_000u64, 10_000, 100_000] {
         let granules = TIB / G;
         let runs = scattered_runs(0, granules, count, count);
@@ -602,6 +661,110 @@ fn report_memory(_c: &mut Criterion) {
     }
 }
 
+/// Runs `op` once: the one function callgrind collects in (`--toggle-collect`).
+#[inline(never)]
+fn measured_run(op: &mut dyn FnMut()) {
+    op();
+}
+
+/// One case for callgrind: `prepare` (not measured) runs before each measured `op`.
+struct Only {
+    prepare: Box<dyn FnMut()>,
+    op: Box<dyn FnMut()>,
+    /// Operations per `op`: conversions, or listener calls of a replay.
+    ops: usize,
+}
+
+impl Only {
+    fn each(op: impl FnMut() + 'static, ops: usize) -> Self {
+        Self {
+            prepare: Box::new(|| {}),
+            op: Box::new(op),
+            ops,
+        }
+    }
+}
+
+/// `CONVERSIONS_ONLY=<group>/<case>/<side>` (e.g. `bounce/1GiB/extents`, `mixed-2MiB/bitmap`,
+/// `replay/listener-calls-only`): that case alone, `CONVERSIONS_RUNS` times (default 1) inside
+/// `measured_run`, after one warm-up run, for callgrind. Prints the operations per run
+/// (conversions, or replayed runs) to divide the instruction count by.
+fn only(spec: &str) {
+    let runs: u64 = std::env::var("CONVERSIONS_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
+    let mut only = match spec.split('/').collect::<Vec<_>>()[..] {
+        ["bounce", case, side] => {
+            let (_, size, background) = BOUNCE_CASES
+                .into_iter()
+                .find(|(name, ..)| *name == case)
+                .expect("bounce case: 1GiB, 1TiB or 1TiB-10k-runs");
+            let bounce = Traced::bounce(size, background);
+            let n = bounce.trace.len();
+            match side {
+                "extents" => Only::each(move || bounce.run_extents(), n),
+                "bitmap" => Only::each(move || bounce.run_bitmap(), n),
+                _ => panic!("bounce side: extents or bitmap"),
+            }
+        }
+        ["mixed-2MiB", side] => {
+            let mixed = Mixed::new().traced;
+            let n = mixed.trace.len();
+            match side {
+                "extents" => Only::each(move || mixed.run_extents(), n),
+                "bitmap" => Only::each(move || mixed.run_bitmap(), n),
+                _ => panic!("mixed side: extents or bitmap"),
+            }
+        }
+        ["replay", "extents"] => {
+            // Registration alone is measured; the unregistration before it is not.
+            let replay = Rc::new(Replay::new());
+            let n = replay.shared.len();
+            let id = Rc::new(Cell::new(None));
+            let (r, i) = (replay.clone(), id.clone());
+            Only {
+                prepare: Box::new(move || {
+                    if let Some(old) = i.take() {
+                        r.mgr.unregister(old).unwrap();
+                    }
+                }),
+                op: Box::new(move || {
+                    let l = Arc::new(Counter::default());
+                    id.set(Some(
+                        replay.mgr.register(View::Shared, replay.region, l).unwrap(),
+                    ));
+                }),
+                ops: n,
+            }
+        }
+        ["replay", "listener-calls-only"] => {
+            let replay = Replay::new();
+            let n = replay.shared.len();
+            Only::each(
+                move || {
+                    black_box(replay.listener_calls_only());
+                },
+                n,
+            )
+        }
+        _ => panic!(
+            "CONVERSIONS_ONLY=bounce/<case>/<extents|bitmap>, mixed-2MiB/<extents|bitmap>, \
+             replay/<extents|listener-calls-only>"
+        ),
+    };
+    (only.prepare)();
+    (only.op)();
+    for _ in 0..runs {
+        (only.prepare)();
+        measured_run(&mut *only.op);
+    }
+    println!(
+        "{spec}: {} operations per run, {runs} runs in measured_run",
+        only.ops
+    );
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
@@ -610,4 +773,12 @@ criterion_group! {
         .sample_size(10);
     targets = report_memory, bench_bounce, bench_mixed, bench_replay
 }
-criterion_main!(benches);
+
+fn main() {
+    if let Ok(spec) = std::env::var("CONVERSIONS_ONLY") {
+        only(&spec);
+        return;
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

@@ -225,10 +225,7 @@ impl DiscardManager {
         let mut replayed = 0;
         let replay = inner
             .extents
-            .try_for_each_run(granules.0, granules.1, |s, e, state| {
-                if state.view() != Some(view) {
-                    return Ok(());
-                }
+            .try_for_each_view_run(granules.0, granules.1, view, |s, e| {
                 let run = self.geometry.range_of(s, e);
                 listener
                     .populate(view, run)
