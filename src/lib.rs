@@ -44,10 +44,12 @@
     missing_docs
 )]
 
+pub mod answer;
 pub mod attributes;
 pub mod backing;
 pub mod dma;
 pub mod engine;
+pub mod exit_handler;
 pub mod exits;
 pub mod host;
 pub mod instrument;
@@ -64,15 +66,23 @@ pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+pub use answer::{
+    AnswerStyle, ExitCapError, FailureKind, GuestError, MemoryFaultAction, VmPlatform,
+    enable_map_gpa_range_exits,
+};
 pub use attributes::{AttributeError, KvmAttributes, MemoryAttributes, RecordingAttributes};
 pub use backing::{BackingError, FileKind, RegionBacking};
 pub use dma::MapBy;
 pub use engine::{Conversion, ConversionError, DeviceId, Region};
+pub use exit_handler::{ExitHandler, HandlerConfig, MemoryFaultOutcome, PendingHypercall};
 pub use exits::{
     ConversionRequest, ExitError, RequestError, handle_map_gpa_range, handle_memory_fault,
     hypercall_return,
 };
 pub use host::{BackingModel, KvmSupport, ModelChoice, ModelError};
 pub use policy::{DiscardPolicy, FlushReport, HeldBack};
-pub use queue::{ConversionQueue, QueueStats, Ticket};
+pub use queue::{
+    Answer, Completed, ConversionQueue, QueueConfig, QueueError, QueueStartError, QueueStats,
+    Ticket,
+};
 pub use ram::{AttachError, DetachError, DeviceConfig, GuestRam, RegionError, RegionSpec};

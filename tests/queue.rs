@@ -8,7 +8,9 @@ use std::time::Duration;
 use common::{PAGE, Rig, range};
 use crossbeam_channel::{Receiver, Sender};
 use discard_manager::{Attribute, GpaRange, ListenerError, View, ViewListener};
-use gmem_dma::{ConversionError, ConversionQueue, ConversionRequest, DeviceConfig, DiscardPolicy};
+use gmem_dma::{
+    ConversionError, ConversionQueue, ConversionRequest, DeviceConfig, DiscardPolicy, QueueError,
+};
 use iommu::EmulatedIommu;
 use iommu::emulated::CallKind;
 
@@ -81,12 +83,12 @@ fn queued_adjacent_requests_run_as_one_transaction_and_each_gets_an_answer() {
     dev.iommu.take_calls();
     release.send(()).unwrap();
     first.wait().unwrap();
-    for t in tickets {
+    for (p, t) in (0..16).zip(tickets) {
         let c = t.wait().unwrap();
         assert_eq!(
             c.runs(),
-            [range(BASE, 16 * PAGE)],
-            "every submitter sees the merged change"
+            [range(BASE + p * PAGE, PAGE)],
+            "every submitter sees its own part of the merged change"
         );
     }
     let stats = queue.stats();
@@ -113,7 +115,14 @@ fn a_failing_merged_request_does_not_fail_its_neighbours() {
     release.send(()).unwrap();
     first.wait().unwrap();
     assert_eq!(good.wait().unwrap().runs(), [range(BASE, 4 * PAGE)]);
-    assert!(matches!(bad.wait(), Err(ConversionError::NoRegion { .. })));
+    match bad.wait() {
+        Err(QueueError::Conversion {
+            source,
+            converted: 0,
+            ..
+        }) => assert!(matches!(*source, ConversionError::NoRegion { .. })),
+        other => panic!("{other:?}"),
+    }
     // Merged attempt, then one by one.
     assert_eq!(queue.stats().transactions, 4);
 }
