@@ -1,4 +1,5 @@
-//! The conversion queue: merging, per-submitter answers, concurrency and shutdown.
+//! The conversion queue: merging, per-submitter answers, concurrency, per-region workers,
+//! chunks, completion without blocking (timeouts, polling, eventfd), cancel, pause, shutdown.
 
 mod common;
 
@@ -9,10 +10,13 @@ use common::{PAGE, Rig, range};
 use crossbeam_channel::{Receiver, Sender};
 use discard_manager::{Attribute, GpaRange, ListenerError, View, ViewListener};
 use gmem_dma::{
-    ConversionError, ConversionQueue, ConversionRequest, DeviceConfig, DiscardPolicy, QueueError,
+    ConversionError, ConversionQueue, ConversionRequest, DeviceConfig, DiscardPolicy, QueueConfig,
+    QueueError, QueueStartError, RegionBacking, RegionSpec,
 };
 use iommu::EmulatedIommu;
 use iommu::emulated::CallKind;
+use std::os::fd::AsRawFd;
+use vmm_sys_util::eventfd::EventFd;
 
 const BASE: u64 = 0x2_0000_0000;
 
@@ -195,4 +199,281 @@ fn shutdown_runs_what_is_already_queued() {
         rig.region.manager().counts().unwrap().shared_bytes,
         9 * PAGE
     );
+}
+
+const BASE2: u64 = 0x3_0000_0000;
+
+/// The runs of `region` that are shared.
+fn shared_runs(region: &gmem_dma::Region) -> Vec<GpaRange> {
+    region
+        .manager()
+        .view_runs(View::Shared, region.range())
+        .unwrap()
+}
+
+#[test]
+fn two_regions_convert_in_parallel_while_a_third_request_waits() {
+    let rig = Rig::new(BASE, 64, DiscardPolicy::Eager);
+    let spec = RegionSpec {
+        granularity: PAGE,
+        initial: Attribute::Private,
+        policy: DiscardPolicy::Eager,
+    };
+    let backing = RegionBacking::software(BASE2, 64 * PAGE).unwrap();
+    let second = rig.ram.add_region(backing, spec).unwrap();
+    let (entered, release) = gated(&rig);
+    let queue = ConversionQueue::start(rig.ram.clone()).unwrap();
+    let blocked = share(&queue, range(BASE, PAGE));
+    entered.recv_timeout(Duration::from_secs(10)).unwrap();
+    let behind = share(&queue, range(BASE + 8 * PAGE, PAGE));
+    // The first region's worker is stuck inside a transaction; the second region's is not.
+    let other = share(&queue, range(BASE2, 2 * PAGE));
+    let done = other
+        .wait_timeout(Duration::from_secs(10))
+        .expect("the second region converts while the first one's worker is busy")
+        .unwrap();
+    assert_eq!(done.runs(), [range(BASE2, 2 * PAGE)]);
+    assert_eq!(shared_runs(&second), [range(BASE2, 2 * PAGE)]);
+    assert!(
+        !behind.is_answered(),
+        "the third request waits for its region"
+    );
+    release.send(()).unwrap();
+    blocked.wait().unwrap();
+    behind.wait().unwrap();
+    assert_eq!(queue.stats().workers, 2);
+}
+
+#[test]
+fn a_ticket_can_be_polled_and_waited_on_with_a_timeout() {
+    let rig = Rig::new(BASE, 64, DiscardPolicy::Eager);
+    let (entered, release) = gated(&rig);
+    let queue = ConversionQueue::start(rig.ram.clone()).unwrap();
+    let ticket = share(&queue, range(BASE, PAGE));
+    entered.recv_timeout(Duration::from_secs(10)).unwrap();
+    let ticket = ticket.try_wait().expect_err("still running");
+    let ticket = ticket
+        .wait_timeout(Duration::from_millis(20))
+        .expect_err("still running after the timeout");
+    assert!(!ticket.is_answered());
+    release.send(()).unwrap();
+    let answer = ticket.wait_timeout(Duration::from_secs(10)).unwrap();
+    assert_eq!(answer.unwrap().runs(), [range(BASE, PAGE)]);
+}
+
+/// True when `fd` becomes readable within `ms` milliseconds.
+fn readable(fd: &EventFd, ms: i32) -> bool {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: `p` is one valid pollfd for the duration of the call; `fd` stays open.
+    let n = unsafe { libc::poll(&mut p, 1, ms) };
+    n == 1 && p.revents & libc::POLLIN != 0
+}
+
+#[test]
+fn an_answer_signals_the_submitters_eventfd_after_it_is_stored() {
+    let rig = Rig::new(BASE, 64, DiscardPolicy::Eager);
+    let (entered, release) = gated(&rig);
+    let queue = ConversionQueue::start(rig.ram.clone()).unwrap();
+    let fd = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+    let request = |p| ConversionRequest {
+        range: range(BASE + p * PAGE, PAGE),
+        to: Attribute::Shared,
+    };
+    let first = queue.submit_notify(request(0), fd.clone());
+    entered.recv_timeout(Duration::from_secs(10)).unwrap();
+    let second = queue.submit_notify(request(4), fd.clone());
+    assert!(!readable(&fd, 0), "nothing answered yet");
+    release.send(()).unwrap();
+    // An event loop: wait on the fd, read it, collect whatever tickets are answered.
+    let mut pending = vec![first, second];
+    let mut answered = Vec::new();
+    while !pending.is_empty() {
+        assert!(readable(&fd, 10_000), "the fd signals every answer");
+        fd.read().unwrap();
+        for t in std::mem::take(&mut pending) {
+            match t.try_wait() {
+                Ok(answer) => answered.push(answer.unwrap()),
+                Err(t) => pending.push(t),
+            }
+        }
+    }
+    assert_eq!(answered.len(), 2);
+    assert!(!readable(&fd, 0), "read clears it");
+}
+
+#[test]
+fn a_queued_request_can_be_cancelled_and_never_runs() {
+    let rig = Rig::new(BASE, 64, DiscardPolicy::Eager);
+    let (entered, release) = gated(&rig);
+    let queue = ConversionQueue::start(rig.ram.clone()).unwrap();
+    let first = share(&queue, range(BASE, PAGE));
+    entered.recv_timeout(Duration::from_secs(10)).unwrap();
+    let queued = share(&queue, range(BASE + 8 * PAGE, PAGE));
+    assert!(queued.cancel(), "it had not started");
+    assert!(matches!(
+        queued.wait(),
+        Err(QueueError::Cancelled { converted: 0 })
+    ));
+    release.send(()).unwrap();
+    first.wait().unwrap();
+    queue.shutdown();
+    assert_eq!(shared_runs(&rig.region), [range(BASE, PAGE)]);
+}
+
+fn chunked(rig: &Rig, chunk_pages: u64) -> ConversionQueue {
+    let config = QueueConfig {
+        chunk_bytes: chunk_pages * PAGE,
+    };
+    ConversionQueue::start_with(rig.ram.clone(), config).unwrap()
+}
+
+/// Records every populate, to see the chunks.
+#[derive(Default)]
+struct Populates(Mutex<Vec<GpaRange>>);
+
+impl ViewListener for Populates {
+    fn populate(&self, _view: View, range: GpaRange) -> Result<(), ListenerError> {
+        self.0.lock().unwrap().push(range);
+        Ok(())
+    }
+    fn discard(&self, _view: View, _range: GpaRange) {}
+}
+
+#[test]
+fn a_long_request_is_converted_in_aligned_chunks_and_answered_as_one() {
+    let rig = Rig::new(BASE, 64, DiscardPolicy::Eager);
+    let seen = Arc::new(Populates::default());
+    let all = rig.region.range();
+    rig.region
+        .manager()
+        .register(View::Shared, all, seen.clone())
+        .unwrap();
+    let queue = chunked(&rig, 4);
+    // 2 pages before a 4-page boundary, then 3 whole chunks, then 1 page.
+    let r = range(BASE + 2 * PAGE, 15 * PAGE);
+    let done = queue.convert(r, Attribute::Shared).unwrap();
+    assert_eq!(done.runs(), [r], "the chunks' runs are answered as one");
+    let chunks = seen.0.lock().unwrap().clone();
+    assert_eq!(
+        chunks,
+        [
+            range(BASE + 2 * PAGE, 2 * PAGE),
+            range(BASE + 4 * PAGE, 4 * PAGE),
+            range(BASE + 8 * PAGE, 4 * PAGE),
+            range(BASE + 12 * PAGE, 4 * PAGE),
+            range(BASE + 16 * PAGE, PAGE),
+        ]
+    );
+    assert_eq!(queue.stats().transactions, 5);
+}
+
+/// Refuses to populate any range holding `page`.
+struct Refuse(u64);
+
+impl ViewListener for Refuse {
+    fn populate(&self, _view: View, range: GpaRange) -> Result<(), ListenerError> {
+        if range.start() <= self.0 && self.0 < range.end() {
+            return Err("refused".into());
+        }
+        Ok(())
+    }
+    fn discard(&self, _view: View, _range: GpaRange) {}
+}
+
+#[test]
+fn a_failing_chunk_keeps_the_chunks_before_it_and_says_how_far_it_got() {
+    let rig = Rig::new(BASE, 64, DiscardPolicy::Eager);
+    let all = rig.region.range();
+    let refuse = Arc::new(Refuse(BASE + 9 * PAGE));
+    rig.region
+        .manager()
+        .register(View::Shared, all, refuse)
+        .unwrap();
+    let queue = chunked(&rig, 4);
+    let err = queue
+        .convert(range(BASE, 16 * PAGE), Attribute::Shared)
+        .unwrap_err();
+    match &err {
+        QueueError::Conversion {
+            converted, source, ..
+        } => {
+            assert_eq!(*converted, 8 * PAGE);
+            assert!(
+                matches!(**source, ConversionError::Map { .. }),
+                "{source:?}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    // Two chunks converted, the failing one and the one after it not.
+    assert_eq!(shared_runs(&rig.region), [range(BASE, 8 * PAGE)]);
+}
+
+#[test]
+fn a_running_request_cancelled_stops_at_the_next_chunk_boundary() {
+    let rig = Rig::new(BASE, 64, DiscardPolicy::Eager);
+    let (entered, release) = gated(&rig);
+    let queue = chunked(&rig, 4);
+    let long = share(&queue, range(BASE, 16 * PAGE));
+    entered.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert!(!long.cancel(), "it is running");
+    release.send(()).unwrap();
+    assert!(matches!(
+        long.wait(),
+        Err(QueueError::Cancelled { converted }) if converted == 4 * PAGE
+    ));
+    assert_eq!(shared_runs(&rig.region), [range(BASE, 4 * PAGE)]);
+}
+
+#[test]
+fn pause_answers_what_waits_stops_what_runs_between_chunks_and_resume_goes_on() {
+    let rig = Rig::new(BASE, 64, DiscardPolicy::Eager);
+    let (entered, release) = gated(&rig);
+    let queue = Arc::new(chunked(&rig, 4));
+    let long = share(&queue, range(BASE, 16 * PAGE));
+    entered.recv_timeout(Duration::from_secs(10)).unwrap();
+    let queued = share(&queue, range(BASE + 32 * PAGE, PAGE));
+    let pauser = {
+        let queue = queue.clone();
+        std::thread::spawn(move || queue.pause())
+    };
+    // The queued request is answered at once, while the running chunk still runs.
+    assert!(matches!(
+        queued.wait(),
+        Err(QueueError::Paused { converted: 0 })
+    ));
+    std::thread::sleep(Duration::from_millis(20));
+    assert!(!pauser.is_finished(), "pause waits for the running chunk");
+    assert!(!long.is_answered());
+    release.send(()).unwrap();
+    assert_eq!(pauser.join().unwrap(), 1, "one queued request answered");
+    assert!(matches!(
+        long.wait(),
+        Err(QueueError::Paused { converted }) if converted == 4 * PAGE
+    ));
+    // While paused, new requests are answered at once.
+    assert!(queue.is_paused());
+    let refused = share(&queue, range(BASE + 40 * PAGE, PAGE)).wait();
+    assert!(matches!(refused, Err(QueueError::Paused { converted: 0 })));
+    queue.resume();
+    // The guest retries: the chunk already done changes nothing, the rest converts.
+    let again = share(&queue, range(BASE, 16 * PAGE)).wait().unwrap();
+    assert_eq!(again.runs(), [range(BASE + 4 * PAGE, 12 * PAGE)]);
+    assert_eq!(shared_runs(&rig.region), [range(BASE, 16 * PAGE)]);
+}
+
+#[test]
+fn a_bad_chunk_size_is_refused_at_start() {
+    let rig = Rig::new(BASE, 4, DiscardPolicy::Eager);
+    for chunk_bytes in [0, 2048, 3 * PAGE] {
+        let config = QueueConfig { chunk_bytes };
+        assert!(matches!(
+            ConversionQueue::start_with(rig.ram.clone(), config),
+            Err(QueueStartError::ChunkSize { chunk_bytes: c }) if c == chunk_bytes
+        ));
+    }
 }
