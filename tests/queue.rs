@@ -6,8 +6,8 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::gate::gated;
 use common::{PAGE, Rig, range};
-use crossbeam_channel::{Receiver, Sender};
 use discard_manager::{Attribute, GpaRange, ListenerError, View, ViewListener};
 use gmem_dma::{
     ConversionError, ConversionQueue, ConversionRequest, DeviceConfig, DiscardPolicy, QueueConfig,
@@ -20,26 +20,6 @@ use vmm_sys_util::eventfd::EventFd;
 
 const BASE: u64 = 0x2_0000_0000;
 
-/// A listener whose first populate waits until the test lets it go, so requests pile up.
-struct Gate {
-    entered: Sender<()>,
-    release: Receiver<()>,
-    once: Mutex<bool>,
-}
-
-impl ViewListener for Gate {
-    fn populate(&self, _view: View, _range: GpaRange) -> Result<(), ListenerError> {
-        let mut first = self.once.lock().unwrap();
-        if !*first {
-            *first = true;
-            self.entered.send(()).unwrap();
-            self.release.recv().unwrap();
-        }
-        Ok(())
-    }
-    fn discard(&self, _view: View, _range: GpaRange) {}
-}
-
 fn share(queue: &ConversionQueue, range: GpaRange) -> gmem_dma::Ticket {
     queue.submit(ConversionRequest {
         range,
@@ -47,26 +27,11 @@ fn share(queue: &ConversionQueue, range: GpaRange) -> gmem_dma::Ticket {
     })
 }
 
-fn gated(rig: &Rig) -> (Receiver<()>, Sender<()>) {
-    let (entered_tx, entered) = crossbeam_channel::bounded(1);
-    let (release, release_rx) = crossbeam_channel::bounded(1);
-    let gate = Arc::new(Gate {
-        entered: entered_tx,
-        release: release_rx,
-        once: Mutex::new(false),
-    });
-    rig.region
-        .manager()
-        .register(View::Shared, rig.region.range(), gate)
-        .unwrap();
-    (entered, release)
-}
-
 #[test]
 fn queued_adjacent_requests_run_as_one_transaction_and_each_gets_an_answer() {
     let rig = Rig::new(BASE, 64, DiscardPolicy::Eager);
     let dev = rig.attach("nic", EmulatedIommu::new(), DeviceConfig::shared());
-    let (entered, release) = gated(&rig);
+    let (entered, release) = gated(&rig.region);
     let ram = rig.ram.clone();
     let queue = ConversionQueue::start(ram.clone()).unwrap();
     // The first request blocks inside its transaction...
@@ -108,7 +73,7 @@ fn queued_adjacent_requests_run_as_one_transaction_and_each_gets_an_answer() {
 #[test]
 fn a_failing_merged_request_does_not_fail_its_neighbours() {
     let rig = Rig::new(BASE, 64, DiscardPolicy::Eager);
-    let (entered, release) = gated(&rig);
+    let (entered, release) = gated(&rig.region);
     let ram = rig.ram.clone();
     let queue = ConversionQueue::start(ram.clone()).unwrap();
     let first = share(&queue, range(BASE + 40 * PAGE, PAGE));
@@ -181,7 +146,7 @@ fn many_vcpu_threads_converting_at_once_leave_everything_consistent() {
 #[test]
 fn shutdown_runs_what_is_already_queued() {
     let rig = Rig::new(BASE, 64, DiscardPolicy::Eager);
-    let (entered, release) = gated(&rig);
+    let (entered, release) = gated(&rig.region);
     let queue = ConversionQueue::start(rig.ram.clone()).unwrap();
     let first = share(&queue, range(BASE + 60 * PAGE, PAGE));
     entered.recv_timeout(Duration::from_secs(10)).unwrap();
@@ -221,7 +186,7 @@ fn two_regions_convert_in_parallel_while_a_third_request_waits() {
     };
     let backing = RegionBacking::software(BASE2, 64 * PAGE).unwrap();
     let second = rig.ram.add_region(backing, spec).unwrap();
-    let (entered, release) = gated(&rig);
+    let (entered, release) = gated(&rig.region);
     let queue = ConversionQueue::start(rig.ram.clone()).unwrap();
     let blocked = share(&queue, range(BASE, PAGE));
     entered.recv_timeout(Duration::from_secs(10)).unwrap();
@@ -247,7 +212,7 @@ fn two_regions_convert_in_parallel_while_a_third_request_waits() {
 #[test]
 fn a_ticket_can_be_polled_and_waited_on_with_a_timeout() {
     let rig = Rig::new(BASE, 64, DiscardPolicy::Eager);
-    let (entered, release) = gated(&rig);
+    let (entered, release) = gated(&rig.region);
     let queue = ConversionQueue::start(rig.ram.clone()).unwrap();
     let ticket = share(&queue, range(BASE, PAGE));
     entered.recv_timeout(Duration::from_secs(10)).unwrap();
@@ -276,7 +241,7 @@ fn readable(fd: &EventFd, ms: i32) -> bool {
 #[test]
 fn an_answer_signals_the_submitters_eventfd_after_it_is_stored() {
     let rig = Rig::new(BASE, 64, DiscardPolicy::Eager);
-    let (entered, release) = gated(&rig);
+    let (entered, release) = gated(&rig.region);
     let queue = ConversionQueue::start(rig.ram.clone()).unwrap();
     let fd = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
     let request = |p| ConversionRequest {
@@ -308,7 +273,7 @@ fn an_answer_signals_the_submitters_eventfd_after_it_is_stored() {
 #[test]
 fn a_queued_request_can_be_cancelled_and_never_runs() {
     let rig = Rig::new(BASE, 64, DiscardPolicy::Eager);
-    let (entered, release) = gated(&rig);
+    let (entered, release) = gated(&rig.region);
     let queue = ConversionQueue::start(rig.ram.clone()).unwrap();
     let first = share(&queue, range(BASE, PAGE));
     entered.recv_timeout(Duration::from_secs(10)).unwrap();
@@ -416,7 +381,7 @@ fn a_failing_chunk_keeps_the_chunks_before_it_and_says_how_far_it_got() {
 #[test]
 fn a_running_request_cancelled_stops_at_the_next_chunk_boundary() {
     let rig = Rig::new(BASE, 64, DiscardPolicy::Eager);
-    let (entered, release) = gated(&rig);
+    let (entered, release) = gated(&rig.region);
     let queue = chunked(&rig, 4);
     let long = share(&queue, range(BASE, 16 * PAGE));
     entered.recv_timeout(Duration::from_secs(10)).unwrap();
@@ -432,7 +397,7 @@ fn a_running_request_cancelled_stops_at_the_next_chunk_boundary() {
 #[test]
 fn pause_answers_what_waits_stops_what_runs_between_chunks_and_resume_goes_on() {
     let rig = Rig::new(BASE, 64, DiscardPolicy::Eager);
-    let (entered, release) = gated(&rig);
+    let (entered, release) = gated(&rig.region);
     let queue = Arc::new(chunked(&rig, 4));
     let long = share(&queue, range(BASE, 16 * PAGE));
     entered.recv_timeout(Duration::from_secs(10)).unwrap();
