@@ -115,6 +115,9 @@ struct Lane {
     /// The chunk bound for this region (the configured one, at least the granularity).
     chunk: u64,
     queue: Mutex<LaneQueue>,
+    /// Set when a request is queued, cleared when the worker takes the queue: lets the worker
+    /// spin without the lock.
+    has_work: AtomicBool,
     /// Signalled when work arrives or the lane stops.
     work: Condvar,
     /// Signalled when the worker finishes a batch.
@@ -126,24 +129,36 @@ struct LaneQueue {
     pending: Vec<Arc<Slot>>,
     running: bool,
     stop: bool,
+    /// The worker waits on `work`: only then does a submitter signal it (saves a futex wake
+    /// per request while the worker is busy or spinning).
+    sleeping: bool,
 }
 
 impl Lane {
     fn push(&self, slot: Arc<Slot>) {
-        lock(&self.queue).pending.push(slot);
-        self.work.notify_one();
+        let mut q = lock(&self.queue);
+        q.pending.push(slot);
+        self.has_work.store(true, Ordering::Release);
+        if q.sleeping {
+            drop(q);
+            self.work.notify_one();
+        }
     }
 
     fn worker(&self, shared: &Shared) {
         loop {
+            ticket::spin_until(|| self.has_work.load(Ordering::Acquire));
             let batch = {
                 let mut q = lock(&self.queue);
                 while q.pending.is_empty() && !q.stop {
+                    q.sleeping = true;
                     q = self
                         .work
                         .wait(q)
                         .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    q.sleeping = false;
                 }
+                self.has_work.store(false, Ordering::Release);
                 if q.pending.is_empty() {
                     return;
                 }
@@ -224,6 +239,7 @@ impl ConversionQueue {
             region,
             chunk: self.shared.config.chunk_bytes.max(granularity),
             queue: Mutex::new(LaneQueue::default()),
+            has_work: AtomicBool::new(false),
             work: Condvar::new(),
             idle: Condvar::new(),
         });
@@ -345,6 +361,7 @@ impl ConversionQueue {
         let lanes = std::mem::take(&mut *self.lanes.write().unwrap_or_else(|p| p.into_inner()));
         for lane in &lanes {
             lock(&lane.queue).stop = true;
+            lane.has_work.store(true, Ordering::Release);
             lane.work.notify_all();
         }
         for worker in std::mem::take(&mut *lock(&self.workers)) {

@@ -117,6 +117,11 @@ enum State {
 pub(crate) struct Slot {
     pub(crate) request: ConversionRequest,
     state: Mutex<State>,
+    /// Set once the answer is stored: lets a waiter spin without the lock.
+    done: AtomicBool,
+    /// A thread waits on `answered` (set under the `state` lock): only then is it signalled,
+    /// which saves a futex wake per answer when the submitter caught it spinning.
+    sleepers: AtomicBool,
     answered: Condvar,
     notify: Option<Arc<EventFd>>,
     /// Cancel asked while running: stop at the next chunk boundary.
@@ -128,6 +133,8 @@ impl Slot {
         Arc::new(Self {
             request,
             state: Mutex::new(State::Queued),
+            done: AtomicBool::new(false),
+            sleepers: AtomicBool::new(false),
             answered: Condvar::new(),
             notify,
             stop: AtomicBool::new(false),
@@ -158,8 +165,17 @@ impl Slot {
                 return false;
             }
             *state = State::Answered(answer);
+            self.done.store(true, Ordering::Release);
+            if !self.sleepers.load(Ordering::Relaxed) {
+                drop(state);
+                return self.signal();
+            }
         }
         self.answered.notify_all();
+        self.signal()
+    }
+
+    fn signal(&self) -> bool {
         if let Some(fd) = &self.notify {
             // Written after the answer is stored, so a loop woken by it finds the answer. It
             // fails only when the counter would overflow (2^64 - 2 unread completions); the
@@ -222,6 +238,7 @@ impl Ticket {
                 Some(_) => break,
                 None => Duration::MAX,
             };
+            self.slot.sleepers.store(true, Ordering::Relaxed);
             state = self
                 .slot
                 .answered
@@ -233,13 +250,16 @@ impl Ticket {
         Err(self)
     }
 
-    /// Waits for the answer.
+    /// Waits for the answer: spins briefly first (a conversion takes microseconds, a sleep and
+    /// wake-up about as long again), then sleeps.
     pub fn wait(self) -> Answer {
+        spin_until(|| self.slot.done.load(Ordering::Acquire));
         let mut state = lock(&self.slot.state);
         loop {
             if let Some(answer) = take(&mut state) {
                 return answer;
             }
+            self.slot.sleepers.store(true, Ordering::Relaxed);
             state = self
                 .slot
                 .answered
@@ -265,6 +285,27 @@ impl Ticket {
         false
     }
 }
+
+/// Spins until `ready`, for at most [`SPIN`], so a hand-off between two running threads costs
+/// no sleep and no wake-up system call. (Yielding instead would give the CPU away for a whole
+/// time slice on a loaded machine.)
+pub(crate) fn spin_until(ready: impl Fn() -> bool) -> bool {
+    let start = Instant::now();
+    loop {
+        for _ in 0..16 {
+            if ready() {
+                return true;
+            }
+            std::hint::spin_loop();
+        }
+        if start.elapsed() > SPIN {
+            return ready();
+        }
+    }
+}
+
+/// About one conversion's time: longer spins burn a core the worker may need.
+const SPIN: Duration = Duration::from_micros(10);
 
 fn take(state: &mut State) -> Option<Answer> {
     match std::mem::replace(state, State::Taken) {
