@@ -51,6 +51,10 @@ use crate::exits::ConversionRequest;
 use crate::lock;
 use crate::ram::GuestRam;
 
+/// How long an idle worker spins for the next request before it sleeps: one per region, so
+/// it may spin longer than a submitter.
+const WORK_SPIN: std::time::Duration = std::time::Duration::from_micros(10);
+
 /// How the queue runs conversions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct QueueConfig {
@@ -147,7 +151,7 @@ impl Lane {
 
     fn worker(&self, shared: &Shared) {
         loop {
-            ticket::spin_until(|| self.has_work.load(Ordering::Acquire));
+            ticket::spin_until(WORK_SPIN, || self.has_work.load(Ordering::Acquire));
             let batch = {
                 let mut q = lock(&self.queue);
                 while q.pending.is_empty() && !q.stop {

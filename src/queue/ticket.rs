@@ -253,7 +253,7 @@ impl Ticket {
     /// Waits for the answer: spins briefly first (a conversion takes microseconds, a sleep and
     /// wake-up about as long again), then sleeps.
     pub fn wait(self) -> Answer {
-        spin_until(|| self.slot.done.load(Ordering::Acquire));
+        spin_until(ANSWER_SPIN, || self.slot.done.load(Ordering::Acquire));
         let mut state = lock(&self.slot.state);
         loop {
             if let Some(answer) = take(&mut state) {
@@ -286,10 +286,10 @@ impl Ticket {
     }
 }
 
-/// Spins until `ready`, for at most [`SPIN`], so a hand-off between two running threads costs
-/// no sleep and no wake-up system call. (Yielding instead would give the CPU away for a whole
-/// time slice on a loaded machine.)
-pub(crate) fn spin_until(ready: impl Fn() -> bool) -> bool {
+/// Spins until `ready`, for at most `limit`, so a hand-off between two running threads costs no
+/// sleep and no wake-up system call. (Yielding instead would give the CPU away for a whole time
+/// slice on a loaded machine.)
+pub(crate) fn spin_until(limit: Duration, ready: impl Fn() -> bool) -> bool {
     let start = Instant::now();
     loop {
         for _ in 0..16 {
@@ -298,14 +298,15 @@ pub(crate) fn spin_until(ready: impl Fn() -> bool) -> bool {
             }
             std::hint::spin_loop();
         }
-        if start.elapsed() > SPIN {
+        if start.elapsed() > limit {
             return ready();
         }
     }
 }
 
-/// About one conversion's time: longer spins burn a core the worker may need.
-const SPIN: Duration = Duration::from_micros(10);
+/// How long a submitter spins for its answer: a few conversions' time. Longer spins take the
+/// core the worker needs when submitters outnumber cores.
+const ANSWER_SPIN: Duration = Duration::from_micros(5);
 
 fn take(state: &mut State) -> Option<Answer> {
     match std::mem::replace(state, State::Taken) {
