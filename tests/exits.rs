@@ -11,12 +11,13 @@ use std::time::Duration;
 
 use common::gate::gated;
 use common::{PAGE, Rig, range};
+use crossbeam_channel::Sender;
 use discard_manager::{Attribute, View};
 use gmem_dma::answer::map_gpa_range_exit_mask;
 use gmem_dma::sys::KVM_HC_MAP_GPA_RANGE;
 use gmem_dma::{
     ConversionQueue, ConversionRequest, DeviceConfig, DiscardPolicy, ExitCapError, ExitError,
-    ExitHandler, HandlerConfig, MemoryFaultAction, QueueError, VmPlatform,
+    ExitHandler, HandlerConfig, MemoryFaultAction, QueueError, Ticket, VmPlatform,
     enable_map_gpa_range_exits,
 };
 use iommu::EmulatedIommu;
@@ -176,16 +177,23 @@ fn on_snp_the_handler_retries_a_transient_failure_before_the_guest_sees_it() {
     assert_eq!(q.stats().transactions, before + 1);
 }
 
-#[test]
-fn a_slice_cuts_a_long_wait_and_the_guest_is_told_to_retry() {
-    let rig = Rig::new(BASE, 16, DiscardPolicy::Eager);
+/// A queue whose region's worker is stuck inside the transaction of `blocker` (sharing the first
+/// page) until `release` is sent.
+fn blocked(rig: &Rig) -> (Arc<ConversionQueue>, Ticket, Sender<()>) {
     let (entered, release) = gated(&rig.region);
-    let q = queue(&rig);
+    let q = queue(rig);
     let blocker = q.submit(ConversionRequest {
         range: range(BASE, PAGE),
         to: Attribute::Shared,
     });
     entered.recv_timeout(Duration::from_secs(10)).unwrap();
+    (q, blocker, release)
+}
+
+#[test]
+fn a_slice_cuts_a_long_wait_and_the_guest_is_told_to_retry() {
+    let rig = Rig::new(BASE, 16, DiscardPolicy::Eager);
+    let (q, blocker, release) = blocked(&rig);
     for platform in [VmPlatform::Tdx, VmPlatform::Default] {
         let config = HandlerConfig {
             slice: Some(Duration::from_millis(20)),
@@ -216,13 +224,7 @@ fn a_slice_cuts_a_long_wait_and_the_guest_is_told_to_retry() {
 #[test]
 fn pausing_the_queue_answers_a_waiting_vcpu_eagain() {
     let rig = Rig::new(BASE, 16, DiscardPolicy::Eager);
-    let (entered, release) = gated(&rig.region);
-    let q = queue(&rig);
-    let blocker = q.submit(ConversionRequest {
-        range: range(BASE, PAGE),
-        to: Attribute::Shared,
-    });
-    entered.recv_timeout(Duration::from_secs(10)).unwrap();
+    let (q, blocker, release) = blocked(&rig);
     let vcpu = {
         let h = direct(&q, VmPlatform::Tdx);
         std::thread::spawn(move || map_gpa(&h, BASE + 4 * PAGE, 1, 0))

@@ -58,15 +58,7 @@ struct Progress {
 
 fn run_merged(shared: &Shared, lane: &Lane, span: GpaRange, to: Attribute, jobs: Vec<Job>) {
     let mut progress = Progress::default();
-    let stop = || {
-        if shared.paused.load(Ordering::Acquire) {
-            Some(Stop::Paused)
-        } else if jobs.iter().any(|j| j.stop_requested()) {
-            Some(Stop::Cancelled)
-        } else {
-            None
-        }
-    };
+    let stop = || stop_reason(shared, &jobs);
     let outcome = convert_chunked(shared, lane, span, to, &mut progress, stop);
     let (merged_at, why) = match outcome {
         Ok(()) => {
@@ -102,15 +94,7 @@ fn run_merged(shared: &Shared, lane: &Lane, span: GpaRange, to: Attribute, jobs:
     // again at no cost (they already have the attribute), and count in each request's prefix.
     for job in &jobs {
         let range = job.request.range;
-        let own = || {
-            if shared.paused.load(Ordering::Acquire) {
-                Some(Stop::Paused)
-            } else if job.stop_requested() {
-                Some(Stop::Cancelled)
-            } else {
-                None
-            }
-        };
+        let own = || stop_reason(shared, std::slice::from_ref(job));
         let result = match convert_chunked(shared, lane, range, to, &mut progress, own) {
             Ok(()) => Ok(completed(job, &progress)),
             Err((at, why)) => {
@@ -119,6 +103,17 @@ fn run_merged(shared: &Shared, lane: &Lane, span: GpaRange, to: Attribute, jobs:
             }
         };
         answer(shared, job, result);
+    }
+}
+
+/// Why `jobs` must stop before their next chunk, if they must: a pause, or a cancel of one.
+fn stop_reason(shared: &Shared, jobs: &[Job]) -> Option<Stop> {
+    if shared.paused.load(Ordering::Acquire) {
+        Some(Stop::Paused)
+    } else if jobs.iter().any(|j| j.stop_requested()) {
+        Some(Stop::Cancelled)
+    } else {
+        None
     }
 }
 
