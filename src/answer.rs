@@ -38,8 +38,8 @@
 //! | [`crate::QueueError::Cancelled`] / [`crate::QueueError::Paused`]: the VMM stopped it (between chunks) | retry | `EAGAIN` | `-EAGAIN` |
 //! | [`crate::QueueError::Shutdown`] / [`crate::QueueError::Worker`]: the queue could not run it | retry | `EAGAIN` | `-EAGAIN` |
 //!
-//! The register column keeps the errno this crate answered before platforms were told apart
-//! (`ConversionError::guest_errno`), except that a request the VMM stopped now reads `-EAGAIN`.
+//! The register column keeps the errno this crate answered every guest before platforms were
+//! told apart, except that a request the VMM stopped now reads `-EAGAIN` (it read `-EIO`).
 //!
 //! # How far a chunked request got
 //! The queue converts a long request in chunks, each all or nothing ([`crate::QueueConfig`]).
