@@ -348,8 +348,8 @@ fn kernel_two_regions_of_a_sw_protected_vm_convert_in_parallel() {
         backing.bind(&vm, slot).unwrap();
         regions.push(ram.add_region(backing, spec).unwrap());
     }
-    let (entered, release) = gated(&regions[0]);
     let q = Arc::new(ConversionQueue::start(ram.clone()).unwrap());
+    let (entered, release) = gated(&regions[0]); // after the queue: dropped first on a panic
     let share = |gpa| {
         q.submit(ConversionRequest {
             range: range(gpa, PAGE),

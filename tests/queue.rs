@@ -186,8 +186,10 @@ fn two_regions_convert_in_parallel_while_a_third_request_waits() {
     };
     let backing = RegionBacking::software(BASE2, 64 * PAGE).unwrap();
     let second = rig.ram.add_region(backing, spec).unwrap();
-    let (entered, release) = gated(&rig.region);
+    // The queue before the gate: if an assertion fails, the gate's release drops first and the
+    // queue's drop does not wait forever for the gated worker.
     let queue = ConversionQueue::start(rig.ram.clone()).unwrap();
+    let (entered, release) = gated(&rig.region);
     let blocked = share(&queue, range(BASE, PAGE));
     entered.recv_timeout(Duration::from_secs(10)).unwrap();
     let behind = share(&queue, range(BASE + 8 * PAGE, PAGE));
