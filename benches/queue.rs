@@ -1,6 +1,10 @@
 //! Conversions per second through the [`ConversionQueue`] against direct [`GuestRam::convert`]
 //! calls, with 1, 2 and 4 submitting threads on 1 and 2 regions, in one run; and the queue's
-//! overhead per request (median latency through the queue minus the direct median).
+//! overhead per request (median latency through the queue minus the direct median), both for
+//! `ConversionQueue::convert` (the submitter runs the batch itself when the region's worker is
+//! idle) and for `submit` + `wait` (always a hand-off to the worker and back). Latencies are
+//! per conversion (p50 over every conversion of a run); rates are conversions per second of
+//! wall time over all threads.
 //!
 //! Each thread flips its own page shared and back (the firmware bounce pattern), in the region
 //! `thread % regions`; one assigned device (emulated IOMMU) maps the shared view of every
@@ -17,8 +21,8 @@ use std::time::{Duration, Instant};
 
 use discard_manager::{Attribute, GpaRange};
 use gmem_dma::{
-    ConversionQueue, DeviceConfig, DiscardPolicy, GuestRam, RecordingAttributes, RegionBacking,
-    RegionSpec,
+    ConversionQueue, ConversionRequest, DeviceConfig, DiscardPolicy, GuestRam, RecordingAttributes,
+    RegionBacking, RegionSpec,
 };
 use iommu::EmulatedIommu;
 
@@ -45,8 +49,13 @@ fn guest_ram(regions: usize) -> Arc<GuestRam> {
 
 #[derive(Clone, Copy, PartialEq)]
 enum Path {
+    /// `GuestRam::convert` on the submitting thread.
     Direct,
+    /// `ConversionQueue::convert`: the submitter runs the batch itself when the region's
+    /// worker is idle (what `ExitHandler` does without a slice).
     Queue,
+    /// `submit` then `wait`: always handed to the region's worker and back.
+    Handoff,
 }
 
 /// One timed run: `threads` threads each doing `ops` conversions. Returns conversions per
@@ -78,6 +87,10 @@ fn run(
                     match path {
                         Path::Direct => drop(ram.convert(page, to).unwrap()),
                         Path::Queue => drop(queue.convert(page, to).unwrap()),
+                        Path::Handoff => {
+                            let request = ConversionRequest { range: page, to };
+                            drop(queue.submit(request).wait().unwrap())
+                        }
                     }
                     latencies.push(t0.elapsed());
                 }
@@ -122,28 +135,39 @@ fn main() {
         "queue vs direct: {rounds} rounds of {ops} conversions per thread; medians over rounds"
     );
     println!(
-        "{:>7} {:>7} | {:>12} {:>12} | {:>10} {:>10} {:>10}",
-        "regions", "threads", "direct/s", "queue/s", "direct p50", "queue p50", "overhead"
+        "{:>7} {:>7} | {:>10} {:>10} {:>10} | {:>9} {:>9} {:>9} | {:>9} {:>9}",
+        "regions",
+        "threads",
+        "direct/s",
+        "queue/s",
+        "handoff/s",
+        "direct",
+        "queue",
+        "handoff",
+        "queue+",
+        "handoff+"
     );
     for regions in [1, 2] {
         for threads in [1, 2, 4] {
             let ram = guest_ram(regions);
             let queue = Arc::new(ConversionQueue::start(ram.clone()).unwrap());
-            let (mut rate, mut p50) = ([vec![], vec![]], [vec![], vec![]]);
+            let (mut rate, mut p50) = ([vec![], vec![], vec![]], [vec![], vec![], vec![]]);
             for _ in 0..rounds {
-                for (i, path) in [Path::Direct, Path::Queue].into_iter().enumerate() {
+                for (i, path) in [Path::Direct, Path::Queue, Path::Handoff]
+                    .into_iter()
+                    .enumerate()
+                {
                     let (r, l) = run(&ram, &queue, path, threads, regions, ops);
                     rate[i].push(r);
-                    p50[i].push(l.as_nanos() as f64);
+                    p50[i].push(l.as_nanos() as f64 / 1e3);
                 }
             }
-            let [rd, rq] = rate.map(median);
-            let [ld, lq] = p50.map(median);
+            let [rd, rq, rh] = rate.map(median);
+            let [ld, lq, lh] = p50.map(median);
             println!(
-                "{regions:>7} {threads:>7} | {rd:>12.0} {rq:>12.0} | {:>8.2}us {:>8.2}us {:>+8.2}us",
-                ld / 1e3,
-                lq / 1e3,
-                (lq - ld) / 1e3
+                "{regions:>7} {threads:>7} | {rd:>10.0} {rq:>10.0} {rh:>10.0} | {ld:>7.2}us {lq:>7.2}us {lh:>7.2}us | {:>+7.2}us {:>+7.2}us",
+                lq - ld,
+                lh - ld
             );
         }
     }

@@ -176,7 +176,7 @@ impl ExitHandler {
     fn run(&self, req: ConversionRequest) -> Answer {
         let mut retries = self.config.vmm_retries;
         loop {
-            let answer = self.wait(self.queue.submit(req));
+            let answer = self.wait(req);
             let retry = match &answer {
                 Err(QueueError::Conversion { source, .. }) => {
                     crate::answer::conversion_failure(source).kind == FailureKind::Retry
@@ -191,10 +191,12 @@ impl ExitHandler {
         }
     }
 
-    fn wait(&self, ticket: Ticket) -> Answer {
+    fn wait(&self, req: ConversionRequest) -> Answer {
         let Some(slice) = self.config.slice else {
-            return ticket.wait();
+            // Nothing bounds the wait: the vCPU thread may run the conversion itself.
+            return self.queue.submit_and_run(req).wait();
         };
+        let ticket = self.queue.submit(req);
         ticket.wait_timeout(slice).unwrap_or_else(|ticket| {
             // Stops it at the next chunk boundary; the answer says how far it got.
             ticket.cancel();

@@ -444,3 +444,36 @@ fn a_bad_chunk_size_is_refused_at_start() {
         ));
     }
 }
+
+/// Records the name of the thread each populate runs on.
+#[derive(Default)]
+struct Threads(Mutex<Vec<String>>);
+
+impl ViewListener for Threads {
+    fn populate(&self, _view: View, _range: GpaRange) -> Result<(), ListenerError> {
+        let name = std::thread::current().name().unwrap_or("").to_string();
+        self.0.lock().unwrap().push(name);
+        Ok(())
+    }
+    fn discard(&self, _view: View, _range: GpaRange) {}
+}
+
+#[test]
+fn convert_runs_on_the_submitting_thread_when_the_worker_is_idle_and_submit_hands_off() {
+    let rig = Rig::new(BASE, 64, DiscardPolicy::Eager);
+    let threads = Arc::new(Threads::default());
+    let all = rig.region.range();
+    rig.region
+        .manager()
+        .register(View::Shared, all, threads.clone())
+        .unwrap();
+    let queue = ConversionQueue::start(rig.ram.clone()).unwrap();
+    queue.convert(range(BASE, PAGE), Attribute::Shared).unwrap();
+    share(&queue, range(BASE + PAGE, PAGE)).wait().unwrap();
+    let names = threads.0.lock().unwrap().clone();
+    let me = std::thread::current().name().unwrap().to_string();
+    assert_eq!(names.len(), 2);
+    assert_eq!(names[0], me, "convert ran on the submitter");
+    assert!(names[1].starts_with("gmem-dma-convert-"), "{names:?}");
+    assert_eq!(queue.stats().requests, 2);
+}

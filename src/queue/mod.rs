@@ -23,6 +23,13 @@
 //! its error says how many bytes from its start were converted. What each platform's guest
 //! learns of that is in [`crate::answer`].
 //!
+//! # Running on the submitter's thread
+//! [`ConversionQueue::convert`] and [`crate::ExitHandler`] (without a slice) submit with
+//! [`ConversionQueue::submit_and_run`]: when the region's worker is idle, the submitting thread
+//! runs the batch (its request and whatever is queued beside it) itself, so a request costs no
+//! hand-off between threads; while a batch runs, requests queue up for the next one and are
+//! merged as usual. Either way one batch at a time runs per region.
+//!
 //! # Completion without blocking
 //! A [`Ticket`] can be waited on ([`Ticket::wait`], [`Ticket::wait_timeout`]), polled
 //! ([`Ticket::try_wait`], [`Ticket::is_answered`]) or cancelled ([`Ticket::cancel`]). A request
@@ -139,13 +146,49 @@ struct LaneQueue {
 }
 
 impl Lane {
-    fn push(&self, slot: Arc<Slot>) {
+    /// Queues `slot`; wakes the worker if `wake` and it sleeps.
+    fn push(&self, slot: Arc<Slot>, wake: bool) {
         let mut q = lock(&self.queue);
         q.pending.push(slot);
         self.has_work.store(true, Ordering::Release);
-        if q.sleeping {
+        if wake && q.sleeping {
             drop(q);
             self.work.notify_one();
+        }
+    }
+
+    /// Takes everything queued, unless a batch is running (its runner takes the rest when it
+    /// finishes).
+    fn take_batch(&self, q: &mut LaneQueue) -> Option<Vec<Arc<Slot>>> {
+        if q.running || q.pending.is_empty() {
+            return None;
+        }
+        q.running = true;
+        self.has_work.store(false, Ordering::Release);
+        Some(std::mem::take(&mut q.pending))
+    }
+
+    /// Runs a batch taken with [`Lane::take_batch`], then hands what arrived meanwhile to the
+    /// worker.
+    fn run(&self, shared: &Shared, batch: Vec<Arc<Slot>>) {
+        run::run_batch(shared, self, batch);
+        let mut q = lock(&self.queue);
+        q.running = false;
+        let wake = q.sleeping && !q.pending.is_empty();
+        drop(q);
+        self.idle.notify_all();
+        if wake {
+            self.work.notify_one();
+        }
+    }
+
+    /// Runs what is queued on the calling thread if no batch is running: a vCPU thread that
+    /// would otherwise wait for the worker converts its own request (and any queued with it),
+    /// with no hand-off between threads.
+    fn run_here(&self, shared: &Shared) {
+        let batch = self.take_batch(&mut lock(&self.queue));
+        if let Some(batch) = batch {
+            self.run(shared, batch);
         }
     }
 
@@ -154,7 +197,13 @@ impl Lane {
             ticket::spin_until(WORK_SPIN, || self.has_work.load(Ordering::Acquire));
             let batch = {
                 let mut q = lock(&self.queue);
-                while q.pending.is_empty() && !q.stop {
+                loop {
+                    if let Some(batch) = self.take_batch(&mut q) {
+                        break batch;
+                    }
+                    if q.stop && q.pending.is_empty() && !q.running {
+                        return;
+                    }
                     q.sleeping = true;
                     q = self
                         .work
@@ -162,16 +211,8 @@ impl Lane {
                         .unwrap_or_else(std::sync::PoisonError::into_inner);
                     q.sleeping = false;
                 }
-                self.has_work.store(false, Ordering::Release);
-                if q.pending.is_empty() {
-                    return;
-                }
-                q.running = true;
-                std::mem::take(&mut q.pending)
             };
-            run::run_batch(shared, self, batch);
-            lock(&self.queue).running = false;
-            self.idle.notify_all();
+            self.run(shared, batch);
         }
     }
 }
@@ -279,7 +320,12 @@ impl ConversionQueue {
             })
     }
 
-    fn enqueue(&self, request: ConversionRequest, notify: Option<Arc<EventFd>>) -> Ticket {
+    fn enqueue(
+        &self,
+        request: ConversionRequest,
+        notify: Option<Arc<EventFd>>,
+        inline: bool,
+    ) -> Ticket {
         let slot = Slot::new(request, notify);
         let lane = if self.shared.paused.load(Ordering::Acquire) {
             Err(QueueError::Paused { converted: 0 })
@@ -287,7 +333,11 @@ impl ConversionQueue {
             self.lane_for(request)
         };
         match lane {
-            Ok(lane) => lane.push(Arc::clone(&slot)),
+            Ok(lane) if inline => {
+                lane.push(Arc::clone(&slot), false);
+                lane.run_here(&self.shared);
+            }
+            Ok(lane) => lane.push(Arc::clone(&slot), true),
             Err(e) => {
                 slot.answer(Err(e));
             }
@@ -297,18 +347,26 @@ impl ConversionQueue {
 
     /// Queues a conversion; the ticket gives its result.
     pub fn submit(&self, request: ConversionRequest) -> Ticket {
-        self.enqueue(request, None)
+        self.enqueue(request, None, false)
+    }
+
+    /// Queues a conversion and, when its region's worker is idle, runs it (with whatever is
+    /// queued beside it) on the calling thread before returning the ticket: for a caller that
+    /// is about to wait anyway, this saves the two hand-offs between threads. When a batch is
+    /// running, the request waits for the next one as with [`ConversionQueue::submit`].
+    pub fn submit_and_run(&self, request: ConversionRequest) -> Ticket {
+        self.enqueue(request, None, true)
     }
 
     /// Queues a conversion whose answer also adds 1 to `notify` (after the answer is stored,
     /// so a reader woken by it finds the ticket answered).
     pub fn submit_notify(&self, request: ConversionRequest, notify: Arc<EventFd>) -> Ticket {
-        self.enqueue(request, Some(notify))
+        self.enqueue(request, Some(notify), false)
     }
 
-    /// Queues a conversion and waits for it.
+    /// Queues a conversion and waits for it ([`ConversionQueue::submit_and_run`]).
     pub fn convert(&self, range: GpaRange, to: Attribute) -> Answer {
-        self.submit(ConversionRequest { range, to }).wait()
+        self.submit_and_run(ConversionRequest { range, to }).wait()
     }
 
     /// Requests answered and transactions run so far, and the workers running.

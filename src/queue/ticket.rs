@@ -306,7 +306,7 @@ pub(crate) fn spin_until(limit: Duration, ready: impl Fn() -> bool) -> bool {
 
 /// How long a submitter spins for its answer: a few conversions' time. Longer spins take the
 /// core the worker needs when submitters outnumber cores.
-const ANSWER_SPIN: Duration = Duration::from_micros(5);
+const ANSWER_SPIN: Duration = Duration::from_micros(10);
 
 fn take(state: &mut State) -> Option<Answer> {
     match std::mem::replace(state, State::Taken) {
