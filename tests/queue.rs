@@ -298,13 +298,24 @@ fn chunked(rig: &Rig, chunk_pages: u64) -> ConversionQueue {
     ConversionQueue::start_with(rig.ram.clone(), config).unwrap()
 }
 
-/// Records every populate, to see the chunks.
+/// Records every populate and the thread it ran on, to see the chunks and who ran them.
 #[derive(Default)]
-struct Populates(Mutex<Vec<GpaRange>>);
+struct Populates(Mutex<Vec<(GpaRange, String)>>);
+
+impl Populates {
+    fn ranges(&self) -> Vec<GpaRange> {
+        self.0.lock().unwrap().iter().map(|p| p.0).collect()
+    }
+
+    fn threads(&self) -> Vec<String> {
+        self.0.lock().unwrap().iter().map(|p| p.1.clone()).collect()
+    }
+}
 
 impl ViewListener for Populates {
     fn populate(&self, _view: View, range: GpaRange) -> Result<(), ListenerError> {
-        self.0.lock().unwrap().push(range);
+        let thread = std::thread::current().name().unwrap_or("").to_string();
+        self.0.lock().unwrap().push((range, thread));
         Ok(())
     }
     fn discard(&self, _view: View, _range: GpaRange) {}
@@ -324,7 +335,7 @@ fn a_long_request_is_converted_in_aligned_chunks_and_answered_as_one() {
     let r = range(BASE + 2 * PAGE, 15 * PAGE);
     let done = queue.convert(r, Attribute::Shared).unwrap();
     assert_eq!(done.runs(), [r], "the chunks' runs are answered as one");
-    let chunks = seen.0.lock().unwrap().clone();
+    let chunks = seen.ranges();
     assert_eq!(
         chunks,
         [
@@ -445,23 +456,10 @@ fn a_bad_chunk_size_is_refused_at_start() {
     }
 }
 
-/// Records the name of the thread each populate runs on.
-#[derive(Default)]
-struct Threads(Mutex<Vec<String>>);
-
-impl ViewListener for Threads {
-    fn populate(&self, _view: View, _range: GpaRange) -> Result<(), ListenerError> {
-        let name = std::thread::current().name().unwrap_or("").to_string();
-        self.0.lock().unwrap().push(name);
-        Ok(())
-    }
-    fn discard(&self, _view: View, _range: GpaRange) {}
-}
-
 #[test]
 fn convert_runs_on_the_submitting_thread_when_the_worker_is_idle_and_submit_hands_off() {
     let rig = Rig::new(BASE, 64, DiscardPolicy::Eager);
-    let threads = Arc::new(Threads::default());
+    let threads = Arc::new(Populates::default());
     let all = rig.region.range();
     rig.region
         .manager()
@@ -470,7 +468,7 @@ fn convert_runs_on_the_submitting_thread_when_the_worker_is_idle_and_submit_hand
     let queue = ConversionQueue::start(rig.ram.clone()).unwrap();
     queue.convert(range(BASE, PAGE), Attribute::Shared).unwrap();
     share(&queue, range(BASE + PAGE, PAGE)).wait().unwrap();
-    let names = threads.0.lock().unwrap().clone();
+    let names = threads.threads();
     let me = std::thread::current().name().unwrap().to_string();
     assert_eq!(names.len(), 2);
     assert_eq!(names[0], me, "convert ran on the submitter");
