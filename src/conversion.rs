@@ -169,27 +169,9 @@ pub enum ConversionError {
         /// The range asked for.
         range: GpaRange,
     },
-    /// The conversion queue shut down before running the request.
-    #[error("the conversion queue shut down before running the request")]
-    Shutdown,
     /// The state manager refused the call (re-entrant or poisoned).
     #[error("the state manager refused the conversion")]
     Manager(#[source] Box<dyn std::error::Error + Send + Sync>),
-}
-
-impl ConversionError {
-    /// The errno the guest is told (returned negated by the hypercall): `EINVAL` for a bad
-    /// request, `ENOSPC` for an exhausted mapping budget, `EBUSY` when a device still holds a
-    /// page, the kernel's errno for an attribute failure, `EIO` otherwise.
-    pub fn guest_errno(&self) -> i32 {
-        match self {
-            ConversionError::Range(_) | ConversionError::NoRegion { .. } => libc::EINVAL,
-            ConversionError::MappingBudget { .. } => libc::ENOSPC,
-            ConversionError::Unmap { .. } | ConversionError::StaleMapping { .. } => libc::EBUSY,
-            ConversionError::Attribute(e) => e.source.errno(),
-            _ => libc::EIO,
-        }
-    }
 }
 
 /// What a successful conversion did.

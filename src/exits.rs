@@ -3,15 +3,19 @@
 //! Two exits ask for a conversion: `KVM_EXIT_MEMORY_FAULT` (an access whose kind, private or
 //! shared, disagrees with the attribute; [`ConversionRequest::from_memory_fault`]) and the
 //! `KVM_HC_MAP_GPA_RANGE` hypercall (SNP page-state change, TDX MapGPA;
-//! [`ConversionRequest::from_map_gpa_range`]). A failed conversion is answered with a negative
-//! errno ([`hypercall_return`]); the VM keeps running.
+//! [`ConversionRequest::from_map_gpa_range`]). What the guest is told is chosen for its VM
+//! platform ([`crate::answer`]); the VM keeps running. [`crate::ExitHandler`] runs exits through
+//! the [`crate::ConversionQueue`]; [`handle_map_gpa_range`] and [`handle_memory_fault`] convert
+//! on the calling thread.
 
 use discard_manager::{Attribute, GpaRange};
 use kvm_bindings::KVM_MEMORY_EXIT_FLAG_PRIVATE;
 
 use kvm_ioctls::HypercallExit;
 
+use crate::answer::{GuestError, VmPlatform, conversion_failure};
 use crate::conversion::{Conversion, ConversionError};
+use crate::queue::QueueError;
 use crate::ram::GuestRam;
 use crate::sys::{
     KVM_HC_MAP_GPA_RANGE, KVM_MAP_GPA_RANGE_ENCRYPTED, KVM_MAP_GPA_RANGE_PAGE_SZ_1G,
@@ -53,9 +57,9 @@ pub enum RequestError {
 }
 
 impl RequestError {
-    /// The errno the guest is told.
-    pub fn guest_errno(&self) -> i32 {
-        libc::EINVAL
+    /// What the guest is told: the request is invalid (`EINVAL` on every platform).
+    pub fn guest_error(&self) -> GuestError {
+        GuestError::INVALID
     }
 }
 
@@ -116,48 +120,65 @@ pub enum ExitError {
     /// The conversion failed (nothing changed unless the error says otherwise).
     #[error(transparent)]
     Conversion(#[from] ConversionError),
+    /// The queued conversion failed or was stopped (its prefix of whole chunks converted).
+    #[error(transparent)]
+    Queue(#[from] QueueError),
 }
 
 impl ExitError {
-    /// The errno the guest is told.
-    pub fn guest_errno(&self) -> i32 {
+    /// What the guest is told ([`crate::answer`]'s table).
+    pub fn guest_error(&self) -> GuestError {
         match self {
-            ExitError::Request(e) => e.guest_errno(),
-            ExitError::Conversion(e) => e.guest_errno(),
+            ExitError::Request(e) => e.guest_error(),
+            ExitError::Conversion(e) => conversion_failure(e),
+            ExitError::Queue(e) => e.guest_error(),
         }
     }
 }
 
-/// Handles a `KVM_EXIT_HYPERCALL` (`VcpuExit::Hypercall`): converts the range of a
-/// `KVM_HC_MAP_GPA_RANGE` and writes what the guest reads back into `exit.ret` (0, or
-/// `-errno`). The vCPU then simply resumes; a failure never stops the VM.
-///
-/// # Errors
-/// What went wrong, for the VMM's log; the guest was already answered.
-pub fn handle_map_gpa_range(
-    ram: &GuestRam,
-    exit: &mut HypercallExit<'_>,
-) -> Result<Conversion, ExitError> {
-    let result = ConversionRequest::from_map_gpa_range(exit.nr, &exit.args)
+/// Decodes a `KVM_HC_MAP_GPA_RANGE`, runs it with `convert`, and writes `platform`'s answer to
+/// `ret`: the one place a hypercall exit is answered.
+pub(crate) fn answer_map_gpa_range<T>(
+    platform: VmPlatform,
+    nr: u64,
+    args: &[u64; 6],
+    ret: &mut u64,
+    convert: impl FnOnce(ConversionRequest) -> Result<T, ExitError>,
+) -> Result<T, ExitError> {
+    let result = ConversionRequest::from_map_gpa_range(nr, args)
         .map_err(ExitError::from)
-        .and_then(|req| ram.convert(req.range, req.to).map_err(ExitError::from));
-    *exit.ret = match &result {
-        Ok(_) => 0,
-        Err(e) => negative_errno(e.guest_errno()),
-    };
+        .and_then(convert);
+    *ret = platform.hypercall_ret(result.as_ref().err().map(ExitError::guest_error));
     if let Err(e) = &result {
         log::debug!(
-            "KVM_HC_MAP_GPA_RANGE {:x?} answered -{}: {e}",
-            &exit.args[..3],
-            e.guest_errno()
+            "KVM_HC_MAP_GPA_RANGE {:x?} answered {:#x} ({platform:?}): {e}",
+            &args[..3],
+            *ret
         );
     }
     result
 }
 
-/// Handles a `KVM_EXIT_MEMORY_FAULT` (`VcpuExit::MemoryFault { flags, gpa, size }`): converts
-/// the range to the kind of access the guest made. On success the vCPU re-runs the access; on
-/// failure the VMM decides (the fault repeats if it simply resumes).
+/// Handles a `KVM_EXIT_HYPERCALL` (`VcpuExit::Hypercall`) on the calling thread: converts the
+/// range of a `KVM_HC_MAP_GPA_RANGE` and writes what a guest of `platform` reads back into
+/// `exit.ret` ([`crate::answer`]). The vCPU then simply resumes; a failure never stops the VM.
+///
+/// # Errors
+/// What went wrong, for the VMM's log; the guest was already answered.
+pub fn handle_map_gpa_range(
+    ram: &GuestRam,
+    platform: VmPlatform,
+    exit: &mut HypercallExit<'_>,
+) -> Result<Conversion, ExitError> {
+    answer_map_gpa_range(platform, exit.nr, &exit.args, exit.ret, |req| {
+        Ok(ram.convert(req.range, req.to)?)
+    })
+}
+
+/// Handles a `KVM_EXIT_MEMORY_FAULT` (`VcpuExit::MemoryFault { flags, gpa, size }`) on the
+/// calling thread: converts the range to the kind of access the guest made. What to do with
+/// the vCPU next is [`MemoryFaultAction::for_outcome`] of the result's
+/// [`ExitError::guest_error`].
 ///
 /// # Errors
 /// The request or the conversion failed.
@@ -171,18 +192,11 @@ pub fn handle_memory_fault(
     Ok(ram.convert(req.range, req.to)?)
 }
 
-/// The hypercall return value (`HypercallExit::ret`) for a conversion result: 0 on success,
-/// `-errno` (two's complement) on failure.
+/// The hypercall return value of a register-style VM ([`VmPlatform::Default`],
+/// [`VmPlatform::SwProtected`]) for a conversion result: 0 on success, `-errno` on failure.
+/// For any platform use [`VmPlatform::hypercall_ret`].
 pub fn hypercall_return(result: &Result<Conversion, ConversionError>) -> u64 {
-    match result {
-        Ok(_) => 0,
-        Err(e) => negative_errno(e.guest_errno()),
-    }
-}
-
-/// `-errno` as the 64-bit register value the guest reads.
-pub fn negative_errno(errno: i32) -> u64 {
-    (-i64::from(errno)) as u64
+    VmPlatform::Default.hypercall_ret(result.as_ref().err().map(conversion_failure))
 }
 
 #[cfg(test)]
@@ -242,7 +256,7 @@ mod tests {
             ret: &mut ret,
             longmode: 1,
         };
-        let c = handle_map_gpa_range(&ram, &mut exit).unwrap();
+        let c = handle_map_gpa_range(&ram, VmPlatform::Default, &mut exit).unwrap();
         assert_eq!((c.to, c.bytes()), (Attribute::Shared, 0x2000));
         assert_eq!(ret, 0);
         // Outside every region: the guest reads -EINVAL and the VM goes on.
@@ -252,8 +266,17 @@ mod tests {
             ret: &mut ret,
             longmode: 1,
         };
-        assert!(handle_map_gpa_range(&ram, &mut exit).is_err());
+        assert!(handle_map_gpa_range(&ram, VmPlatform::Default, &mut exit).is_err());
         assert_eq!(ret as i64, -i64::from(libc::EINVAL));
+        // The same on TDX: positive EINVAL, the only invalid answer KVM accepts there.
+        let mut exit = HypercallExit {
+            nr: KVM_HC_MAP_GPA_RANGE,
+            args: [0x8000_0000, 1, 16, 0, 0, 0],
+            ret: &mut ret,
+            longmode: 1,
+        };
+        assert!(handle_map_gpa_range(&ram, VmPlatform::Tdx, &mut exit).is_err());
+        assert_eq!(ret, libc::EINVAL as u64);
         let c = handle_memory_fault(&ram, 8, 0x10_2000, 0x1000).unwrap();
         assert_eq!(c.to, Attribute::Private);
     }

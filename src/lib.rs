@@ -48,11 +48,13 @@
     missing_docs
 )]
 
+pub mod answer;
 pub mod attributes;
 pub mod backing;
 pub mod conversion;
 mod device;
 mod dma;
+pub mod exit_handler;
 pub mod exits;
 pub mod host;
 #[cfg(feature = "testing")]
@@ -75,17 +77,25 @@ pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub use discard_manager;
 pub use iommu;
 
+pub use answer::{
+    AnswerStyle, ExitCapError, FailureKind, GuestError, MemoryFaultAction, VmPlatform,
+    enable_map_gpa_range_exits,
+};
 pub use attributes::{AttributeError, KvmAttributes, MemoryAttributes, RecordingAttributes};
 pub use backing::{BackingError, FileKind, RegionBacking};
 pub use conversion::{Conversion, ConversionError, UnmapFailure};
 pub use device::{AttachError, DetachError, DeviceConfig, DeviceId, MapBy};
+pub use exit_handler::{ExitHandler, HandlerConfig, MemoryFaultOutcome, PendingHypercall};
 pub use exits::{
     ConversionRequest, ExitError, RequestError, handle_map_gpa_range, handle_memory_fault,
     hypercall_return,
 };
 pub use host::{BackingModel, KvmSupport, ModelChoice, ModelError};
 pub use policy::{DiscardPolicy, FlushReport, HeldBack};
-pub use queue::{ConversionQueue, QueueStats, Ticket};
+pub use queue::{
+    Answer, Completed, ConversionQueue, QueueConfig, QueueError, QueueStartError, QueueStats,
+    Ticket,
+};
 pub use ram::{GuestRam, RegionError, RegionSpec};
 pub use region::{Region, RegionState};
 pub use sys::KVM_HC_MAP_GPA_RANGE;

@@ -80,7 +80,10 @@ fn a_failed_unmap_fails_the_conversion_to_private_and_changes_nothing() {
         .inject_failures(|kind, _, _| (*kind == CallKind::Unmap).then_some(libc::EIO));
     let err = rig.convert(r, Attribute::Private).unwrap_err();
     assert!(matches!(err, ConversionError::Unmap { .. }), "{err:?}");
-    assert_eq!(err.guest_errno(), libc::EBUSY);
+    assert_eq!(
+        gmem_dma::answer::conversion_failure(&err).errno,
+        libc::EBUSY
+    );
     assert_eq!(hypercall_return(&Err(err)) as i64, -i64::from(libc::EBUSY));
     // Isolation: the conversion did not succeed, the pages stay shared and mapped, KVM was
     // never asked, and no backing was freed.
@@ -261,7 +264,7 @@ fn a_failed_attribute_change_remaps_the_shared_view() {
     rig.attrs.inject_failures(|_, a| a == Attribute::Private);
     let err = rig.convert(r, Attribute::Private).unwrap_err();
     assert!(matches!(err, ConversionError::Attribute(_)), "{err:?}");
-    assert_eq!(err.guest_errno(), libc::EIO);
+    assert_eq!(gmem_dma::answer::conversion_failure(&err).errno, libc::EIO);
     rig.attrs.clear_failures();
     assert_eq!(rig.snapshot(&[&dev]), before);
     let calls = dev.iommu.take_calls();
@@ -288,7 +291,10 @@ fn a_conversion_beyond_the_mapping_budget_is_refused_up_front() {
         other => panic!("{other:?}"),
     }
     assert!(err.to_string().contains("no room for the 4 mappings"));
-    assert_eq!(err.guest_errno(), libc::ENOSPC);
+    assert_eq!(
+        gmem_dma::answer::conversion_failure(&err).errno,
+        libc::ENOSPC
+    );
     assert_eq!(rig.snapshot(&[&dev]), before);
     assert_eq!(rig.attrs.calls().len(), calls_before, "KVM was not asked");
     assert!(dev.iommu.take_calls().is_empty(), "the IOMMU was not asked");
@@ -466,7 +472,10 @@ fn conversions_outside_every_region_are_refused() {
         .convert(range(BASE + 1, PAGE), Attribute::Shared)
         .unwrap_err();
     assert!(matches!(err, ConversionError::Range(_)), "{err:?}");
-    assert_eq!(err.guest_errno(), libc::EINVAL);
+    assert_eq!(
+        gmem_dma::answer::conversion_failure(&err).errno,
+        libc::EINVAL
+    );
 }
 
 #[test]
@@ -668,7 +677,10 @@ fn a_stale_mapping_refuses_a_conversion_to_private_until_its_retry_succeeds() {
         matches!(&err, ConversionError::StaleMapping { device, .. } if device == "s1"),
         "{err:?}"
     );
-    assert_eq!(err.guest_errno(), libc::EBUSY);
+    assert_eq!(
+        gmem_dma::answer::conversion_failure(&err).errno,
+        libc::EBUSY
+    );
     // Elsewhere conversions go on, and retry B each time.
     rig.convert(range(BASE + 8 * PAGE, PAGE), Attribute::Shared)
         .unwrap();

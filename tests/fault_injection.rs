@@ -280,7 +280,7 @@ fn run(policy: DiscardPolicy, ops: Vec<Op>, backing: RegionBacking) {
                     !matches!(e, ConversionError::AttributeRollback { .. }),
                     "{e:?}"
                 );
-                assert_ne!(e.guest_errno(), 0);
+                assert_ne!(gmem_dma::answer::conversion_failure(e).errno, 0);
                 // All or nothing (modulo stale mappings retried at the start of the call).
                 let refs: Vec<&Dev> = devs.iter().collect();
                 let after = rig.snapshot(&refs);

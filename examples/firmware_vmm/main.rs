@@ -26,11 +26,12 @@ use std::time::{Duration, Instant};
 
 use discard_manager::{Attribute, GpaRange};
 use gmem_dma::KVM_HC_MAP_GPA_RANGE;
+use gmem_dma::{ConversionQueue, ExitHandler, MemoryFaultAction, VmPlatform};
 use gmem_dma::{DeviceConfig, DiscardPolicy, GuestRam, KvmAttributes, KvmSupport, ModelChoice};
 use gmem_dma::{RegionBacking, RegionSpec};
 use iommu::{DmaBackend, Edu, HostPaths, PciAddress, VfioMode};
 use iommu::{IommufdBackend, Type1Backend};
-use kvm_bindings::{KVM_CAP_EXIT_HYPERCALL, kvm_enable_cap, kvm_regs};
+use kvm_bindings::kvm_regs;
 use kvm_ioctls::{Kvm, VcpuExit, VmFd};
 use vm_memory::{Bytes, MemoryRegionAddress};
 
@@ -184,10 +185,8 @@ fn private_memory_vm(kvm: &Kvm) -> Result<VmFd, String> {
     if !support.has_private_attribute() {
         return Err(format!("no private memory attribute: {support:?}"));
     }
-    let mut cap = kvm_enable_cap::default();
-    (cap.cap, cap.args[0]) = (KVM_CAP_EXIT_HYPERCALL, 1 << KVM_HC_MAP_GPA_RANGE);
-    vm.enable_cap(&cap)
-        .map_err(|e| format!("KVM_CAP_EXIT_HYPERCALL: {e}"))?;
+    // Without it KVM_HC_MAP_GPA_RANGE never exits to the VMM.
+    gmem_dma::enable_map_gpa_range_exits(&vm).map_err(|e| e.to_string())?;
     Ok(vm)
 }
 
@@ -223,7 +222,7 @@ fn run(args: Args) -> Result<(), Failure> {
     let vm = Arc::new(vm);
     let backing = RegionBacking::classic(&vm, 0, RAM_SIZE)?;
     backing.bind(&vm, 0)?;
-    let ram = GuestRam::new(Arc::new(KvmAttributes::new(Arc::clone(&vm))));
+    let ram = Arc::new(GuestRam::new(Arc::new(KvmAttributes::new(Arc::clone(&vm)))));
     // Lazy discard: the bounce page, flipped every transaction, keeps both of its pages
     // instead of paying a hole punch and a refault per flip. It also keeps the probe page's
     // canary in its shared backing, which the isolation check reads.
@@ -266,29 +265,21 @@ fn run(args: Args) -> Result<(), Failure> {
     (regs.rflags, regs.rbp) = (2, args.transactions.into()); // BP: the guest's argument
     vcpu.set_regs(&regs).map_err(ioctl("KVM_SET_REGS"))?;
 
-    let (mut to_shared, mut to_private, mut refused) = (0u64, 0u64, Vec::new());
-    let (mut memory_faults, mut guest_errors, mut done) = (0, Vec::new(), Vec::new());
-    let (mut convert_time, mut dma_time) = (Duration::ZERO, Duration::ZERO);
+    let queue = Arc::new(ConversionQueue::start(Arc::clone(&ram))?);
+    let mut conversions = Conversions::new(ExitHandler::new(queue, VmPlatform::SwProtected));
+    let (mut guest_errors, mut done) = (Vec::new(), Vec::new());
+    let mut dma_time = Duration::ZERO;
     let (mut isolated, started) = (None, Instant::now());
     loop {
         match vcpu.run() {
-            // A conversion request: the library converts and writes its verdict (0 or -errno)
-            // where the guest reads it. A refused conversion never stops the VM.
-            Ok(VcpuExit::Hypercall(mut exit)) => {
-                let t0 = Instant::now();
-                let result = gmem_dma::handle_map_gpa_range(&ram, &mut exit);
-                convert_time += t0.elapsed();
-                match result {
-                    Ok(c) if c.to == Attribute::Shared => to_shared += 1,
-                    Ok(_) => to_private += 1,
-                    Err(e) => refused.push(format!("{:x?}: {e}", &exit.args[..3])),
-                }
-            }
+            // A conversion request: the queue converts it and the handler writes the verdict
+            // (0 or -errno on SW_PROTECTED) where the guest reads it. A refused conversion
+            // never stops the VM.
+            Ok(VcpuExit::Hypercall(exit)) => conversions.hypercall(exit.nr, &exit.args, exit.ret),
             // An access whose kind disagrees with the attribute. SNP and TDX guests make
             // them; a SW_PROTECTED guest cannot (KVM takes the kind from the attribute).
             Ok(VcpuExit::MemoryFault { flags, gpa, size }) => {
-                gmem_dma::handle_memory_fault(&ram, flags, gpa, size)?;
-                memory_faults += 1;
+                conversions.memory_fault(flags, gpa, size)?;
             }
             Ok(VcpuExit::IoOut(port, data)) => {
                 let value = data.iter().rev().fold(0u64, |v, &b| v << 8 | u64::from(b));
@@ -338,6 +329,14 @@ fn run(args: Args) -> Result<(), Failure> {
     let per_txn = |d: Duration| d.as_secs_f64() * 1e3 / n as f64;
     let total = per_txn(done.last().map_or(Duration::ZERO, |&last| last - started));
     let dma = per_txn(dma_time);
+    let Conversions {
+        to_shared,
+        to_private,
+        refused,
+        memory_faults,
+        time: convert_time,
+        ..
+    } = conversions;
     let per_conversion = convert_time.as_secs_f64() * 1e6 / (to_shared + to_private) as f64;
     let (done, unmapped, mode) = (done.len() as u64, detached.calls, args.mode);
     println!("firmware_vmm: edu {address} through {mode}; 1 MiB of guest RAM, classic, lazy");
@@ -381,6 +380,53 @@ fn run(args: Args) -> Result<(), Failure> {
     }
 }
 
+/// The vCPU's conversion exits, through the library's exit handler, counted for the report.
+struct Conversions {
+    handler: ExitHandler,
+    to_shared: u64,
+    to_private: u64,
+    refused: Vec<String>,
+    memory_faults: u64,
+    time: Duration,
+}
+
+impl Conversions {
+    fn new(handler: ExitHandler) -> Self {
+        Self {
+            handler,
+            to_shared: 0,
+            to_private: 0,
+            refused: Vec::new(),
+            memory_faults: 0,
+            time: Duration::ZERO,
+        }
+    }
+
+    /// A `KVM_EXIT_HYPERCALL`: converted through the queue, `ret` is what the guest reads.
+    fn hypercall(&mut self, nr: u64, args: &[u64; 6], ret: &mut u64) {
+        let t0 = Instant::now();
+        let result = self.handler.hypercall_fields(nr, args, ret);
+        self.time += t0.elapsed();
+        match result {
+            Ok(c) if c.request.to == Attribute::Shared => self.to_shared += 1,
+            Ok(_) => self.to_private += 1,
+            Err(e) => self.refused.push(format!("{:x?}: {e}", &args[..3])),
+        }
+    }
+
+    /// A `KVM_EXIT_MEMORY_FAULT`: converted, or the vCPU cannot go on.
+    fn memory_fault(&mut self, flags: u64, gpa: u64, size: u64) -> Result<(), Failure> {
+        self.memory_faults += 1;
+        let outcome = self.handler.memory_fault(flags, gpa, size);
+        match (outcome.action, outcome.result) {
+            (MemoryFaultAction::Fail, Err(e)) => Err(Failure::Check(format!(
+                "memory fault at {gpa:#x} cannot be served: {e}"
+            ))),
+            _ => Ok(()),
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let (code, text) = match parse_args().map_err(Failure::Usage).and_then(run) {
         Ok(()) => return ExitCode::SUCCESS,
@@ -391,4 +437,67 @@ fn main() -> ExitCode {
     };
     eprintln!("firmware_vmm: {text}");
     ExitCode::from(code)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gmem_dma::RecordingAttributes;
+
+    /// The example's RAM (1 MiB at GPA 0, private, 4 KiB granules) on a software backing, and
+    /// the conversion counter over a queue, as the vCPU loop uses them.
+    fn conversions() -> (Arc<GuestRam>, Conversions) {
+        let ram = Arc::new(GuestRam::new(Arc::new(RecordingAttributes::new())));
+        let spec = RegionSpec {
+            granularity: PAGE,
+            initial: Attribute::Private,
+            policy: DiscardPolicy::Eager,
+        };
+        let backing = RegionBacking::software(0, RAM_SIZE).unwrap();
+        ram.add_region(backing, spec).unwrap();
+        let queue = Arc::new(ConversionQueue::start(Arc::clone(&ram)).unwrap());
+        let handler = ExitHandler::new(queue, VmPlatform::SwProtected);
+        (ram, Conversions::new(handler))
+    }
+
+    #[test]
+    fn the_guests_hypercalls_are_converted_and_answered_zero() {
+        let (ram, mut c) = conversions();
+        let mut ret = u64::MAX;
+        // The guest's .Lconvert: ebx = GPA, ecx = 1 page, edx = attrs (0x10: private).
+        c.hypercall(KVM_HC_MAP_GPA_RANGE, &[BOUNCE, 1, 0, 0, 0, 0], &mut ret);
+        assert_eq!(ret, 0);
+        c.hypercall(KVM_HC_MAP_GPA_RANGE, &[BOUNCE, 1, 0x10, 0, 0, 0], &mut ret);
+        assert_eq!(ret, 0);
+        assert_eq!((c.to_shared, c.to_private), (1, 1));
+        assert!(c.refused.is_empty());
+        let region = &ram.regions()[0];
+        assert_eq!(region.state().counts().unwrap().shared_bytes, 0);
+    }
+
+    #[test]
+    fn a_refused_hypercall_reads_minus_errno_and_is_reported() {
+        let (_ram, mut c) = conversions();
+        let mut ret = 0;
+        // Past the end of guest RAM: the guest's `test eax, eax` sees -EINVAL.
+        c.hypercall(KVM_HC_MAP_GPA_RANGE, &[RAM_SIZE, 1, 0, 0, 0, 0], &mut ret);
+        assert_eq!(ret as i64, -i64::from(libc::EINVAL));
+        assert_eq!(c.refused.len(), 1);
+        assert_eq!((c.to_shared, c.to_private), (0, 0));
+    }
+
+    #[test]
+    fn a_memory_fault_converts_or_fails_the_vcpu() {
+        let (ram, mut c) = conversions();
+        // A shared access to a private page: it becomes shared.
+        assert!(c.memory_fault(0, PROBE, PAGE).is_ok());
+        let region = &ram.regions()[0];
+        assert_eq!(region.state().counts().unwrap().shared_bytes, PAGE);
+        // Outside guest RAM it can never be served.
+        assert!(matches!(
+            c.memory_fault(0, RAM_SIZE, PAGE),
+            Err(Failure::Check(_))
+        ));
+        assert_eq!(c.memory_faults, 2);
+    }
 }

@@ -2,6 +2,8 @@
 //! five invariants.
 #![allow(dead_code)]
 
+pub mod gate;
+
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex};
 
