@@ -19,7 +19,7 @@ use iommu::{
 use kvm_ioctls::Kvm;
 use vm_rig::Feature;
 
-const KVM_X86_SW_PROTECTED_VM: u64 = 1;
+const KVM_X86_SW_PROTECTED_VM: u64 = kvm_bindings::KVM_X86_SW_PROTECTED_VM as u64;
 
 #[test]
 fn kernel_sw_protected_vm_converts_both_ways_with_real_memory_attributes() {

@@ -173,7 +173,7 @@ fn parse_args() -> Result<Args, String> {
 
 /// A VM with private memory whose conversion hypercalls exit to the VMM, or what KVM lacks.
 fn private_memory_vm(kvm: &Kvm) -> Result<VmFd, String> {
-    const KVM_X86_SW_PROTECTED_VM: u64 = 1;
+    const KVM_X86_SW_PROTECTED_VM: u64 = kvm_bindings::KVM_X86_SW_PROTECTED_VM as u64;
     let needs = "needs Linux 6.8+ built with CONFIG_KVM_SW_PROTECTED_VM";
     let vm = kvm.create_vm_with_type(KVM_X86_SW_PROTECTED_VM);
     let vm = vm.map_err(|e| format!("KVM_X86_SW_PROTECTED_VM ({e}): {needs}"))?;

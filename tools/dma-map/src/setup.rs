@@ -22,7 +22,7 @@ use crate::exit::{Class, error};
 pub const REGION_BASE: u64 = 0x1_0000_0000;
 
 /// `KVM_X86_SW_PROTECTED_VM`: the VM type with private memory attributes and no hardware.
-const SW_PROTECTED_VM: u64 = 1;
+const SW_PROTECTED_VM: u64 = kvm_bindings::KVM_X86_SW_PROTECTED_VM as u64;
 
 /// KVM as the tool found it: the VM regions are created on, and what it supports.
 pub struct Kvm0 {

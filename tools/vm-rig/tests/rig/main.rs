@@ -26,8 +26,8 @@ use std::time::{Duration, Instant};
 
 use iommufd_ioctls::IommuFd;
 use kvm_bindings::{
-    KVM_MEM_GUEST_MEMFD, KVM_MEMORY_ATTRIBUTE_PRIVATE, kvm_create_guest_memfd,
-    kvm_memory_attributes, kvm_userspace_memory_region2,
+    KVM_MEM_GUEST_MEMFD, KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_X86_SW_PROTECTED_VM,
+    kvm_create_guest_memfd, kvm_memory_attributes, kvm_userspace_memory_region2,
 };
 use kvm_ioctls::Kvm;
 use vfio_bindings::bindings::vfio::{
@@ -38,7 +38,6 @@ use vm_rig::Feature;
 
 const PAGE: usize = 4096;
 const SLOT_SIZE: u64 = 2 << 20;
-const KVM_X86_SW_PROTECTED_VM: u64 = 1;
 /// Below edu's default 28-bit DMA mask.
 const IOVA: u64 = 0x10_0000;
 /// Bytes per DMA: QEMU 7.2's edu aborts on a full 4096-byte transfer (off-by-one).
@@ -111,7 +110,9 @@ fn kernel_rig_private_memory_converts_a_guest_memfd_slot() {
     }
     let shared = Anon::new(SLOT_SIZE as usize);
     let kvm = Kvm::new().unwrap();
-    let vm = kvm.create_vm_with_type(KVM_X86_SW_PROTECTED_VM).unwrap();
+    let vm = kvm
+        .create_vm_with_type(KVM_X86_SW_PROTECTED_VM.into())
+        .unwrap();
     let gmem = vm
         .create_guest_memfd(kvm_create_guest_memfd {
             size: SLOT_SIZE,

@@ -27,6 +27,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use kvm_bindings::KVM_X86_SW_PROTECTED_VM;
 use kvm_ioctls::{Cap, Kvm};
 
 /// Name of the environment variable listing required features.
@@ -40,8 +41,6 @@ pub const EDU_VENDOR_DEVICE: (u16, u16) = (0x1234, 0x11e8);
 const KVM_CAP_GUEST_MEMFD_FLAGS: libc::c_ulong = 244;
 /// `GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED`.
 const GUEST_MEMFD_MMAP_SHARED: i32 = 0b11;
-/// `KVM_X86_SW_PROTECTED_VM`: the VM type with private memory and no hardware encryption.
-const KVM_X86_SW_PROTECTED_VM: u64 = 1;
 
 /// A kernel feature a test may need.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -304,7 +303,7 @@ fn probe_private_memory() -> Result<(), String> {
         ));
     }
     let vm = kvm
-        .create_vm_with_type(KVM_X86_SW_PROTECTED_VM)
+        .create_vm_with_type(KVM_X86_SW_PROTECTED_VM.into())
         .map_err(|e| format!("KVM_CREATE_VM(SW_PROTECTED): {e}"))?;
     let attributes = vm.check_extension_raw(kvm_bindings::KVM_CAP_MEMORY_ATTRIBUTES.into());
     if attributes as u32 & kvm_bindings::KVM_MEMORY_ATTRIBUTE_PRIVATE == 0 {
