@@ -10,6 +10,7 @@ mod device;
 mod edu;
 mod host;
 mod iommufd;
+mod iommufd_noiommu;
 mod noiommu;
 mod pci;
 mod probe;
@@ -22,6 +23,9 @@ pub use device::{OpenError, VfioPciDevice};
 pub use edu::{EDU_ID, Edu, EduError};
 pub use host::{DeviceError, GroupMember, HostPaths, PciDeviceInfo, UsableDevice, VfioMode};
 pub use iommufd::{CutSetupError, IommufdBackend};
+pub use iommufd_noiommu::{
+    IommufdNoIommuBackend, PhysicalRun, map_file_known, noiommu_get_pa_known,
+};
 pub use noiommu::{NoIommuBackend, NoIommuDevice, PAGE_SIZE, PagemapEntry};
 pub use pci::{PciAddress, PciAddressError};
 pub use probe::{HostReport, MemlockLimit, NodeState, VfioContainerReport};
