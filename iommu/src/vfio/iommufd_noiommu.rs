@@ -139,17 +139,14 @@ impl IommufdNoIommuBackend {
             vfio: Arc::new(vfio),
         };
         let ops: Arc<dyn VfioOps> = Arc::clone(&backend.vfio) as Arc<dyn VfioOps>;
-        let device = VfioDevice::new(&usable.sysfs_dir, ops, true).map_err(|source| {
-            OpenError::Vfio {
+        let device =
+            VfioDevice::new(&usable.sysfs_dir, ops, true).map_err(|source| OpenError::Vfio {
                 address: *address,
                 step: "opening the no-IOMMU vfio cdev, binding it to the iommufd (needs \
                        CAP_SYS_RAWIO) and attaching the IOAS",
                 source,
-            }
-        })?;
-        let device = backend
-            .devices
-            .keep(VfioPciDevice::new(*address, device));
+            })?;
+        let device = backend.devices.keep(VfioPciDevice::new(*address, device));
         Ok((backend, device))
     }
 
@@ -194,29 +191,36 @@ impl IommufdNoIommuBackend {
     }
 }
 
-/// Whether the kernel behind `iommufd` knows `IOMMU_IOAS_NOIOMMU_GET_PA`, without asking about
-/// any address: sent with `size = 0`, a kernel that knows the command refuses the too-small
-/// struct with `EINVAL`; one that does not answers `ENOTTY`.
+/// Whether the kernel behind `iommufd` has iommufd's no-IOMMU mode, without asking about any
+/// address: `IOMMU_IOAS_NOIOMMU_GET_PA` on IOAS 0 (never allocated) answers `ENOENT` where the
+/// mode is built (`CONFIG_IOMMUFD_NOIOMMU`), `EOPNOTSUPP` where the command exists without it,
+/// and `ENOTTY` on a kernel older than the command.
 ///
 /// # Errors
-/// Any other errno.
-pub fn noiommu_get_pa_known(iommufd: BorrowedFd<'_>) -> Result<bool, errno::Error> {
-    let mut size: u32 = 0;
-    // SAFETY: `iommufd` is open; the kernel reads the leading u32 `size` (0) and stops there,
-    // because every iommufd command needs more than 0 bytes.
-    let ret = unsafe { ioctl_with_mut_ref(&iommufd, IOMMU_IOAS_NOIOMMU_GET_PA(), &mut size) };
+/// Any other errno (`EPERM` without `CAP_SYS_RAWIO`).
+pub fn noiommu_mode_built(iommufd: BorrowedFd<'_>) -> Result<bool, errno::Error> {
+    let mut cmd = IommuIoasNoiommuGetPa {
+        size: size_of::<IommuIoasNoiommuGetPa>() as u32,
+        ioas_id: 0,
+        length: PAGE_SIZE,
+        ..Default::default()
+    };
+    // SAFETY: `iommufd` is open; `cmd` is exclusively borrowed, `size` bytes long, of the uAPI
+    // layout; the kernel writes back at most `length` and `out_phys`.
+    let ret = unsafe { ioctl_with_mut_ref(&iommufd, IOMMU_IOAS_NOIOMMU_GET_PA(), &mut cmd) };
     if ret == 0 {
         return Ok(true);
     }
     match errno::Error::last().errno() {
-        libc::ENOTTY => Ok(false),
-        libc::EINVAL => Ok(true),
+        libc::ENOENT => Ok(true),
+        libc::ENOTTY | libc::EOPNOTSUPP => Ok(false),
         other => Err(errno::Error::new(other)),
     }
 }
 
-/// Whether the kernel behind `iommufd` knows `IOMMU_IOAS_MAP_FILE` (Linux 6.13+); see
-/// [`noiommu_get_pa_known`] for how.
+/// Whether the kernel behind `iommufd` knows `IOMMU_IOAS_MAP_FILE` (Linux 6.13+): sent with
+/// `size = 0`, a kernel that knows the command refuses the too-small struct with `EINVAL`; one
+/// that does not answers `ENOTTY`. (The backends' own probe, for tools that open no device.)
 ///
 /// # Errors
 /// Any errno but `EINVAL` and `ENOTTY`.

@@ -23,9 +23,7 @@ pub use device::{OpenError, VfioPciDevice};
 pub use edu::{EDU_ID, Edu, EduError};
 pub use host::{DeviceError, GroupMember, HostPaths, PciDeviceInfo, UsableDevice, VfioMode};
 pub use iommufd::{CutSetupError, IommufdBackend};
-pub use iommufd_noiommu::{
-    IommufdNoIommuBackend, PhysicalRun, map_file_known, noiommu_get_pa_known,
-};
+pub use iommufd_noiommu::{IommufdNoIommuBackend, PhysicalRun, map_file_known, noiommu_mode_built};
 pub use noiommu::{NoIommuBackend, NoIommuDevice, PAGE_SIZE, PagemapEntry};
 pub use pci::{PciAddress, PciAddressError};
 pub use probe::{HostReport, MemlockLimit, NodeState, VfioContainerReport};
