@@ -434,7 +434,8 @@ fn iommufd_command_findings(commands: Option<&IommufdCommands>, out: &mut Vec<Fi
         Ok(true) => yes(
             "IOMMUFD",
             "no-IOMMU cdevs",
-            "IOMMU_IOAS_NOIOMMU_GET_PA: no-IOMMU vfio cdevs bind to iommufd, pages pinned",
+            "built (IOMMU_IOAS_NOIOMMU_GET_PA answers): with vfio.enable_unsafe_noiommu_mode=1, \
+             no-IOMMU vfio cdevs bind to iommufd and their maps pin pages",
         ),
         Ok(false) => no(
             "IOMMUFD",
