@@ -161,6 +161,14 @@ fn in_place_region_is_reached_by_edu_and_punched_only_once_unmapped(
     assert_eq!(report.bytes, (PAGES - 1) * PAGE);
 }
 
+/// What an in-place region with edu behind `backend` needs (the backend's own feature).
+fn need_in_place(test: &str, backend: Feature) -> bool {
+    vm_rig::need(
+        test,
+        &[Feature::Kvm, Feature::GuestMemfdMmap, Feature::Edu, backend],
+    )
+}
+
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
     (0..len).map(|i| seed.wrapping_add(i as u8) | 1).collect()
 }
@@ -168,15 +176,7 @@ fn pattern(seed: u8, len: usize) -> Vec<u8> {
 #[test]
 fn kernel_7x_in_place_region_through_type1_is_reached_and_punched_only_once_unmapped() {
     let name = "kernel_7x_in_place_region_through_type1_is_reached_and_punched_only_once_unmapped";
-    if !vm_rig::need(
-        name,
-        &[
-            Feature::Kvm,
-            Feature::GuestMemfdMmap,
-            Feature::Edu,
-            Feature::VfioType1,
-        ],
-    ) {
+    if !need_in_place(name, Feature::VfioType1) {
         return;
     }
     let (backend, device) = Type1Backend::open(&edu_address()).expect("open edu through type1");
@@ -187,15 +187,7 @@ fn kernel_7x_in_place_region_through_type1_is_reached_and_punched_only_once_unma
 fn kernel_7x_in_place_region_through_iommufd_is_reached_and_punched_only_once_unmapped() {
     let name =
         "kernel_7x_in_place_region_through_iommufd_is_reached_and_punched_only_once_unmapped";
-    if !vm_rig::need(
-        name,
-        &[
-            Feature::Kvm,
-            Feature::GuestMemfdMmap,
-            Feature::Edu,
-            Feature::Iommufd,
-        ],
-    ) {
+    if !need_in_place(name, Feature::Iommufd) {
         return;
     }
     let (backend, device) = IommufdBackend::open(&edu_address()).expect("open edu via IOMMUFD");
