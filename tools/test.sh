@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The project's whole test suite: the host tests (cargo test), then the real-kernel tests in the
-# VM rig. Installs what it needs itself. Exits non-zero if anything failed or did not run.
+# VM rig (every configuration on a Linux 6.12 and a Linux 7.3 guest kernel). Installs what it needs
+# itself (Debian packages; the 7.3 source from trixie-backports through private apt lists). Exits
+# non-zero if anything failed or did not run.
 #
 # Under CI (CI=true) features this kind of machine has are required, so their tests fail instead
 # of skipping: /dev/kvm and mmap-able guest_memfd on the host; inside the rig, what each

@@ -32,6 +32,7 @@ pub use vfio::{
     PciDeviceInfo, Type1Backend, Type1Info, UsableDevice, VfioContainerReport, VfioMode,
     VfioPciDevice,
 };
+pub use vfio::{IommufdNoIommuBackend, PhysicalRun};
 
 /// The README's example runs as a doctest, so it cannot drift from the API.
 #[cfg(doctest)]

@@ -25,7 +25,7 @@ uptime_cs() { awk '{ printf "%d", $1 * 100 }' /proc/uptime; }
 fact() { echo "@@RIG FACT $1 $2" >&3; echo "rig: $1 = $2"; }
 
 echo "@@RIG BOOT $(uptime_cs)" >&3
-echo "rig: configuration $RIG_CONFIG, kernel $(uname -r), GMEM_DMA_REQUIRE=$GMEM_DMA_REQUIRE"
+echo "rig: configuration $RIG_CONFIG, kernel $RIG_KERNEL ($(uname -r)), GMEM_DMA_REQUIRE=$GMEM_DMA_REQUIRE"
 
 # Find the edu device (PCI 1234:11e8) and hand it to vfio-pci. An emulated IOMMU probes its
 # endpoints during boot; wait briefly for the device's IOMMU group where one is expected.
@@ -60,6 +60,7 @@ fact dev-vfio "$(ls /dev/vfio 2>/dev/null | tr '\n' ' ')"
 fact dev-vfio-devices "$(ls /dev/vfio/devices 2>/dev/null | tr '\n' ' ')"
 fact dev-iommu "$([ -e /dev/iommu ] && echo present || echo absent)"
 fact dev-kvm "$([ -e /dev/kvm ] && echo present || echo absent)"
+fact kernel "$(uname -r)"
 export GMEM_DMA_REQUIRE RIG_CONFIG RUST_BACKTRACE=1
 
 if [ "$RIG_MODE" = shell ]; then

@@ -59,11 +59,17 @@ pub enum Feature {
     Iommufd,
     /// VFIO no-IOMMU mode (`/dev/vfio/noiommu-N` for the `edu` device).
     NoIommu,
+    /// `IOMMU_IOAS_MAP_FILE` (Linux 6.13+): an IOAS maps a memfd by file and offset.
+    IommufdMapFile,
+    /// iommufd's own no-IOMMU mode (Linux 7.x, `CONFIG_IOMMUFD_NOIOMMU`): the `edu` device's
+    /// vfio cdev is a no-IOMMU one (`/dev/vfio/devices/noiommu-vfioN`) that binds to
+    /// `/dev/iommu`, and `IOMMU_IOAS_NOIOMMU_GET_PA` tells the physical address behind an IOVA.
+    IommufdNoIommu,
 }
 
 impl Feature {
     /// Every feature, in the order they are documented.
-    pub const ALL: [Feature; 7] = [
+    pub const ALL: [Feature; 9] = [
         Feature::Kvm,
         Feature::GuestMemfdMmap,
         Feature::KvmPrivateMemory,
@@ -71,6 +77,8 @@ impl Feature {
         Feature::VfioType1,
         Feature::Iommufd,
         Feature::NoIommu,
+        Feature::IommufdMapFile,
+        Feature::IommufdNoIommu,
     ];
 
     /// The name used in `GMEM_DMA_REQUIRE`.
@@ -83,6 +91,8 @@ impl Feature {
             Feature::VfioType1 => "vfio-type1",
             Feature::Iommufd => "iommufd",
             Feature::NoIommu => "noiommu",
+            Feature::IommufdMapFile => "iommufd-map-file",
+            Feature::IommufdNoIommu => "iommufd-noiommu",
         }
     }
 
@@ -110,9 +120,31 @@ impl Feature {
             Feature::Iommufd => {
                 let dev = edu_or_missing()?;
                 exists("/dev/iommu")?;
-                vfio_cdev(&dev)
-                    .map(drop)
-                    .ok_or_else(|| format!("{dev} has no vfio cdev under /dev/vfio/devices"))
+                let cdev = vfio_cdev(&dev)
+                    .ok_or_else(|| format!("{dev} has no vfio cdev under /dev/vfio/devices"))?;
+                if is_noiommu_cdev(&cdev) {
+                    return Err(format!(
+                        "{dev}'s cdev {} is a no-IOMMU one (no translation; that is {})",
+                        cdev.display(),
+                        Feature::IommufdNoIommu
+                    ));
+                }
+                Ok(())
+            }
+            Feature::IommufdMapFile => probe_map_file(),
+            Feature::IommufdNoIommu => {
+                let dev = edu_or_missing()?;
+                exists("/dev/iommu")?;
+                match vfio_cdev(&dev) {
+                    Some(cdev) if is_noiommu_cdev(&cdev) => Ok(()),
+                    Some(cdev) => Err(format!(
+                        "{dev}'s cdev {} is translated by an IOMMU, not a no-IOMMU one",
+                        cdev.display()
+                    )),
+                    None => Err(format!(
+                        "{dev} has no vfio cdev under /dev/vfio/devices (a no-IOMMU cdev needs Linux 7.x with CONFIG_IOMMUFD_NOIOMMU and vfio.enable_unsafe_noiommu_mode=1)"
+                    )),
+                }
             }
             Feature::NoIommu => {
                 let dev = edu_or_missing()?;
@@ -272,6 +304,53 @@ fn vfio_cdev(pci_address: &str) -> Option<PathBuf> {
     node.exists().then_some(node)
 }
 
+/// vfio names a no-IOMMU device's cdev `noiommu-vfioN` (`vfio_device_set_noiommu_and_name()`).
+fn is_noiommu_cdev(cdev: &Path) -> bool {
+    cdev.file_name()
+        .is_some_and(|n| n.to_string_lossy().starts_with("noiommu-"))
+}
+
+/// `_IO(';', 0x80 + n)`: every iommufd command is an argument-less ioctl number whose struct
+/// starts with its own size.
+const fn iommufd_ioctl(command: u8) -> libc::c_ulong {
+    ((b';' as libc::c_ulong) << 8) | command as libc::c_ulong
+}
+
+/// `IOMMUFD_CMD_IOAS_MAP_FILE`.
+const IOMMU_IOAS_MAP_FILE: libc::c_ulong = iommufd_ioctl(0x8f);
+
+/// Whether `/dev/iommu` knows `IOMMU_IOAS_MAP_FILE`, without mapping anything: sent with
+/// `size = 0`, a kernel that knows the command refuses the too-small struct with `EINVAL`; one
+/// that does not answers `ENOTTY`.
+fn probe_map_file() -> Result<(), String> {
+    let iommufd = File::options()
+        .read(true)
+        .write(true)
+        .open("/dev/iommu")
+        .map_err(|e| format!("/dev/iommu: {e}"))?;
+    let mut size: u32 = 0;
+    // SAFETY: the fd is open; the kernel reads the leading u32 `size` (0) and stops there,
+    // because every iommufd command needs more than 0 bytes.
+    let ret = unsafe {
+        libc::ioctl(
+            std::os::fd::AsRawFd::as_raw_fd(&iommufd),
+            IOMMU_IOAS_MAP_FILE,
+            &mut size,
+        )
+    };
+    match io::Error::last_os_error().raw_os_error() {
+        _ if ret == 0 => Ok(()),
+        Some(libc::EINVAL) => Ok(()),
+        Some(libc::ENOTTY) => {
+            Err("/dev/iommu answers ENOTTY to IOMMU_IOAS_MAP_FILE (needs Linux 6.13+)".into())
+        }
+        _ => Err(format!(
+            "IOMMU_IOAS_MAP_FILE probe: {}",
+            io::Error::last_os_error()
+        )),
+    }
+}
+
 fn exists(path: &str) -> Result<(), String> {
     if Path::new(path).exists() {
         Ok(())
@@ -324,6 +403,16 @@ mod tests {
         names.sort_unstable();
         names.dedup();
         assert_eq!(names.len(), Feature::ALL.len());
+    }
+
+    #[test]
+    fn iommufd_ioctl_numbers_match_the_uapi() {
+        // include/uapi/linux/iommufd.h: IOMMUFD_TYPE ';' (0x3b), _IO(type, nr) = type << 8 | nr.
+        assert_eq!(IOMMU_IOAS_MAP_FILE, 0x3b8f);
+        assert!(is_noiommu_cdev(Path::new(
+            "/dev/vfio/devices/noiommu-vfio0"
+        )));
+        assert!(!is_noiommu_cdev(Path::new("/dev/vfio/devices/vfio0")));
     }
 
     #[test]

@@ -352,12 +352,6 @@ fn vfio_findings(host: &HostReport, out: &mut Vec<Finding>) {
     }
     if host.iommufd == NodeState::Present {
         out.push(yes("IOMMUFD", "/dev/iommu", "opens"));
-        out.push(info(
-            "IOMMUFD",
-            "MAP_FILE",
-            "Linux 6.13+ maps memfd by fd+offset (IOMMU_IOAS_MAP_FILE); mainline refuses \
-             guest_memfd; not probed until a device is opened",
-        ));
     } else {
         out.push(no(
             "IOMMUFD",
@@ -392,6 +386,67 @@ fn vfio_findings(host: &HostReport, out: &mut Vec<Finding>) {
         }
         None => out.push(info("limits", "RLIMIT_MEMLOCK", "could not be read")),
     }
+}
+
+/// What `/dev/iommu` answers to the commands newer kernels added (`None` where it does not
+/// open): `IOMMU_IOAS_MAP_FILE` (6.13) and iommufd's own no-IOMMU mode (7.x).
+#[derive(Clone, Debug)]
+pub struct IommufdCommands {
+    /// `IOMMU_IOAS_MAP_FILE` is known, or the errno of the probe.
+    pub map_file: Result<bool, String>,
+    /// `IOMMU_IOAS_NOIOMMU_GET_PA` works (`CONFIG_IOMMUFD_NOIOMMU`), or the errno of the probe.
+    pub noiommu: Result<bool, String>,
+}
+
+fn probe_iommufd_commands() -> Option<IommufdCommands> {
+    let iommufd = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/iommu")
+        .ok()?;
+    let fd = std::os::fd::AsFd::as_fd(&iommufd);
+    Some(IommufdCommands {
+        map_file: iommu::vfio::map_file_known(fd).map_err(|e| e.to_string()),
+        noiommu: iommu::vfio::noiommu_mode_built(fd).map_err(|e| e.to_string()),
+    })
+}
+
+fn iommufd_command_findings(commands: Option<&IommufdCommands>, out: &mut Vec<Finding>) {
+    let Some(commands) = commands else {
+        return; // /dev/iommu is absent or unusable: vfio_findings said so
+    };
+    out.push(match &commands.map_file {
+        Ok(true) => yes(
+            "IOMMUFD",
+            "MAP_FILE",
+            "IOMMU_IOAS_MAP_FILE: memfd and hugetlbfs by fd + offset (mainline refuses guest_memfd)",
+        ),
+        Ok(false) => no(
+            "IOMMUFD",
+            "MAP_FILE",
+            "IOMMU_IOAS_MAP_FILE unknown to this kernel",
+            "mapping shared memory by memfd + offset",
+            "Linux 6.13+",
+        ),
+        Err(e) => info("IOMMUFD", "MAP_FILE", format!("probe failed: {e}")),
+    });
+    out.push(match &commands.noiommu {
+        Ok(true) => yes(
+            "IOMMUFD",
+            "no-IOMMU cdevs",
+            "built (IOMMU_IOAS_NOIOMMU_GET_PA answers): with vfio.enable_unsafe_noiommu_mode=1, \
+             no-IOMMU vfio cdevs bind to iommufd and their maps pin pages",
+        ),
+        Ok(false) => no(
+            "IOMMUFD",
+            "no-IOMMU cdevs",
+            "absent",
+            "the iommufd no-IOMMU backend (pinned memory, physical addresses from the kernel)",
+            "Linux 7.x with CONFIG_VFIO_NOIOMMU and CONFIG_VFIO_DEVICE_CDEV \
+             (selects CONFIG_IOMMUFD_NOIOMMU)",
+        ),
+        Err(e) => info("IOMMUFD", "no-IOMMU cdevs", format!("probe failed: {e}")),
+    });
 }
 
 /// The device table's "usable through" column: every mode that passes the library's check,
@@ -465,6 +520,8 @@ pub fn probe() -> Probe {
     let mut findings = Vec::new();
     kvm_findings(&kvm, &mut findings);
     vfio_findings(&host, &mut findings);
+    let iommufd_commands = probe_iommufd_commands();
+    iommufd_command_findings(iommufd_commands.as_ref(), &mut findings);
     let auto_region = match kvm.default_vm().map(|s| s.choose_model(ModelChoice::Auto)) {
         Some(Ok(BackingModel::InPlace)) => "in-place (mmap-able guest_memfd)".to_string(),
         Some(Ok(BackingModel::Classic)) => "classic (memfd + guest_memfd)".to_string(),
@@ -655,6 +712,26 @@ mod tests {
         kvm_findings(&none, &mut f);
         assert_eq!(f.len(), 1);
         assert!(f[0].fix.as_deref().unwrap().contains("modprobe"));
+    }
+
+    #[test]
+    fn iommufd_commands_are_yes_where_known_and_no_with_a_fix_elsewhere() {
+        let mut f = Vec::new();
+        iommufd_command_findings(None, &mut f);
+        assert!(f.is_empty(), "no /dev/iommu: vfio_findings reports it");
+        let commands = |map_file, noiommu| IommufdCommands {
+            map_file: Ok(map_file),
+            noiommu: Ok(noiommu),
+        };
+        iommufd_command_findings(Some(&commands(true, true)), &mut f);
+        assert_eq!(status(&f, "MAP_FILE"), "yes");
+        assert_eq!(status(&f, "no-IOMMU cdevs"), "yes");
+        let mut f = Vec::new();
+        iommufd_command_findings(Some(&commands(true, false)), &mut f);
+        assert_eq!(status(&f, "MAP_FILE"), "yes");
+        let missing = f.iter().find(|f| f.item == "no-IOMMU cdevs").unwrap();
+        assert_eq!(missing.status, "no");
+        assert!(missing.fix.as_deref().unwrap().contains("7.x"));
     }
 
     #[test]

@@ -16,16 +16,28 @@ pub struct Config {
     pub iommu_devices: &'static [&'static str],
     /// Extra kernel command line.
     pub cmdline: &'static str,
-    /// The features a test may rely on here (exported as `GMEM_DMA_REQUIRE`).
+    /// The features a test may rely on here on every kernel (exported as `GMEM_DMA_REQUIRE`).
     pub require: &'static [Feature],
+    /// Kernel-dependent features this machine offers when the kernel has them
+    /// ([`Kernel::features`]): required there too.
+    pub offers_when_the_kernel_has: &'static [Feature],
     /// Whether an IOMMU translates the edu device's DMA (the guest waits for its IOMMU group).
     pub translated: bool,
 }
 
 impl Config {
-    /// `GMEM_DMA_REQUIRE` for this configuration.
-    pub fn require_env(&self) -> String {
-        self.require
+    /// What a test may rely on in this configuration on `kernel`.
+    pub fn require_on(&self, kernel: &Kernel) -> Vec<Feature> {
+        let extra = self
+            .offers_when_the_kernel_has
+            .iter()
+            .filter(|f| kernel.features.contains(f));
+        self.require.iter().chain(extra).copied().collect()
+    }
+
+    /// `GMEM_DMA_REQUIRE` for this configuration on `kernel`.
+    pub fn require_env(&self, kernel: &Kernel) -> String {
+        self.require_on(kernel)
             .iter()
             .map(|f| f.name())
             .collect::<Vec<_>>()
@@ -33,7 +45,11 @@ impl Config {
     }
 }
 
-use Feature::{Edu, Iommufd, Kvm, KvmPrivateMemory, NoIommu, VfioType1};
+use crate::kernel::Kernel;
+use Feature::{
+    Edu, GuestMemfdMmap, Iommufd, IommufdMapFile, IommufdNoIommu, Kvm, KvmPrivateMemory, NoIommu,
+    VfioType1,
+};
 
 /// Every configuration, in the order they run and appear in the report.
 pub const CONFIGS: &[Config] = &[
@@ -43,6 +59,7 @@ pub const CONFIGS: &[Config] = &[
         iommu_devices: &["intel-iommu,intremap=on,caching-mode=on"],
         cmdline: "intel_iommu=on",
         require: &[Kvm, KvmPrivateMemory, Edu, VfioType1],
+        offers_when_the_kernel_has: &[GuestMemfdMmap],
         translated: true,
     },
     Config {
@@ -51,6 +68,7 @@ pub const CONFIGS: &[Config] = &[
         iommu_devices: &["intel-iommu,intremap=on,caching-mode=on"],
         cmdline: "intel_iommu=on",
         require: &[Kvm, KvmPrivateMemory, Edu, Iommufd],
+        offers_when_the_kernel_has: &[GuestMemfdMmap, IommufdMapFile],
         translated: true,
     },
     Config {
@@ -59,6 +77,7 @@ pub const CONFIGS: &[Config] = &[
         iommu_devices: &["virtio-iommu-pci"],
         cmdline: "vfio_iommu_type1.allow_unsafe_interrupts=1 iommufd.allow_unsafe_interrupts=1",
         require: &[Kvm, KvmPrivateMemory, Edu, VfioType1, Iommufd],
+        offers_when_the_kernel_has: &[GuestMemfdMmap, IommufdMapFile],
         translated: true,
     },
     Config {
@@ -67,6 +86,7 @@ pub const CONFIGS: &[Config] = &[
         iommu_devices: &[],
         cmdline: "vfio.enable_unsafe_noiommu_mode=1",
         require: &[Kvm, KvmPrivateMemory, Edu, NoIommu],
+        offers_when_the_kernel_has: &[GuestMemfdMmap, IommufdNoIommu],
         translated: false,
     },
 ];
@@ -96,6 +116,7 @@ pub fn by_name(name: &str) -> Option<&'static Config> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernel::KERNELS;
 
     #[test]
     fn every_configuration_requires_kvm_private_memory_and_edu() {
@@ -128,7 +149,44 @@ mod tests {
 
     #[test]
     fn require_env_round_trips_through_the_contract_names() {
-        let env = CONFIGS[0].require_env();
-        assert_eq!(env, "kvm,kvm-private,edu,vfio-type1");
+        let [old, new] = [&KERNELS[0], &KERNELS[1]];
+        assert_eq!(
+            CONFIGS[0].require_env(old),
+            "kvm,kvm-private,edu,vfio-type1"
+        );
+        assert_eq!(
+            CONFIGS[0].require_env(new),
+            "kvm,kvm-private,edu,vfio-type1,guest-memfd-mmap"
+        );
+        assert_eq!(
+            by_name("noiommu").unwrap().require_env(new),
+            "kvm,kvm-private,edu,noiommu,guest-memfd-mmap,iommufd-noiommu"
+        );
+    }
+
+    #[test]
+    fn every_kernel_feature_is_required_somewhere_and_only_on_kernels_that_have_it() {
+        for kernel in KERNELS {
+            for feature in kernel.features {
+                assert!(
+                    CONFIGS
+                        .iter()
+                        .any(|c| c.require_on(kernel).contains(feature)),
+                    "{} has {feature}, but no configuration requires it",
+                    kernel.name
+                );
+            }
+            for config in CONFIGS {
+                for feature in config.offers_when_the_kernel_has {
+                    assert_eq!(
+                        config.require_on(kernel).contains(feature),
+                        kernel.features.contains(feature),
+                        "{} on {}: {feature}",
+                        config.name,
+                        kernel.name
+                    );
+                }
+            }
+        }
     }
 }

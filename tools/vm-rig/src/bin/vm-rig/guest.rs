@@ -17,6 +17,7 @@ use anyhow::{Context, Result};
 
 use crate::configs::Config;
 use crate::cpio::Archive;
+use crate::kernel::Kernel;
 use crate::results::{GuestLog, parse_log};
 
 /// The guest's `/init`, kept as a shell script beside this crate.
@@ -73,12 +74,13 @@ pub fn write_initramfs(path: &Path, payload: &Payload<'_>) -> Result<u64> {
     Ok(archive.finish()?)
 }
 
-/// `/etc/rig/env` for a configuration.
-pub fn env_file(config: &Config, mode: &str) -> String {
+/// `/etc/rig/env` for a configuration on a kernel.
+pub fn env_file(config: &Config, kernel: &Kernel, mode: &str) -> String {
     format!(
-        "RIG_CONFIG={}\nGMEM_DMA_REQUIRE={}\nRIG_MODE={mode}\nRIG_IOMMU={}\n",
+        "RIG_CONFIG={}\nRIG_KERNEL={}\nGMEM_DMA_REQUIRE={}\nRIG_MODE={mode}\nRIG_IOMMU={}\n",
         config.name,
-        config.require_env(),
+        kernel.name,
+        config.require_env(kernel),
         if config.translated { "yes" } else { "no" }
     )
 }
@@ -166,9 +168,11 @@ pub struct Boot {
     pub console: PathBuf,
 }
 
-/// Boots `config` and runs its plan, under the watchdog.
+/// Boots `config` and runs its plan, under the watchdog; `column` names the run (kernel and
+/// configuration) in echoed console lines.
 pub fn boot(
     config: &Config,
+    column: &str,
     kernel: &Path,
     initrd: &Path,
     workdir: &Path,
@@ -193,7 +197,7 @@ pub fn boot(
         .stderr(Stdio::piped())
         .spawn()
         .context("starting qemu-system-x86_64")?;
-    let prefix = opts.echo.then(|| format!("[{}] ", config.name));
+    let prefix = opts.echo.then(|| format!("[{column}] "));
     let mut readers = Vec::new();
     if let Some(out) = child.stdout.take() {
         readers.push(copy_lines(out, Arc::clone(&console), prefix.clone()));
@@ -415,11 +419,16 @@ mod tests {
 
     #[test]
     fn env_file_exports_the_promises() {
-        let env = env_file(by_name("noiommu").unwrap(), "run");
+        let env = env_file(
+            by_name("noiommu").unwrap(),
+            &crate::kernel::KERNELS[0],
+            "run",
+        );
         assert!(
             env.contains("GMEM_DMA_REQUIRE=kvm,kvm-private,edu,noiommu\n"),
             "{env}"
         );
+        assert!(env.contains("RIG_KERNEL=6.12\n"), "{env}");
         assert!(env.contains("RIG_IOMMU=no\n"));
     }
 }

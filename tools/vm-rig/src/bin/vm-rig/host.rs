@@ -8,7 +8,8 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
-/// The Debian package whose tarball the guest kernel is built from.
+/// The Debian package of the installed kernel source (the 6.12 guest kernel's); newer kernels
+/// come from the archive without installing anything (see [`fetch_kernel_source`]).
 pub const KERNEL_SOURCE_PACKAGE: &str = "linux-source-6.12";
 
 /// One thing the rig uses and the Debian package that provides it.
@@ -31,8 +32,13 @@ const NEEDS: &[Need] = &[
     },
     Need {
         what: "kernel source tarball",
-        present: || kernel_tarball().is_some(),
+        present: || kernel_tarball(KERNEL_SOURCE_PACKAGE).is_some(),
         package: KERNEL_SOURCE_PACKAGE,
+    },
+    Need {
+        what: "dpkg-deb (to unpack a downloaded kernel source package)",
+        present: || on_path("dpkg-deb"),
+        package: "dpkg",
     },
     Need {
         what: "make",
@@ -164,10 +170,15 @@ pub fn static_busybox() -> Option<PathBuf> {
         .find(|path| std::fs::read(path).is_ok_and(|bytes| is_static_elf(&bytes)))
 }
 
-/// The kernel source tarball that [`KERNEL_SOURCE_PACKAGE`] installs under /usr/src.
-pub fn kernel_tarball() -> Option<PathBuf> {
-    let prefix = format!("{KERNEL_SOURCE_PACKAGE}.tar.");
-    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/src")
+/// The kernel source tarball that the Debian package `package` installs under /usr/src.
+pub fn kernel_tarball(package: &str) -> Option<PathBuf> {
+    tarball_in(Path::new("/usr/src"), package)
+}
+
+/// `<dir>/<package>.tar.*`, the name Debian's linux-source packages give their tarball.
+fn tarball_in(dir: &Path, package: &str) -> Option<PathBuf> {
+    let prefix = format!("{package}.tar.");
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
         .ok()?
         .flatten()
         .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
@@ -188,6 +199,171 @@ pub fn package_version(package: &str) -> Result<String> {
         bail!("dpkg-query cannot tell the version of {package}");
     }
     Ok(version)
+}
+
+/// A kernel source package fetched from the Debian archive into the rig's cache.
+pub struct FetchedSource {
+    /// The source tarball.
+    pub tarball: PathBuf,
+    /// The package's version (`7.3.4-1~bpo13+1`).
+    pub version: String,
+}
+
+/// The kernel source tarball of `package` from `suite` (e.g. `trixie-backports`), fetched once
+/// into `dir` and reused from there.
+///
+/// The machine's apt configuration is left alone: a private sources list with one line
+/// (`deb [trusted=yes] <the machine's Debian archive> <suite> main`) and private package lists
+/// go to a temporary directory, `apt-get update` and `apt-get download` read only those
+/// (`Dir::Etc::SourceList`, `Dir::Etc::SourceParts=/dev/null`, `Dir::State::Lists`,
+/// `Dir::Cache`), and `dpkg-deb -x` unpacks the .deb there. Only the tarball and the version
+/// are kept; the entry is renamed into place when complete.
+pub fn fetch_kernel_source(package: &str, suite: &str, dir: &Path) -> Result<FetchedSource> {
+    let version_file = dir.join("version");
+    if let (Ok(version), Some(tarball)) = (
+        std::fs::read_to_string(&version_file),
+        tarball_in(dir, package),
+    ) {
+        return Ok(FetchedSource {
+            tarball,
+            version: version.trim().to_string(),
+        });
+    }
+    let archive = debian_archive_uri();
+    eprintln!(
+        "vm-rig: fetching {package} from {archive} {suite} (private apt lists; the machine's apt configuration is untouched)"
+    );
+    let parent = dir
+        .parent()
+        .context("a source cache directory has a parent")?;
+    let work = parent.join(format!(".fetch-{}", std::process::id()));
+    if work.exists() {
+        std::fs::remove_dir_all(&work)?;
+    }
+    for sub in [
+        "lists/partial",
+        "cache/archives/partial",
+        "deb",
+        "x",
+        "entry",
+    ] {
+        std::fs::create_dir_all(work.join(sub))
+            .with_context(|| format!("creating {}", work.join(sub).display()))?;
+    }
+    let result = (|| -> Result<FetchedSource> {
+        let list = work.join("sources.list");
+        std::fs::write(&list, format!("deb [trusted=yes] {archive} {suite} main\n"))?;
+        let mut options = vec![
+            format!("Dir::Etc::SourceList={}", list.display()),
+            "Dir::Etc::SourceParts=/dev/null".to_string(),
+            format!("Dir::State::Lists={}", work.join("lists").display()),
+            format!("Dir::Cache={}", work.join("cache").display()),
+        ];
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } == 0 {
+            // apt would drop to `_apt`, which cannot write into this root-owned directory.
+            options.push("APT::Sandbox::User=root".to_string());
+        }
+        let apt = |args: &[&str]| -> Result<()> {
+            let mut cmd = Command::new("apt-get");
+            for option in &options {
+                cmd.arg("-o").arg(option);
+            }
+            let status = cmd
+                .args(args)
+                .current_dir(work.join("deb"))
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .status()
+                .context("running apt-get (is this a Debian machine?)")?;
+            if !status.success() {
+                bail!(
+                    "apt-get {} (private lists for {suite}) failed: {status}",
+                    args.join(" ")
+                );
+            }
+            Ok(())
+        };
+        apt(&["-q", "update"])?;
+        apt(&["-q", "download", package])?;
+        let deb = std::fs::read_dir(work.join("deb"))?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|e| e == "deb"))
+            .with_context(|| format!("apt-get download {package} left no .deb"))?;
+        let field = Command::new("dpkg-deb")
+            .args(["-f"])
+            .arg(&deb)
+            .arg("Version")
+            .output()
+            .context("running dpkg-deb -f")?;
+        let version = String::from_utf8_lossy(&field.stdout).trim().to_string();
+        if !field.status.success() || version.is_empty() {
+            bail!("dpkg-deb cannot read the version of {}", deb.display());
+        }
+        let status = Command::new("dpkg-deb")
+            .arg("-x")
+            .arg(&deb)
+            .arg(work.join("x"))
+            .status()
+            .context("running dpkg-deb -x")?;
+        if !status.success() {
+            bail!("dpkg-deb -x {} failed: {status}", deb.display());
+        }
+        let unpacked = tarball_in(&work.join("x/usr/src"), package)
+            .with_context(|| format!("{} holds no usr/src/{package}.tar.*", deb.display()))?;
+        let name = unpacked.file_name().context("a tarball has a name")?;
+        std::fs::rename(&unpacked, work.join("entry").join(name))?;
+        std::fs::write(work.join("entry/version"), format!("{version}\n"))?;
+        if dir.exists() {
+            std::fs::remove_dir_all(dir)?; // an incomplete entry (no version or no tarball)
+        }
+        std::fs::rename(work.join("entry"), dir)
+            .with_context(|| format!("moving the source into {}", dir.display()))?;
+        Ok(FetchedSource {
+            tarball: dir.join(name),
+            version,
+        })
+    })();
+    let _ = std::fs::remove_dir_all(&work);
+    result
+}
+
+/// The Debian archive this machine's apt sources use (deb822 `URIs:` in
+/// /etc/apt/sources.list.d/*.sources, or `deb` lines of /etc/apt/sources.list), skipping the
+/// security archive; Debian's own redirector when none is found.
+fn debian_archive_uri() -> String {
+    let mut texts = Vec::new();
+    if let Ok(entries) = std::fs::read_dir("/etc/apt/sources.list.d") {
+        let mut paths: Vec<PathBuf> = entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "sources" || e == "list"))
+            .collect();
+        paths.sort();
+        texts.extend(paths.iter().filter_map(|p| std::fs::read_to_string(p).ok()));
+    }
+    texts.extend(std::fs::read_to_string("/etc/apt/sources.list").ok());
+    texts
+        .iter()
+        .find_map(|text| archive_uri_in(text))
+        .unwrap_or_else(|| "http://deb.debian.org/debian".to_string())
+}
+
+/// The first Debian archive URI (not the security archive) in an apt sources text, in either
+/// format.
+fn archive_uri_in(text: &str) -> Option<String> {
+    text.lines()
+        .filter_map(|line| {
+            let line = line.split('#').next()?.trim();
+            if let Some(uris) = line.strip_prefix("URIs:") {
+                return uris.split_whitespace().next();
+            }
+            let mut words = line.split_whitespace();
+            (words.next()? == "deb").then_some(())?;
+            words.find(|w| !w.starts_with('['))
+        })
+        .find(|uri| uri.contains("debian") && !uri.contains("security"))
+        .map(|uri| uri.trim_end_matches('/').to_string())
 }
 
 /// True for a 64-bit little-endian ELF executable without a PT_INTERP program header, i.e. one
@@ -249,6 +425,24 @@ mod tests {
         assert!(
             !is_static_elf(&truncated),
             "headers past the end are not trusted"
+        );
+    }
+
+    #[test]
+    fn the_archive_uri_is_read_from_either_sources_format_skipping_security() {
+        let deb822 = "Types: deb\n# http://snapshot.debian.org/archive/debian-security/x\nURIs: http://deb.debian.org/debian-security\nSuites: bookworm-security\n\nTypes: deb\nURIs: http://mirror.example/debian/\nSuites: bookworm\n";
+        assert_eq!(
+            archive_uri_in(deb822).as_deref(),
+            Some("http://mirror.example/debian")
+        );
+        let one_line = "# deb http://old.example/debian bookworm main\ndeb [arch=amd64] http://ftp.de.debian.org/debian bookworm main\n";
+        assert_eq!(
+            archive_uri_in(one_line).as_deref(),
+            Some("http://ftp.de.debian.org/debian")
+        );
+        assert_eq!(
+            archive_uri_in("deb http://example.org/ubuntu jammy main\n"),
+            None
         );
     }
 

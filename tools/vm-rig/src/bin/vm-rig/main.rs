@@ -28,6 +28,7 @@ use clap::{Args, Parser, Subcommand};
 
 use binaries::{Built, Workspace};
 use configs::Config;
+use kernel::Kernel;
 use report::{ConfigRun, HostProblem};
 use results::{ItemKind, PlanItem};
 
@@ -56,13 +57,20 @@ enum Cmd {
     /// Install what is missing, build the kernel and the static tests, run them in every
     /// configuration, print the summary; exits non-zero if anything failed or did not run.
     Run(RunArgs),
-    /// Only build (or find in the cache) the guest kernel, and print its path.
-    Kernel,
+    /// Only build (or find in the cache) the guest kernels, and print their paths.
+    Kernel {
+        /// Which kernel: 6.12, 7.3 or all.
+        #[arg(long, default_value = "all")]
+        kernel: String,
+    },
     /// Boot one configuration with a shell on this terminal (tests are in /t, plan in /etc/rig/plan).
     Shell {
         /// The configuration to boot.
         #[arg(long, default_value = "intel-type1")]
         config: String,
+        /// The kernel to boot (6.12 or 7.3).
+        #[arg(long, default_value = "7.3")]
+        kernel: String,
         /// Guest RAM.
         #[arg(long, default_value = "1G")]
         memory: String,
@@ -83,6 +91,9 @@ struct RunArgs {
     /// Run only this configuration (repeatable; default: all).
     #[arg(long = "config")]
     configs: Vec<String>,
+    /// Run on this kernel: 6.12, 7.3 or all (every configuration boots on each).
+    #[arg(long, default_value = "all")]
+    kernel: String,
     /// Run only the tests and commands whose report name contains this.
     #[arg(long)]
     filter: Option<String>,
@@ -107,22 +118,31 @@ fn main() {
     let cli = Cli::parse();
     let outcome = match cli.command {
         Cmd::Run(args) => run(&args),
-        Cmd::Kernel => host::ensure_packages()
-            .and_then(|()| kernel::ensure(&rig_dir()))
-            .map(|image| {
-                println!("{}", image.display());
-                true
+        Cmd::Kernel { kernel } => host::ensure_packages()
+            .and_then(|()| kernel::select(&kernel))
+            .and_then(|kernels| {
+                for kernel in kernels {
+                    let image = kernel::ensure(&rig_dir(), kernel)?;
+                    println!("{} {}", kernel.name, image.display());
+                }
+                Ok(true)
             }),
-        Cmd::Shell { config, memory } => shell(&config, &memory).map(|()| true),
+        Cmd::Shell {
+            config,
+            kernel,
+            memory,
+        } => shell(&config, &kernel, &memory).map(|()| true),
         Cmd::Configs => {
             for config in configs::CONFIGS {
-                println!(
-                    "{:<14} {}\n{:<14} GMEM_DMA_REQUIRE={}",
-                    config.name,
-                    config.summary,
-                    "",
-                    config.require_env()
-                );
+                println!("{:<14} {}", config.name, config.summary);
+                for kernel in kernel::KERNELS {
+                    println!(
+                        "{:<14} on {}: GMEM_DMA_REQUIRE={}",
+                        "",
+                        kernel.name,
+                        config.require_env(kernel)
+                    );
+                }
             }
             Ok(true)
         }
@@ -304,15 +324,30 @@ fn make_plan(
     Ok(plan)
 }
 
+/// A guest kernel ready to boot.
+struct BuiltKernel {
+    kernel: &'static Kernel,
+    image: PathBuf,
+}
+
 fn prepare(
+    kernels: &[&'static Kernel],
     filter: Option<&str>,
     limit_secs: u64,
-) -> Result<(PathBuf, Workspace, Plan, Vec<HostProblem>)> {
+) -> Result<(Vec<BuiltKernel>, Workspace, Plan, Vec<HostProblem>)> {
     host::ensure_packages()?;
     let workspace = Workspace::locate(&rig_dir())?;
-    let started = Instant::now();
-    let kernel = kernel::ensure(&rig_dir())?;
-    eprintln!("vm-rig: kernel ready after {:.0?}", started.elapsed());
+    let mut built_kernels = Vec::new();
+    for &kernel in kernels {
+        let started = Instant::now();
+        let image = kernel::ensure(&rig_dir(), kernel)?;
+        eprintln!(
+            "vm-rig: kernel {} ready after {:.0?}",
+            kernel.name,
+            started.elapsed()
+        );
+        built_kernels.push(BuiltKernel { kernel, image });
+    }
     let started = Instant::now();
     let built = binaries::build(&workspace)?;
     eprintln!(
@@ -332,7 +367,7 @@ fn prepare(
         &mut plan.files,
         &workspace.rig_target_dir().join("stripped"),
     )?;
-    Ok((kernel, workspace, plan, problems))
+    Ok((built_kernels, workspace, plan, problems))
 }
 
 /// Replaces each host file with a copy without debug information: the guest's initramfs shrinks
@@ -364,8 +399,15 @@ fn strip_debug_info(files: &mut [(String, PathBuf)], dir: &Path) -> Result<()> {
 
 fn run(args: &RunArgs) -> Result<bool> {
     let started = Instant::now();
-    let selected = configs::select(&args.configs)?;
-    let (kernel, workspace, plan, problems) = prepare(args.filter.as_deref(), args.test_timeout)?;
+    let configs = configs::select(&args.configs)?;
+    let kernels = kernel::select(&args.kernel)?;
+    let (kernels, workspace, plan, problems) =
+        prepare(&kernels, args.filter.as_deref(), args.test_timeout)?;
+    // Every configuration on every kernel, kernel by kernel (the report's column order).
+    let selected: Vec<(&BuiltKernel, &Config)> = kernels
+        .iter()
+        .flat_map(|kernel| configs.iter().map(move |&config| (kernel, config)))
+        .collect();
     if plan.items.is_empty() && plan.commands.is_empty() {
         bail!(
             "nothing to run: no `{KERNEL_TEST_FILTER}` test or command matches{}",
@@ -395,10 +437,10 @@ fn run(args: &RunArgs) -> Result<bool> {
             scope.spawn(|| {
                 loop {
                     let index = next.fetch_add(1, Ordering::SeqCst);
-                    let Some(&config) = selected.get(index) else {
+                    let Some(&(kernel, config)) = selected.get(index) else {
                         break;
                     };
-                    match run_config(config, &kernel, &workspace, &plan, &busybox, &opts) {
+                    match run_config(config, kernel, &workspace, &plan, &busybox, &opts) {
                         Ok(run) => {
                             if let Ok(mut runs) = runs.lock() {
                                 runs[index] = Some(run);
@@ -406,7 +448,10 @@ fn run(args: &RunArgs) -> Result<bool> {
                         }
                         Err(error) => {
                             if let Ok(mut errors) = errors.lock() {
-                                errors.push(format!("{}: {error:#}", config.name));
+                                errors.push(format!(
+                                    "{} {}: {error:#}",
+                                    kernel.kernel.name, config.name
+                                ));
                             }
                         }
                     }
@@ -435,36 +480,39 @@ fn run(args: &RunArgs) -> Result<bool> {
 
 fn run_config(
     config: &Config,
-    kernel: &Path,
+    kernel: &BuiltKernel,
     workspace: &Workspace,
     plan: &Plan,
     busybox: &Path,
     opts: &guest::BootOptions,
 ) -> Result<ConfigRun> {
-    let workdir = workspace.rig_target_dir().join("runs").join(config.name);
+    let workdir = workspace
+        .rig_target_dir()
+        .join("runs")
+        .join(kernel.kernel.name)
+        .join(config.name);
     fs::create_dir_all(&workdir).with_context(|| format!("creating {}", workdir.display()))?;
     let initrd = workdir.join("initramfs.cpio");
     let payload = guest::Payload {
         busybox,
-        env: guest::env_file(config, "run"),
+        env: guest::env_file(config, kernel.kernel, "run"),
         plan: plan.text_for(config),
         files: &plan.files,
     };
     let size = guest::write_initramfs(&initrd, &payload)?;
     let items = plan.items_for(config);
+    let column = format!("{} {}", kernel.kernel.name, config.name);
     eprintln!(
-        "vm-rig: [{}] booting: {} items, initramfs {} MiB",
-        config.name,
+        "vm-rig: [{column}] booting: {} items, initramfs {} MiB",
         items.len(),
         size >> 20
     );
-    let boot = guest::boot(config, kernel, &initrd, &workdir, opts)?;
+    let boot = guest::boot(config, &column, &kernel.image, &initrd, &workdir, opts)?;
     let stopped_text = boot.stopped.clone().unwrap_or_default();
     let results = results::compare(&items, &boot.log, &stopped_text);
     let failed = results.iter().filter(|r| r.outcome.is_failure()).count();
     eprintln!(
-        "vm-rig: [{}] finished in {:.1}s: {} items, {failed} failed{}",
-        config.name,
+        "vm-rig: [{column}] finished in {:.1}s: {} items, {failed} failed{}",
         boot.wall.as_secs_f64(),
         results.len(),
         boot.stopped
@@ -472,7 +520,7 @@ fn run_config(
             .map_or(String::new(), |s| format!("; {s}"))
     );
     Ok(ConfigRun {
-        name: config.name.to_string(),
+        name: column,
         results,
         console_tail: if boot.stopped.is_some() {
             guest::tail(&boot.console, 60)
@@ -487,10 +535,14 @@ fn run_config(
     })
 }
 
-fn shell(name: &str, memory: &str) -> Result<()> {
+fn shell(name: &str, kernel: &str, memory: &str) -> Result<()> {
     let config =
         configs::by_name(name).with_context(|| format!("no configuration named {name:?}"))?;
-    let (kernel, workspace, plan, problems) = prepare(None, 300)?;
+    let kernels = kernel::select(kernel)?;
+    let [kernel] = kernels[..] else {
+        bail!("the shell boots one kernel; name it (--kernel 6.12 or 7.3)");
+    };
+    let (kernels, workspace, plan, problems) = prepare(&[kernel], None, 300)?;
     for problem in &problems {
         eprintln!(
             "vm-rig: warning: {}: {}",
@@ -503,17 +555,17 @@ fn shell(name: &str, memory: &str) -> Result<()> {
     let workdir = workspace
         .rig_target_dir()
         .join("runs")
-        .join(format!("{name}-shell"));
+        .join(format!("{}-{name}-shell", kernel.name));
     fs::create_dir_all(&workdir)?;
     let initrd = workdir.join("initramfs.cpio");
     let payload = guest::Payload {
         busybox: &busybox,
-        env: guest::env_file(config, "shell"),
+        env: guest::env_file(config, kernel, "shell"),
         plan: plan.text_for(config),
         files: &plan.files,
     };
     guest::write_initramfs(&initrd, &payload)?;
-    guest::interactive(config, &kernel, &initrd, &workdir, memory)
+    guest::interactive(config, &kernels[0].image, &initrd, &workdir, memory)
 }
 
 #[cfg(test)]
