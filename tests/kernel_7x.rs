@@ -233,10 +233,7 @@ fn kernel_7x_map_file_refuses_guest_memfd_and_the_trusted_io_path_says_so() {
         Attribute::Shared,
         DiscardPolicy::Eager,
     );
-    let by_file = DeviceConfig {
-        map_by: MapBy::File,
-        ..DeviceConfig::shared()
-    };
+    let by_file = DeviceConfig::shared_by(MapBy::File);
     for (config, says) in [
         (DeviceConfig::trusted_io(), "trusted-IO"),
         (by_file, "guest_memfd by file"),
