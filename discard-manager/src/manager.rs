@@ -139,7 +139,9 @@ fn sent(
 
 /// Sends `range`, leaving `view`, to every listener of `view` it touches (clipped to the
 /// listener's range), to every one even after a failure; the failures, if any. The list is
-/// created by the first failure, so the common path neither builds nor drops one.
+/// created by the first failure, so the common path neither builds nor drops one. Inlined:
+/// out of line, its call and register saves were a fifth of a one-run transaction's own work.
+#[inline(always)]
 fn discard_run(
     listeners: &[Entry],
     view: View,
