@@ -182,7 +182,9 @@ fn add_failure(
 }
 
 /// Sends `range`, joining `view`, to every listener of `view` it touches (clipped), stopping
-/// at the first refusal: (its listener index, the refusal).
+/// at the first refusal: (its listener index, the refusal). Inlined like [`discard_run`]:
+/// with a real step (gmem-dma's attribute change) the compiler kept it out of line.
+#[inline(always)]
 fn populate_run(listeners: &[Entry], view: View, range: GpaRange) -> Result<(), (usize, Refusal)> {
     for (index, entry) in listeners.iter().enumerate() {
         if entry.info.view != view {
