@@ -524,7 +524,7 @@ impl DiscardManager {
 
     /// The transaction of a range inside one run `w` whose state changes to `new`: at most
     /// one discarded and one populated run, each sent straight from the two states without
-    /// going through the [`Change`]'s lists. `granules` = (range, its first granule, its end).
+    /// going through the [`Change`]'s lists. `(range, a, b)`: the range and its granules `[a, b)`.
     fn transact_within<S: TransactionStep>(
         &self,
         inner: &mut Inner,
