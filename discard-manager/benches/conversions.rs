@@ -1,12 +1,13 @@
 //! This crate's extents against a per-granule bitmap baseline, on the same traces.
 //!
-//! The baseline (`Bitmap`) is written here and follows QEMU's `RamBlockAttributes`: one bit
+//! The baseline (`Bitmap`) is the workspace's model of QEMU's `RamBlockAttributes`
+//! (`workloads::RamBlockAttributes`, shared with `dma-map` and the end-to-end bench): one bit
 //! per 4 KiB granule (1 = shared), a mixed-range conversion walks and notifies granule by
 //! granule, and a replay walks every granule of the section (QEMU 2026
-//! `replay_by_populated_state`). A second replay baseline scans 64-bit words and skips empty
-//! ones (`find_next_bit` style, as the pre-2026 `RamBlockAttributes` replay does), to show
-//! the gap is not only the naive walk. Both sides lock a mutex per call and notify the same
-//! counting listener.
+//! `replay_by_populated_state`) or scans 64-bit words with `find_next_bit` (the pre-2026
+//! replay), to show the gap is not only the naive walk. Here it is wrapped in a mutex and a
+//! listener list; both sides lock a mutex per call and notify the same counting listener. The
+//! traces come from `workloads` too (`bounce_in_flight`, and its `Rng` for the others).
 //!
 //! Measured:
 //! * `bounce/*`: the firmware bounce pattern, 1-2 granules converted shared and, 64 buffers
@@ -37,6 +38,7 @@ use criterion::{Criterion, Throughput, criterion_group};
 use discard_manager::{
     Attribute, DiscardManager, GpaRange, ListenerError, RegionConfig, View, ViewListener,
 };
+use workloads::{BounceInFlight, ModelError, RamBlockAttributes, Rng, Target};
 
 /// Counts live heap bytes and allocation calls, forwarding everything to `System`.
 struct CountingAlloc;
@@ -117,43 +119,16 @@ impl ViewListener for Counter {
     }
 }
 
-/// The baseline: QEMU `RamBlockAttributes` style, one bit per granule, 1 = shared.
+/// The baseline: QEMU's `RamBlockAttributes` (the workspace's model) behind a mutex, with
+/// its listeners.
 struct Bitmap {
     region: GpaRange,
     inner: Mutex<BitmapInner>,
 }
 
 struct BitmapInner {
-    bits: Vec<u64>,
+    bits: RamBlockAttributes,
     listeners: Vec<(GpaRange, Arc<dyn ViewListener>)>,
-}
-
-impl BitmapInner {
-    fn get(&self, g: u64) -> bool {
-        self.bits[(g / 64) as usize] >> (g % 64) & 1 == 1
-    }
-
-    fn set(&mut self, g: u64, shared: bool) {
-        let word = &mut self.bits[(g / 64) as usize];
-        if shared {
-            *word |= 1 << (g % 64);
-        } else {
-            *word &= !(1 << (g % 64));
-        }
-    }
-
-    fn notify(&self, range: GpaRange, shared: bool) -> Result<(), ListenerError> {
-        for (section, l) in &self.listeners {
-            if let Some(r) = section.intersect(&range) {
-                if shared {
-                    l.populate(View::Shared, r)?;
-                } else {
-                    l.discard(View::Shared, r)?;
-                }
-            }
-        }
-        Ok(())
-    }
 }
 
 impl Bitmap {
@@ -161,81 +136,77 @@ impl Bitmap {
         Self {
             region: GpaRange::new(BASE, size).unwrap(),
             inner: Mutex::new(BitmapInner {
-                bits: vec![0; (size / G).div_ceil(64) as usize],
+                bits: RamBlockAttributes::new(size, G).unwrap(),
                 listeners: Vec::new(),
             }),
         }
     }
 
-    fn granule(&self, addr: u64) -> u64 {
-        (addr - self.region.start()) / G
-    }
-
-    /// `ram_block_attributes_state_change`: all-same ranges in one call, mixed ranges granule
-    /// by granule.
-    fn convert(&self, range: GpaRange, to: Attribute) -> Result<(), ListenerError> {
-        if range.start() % G != 0 || range.len() % G != 0 || !self.region.contains(&range) {
-            return Err("invalid range".into());
-        }
-        let shared = to == Attribute::Shared;
-        let (a, b) = (self.granule(range.start()), self.granule(range.end()));
-        let mut inner = self.inner.lock().unwrap();
-        if (a..b).all(|g| inner.get(g) == shared) {
-            return Ok(());
-        }
-        if (a..b).all(|g| inner.get(g) != shared) {
-            for g in a..b {
-                inner.set(g, shared);
-            }
-            return inner.notify(range, shared);
-        }
-        for g in a..b {
-            if inner.get(g) != shared {
-                inner.set(g, shared);
-                let start = self.region.start() + g * G;
-                inner.notify(GpaRange::new(start, G).unwrap(), shared)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Registration with a replay that tests every granule of the section.
-    fn register_walk(&self, section: GpaRange, l: Arc<dyn ViewListener>) {
-        let mut inner = self.inner.lock().unwrap();
-        let (a, b) = (self.granule(section.start()), self.granule(section.end()));
-        let mut run: Option<u64> = None;
-        for g in a..=b {
-            let populated = g < b && inner.get(g);
-            match (run, populated) {
-                (None, true) => run = Some(g),
-                (Some(s), false) => {
-                    let r = GpaRange::new(self.region.start() + s * G, (g - s) * G).unwrap();
-                    l.populate(View::Shared, r).unwrap();
-                    run = None;
+    /// `ram_block_attributes_state_change` with its listeners notified: all-same ranges in one
+    /// call, mixed ranges granule by granule.
+    fn convert(&self, range: GpaRange, to: Attribute) -> Result<(), ModelError<ListenerError>> {
+        let (shared, target) = match to {
+            Attribute::Shared => (true, Target::Shared),
+            Attribute::Private => (false, Target::Private),
+        };
+        let base = self.region.start();
+        let inner = &mut *self.inner.lock().unwrap();
+        let listeners = &inner.listeners;
+        inner.bits.state_change(
+            range.start().wrapping_sub(base),
+            range.len(),
+            target,
+            |offset, len| {
+                let changed = GpaRange::new(base + offset, len).ok_or("empty notification")?;
+                for (section, l) in listeners {
+                    if let Some(r) = section.intersect(&changed) {
+                        if shared {
+                            l.populate(View::Shared, r)?;
+                        } else {
+                            l.discard(View::Shared, r)?;
+                        }
+                    }
                 }
-                _ => {}
-            }
-        }
-        inner.listeners.push((section, l));
+                Ok(())
+            },
+        )
     }
 
     /// Registration with QEMU's replay (`ram_block_attributes_for_each_populated_section`):
     /// `find_next_bit` to a run's start, `find_next_zero_bit` to its end.
     fn register_word_scan(&self, section: GpaRange, l: Arc<dyn ViewListener>) {
         let mut inner = self.inner.lock().unwrap();
-        let (a, b) = (self.granule(section.start()), self.granule(section.end()));
-        let mut g = a;
-        while g < b {
-            let s = find_next(&inner.bits, b, g, true);
-            if s >= b {
-                break;
-            }
-            let e = find_next(&inner.bits, b, s, false);
-            let r = GpaRange::new(self.region.start() + s * G, (e - s) * G).unwrap();
-            l.populate(View::Shared, r).unwrap();
-            g = e;
-        }
+        let (offset, populate) = self.replay_to(section, &*l);
+        inner
+            .bits
+            .for_each_shared_run(offset, section.len(), populate)
+            .unwrap();
         inner.listeners.push((section, l));
+    }
+
+    /// Registration with a replay that tests every granule of the section.
+    fn register_walk(&self, section: GpaRange, l: Arc<dyn ViewListener>) {
+        let mut inner = self.inner.lock().unwrap();
+        let (offset, populate) = self.replay_to(section, &*l);
+        inner
+            .bits
+            .for_each_shared_run_by_granule(offset, section.len(), populate)
+            .unwrap();
+        inner.listeners.push((section, l));
+    }
+
+    /// A replay's start offset in the model, and what it calls per shared run: populate `l`.
+    fn replay_to<'a>(
+        &self,
+        section: GpaRange,
+        l: &'a dyn ViewListener,
+    ) -> (u64, impl FnMut(u64, u64) -> Result<(), ListenerError> + 'a) {
+        let base = self.region.start();
+        let populate = move |offset, len| {
+            let run = GpaRange::new(base + offset, len).ok_or("empty run")?;
+            l.populate(View::Shared, run)
+        };
+        (section.start() - base, populate)
     }
 
     fn unregister_all(&self) {
@@ -243,36 +214,8 @@ impl Bitmap {
     }
 
     fn heap_bytes(&self) -> usize {
-        self.inner.lock().unwrap().bits.capacity() * 8
+        self.inner.lock().unwrap().bits.heap_bytes()
     }
-}
-
-/// The first bit equal to `value` at or after `offset`, or `size`: QEMU's `find_next_bit`
-/// (`value` = 1) and `find_next_zero_bit` (util/bitops.c), word at a time, and for set bits
-/// four words per step across zero words, as QEMU unrolls it.
-fn find_next(bits: &[u64], size: u64, offset: u64, value: bool) -> u64 {
-    if offset >= size {
-        return size;
-    }
-    let invert = if value { 0 } else { u64::MAX };
-    let mut word = (offset / 64) as usize;
-    let last = size.div_ceil(64) as usize;
-    let mut tmp = (bits[word] ^ invert) & (u64::MAX << (offset % 64));
-    while tmp == 0 {
-        word += 1;
-        if value {
-            while word + 4 <= last
-                && bits[word] | bits[word + 1] | bits[word + 2] | bits[word + 3] == 0
-            {
-                word += 4;
-            }
-        }
-        if word >= last {
-            return size;
-        }
-        tmp = bits[word] ^ invert;
-    }
-    (word as u64 * 64 + u64::from(tmp.trailing_zeros())).min(size)
 }
 
 fn extents(size: u64) -> DiscardManager {
@@ -286,48 +229,38 @@ fn extents(size: u64) -> DiscardManager {
     .unwrap()
 }
 
-struct XorShift(u64);
-
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
-/// Firmware bounce buffers: each of `buffers` buffers (1-2 granules at a random place in
-/// `[0, granules)`) is converted shared, and converted back to private 64 buffers later;
-/// the trace ends with every granule private again, so it can be replayed forever.
-fn bounce_trace(granules: u64, buffers: usize, seed: u64) -> Vec<(GpaRange, Attribute)> {
-    const OUTSTANDING: usize = 64;
-    let mut rng = XorShift(seed);
-    let mut live = std::collections::VecDeque::new();
-    let mut trace = Vec::with_capacity(buffers * 2);
-    for _ in 0..buffers {
-        let len = 1 + rng.next() % 2;
-        let first = rng.next() % (granules - len);
-        let r = GpaRange::new(BASE + first * G, len * G).unwrap();
-        trace.push((r, Attribute::Shared));
-        live.push_back(r);
-        if live.len() > OUTSTANDING {
-            trace.push((live.pop_front().unwrap(), Attribute::Private));
-        }
-    }
-    trace.extend(live.into_iter().map(|r| (r, Attribute::Private)));
-    trace
+/// Firmware bounce buffers (`workloads::bounce_in_flight`): each of `buffers` buffers (1-2
+/// granules at a random place in the first `size` bytes) is converted shared, and converted
+/// back to private 64 buffers later; the trace ends with every granule private again, so it
+/// can be replayed forever.
+fn bounce_trace(size: u64, buffers: u64, seed: u64) -> Vec<(GpaRange, Attribute)> {
+    let params = BounceInFlight {
+        buffers,
+        in_flight: 64,
+    };
+    let workload = workloads::bounce_in_flight(size, params, seed).unwrap();
+    workload
+        .requests
+        .iter()
+        .map(|r| {
+            let to = match r.to {
+                Target::Shared => Attribute::Shared,
+                Target::Private => Attribute::Private,
+            };
+            (GpaRange::new(BASE + r.gpa, r.len).unwrap(), to)
+        })
+        .collect()
 }
 
 /// 10,000 shared runs of 1-16 granules, one at a random place in each of 10,000 equal
 /// slots of granules `[first, first + granules)` (so they never touch).
 fn scattered_runs(first: u64, granules: u64, runs: u64, seed: u64) -> Vec<GpaRange> {
-    let mut rng = XorShift(seed);
+    let mut rng = Rng::new(seed);
     let slot = granules / runs;
     (0..runs)
         .map(|i| {
-            let len = 1 + rng.next() % 16;
-            let offset = rng.next() % (slot - len);
+            let len = 1 + rng.below(16);
+            let offset = rng.below(slot - len);
             GpaRange::new(BASE + (first + i * slot + offset) * G, len * G).unwrap()
         })
         .collect()
@@ -364,7 +297,7 @@ impl Traced {
     fn bounce(size: u64, background: u64) -> Self {
         let granules = size / G;
         // Bounce buffers in the lower half, background runs in the upper half.
-        let trace = bounce_trace(granules / 2, 4096, 0x5eed ^ size);
+        let trace = bounce_trace(size / 2, 4096, 0x5eed ^ size);
         let (mgr, bitmap) = both_sharing(
             size,
             scattered_runs(granules / 2, granules / 2, background.max(1), 7)
@@ -416,7 +349,7 @@ fn bench_bounce(c: &mut Criterion) {
     // the one listener call, here alone; and the extents' lookup alone (lock and search,
     // no change, no listener), on the same trace.
     let mgr = extents(GIB);
-    let trace = bounce_trace(GIB / G, 4096, 0x5eed ^ GIB);
+    let trace = bounce_trace(GIB, 4096, 0x5eed ^ GIB);
     for &(r, to) in trace.iter().take(trace.len() / 2) {
         mgr.convert(r, to).unwrap();
     }
@@ -448,14 +381,14 @@ fn bench_bounce(c: &mut Criterion) {
 /// (mixed: 4 granules already are), the whole block to private, the 4 granules to shared.
 fn mixed_trace() -> (Vec<GpaRange>, Vec<(GpaRange, Attribute)>) {
     const BLOCK: u64 = 2 << 20;
-    let mut rng = XorShift(0xb10c);
+    let mut rng = Rng::new(0xb10c);
     let mut seeds = Vec::new();
     let mut trace = Vec::new();
     for block in 0..GIB / BLOCK {
         let start = BASE + block * BLOCK;
         let granules: Vec<GpaRange> = (0..4)
             .map(|i| {
-                let g = i * (BLOCK / G / 4) + rng.next() % (BLOCK / G / 4);
+                let g = i * (BLOCK / G / 4) + rng.below(BLOCK / G / 4);
                 GpaRange::new(start + g * G, G).unwrap()
             })
             .collect();

@@ -379,22 +379,41 @@ impl Extents {
         }
         let wanted = State::of_view(view);
         let pos = self.locate(a);
-        let (mut start, mut state) = (a, state_of(self.entry(pos)));
+        // The run before each entry, as a packed entry of its own: the first one starts at
+        // `a`, every later one at its key. Its state is tested on the packed word, and its
+        // key unpacked only for a run of `view`.
+        let mut run = pack(a, state_of(self.entry(pos)));
+        let in_view = |run: u64| state_of(run) == wanted;
         let mut skip = pos.index + 1;
         'walk: for chunk in &self.chunks[pos.chunk..] {
-            for &entry in chunk.entries().get(skip..).unwrap_or_default() {
-                let key = key_of(entry);
-                if key >= b {
+            let entries = chunk.entries().get(skip..).unwrap_or_default();
+            skip = 0;
+            // A chunk that ends before `b` (all but the last one of a long replay) is walked
+            // without the bound test.
+            if entries.last().is_some_and(|&last| key_of(last) < b) {
+                for &entry in entries {
+                    if in_view(run) {
+                        f(key_of(run), key_of(entry))?;
+                    }
+                    run = entry;
+                }
+                continue;
+            }
+            for &entry in entries {
+                if key_of(entry) >= b {
                     break 'walk;
                 }
-                if state == wanted {
-                    f(start, key)?;
+                if in_view(run) {
+                    f(key_of(run), key_of(entry))?;
                 }
-                (start, state) = (key, state_of(entry));
+                run = entry;
             }
-            skip = 0;
         }
-        if state == wanted { f(start, b) } else { Ok(()) }
+        if in_view(run) {
+            f(key_of(run), b)
+        } else {
+            Ok(())
+        }
     }
 
     /// [`Extents::try_for_each_run`] for a walk that cannot fail.
