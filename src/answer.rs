@@ -2,7 +2,8 @@
 //!
 //! # Two answer styles
 //! The kernel hands `hypercall.ret` of a `KVM_HC_MAP_GPA_RANGE` exit to the guest differently per
-//! VM type (Linux 7.3, `../shared/notes/kernel-7.3.md`):
+//! VM type (Linux 7.3: `kvm_is_valid_map_gpa_range_ret()` in `arch/x86/kvm/x86.h`, TDX's
+//! `tdx_complete_vmcall_map_gpa()`, SEV-SNP's `snp_complete_psc_msr()`):
 //!
 //! - **Restricted** ([`VmPlatform::SevSnp`], [`VmPlatform::Tdx`]): the only values KVM accepts are
 //!   `0`, `EINVAL` and `EAGAIN`, **positive** (`kvm_is_valid_map_gpa_range_ret`). Anything else

@@ -183,7 +183,7 @@ fn kernel_iommufd_one_run_mapping_is_cut_page_by_page_without_a_window() {
     }
     const PAGES: u64 = 64;
     let (backend, edu) = open();
-    // Linux 6.12 and 7.3 both accept type1 (v1) semantics on an iommufd (notes/kernel-7.3.md).
+    // Linux 6.12 and 7.3 both accept type1 (v1) semantics on an iommufd (`iommufd_vfio_set_iommu()`).
     backend
         .cutting()
         .expect("the kernel accepts type1 (v1) semantics for the IOAS");

@@ -1,8 +1,8 @@
 //! An in-process IOMMU that follows the kernel's mapping rules to the letter.
 //!
 //! [`EmulatedIommu`] implements [`DmaBackend`] with a page table of whole mappings (a `BTreeMap`
-//! keyed by IOVA) and enforces what VFIO type1v2 and IOMMUFD enforce (notes/kernel-uapi.md 1.2,
-//! 1.3, 2.2):
+//! keyed by IOVA) and enforces what VFIO type1v2 and IOMMUFD enforce (`vfio_iommu_type1.c`,
+//! `drivers/iommu/iommufd/io_pagetable.c`):
 //! - a map that overlaps a live mapping is refused with `EEXIST`; one that is misaligned to the
 //!   smallest page size, empty, wraps around or has no access is refused with `EINVAL`; one
 //!   outside the IOVA ranges with `EINVAL`; one beyond the mapping budget with `ENOSPC` (the

@@ -1,7 +1,8 @@
 //! The mapping ledger: the one record of what is mapped in a DMA backend, and the only way the
 //! rest of the project maps and unmaps.
 //!
-//! The kernel never splits a mapping (notes/kernel-uapi.md 1.3, 2.2): an unmap must cover whole
+//! The kernel never splits a mapping (`vfio_dma_do_unmap()` in type1, `iopt_unmap_iova_range()` in
+//! IOMMUFD; docs/DESIGN.md section 5): an unmap must cover whole
 //! earlier mappings. Type1v2 refuses a bisecting unmap, but IOMMUFD fails with `ENOENT` *after*
 //! removing whatever whole areas came before the bisected one, and neither says how much it
 //! removed on failure. So the [`Ledger`] keeps its own exact record and checks every request

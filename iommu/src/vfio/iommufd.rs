@@ -13,7 +13,7 @@
 //! Unmaps then go through the compat `VFIO_IOMMU_UNMAP_DMA`, which cuts the areas at both ends
 //! of the range first (`iommufd_vfio_unmap_dma()`), so one mapping can hold a whole shared run
 //! and any aligned granule inside it can later be unmapped alone, with no window for its
-//! neighbours (notes/kernel-7.3.md, "Cutting a mapping without a window"). The cost: the IOAS
+//! neighbours (`drivers/iommu/iommufd/vfio_compat.c`; docs/DESIGN.md section 5). The cost: the IOAS
 //! uses 4 KiB IOPTEs only. A kernel that refuses either step leaves the backend as before:
 //! [`Capabilities::cuts_mappings`] is false and unmaps use the native `IOMMU_IOAS_UNMAP`.
 

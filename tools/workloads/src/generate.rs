@@ -1,6 +1,6 @@
 //! The workload generators, and the oracle a run's final state is checked against.
 //!
-//! They model the cases notes/kernel-uapi.md section 7 measures:
+//! They model the conversion patterns real confidential guests produce:
 //! - [`firmware_bounce`]: OVMF-style DMA, 1 or 2 pages flipped to shared for one transaction and
 //!   straight back to private (the case that took a 1 GiB SNP boot from 32 s to 1 min 43 s),
 //!   anywhere in the region or in a small pool of bounce slots.
