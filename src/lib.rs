@@ -42,12 +42,6 @@
 //! # assert_eq!(model, BackingModel::Classic);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
-#![deny(
-    unsafe_op_in_unsafe_fn,
-    clippy::undocumented_unsafe_blocks,
-    missing_docs
-)]
-
 pub mod answer;
 pub mod attributes;
 pub mod backing;

@@ -24,7 +24,6 @@
 //!   (computed from the capacities of its allocations, plus the struct itself).
 //!
 //! Run: `cargo bench -p discard-manager --bench conversions`
-#![deny(clippy::undocumented_unsafe_blocks)]
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;

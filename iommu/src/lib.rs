@@ -8,12 +8,6 @@
 //! Modules by layer: the backend trait and vocabulary (re-exported here), [`ledger`] on top of
 //! it, the [`emulated`] IOMMU for tests and benchmarks, and [`vfio`], the kernel backends with
 //! the device plumbing they need. The items of `vfio` are re-exported here as well.
-#![deny(
-    missing_docs,
-    unsafe_op_in_unsafe_fn,
-    clippy::undocumented_unsafe_blocks
-)]
-
 mod backend;
 pub mod emulated;
 pub mod ledger;

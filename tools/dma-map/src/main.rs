@@ -5,12 +5,6 @@
 //! `discard-manager`): the modules here parse arguments ([`cli`]), generate and parse workloads
 //! ([`workload`], [`trace`]), measure ([`stats`]) and print ([`report`]); the commands ([`cmd`])
 //! only call the libraries. Errors are `anyhow` sentences classified into exit codes ([`exit`]).
-#![deny(
-    unsafe_op_in_unsafe_fn,
-    clippy::undocumented_unsafe_blocks,
-    missing_docs
-)]
-
 mod bench;
 mod checks;
 mod cli;

@@ -14,12 +14,6 @@
 //!
 //! Real-kernel tests are named with the prefix `kernel_` so the rig can select them inside the
 //! guest with libtest's name filter (the rest of the suite runs on the host, where it is faster).
-#![deny(
-    missing_docs,
-    unsafe_op_in_unsafe_fn,
-    clippy::undocumented_unsafe_blocks
-)]
-
 use std::fmt;
 use std::fs::{self, File};
 use std::io::{self, ErrorKind, Read, Seek, SeekFrom};

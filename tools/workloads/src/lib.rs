@@ -14,7 +14,6 @@
 //! - [`Rng`], the one random number generator the generators draw from.
 //!
 //! The crate depends on nothing, so every crate of the workspace can use it in its benchmarks.
-#![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
 mod generate;

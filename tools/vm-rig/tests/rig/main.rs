@@ -12,7 +12,6 @@
 //!
 //! Outside the rig's guests they skip (this machine's kernel has no VFIO), unless
 //! `GMEM_DMA_REQUIRE` says otherwise.
-#![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
 
 mod raw;
 

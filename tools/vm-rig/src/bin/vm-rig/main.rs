@@ -1,12 +1,6 @@
 //! `vm-rig`: runs the workspace's real-kernel (`kernel_`) tests inside QEMU guests whose kernel
 //! has what this machine's lacks (VFIO type1, IOMMUFD, VFIO no-IOMMU, KVM private memory, an
 //! emulated IOMMU in front of a DMA-capable device). See tools/vm-rig/README.md.
-#![deny(
-    missing_docs,
-    unsafe_op_in_unsafe_fn,
-    clippy::undocumented_unsafe_blocks
-)]
-
 mod binaries;
 mod configs;
 mod cpio;
