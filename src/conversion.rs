@@ -178,6 +178,17 @@ pub enum ConversionError {
 }
 
 impl ConversionError {
+    /// True when the gaining view's maps ran before the failure (so pinning may have faulted
+    /// pages in on that side).
+    fn populated(&self) -> bool {
+        matches!(
+            self,
+            ConversionError::Map { .. }
+                | ConversionError::RollbackFailed { .. }
+                | ConversionError::AttributeRollback { .. }
+        )
+    }
+
     /// The errno the guest is told (returned negated by the hypercall): `EINVAL` for a bad
     /// request, `ENOSPC` for an exhausted mapping budget, `EBUSY` when a device still holds a
     /// page, the kernel's errno for an attribute failure, `EIO` otherwise.
@@ -315,6 +326,23 @@ impl Region {
         }
     }
 
+    /// The budgeted address spaces the region's listeners map through, by ascending id (the
+    /// order their budget locks are taken in); empty, without allocating, when there is none.
+    fn budgeted_spaces(&self) -> Vec<std::sync::Arc<crate::space::AddressSpace>> {
+        if self.budgeted.load(Ordering::Acquire) == 0 {
+            return Vec::new();
+        }
+        let mut spaces: Vec<_> = self
+            .attached()
+            .iter()
+            .filter(|a| a.space.budgeted())
+            .map(|a| std::sync::Arc::clone(&a.space))
+            .collect();
+        spaces.sort_by_key(|s| s.id);
+        spaces.dedup_by_key(|s| s.id);
+        spaces
+    }
+
     fn check_budget(&self, range: GpaRange, to: Attribute) -> Result<(), ConversionError> {
         // Counting the joining granules walks the manager and allocates: skip it when no
         // device listening to the gaining view has a budget (an invalid range is still
@@ -332,14 +360,14 @@ impl Region {
             return Ok(());
         }
         for a in self.attached().iter().filter(|a| a.view == to.view()) {
-            a.ledger
-                .check_budget(needed)
-                .map_err(|source| ConversionError::MappingBudget {
-                    device: a.name.clone(),
+            a.space.ledger.check_budget(needed).map_err(|source| {
+                ConversionError::MappingBudget {
+                    device: a.space.name(),
                     range,
                     needed,
                     source,
-                })?;
+                }
+            })?;
         }
         Ok(())
     }
@@ -357,6 +385,10 @@ impl Region {
         attributes: &dyn MemoryAttributes,
     ) -> Result<Conversion, ConversionError> {
         let mut discarder = self.conversion_lock();
+        // The budget of an address space is shared by every region it maps: its lock covers
+        // the check below and every map the transaction (and its rollback) makes.
+        let budgeted = self.budgeted_spaces();
+        let _budgets: Vec<_> = budgeted.iter().map(|s| s.budget()).collect();
         let stale = self.retry_stale();
         if stale && to == Attribute::Private {
             self.refuse_stale(range)?;
@@ -384,6 +416,13 @@ impl Region {
                 }
                 // Unmaps that failed during the rollback are stale now; try them once more.
                 self.retry_stale();
+                if to == Attribute::Shared && classic && err.populated() {
+                    // Pinning for DMA faulted in the shared side of pages that are private
+                    // again: free it (invariant 5), or hold and report what cannot be freed.
+                    if let Ok(private) = self.manager.view_runs(View::Private, range) {
+                        discarder.release_faulted(self.backing(), &private);
+                    }
+                }
                 return Err(match step.undo_failure.take() {
                     Some(source) => ConversionError::AttributeRollback { range, source },
                     None => err,
@@ -416,7 +455,7 @@ impl Region {
         self.attached()
             .iter()
             .find(|a| a.id == id)
-            .map_or_else(|| format!("listener {id}"), |a| a.name.clone())
+            .map_or_else(|| format!("listener {id}"), |a| a.space.name())
     }
 
     fn unmap_failure(&self, f: DiscardFailure) -> UnmapFailure {
@@ -446,11 +485,11 @@ impl Region {
                 let ids: Vec<ListenerId> = detached.iter().map(|d| d.listener).collect();
                 // The manager unregistered them: the region forgets them too, keeping what
                 // their IOMMUs still map tracked.
-                let devices = self.cut_off(&ids);
+                let spaces = self.cut_off(&ids);
                 // Listeners that are not devices (migration, say) are named by their id.
                 let names = ids
                     .iter()
-                    .map(|&id| match devices.iter().find(|d| d.0 == id) {
+                    .map(|&id| match spaces.iter().find(|d| d.0 == id) {
                         Some((_, _, name)) => name.clone(),
                         None => format!("listener {id}"),
                     })
@@ -458,7 +497,7 @@ impl Region {
                 let source = format!("{cause}; {} detached", detached.len());
                 ConversionError::RollbackFailed {
                     detached: names,
-                    devices: devices.into_iter().map(|d| d.1).collect(),
+                    devices: spaces.into_iter().flat_map(|d| d.1).collect(),
                     source: source.into(),
                 }
             }

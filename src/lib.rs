@@ -62,6 +62,7 @@ mod queue;
 mod ram;
 mod range_set;
 mod region;
+pub mod space;
 mod sys;
 
 /// Locks `m`, ignoring poison. Every critical section in this crate leaves its data consistent
