@@ -28,6 +28,10 @@
 //!    KVM attribute goes back), and re-populate the losing view. A device that cannot
 //!    re-populate it is cut off ([`ConversionError::RollbackFailed`]); what its IOMMU still maps
 //!    stays tracked as stale.
+//!    A failed conversion to shared of a classic backing then frees the shared-side pages of
+//!    the range that are private again and not held back: pinning for DMA (type1, IOMMUFD,
+//!    no-IOMMU's mlock) faulted them in for the maps the rollback removed. A free that fails is
+//!    held back and reported.
 //! 3. **Free the vacated backing**, per the region's [`crate::DiscardPolicy`]. Last on purpose:
 //!    punching a hole destroys data and cannot be undone, so it runs only once every fallible,
 //!    reversible step succeeded. A failed conversion therefore leaves the backings exactly as
@@ -37,10 +41,15 @@
 //!
 //! # Locking
 //! One conversion lock per region (it also guards the held-back frees) serialises
-//! conversions, device attach and detach on that region; regions convert in parallel. Order, outer
-//! to inner: `GuestRam` device list → region conversion lock → state manager → region's
-//! attached-device list, then its departed list, its unsynced-attribute set → a listener's
-//! stale set → a device's ledger. Nothing takes an outer lock while holding an inner one, and no
+//! conversions, device attach and detach on that region; regions convert in parallel, except
+//! that a conversion or attach over an address space with a mapping budget (type1) also holds
+//! that address space's budget lock from the budget check to the end of the transaction, so two
+//! regions sharing the budget cannot both pass a check only one fits (the loser gets
+//! [`ConversionError::MappingBudget`], before anything changed). Order, outer to inner:
+//! `GuestRam` device list → region conversion lock → budget locks of the region's budgeted
+//! address spaces (by ascending id) → state manager → region's attached list, then its departed
+//! list, its unsynced-attribute set → a listener's stale set → an address space's ledger (its
+//! member list and held backings are leaves). Nothing takes an outer lock while holding an inner one, and no
 //! listener calls back into the manager. A device cut off by a failed rollback is detached from
 //! the other regions by [`crate::GuestRam::convert`] after the region's locks are released.
 //!

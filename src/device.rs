@@ -227,6 +227,17 @@ pub enum AttachError {
         /// The address space's configuration.
         serves: DeviceConfig,
     },
+    /// The backend's address space was just cut off a region by a failed rollback; its devices
+    /// are being detached. Attach again once they are.
+    #[error(
+        "device {device}: the address space of {address_space} was cut off by a failed rollback"
+    )]
+    CutOff {
+        /// The device.
+        device: String,
+        /// The devices of the address space.
+        address_space: String,
+    },
     /// The backend's address space still holds mappings that earlier failed unmaps left (its
     /// devices are gone); retried just now, in vain.
     #[error("device {device}: its address space still holds {mappings} stale mapping(s)")]

@@ -1,7 +1,7 @@
 //! DMA listeners: what turns a region's view changes into IOMMU mappings of one device.
 //!
-//! A [`DmaListener`] follows one view of one region for one device, through that device's
-//! [`Ledger`]:
+//! A [`DmaListener`] follows one view of one region for one IOMMU address space (every device
+//! in it), through the address space's [`Ledger`]:
 //! - **shared view**: every shared granule is mapped on its own (kernels cannot split a mapping
 //!   later, so the unit of map must be the unit of conversion), by host address in the region's
 //!   shared mapping or by the shared file + offset;

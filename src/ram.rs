@@ -212,6 +212,12 @@ impl GuestRam {
         };
         let known = self.space_of(&backend);
         if let Some(space) = known.as_ref().filter(|s| !s.members().is_empty()) {
+            if space.is_cut() {
+                return Err(AttachError::CutOff {
+                    device: name.to_string(),
+                    address_space: space.name(),
+                });
+            }
             space.check_joins(name, config)?;
             space.join(id, name);
             log::info!("{name} joined the address space of {}", space.name());
@@ -223,10 +229,11 @@ impl GuestRam {
             });
             return Ok(id);
         }
-        let space = match known {
-            // Its devices left while unmaps failed: the same ledger, once it maps nothing.
+        // An address space whose devices all left while unmaps failed: the same ledger, once
+        // it maps nothing, if the configuration is the same (else a new one: the old one maps
+        // nothing, so no two ledgers disagree about the backend).
+        let revived = match known {
             Some(space) => {
-                space.check_joins(name, config)?;
                 for r in self.regions() {
                     r.retry_stale();
                 }
@@ -237,8 +244,12 @@ impl GuestRam {
                         mappings,
                     });
                 }
-                space
+                (space.config == config).then_some(space)
             }
+            None => None,
+        };
+        let space = match revived {
+            Some(space) => space,
             None => {
                 let space = AddressSpace::new(id.0, backend, name, config).map_err(|source| {
                     AttachError::Ledger {
@@ -265,6 +276,7 @@ impl GuestRam {
                 return Err(e);
             }
         }
+        space.mend();
         space.join(id, name);
         log::info!(
             "attached {name} ({} view, {:?}, iova offset {:#x}) to {} region(s)",
@@ -282,12 +294,14 @@ impl GuestRam {
         Ok(id)
     }
 
-    /// The address space of `backend`, if one was created here and is still alive.
+    /// The address space of `backend`, if one was created here and is still alive (one with
+    /// devices first: an older one may linger, mapping nothing, until its departed listeners go).
     fn space_of(&self, backend: &Arc<dyn DmaBackend>) -> Option<Arc<AddressSpace>> {
         lock(&self.spaces)
             .iter()
             .filter_map(Weak::upgrade)
-            .find(|s| s.is_of(backend))
+            .filter(|s| s.is_of(backend))
+            .max_by_key(|s| !s.members().is_empty())
     }
 
     /// Detaches a device. If other devices share its address space, nothing is unmapped (the

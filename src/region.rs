@@ -1,8 +1,10 @@
-//! One guest RAM region: its state manager, backing, discard policy, and the devices that listen
-//! to it, attached and detached here and nowhere else.
+//! One guest RAM region: its state manager, backing, discard policy, and the IOMMU address
+//! spaces that listen to it (one listener per address space, whatever its number of devices),
+//! attached and detached here and nowhere else. A region that drops unmaps itself from every
+//! address space first.
 //!
-//! The region's device list is the one place that says which device's listener follows which
-//! view of the region; the state manager's registrations only deliver the notifications. They
+//! The region's attached list is the one place that says which address space's listener
+//! follows which view of the region; the state manager's registrations only deliver the notifications. They
 //! change in step, under the region's conversion lock: in `attach` and `detach`, and when a
 //! failed rollback makes the manager drop a listener, which comes back on the conversion's stack
 //! (`TransactionError::RollbackFailed`) and is applied by `cut_off`. A listener that leaves while
@@ -407,6 +409,7 @@ impl Region {
         self.mark_maybe_stale();
         gone.into_iter()
             .map(|a| {
+                a.space.mark_cut();
                 let name = a.space.name();
                 self.depart(&name, &a.listener);
                 let devices = a.space.members().into_iter().map(|(id, _)| id).collect();

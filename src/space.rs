@@ -25,6 +25,7 @@
 //!   held by every region converting or attaching over a budgeted address space across the
 //!   check and the maps, so two regions cannot both pass a check that only one fits.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use iommu::{DmaBackend, Ledger, LedgerError};
@@ -48,6 +49,9 @@ pub(crate) struct AddressSpace {
     opened_by: String,
     members: Mutex<Vec<(DeviceId, String)>>,
     budget: Mutex<()>,
+    /// A failed rollback cut the address space off a region: its devices are being detached,
+    /// and none may join it until the last has left.
+    cut: AtomicBool,
 }
 
 /// The identity of a backend: two `Arc`s are the same address space when they point at the
@@ -74,6 +78,7 @@ impl AddressSpace {
             opened_by: name.to_string(),
             members: Mutex::new(Vec::new()),
             budget: Mutex::new(()),
+            cut: AtomicBool::new(false),
         })
     }
 
@@ -123,6 +128,21 @@ impl AddressSpace {
             });
         }
         Ok(())
+    }
+
+    /// A failed rollback cut the address space off a region.
+    pub(crate) fn mark_cut(&self) {
+        self.cut.store(true, Ordering::Release);
+    }
+
+    /// True from a cut until the address space is attached to every region again.
+    pub(crate) fn is_cut(&self) -> bool {
+        self.cut.load(Ordering::Acquire)
+    }
+
+    /// Attached to every region again (revived after its devices left).
+    pub(crate) fn mend(&self) {
+        self.cut.store(false, Ordering::Release);
     }
 
     pub(crate) fn join(&self, id: DeviceId, name: &str) {

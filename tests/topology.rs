@@ -205,6 +205,35 @@ fn a_failed_attach_leaves_nothing_mapped() {
 }
 
 #[test]
+fn a_backend_whose_devices_left_with_stale_mappings_is_attached_again_once_they_are_gone() {
+    let (ram, _) = two_regions(DiscardPolicy::Eager);
+    let iommu = Arc::new(EmulatedIommu::new());
+    ram.attach_device("nic", backend(&iommu), DeviceConfig::shared())
+        .unwrap();
+    ram.convert(range(A, 2 * PAGE), Attribute::Shared).unwrap();
+    let rules = iommu_faults(&iommu);
+    rules.add(|&(kind, _, _)| (kind == CallKind::Unmap).then_some(libc::EIO));
+    let id = ram.devices()[0].0;
+    assert!(ram.detach_device(id).is_err());
+    // Its address space still maps two pages: a second ledger over the backend would not know
+    // them, so the backend is refused until they are gone.
+    let err = ram
+        .attach_device("nic", backend(&iommu), DeviceConfig::shared())
+        .unwrap_err();
+    assert!(
+        matches!(err, AttachError::StaleMappings { mappings: 2, .. }),
+        "{err:?}"
+    );
+    rules.clear();
+    let id = ram
+        .attach_device("nic", backend(&iommu), DeviceConfig::shared())
+        .unwrap();
+    assert_eq!(ram.device_mappings(id).unwrap().len(), 2);
+    assert_eq!(iommu.mapping_count(), 2);
+    assert!(ram.regions().iter().all(|r| r.stale_mappings().is_empty()));
+}
+
+#[test]
 fn an_empty_iova_range_list_means_unrestricted() {
     let (ram, _) = two_regions(DiscardPolicy::Eager);
     // type1 without VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE reports no ranges.
