@@ -159,6 +159,9 @@ pub enum ConversionError {
     /// After a failure, a device refused to re-map the losing view and was detached from guest
     /// RAM, every region (it lost DMA access to the region's view; attach it again). What its
     /// IOMMU could not unmap stays tracked ([`crate::Region::stale_mappings`]) until removed.
+    /// If setting the KVM attribute back failed as well, KVM may also disagree with the state
+    /// manager for the range, as after [`ConversionError::AttributeRollback`], until the next
+    /// conversion of the region repairs it.
     #[error("rollback failed; {} device(s) lost access to the region and were detached: {}", .detached.len(), .detached.join(", "))]
     RollbackFailed {
         /// The names of the devices detached.
@@ -432,9 +435,13 @@ impl Region {
                         discarder.release_faulted(self.backing(), &private);
                     }
                 }
-                return Err(match step.undo_failure.take() {
-                    Some(source) => ConversionError::AttributeRollback { range, source },
-                    None => err,
+                // A rollback that cut devices off is reported as such even when setting the
+                // attribute back failed too: the caller must detach them (the unsynced range is
+                // marked and repaired by the next conversion either way).
+                return Err(match (err, step.undo_failure.take()) {
+                    (err @ ConversionError::RollbackFailed { .. }, _) => err,
+                    (_, Some(source)) => ConversionError::AttributeRollback { range, source },
+                    (err, None) => err,
                 });
             }
         };

@@ -98,6 +98,11 @@ impl DmaListener {
         &self.space.ledger
     }
 
+    /// The address space it maps into.
+    pub(crate) fn space(&self) -> &Arc<AddressSpace> {
+        &self.space
+    }
+
     fn stale(&self) -> MutexGuard<'_, RangeSet> {
         crate::lock(&self.stale)
     }

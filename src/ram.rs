@@ -211,15 +211,15 @@ impl GuestRam {
             DeviceId(*next)
         };
         let known = self.space_of(&backend);
+        let cut_off = |space: &AddressSpace| AttachError::CutOff {
+            device: name.to_string(),
+            address_space: space.name(),
+        };
         if let Some(space) = known.as_ref().filter(|s| !s.members().is_empty()) {
-            if space.is_cut() {
-                return Err(AttachError::CutOff {
-                    device: name.to_string(),
-                    address_space: space.name(),
-                });
-            }
             space.check_joins(name, config)?;
-            space.join(id, name);
+            if !space.join(id, name) {
+                return Err(cut_off(space));
+            }
             log::info!("{name} joined the address space of {}", space.name());
             devices.push(Device {
                 id,
@@ -244,12 +244,18 @@ impl GuestRam {
                         mappings,
                     });
                 }
+                for r in self.regions() {
+                    r.forget_departed(&space);
+                }
                 (space.config == config).then_some(space)
             }
             None => None,
         };
         let space = match revived {
-            Some(space) => space,
+            Some(space) => {
+                space.mend();
+                space
+            }
             None => {
                 let space = AddressSpace::new(id.0, backend, name, config).map_err(|source| {
                     AttachError::Ledger {
@@ -276,8 +282,18 @@ impl GuestRam {
                 return Err(e);
             }
         }
-        space.mend();
-        space.join(id, name);
+        if !space.join(id, name) {
+            // A conversion's failed rollback cut it off a region while it was being attached
+            // (with no device to detach yet): undo the attach.
+            for r in &regions {
+                r.detach(&space);
+            }
+            if let Err(e) = space.ledger.unmap_all() {
+                log::warn!("{name}: undoing the attach left mappings: {e}");
+            }
+            space.release_unmapped();
+            return Err(cut_off(&space));
+        }
         log::info!(
             "attached {name} ({} view, {:?}, iova offset {:#x}) to {} region(s)",
             config.view(),

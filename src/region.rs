@@ -350,6 +350,13 @@ impl Region {
         })
     }
 
+    /// Forgets the departed listeners of `space`, which maps nothing any more: their stale sets
+    /// name nothing, and a retry through the shared ledger must never unmap what a listener of
+    /// the same address space attached since maps.
+    pub(crate) fn forget_departed(&self, space: &Arc<AddressSpace>) {
+        lock(&self.departed).retain(|d| !Arc::ptr_eq(d.listener.space(), space));
+    }
+
     /// Records that KVM's attribute of `range` may disagree with the state manager.
     pub(crate) fn mark_unsynced(&self, range: GpaRange) {
         lock(&self.unsynced).insert(range.start(), range.end());
@@ -409,10 +416,9 @@ impl Region {
         self.mark_maybe_stale();
         gone.into_iter()
             .map(|a| {
-                a.space.mark_cut();
                 let name = a.space.name();
                 self.depart(&name, &a.listener);
-                let devices = a.space.members().into_iter().map(|(id, _)| id).collect();
+                let devices = a.space.cut().into_iter().map(|(id, _)| id).collect();
                 (a.id, devices, name)
             })
             .collect()
@@ -588,15 +594,7 @@ impl Region {
         };
         let mut stale = 0;
         for a in mine {
-            if let Err(e) = self.manager.unregister(a.id) {
-                log::warn!(
-                    "{}: unregistering from {} failed: {e}",
-                    a.space.name(),
-                    self.range()
-                );
-            }
-            // Discards that failed during unregistration left stale mappings: retry once.
-            let left = a.listener.retry_stale();
+            let left = self.unregister(&a);
             if left > 0 {
                 stale += left;
                 self.mark_maybe_stale();
@@ -605,6 +603,19 @@ impl Region {
         }
         space.release_unmapped();
         stale
+    }
+
+    /// Unregisters `a`'s listener (which unmaps its view), then retries once what failed to
+    /// unmap; returns the bytes still mapped.
+    fn unregister(&self, a: &Attached) -> u64 {
+        if let Err(e) = self.manager.unregister(a.id) {
+            log::warn!(
+                "{}: unregistering from {} failed: {e}",
+                a.space.name(),
+                self.range()
+            );
+        }
+        a.listener.retry_stale()
     }
 }
 
@@ -616,16 +627,10 @@ impl Drop for Region {
     fn drop(&mut self) {
         let attached: Vec<Attached> = self.attached_mut().drain(..).collect();
         for a in attached {
-            if let Err(e) = self.manager.unregister(a.id) {
-                log::warn!(
-                    "{}: unregistering from {} failed: {e}",
-                    a.space.name(),
-                    self.range()
-                );
-            }
-            a.listener.retry_stale();
-            drop(a.listener);
-            a.space.release_unmapped();
+            self.unregister(&a);
+            let space = Arc::clone(&a.space);
+            drop(a);
+            space.release_unmapped();
         }
     }
 }

@@ -130,23 +130,29 @@ impl AddressSpace {
         Ok(())
     }
 
-    /// A failed rollback cut the address space off a region.
-    pub(crate) fn mark_cut(&self) {
+    /// A failed rollback cut the address space off a region: returns its devices, which are
+    /// to be detached. Under the member lock, so that a device either joined before (and is
+    /// returned) or is refused by [`Self::join`].
+    pub(crate) fn cut(&self) -> Vec<(DeviceId, String)> {
+        let members = lock(&self.members);
         self.cut.store(true, Ordering::Release);
+        members.clone()
     }
 
-    /// True from a cut until the address space is attached to every region again.
-    pub(crate) fn is_cut(&self) -> bool {
-        self.cut.load(Ordering::Acquire)
-    }
-
-    /// Attached to every region again (revived after its devices left).
+    /// About to be attached to every region again (revived after its devices left).
     pub(crate) fn mend(&self) {
         self.cut.store(false, Ordering::Release);
     }
 
-    pub(crate) fn join(&self, id: DeviceId, name: &str) {
-        lock(&self.members).push((id, name.to_string()));
+    /// Adds device `id`; false (nothing added) if the address space was cut off a region.
+    #[must_use]
+    pub(crate) fn join(&self, id: DeviceId, name: &str) -> bool {
+        let mut members = lock(&self.members);
+        if self.cut.load(Ordering::Acquire) {
+            return false;
+        }
+        members.push((id, name.to_string()));
+        true
     }
 
     /// Removes device `id`; returns `None` if it is not a member, else whether it was the last.

@@ -446,20 +446,9 @@ fn kernel_type1_budget_refuses_a_conversion_up_front() {
     assert_eq!(rig.ram.device_mappings(dev).unwrap().len(), 8);
 }
 
-/// The second edu bound to vfio-pci (every rig configuration boots two; tests use the first,
-/// `GMEM_DMA_EDU`).
+/// The second edu bound to vfio-pci (every rig configuration boots two; tests use the first).
 fn second_edu() -> Option<PciAddress> {
-    let first = edu_address();
-    iommu::HostPaths::default()
-        .list_pci_devices()
-        .ok()?
-        .into_iter()
-        .find(|d| {
-            (d.vendor, d.device) == vm_rig::EDU_VENDOR_DEVICE
-                && d.driver.as_deref() == Some("vfio-pci")
-                && d.address != first
-        })
-        .map(|d| d.address)
+    vm_rig::second_edu_device().map(|a| a.parse().expect("a PCI address"))
 }
 
 /// Two edu devices in one address space (one type1 container or one IOAS), attached to two

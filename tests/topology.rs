@@ -234,6 +234,38 @@ fn a_backend_whose_devices_left_with_stale_mappings_is_attached_again_once_they_
 }
 
 #[test]
+fn a_rollback_that_cuts_a_device_off_detaches_it_even_when_the_attribute_undo_fails_too() {
+    let attrs = Arc::new(RecordingAttributes::new());
+    let ram = GuestRam::new(attrs.clone());
+    ram.add_region(
+        RegionBacking::software(A, PAGES * PAGE).unwrap(),
+        spec(DiscardPolicy::Eager),
+    )
+    .unwrap();
+    let nic = Arc::new(EmulatedIommu::new());
+    let tdisp = Arc::new(EmulatedIommu::new());
+    ram.attach_device("nic", backend(&nic), DeviceConfig::shared())
+        .unwrap();
+    ram.attach_device("tdisp", backend(&tdisp), DeviceConfig::trusted_io())
+        .unwrap();
+    let r = range(A, 2 * PAGE);
+    ram.convert(r, Attribute::Shared).unwrap();
+    // The trusted-IO map fails, setting the attribute back fails, and so does the nic's re-map.
+    iommu_faults(&tdisp).add(|&(kind, _, _)| (kind == CallKind::MapFile).then_some(libc::EIO));
+    iommu_faults(&nic).add(|&(kind, _, _)| (kind == CallKind::MapVa).then_some(libc::EIO));
+    common::attribute_faults(&attrs).add(|&(_, to)| (to == Attribute::Shared).then_some(()));
+    let err = ram.convert(r, Attribute::Private).unwrap_err();
+    // On main this returned AttributeRollback and the nic, cut off the region, stayed listed
+    // (and its address space kept a device but no listener there).
+    assert!(
+        matches!(&err, ConversionError::RollbackFailed { detached, .. } if detached == &["nic"]),
+        "{err:?}"
+    );
+    let names: Vec<String> = ram.devices().into_iter().map(|d| d.1).collect();
+    assert_eq!(names, ["tdisp"]);
+}
+
+#[test]
 fn an_empty_iova_range_list_means_unrestricted() {
     let (ram, _) = two_regions(DiscardPolicy::Eager);
     // type1 without VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE reports no ranges.
@@ -466,6 +498,14 @@ mod topology_props {
         });
     }
 
+    /// With `GMEM_DMA_TRACE` set, prints every operation (to find the one that broke an
+    /// invariant).
+    fn trace(what: impl FnOnce() -> String) {
+        if std::env::var_os("GMEM_DMA_TRACE").is_some() {
+            eprintln!("{}", what());
+        }
+    }
+
     fn name(space: usize, slot: usize) -> String {
         format!("s{space}d{slot}")
     }
@@ -492,7 +532,7 @@ mod topology_props {
                         EmulatedIommu::builder()
                             .mapping_budget(Some(PAGES * 3 / 2))
                             .fault_in(true)
-                            .record_calls(false)
+                            .record_calls(std::env::var_os("GMEM_DMA_TRACE").is_some())
                             .build(),
                     ),
                     config: DeviceConfig::shared(),
@@ -502,14 +542,18 @@ mod topology_props {
                     iommu: Arc::new(
                         EmulatedIommu::builder()
                             .unmap_style(UnmapStyle::Iommufd)
-                            .record_calls(false)
+                            .record_calls(std::env::var_os("GMEM_DMA_TRACE").is_some())
                             .build(),
                     ),
                     config: DeviceConfig::shared_by(MapBy::File),
                 },
                 // Trusted IO: the private view.
                 Space {
-                    iommu: Arc::new(EmulatedIommu::builder().record_calls(false).build()),
+                    iommu: Arc::new(
+                        EmulatedIommu::builder()
+                            .record_calls(std::env::var_os("GMEM_DMA_TRACE").is_some())
+                            .build(),
+                    ),
                     config: DeviceConfig::trusted_io(),
                 },
             ];
@@ -579,12 +623,16 @@ mod topology_props {
                     );
                     match self.device(space, slot) {
                         Some(id) => {
-                            if self.ram.detach_device(id).is_err() {
+                            let r = self.ram.detach_device(id);
+                            trace(|| format!("detach {} -> {r:?}", name(space, slot)));
+                            if r.is_err() {
                                 self.counts.failed_ops.fetch_add(1, Ordering::Relaxed);
                             }
                         }
                         None => {
-                            if self.attach(space, slot).is_err() {
+                            let r = self.attach(space, slot);
+                            trace(|| format!("attach {} -> {r:?}", name(space, slot)));
+                            if r.is_err() {
                                 self.counts.failed_ops.fetch_add(1, Ordering::Relaxed);
                             }
                         }
@@ -610,6 +658,29 @@ mod topology_props {
                         Some(q) => q.convert(r, to),
                         None => self.ram.convert(r, to),
                     };
+                    trace(|| {
+                        let calls: Vec<String> = self
+                            .spaces
+                            .iter()
+                            .enumerate()
+                            .flat_map(|(i, s)| {
+                                s.iommu.take_calls().into_iter().map(move |c| {
+                                    format!(
+                                        "s{i}:{:?}{:#x}+{:#x}{}",
+                                        c.kind,
+                                        c.iova,
+                                        c.len,
+                                        if c.result.is_ok() { "" } else { "!" }
+                                    )
+                                })
+                            })
+                            .collect();
+                        format!(
+                            "convert {r} {to:?} -> {:?} {}",
+                            result.as_ref().map(|c| c.runs().len()),
+                            calls.join(" ")
+                        )
+                    });
                     match result {
                         Ok(_) if to == Attribute::Private => {
                             Outcome::ToPrivate(Private { region, range: r })
@@ -620,6 +691,9 @@ mod topology_props {
                             match e {
                                 ConversionError::RollbackFailed { .. } => {
                                     self.counts.rollback_failed.fetch_add(1, Ordering::Relaxed);
+                                    // Setting the attribute back may have failed too.
+                                    super::lock_set(&self.unsynced).insert(region);
+                                    return Outcome::Other;
                                 }
                                 ConversionError::MappingBudget { .. } => {
                                     self.counts.budget_refused.fetch_add(1, Ordering::Relaxed);
@@ -865,9 +939,12 @@ mod topology_props {
             world.check(None);
             for _ in 0..total / policies.len() as u64 {
                 let before = world.attribute_state();
+                // A conversion first repairs KVM attributes an earlier AttributeRollback left
+                // disagreeing: compare only from a state where KVM agrees.
+                let synced = super::lock_set(&world.unsynced).is_empty();
                 let outcome = world.random_op(&mut rng, None);
                 // All or nothing: a failed conversion leaves the manager and KVM as they were.
-                if let Outcome::Failed = outcome {
+                if let (Outcome::Failed, true) = (&outcome, synced) {
                     assert_eq!(
                         world.attribute_state(),
                         before,
