@@ -170,6 +170,29 @@ fn pattern(seed: u8, len: usize) -> Vec<u8> {
     (0..len).map(|i| seed.wrapping_add(i as u8)).collect()
 }
 
+/// Writes `data` at `host`, as the guest would.
+///
+/// # Safety
+/// `[host, host + data.len())` lies in a live shared mapping of guest RAM, which is only ever
+/// reached through raw pointers (a device may write it at any time).
+unsafe fn write_host(host: *mut u8, data: &[u8]) {
+    for (i, &b) in data.iter().enumerate() {
+        // SAFETY: the caller's promise.
+        unsafe { host.add(i).write_volatile(b) };
+    }
+}
+
+/// Reads `len` bytes at `host`, as the guest would.
+///
+/// # Safety
+/// As [`write_host`].
+unsafe fn read_host(host: *mut u8, len: usize) -> Vec<u8> {
+    // SAFETY: the caller's promise.
+    (0..len)
+        .map(|i| unsafe { host.add(i).read_volatile() })
+        .collect()
+}
+
 /// The edu device really DMAs through the IOMMU the engine keeps in step with conversions:
 /// shared pages are reachable, a page converted to private is not (isolation), and a neighbour
 /// that stayed shared still is (no window).
@@ -189,18 +212,10 @@ fn edu_dma_follows_conversions(
     rig.convert(range(page(0), 4 * PAGE), Attribute::Shared)
         .unwrap();
     let host = |p: u64| rig.region.backing().host_addr(page(p)).unwrap();
-    let write = |p: u64, data: &[u8]| {
-        for (i, &b) in data.iter().enumerate() {
-            // SAFETY: inside the live shared mapping; only raw-pointer access to guest RAM.
-            unsafe { host(p).add(i).write_volatile(b) };
-        }
-    };
-    let read = |p: u64, len: usize| -> Vec<u8> {
-        // SAFETY: as in `write`.
-        (0..len)
-            .map(|i| unsafe { host(p).add(i).read_volatile() })
-            .collect()
-    };
+    // SAFETY: inside the live shared mapping; only raw-pointer access to guest RAM.
+    let write = |p: u64, data: &[u8]| unsafe { write_host(host(p), data) };
+    // SAFETY: as in `write`.
+    let read = |p: u64, len: usize| unsafe { read_host(host(p), len) };
     let len = Edu::<Arc<VfioPciDevice>>::MAX_DMA as usize;
     let first = pattern(0x21, len);
     write(1, &first);
@@ -496,18 +511,10 @@ fn two_edus_in_one_address_space(
             .unwrap();
         r.backing().host_addr(gpa).unwrap()
     };
-    let write = |gpa: u64, data: &[u8]| {
-        for (i, &b) in data.iter().enumerate() {
-            // SAFETY: inside a live shared mapping; only raw-pointer access to guest RAM.
-            unsafe { host(gpa).add(i).write_volatile(b) };
-        }
-    };
-    let read = |gpa: u64, len: usize| -> Vec<u8> {
-        // SAFETY: as in `write`.
-        (0..len)
-            .map(|i| unsafe { host(gpa).add(i).read_volatile() })
-            .collect()
-    };
+    // SAFETY: inside a live shared mapping; only raw-pointer access to guest RAM.
+    let write = |gpa: u64, data: &[u8]| unsafe { write_host(host(gpa), data) };
+    // SAFETY: as in `write`.
+    let read = |gpa: u64, len: usize| unsafe { read_host(host(gpa), len) };
     let len = Edu::<Arc<VfioPciDevice>>::MAX_DMA as usize;
     // Each device copies a page of one region into a page of the other.
     let copy = |edu: &Edu<Arc<VfioPciDevice>>, from: u64, to: u64, seed: u8| {
