@@ -14,9 +14,10 @@
 use std::ffi::CStr;
 use std::fmt;
 use std::fs::File;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::Arc;
+use std::mem::ManuallyDrop;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use discard_manager::{GpaRange, View};
 use kvm_ioctls::VmFd;
@@ -90,7 +91,16 @@ pub enum BackingError {
         /// Region base.
         base: u64,
     },
-    /// `KVM_SET_USER_MEMORY_REGION2` failed.
+    /// The backing is bound to a memslot already (a backing binds one slot, which it deletes
+    /// when it drops).
+    #[error("region at {base:#x} is bound to KVM memslot {bound} already")]
+    AlreadyBound {
+        /// Region base.
+        base: u64,
+        /// The slot it is bound to.
+        bound: u32,
+    },
+    /// `KVM_SET_USER_MEMORY_REGION2` failed (or duplicating the VM fd the binding keeps).
     #[error("binding region at {base:#x} to KVM memslot {slot} failed")]
     Bind {
         /// Region base.
@@ -176,8 +186,42 @@ pub struct RegionBacking {
     private_kind: FileKind,
     /// `None` for in-place: the private view is `shared`.
     private: Option<Arc<File>>,
-    mapping: GuestRegionMmap,
+    /// The memslot bound to the mapping, deleted before the mapping goes (see `Drop`).
+    memslot: Mutex<Option<Memslot>>,
+    /// Unmapped in `Drop`, after the memslot is deleted, or leaked if that fails.
+    mapping: ManuallyDrop<GuestRegionMmap>,
     punches: PunchLog,
+}
+
+/// A KVM memslot a backing is bound to, with its own duplicate of the VM fd so that the slot
+/// can be deleted whoever still holds the `VmFd`.
+struct Memslot {
+    vm: OwnedFd,
+    slot: u32,
+}
+
+impl Drop for RegionBacking {
+    /// Deletes the bound memslot, so that KVM never uses the host mapping after it goes; if
+    /// that fails, the mapping is leaked (the guest may still read and write it).
+    fn drop(&mut self) {
+        let memslot = self
+            .memslot
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(m) = memslot {
+            if let Err(e) = sys::delete_memslot(m.vm.as_fd(), m.slot) {
+                log::error!(
+                    "deleting KVM memslot {} of region {:#x} failed ({e}): leaking its memory",
+                    m.slot,
+                    self.base
+                );
+                return;
+            }
+        }
+        // SAFETY: `mapping` is not used after this; no memslot points at it any more.
+        unsafe { ManuallyDrop::drop(&mut self.mapping) };
+    }
 }
 
 impl fmt::Debug for RegionBacking {
@@ -232,7 +276,8 @@ impl RegionBacking {
             shared,
             private_kind: FileKind::GuestMemfd,
             private: None,
-            mapping,
+            memslot: Mutex::new(None),
+            mapping: ManuallyDrop::new(mapping),
             punches: PunchLog::default(),
         })
     }
@@ -264,24 +309,45 @@ impl RegionBacking {
             shared,
             private_kind,
             private: Some(Arc::new(File::from(private))),
-            mapping,
+            memslot: Mutex::new(None),
+            mapping: ManuallyDrop::new(mapping),
             punches: PunchLog::default(),
         })
     }
 
     /// Binds the region to KVM memslot `slot` of `vm` (`KVM_SET_USER_MEMORY_REGION2`, with the
-    /// guest_memfd at offset 0 and the shared mapping as `userspace_addr`).
+    /// guest_memfd at offset 0 and the shared mapping as `userspace_addr`). The backing keeps
+    /// a duplicate of the VM fd and deletes the slot when it drops, before unmapping the
+    /// memory, so the guest can never reach host memory the backing no longer owns (RAII: no
+    /// convention to follow). [`unbind`](Self::unbind) deletes it earlier.
     ///
     /// # Errors
-    /// [`BackingError::NotGuestMemfd`] for a software backing; [`BackingError::Bind`].
+    /// [`BackingError::NotGuestMemfd`] for a software backing; [`BackingError::AlreadyBound`];
+    /// [`BackingError::Bind`].
     pub fn bind(&self, vm: &VmFd, slot: u32) -> Result<(), BackingError> {
         if self.private_kind != FileKind::GuestMemfd {
             return Err(BackingError::NotGuestMemfd { base: self.base });
         }
+        let mut memslot = crate::lock(&self.memslot);
+        if let Some(m) = memslot.as_ref() {
+            return Err(BackingError::AlreadyBound {
+                base: self.base,
+                bound: m.slot,
+            });
+        }
+        let bind_failed = |source| BackingError::Bind {
+            base: self.base,
+            slot,
+            source,
+        };
+        // SAFETY: `vm` owns its fd for the duration of this borrow.
+        let vm_fd = unsafe { BorrowedFd::borrow_raw(vm.as_raw_fd()) }
+            .try_clone_to_owned()
+            .map_err(|e| bind_failed(errno::Error::new(e.raw_os_error().unwrap_or(libc::EBADF))))?;
         let gmem = self.private_file().as_fd();
-        // SAFETY: the shared mapping lives as long as `self`, and the VMM that owns this
-        // backing owns the VM and deletes the slot before dropping the region (documented on
-        // `GuestRam`); the guest_memfd was created on this VM by `classic`/`in_place`.
+        // SAFETY: the shared mapping lives as long as `self`, and `Drop` deletes the slot
+        // (through `vm_fd`, kept below) before unmapping it, or leaks it; the kernel refuses
+        // a guest_memfd created on another VM.
         unsafe {
             sys::set_guest_memfd_memslot(
                 vm,
@@ -293,24 +359,31 @@ impl RegionBacking {
                 0,
             )
         }
-        .map_err(|source| BackingError::Bind {
-            base: self.base,
-            slot,
-            source,
-        })
+        .map_err(bind_failed)?;
+        *memslot = Some(Memslot { vm: vm_fd, slot });
+        Ok(())
     }
 
-    /// Deletes memslot `slot` of `vm`, which [`bind`](Self::bind) created: do it before the
-    /// backing is dropped, once no vCPU runs, so KVM stops using the memory first.
+    /// Deletes the memslot [`bind`](Self::bind) created, before the backing drops (once no
+    /// vCPU runs), e.g. to re-use its guest range. `vm` and `slot` must name it.
     ///
     /// # Errors
-    /// [`BackingError::Unbind`].
+    /// [`BackingError::Unbind`] (`EINVAL` when the backing is not bound to `slot`).
     pub fn unbind(&self, vm: &VmFd, slot: u32) -> Result<(), BackingError> {
-        sys::delete_memslot(vm, slot).map_err(|source| BackingError::Unbind {
+        let unbind_failed = |errno| BackingError::Unbind {
             base: self.base,
             slot,
-            source,
-        })
+            source: errno::Error::new(errno),
+        };
+        let mut memslot = crate::lock(&self.memslot);
+        if memslot.as_ref().is_none_or(|m| m.slot != slot) {
+            return Err(unbind_failed(libc::EINVAL));
+        }
+        // SAFETY: `vm` owns its fd for the duration of this borrow.
+        let vm_fd = unsafe { BorrowedFd::borrow_raw(vm.as_raw_fd()) };
+        sys::delete_memslot(vm_fd, slot).map_err(|e| unbind_failed(e.errno()))?;
+        *memslot = None;
+        Ok(())
     }
 
     /// The backing model.

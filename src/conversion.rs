@@ -28,6 +28,10 @@
 //!    KVM attribute goes back), and re-populate the losing view. A device that cannot
 //!    re-populate it is cut off ([`ConversionError::RollbackFailed`]); what its IOMMU still maps
 //!    stays tracked as stale.
+//!    A failed conversion to shared of a classic backing then frees the shared-side pages of
+//!    the range that are private again and not held back: pinning for DMA (type1, IOMMUFD,
+//!    no-IOMMU's mlock) faulted them in for the maps the rollback removed. A free that fails is
+//!    held back and reported.
 //! 3. **Free the vacated backing**, per the region's [`crate::DiscardPolicy`]. Last on purpose:
 //!    punching a hole destroys data and cannot be undone, so it runs only once every fallible,
 //!    reversible step succeeded. A failed conversion therefore leaves the backings exactly as
@@ -37,10 +41,15 @@
 //!
 //! # Locking
 //! One conversion lock per region (it also guards the held-back frees) serialises
-//! conversions, device attach and detach on that region; regions convert in parallel. Order, outer
-//! to inner: `GuestRam` device list → region conversion lock → state manager → region's
-//! attached-device list, then its departed list, its unsynced-attribute set → a listener's
-//! stale set → a device's ledger. Nothing takes an outer lock while holding an inner one, and no
+//! conversions, device attach and detach on that region; regions convert in parallel, except
+//! that a conversion or attach over an address space with a mapping budget (type1) also holds
+//! that address space's budget lock from the budget check to the end of the transaction, so two
+//! regions sharing the budget cannot both pass a check only one fits (the loser gets
+//! [`ConversionError::MappingBudget`], before anything changed). Order, outer to inner:
+//! `GuestRam` device list → region conversion lock → budget locks of the region's budgeted
+//! address spaces (by ascending id) → state manager → region's attached list, then its departed
+//! list, its unsynced-attribute set → a listener's stale set → an address space's ledger (its
+//! member list and held backings are leaves). Nothing takes an outer lock while holding an inner one, and no
 //! listener calls back into the manager. A device cut off by a failed rollback is detached from
 //! the other regions by [`crate::GuestRam::convert`] after the region's locks are released.
 //!
@@ -150,6 +159,9 @@ pub enum ConversionError {
     /// After a failure, a device refused to re-map the losing view and was detached from guest
     /// RAM, every region (it lost DMA access to the region's view; attach it again). What its
     /// IOMMU could not unmap stays tracked ([`crate::Region::stale_mappings`]) until removed.
+    /// If setting the KVM attribute back failed as well, KVM may also disagree with the state
+    /// manager for the range, as after [`ConversionError::AttributeRollback`], until the next
+    /// conversion of the region repairs it.
     #[error("rollback failed; {} device(s) lost access to the region and were detached: {}", .detached.len(), .detached.join(", "))]
     RollbackFailed {
         /// The names of the devices detached.
@@ -172,6 +184,19 @@ pub enum ConversionError {
     /// The state manager refused the call (re-entrant or poisoned).
     #[error("the state manager refused the conversion")]
     Manager(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl ConversionError {
+    /// True when the gaining view's maps ran before the failure (so pinning may have faulted
+    /// pages in on that side).
+    fn populated(&self) -> bool {
+        matches!(
+            self,
+            ConversionError::Map { .. }
+                | ConversionError::RollbackFailed { .. }
+                | ConversionError::AttributeRollback { .. }
+        )
+    }
 }
 
 /// What a successful conversion did.
@@ -297,6 +322,23 @@ impl Region {
         }
     }
 
+    /// The budgeted address spaces the region's listeners map through, by ascending id (the
+    /// order their budget locks are taken in); empty, without allocating, when there is none.
+    fn budgeted_spaces(&self) -> Vec<std::sync::Arc<crate::space::AddressSpace>> {
+        if self.budgeted.load(Ordering::Acquire) == 0 {
+            return Vec::new();
+        }
+        let mut spaces: Vec<_> = self
+            .attached()
+            .iter()
+            .filter(|a| a.space.budgeted())
+            .map(|a| std::sync::Arc::clone(&a.space))
+            .collect();
+        spaces.sort_by_key(|s| s.id);
+        spaces.dedup_by_key(|s| s.id);
+        spaces
+    }
+
     fn check_budget(&self, range: GpaRange, to: Attribute) -> Result<(), ConversionError> {
         // Counting the joining granules walks the manager and allocates: skip it when no
         // device listening to the gaining view has a budget (an invalid range is still
@@ -314,14 +356,14 @@ impl Region {
             return Ok(());
         }
         for a in self.attached().iter().filter(|a| a.view == to.view()) {
-            a.ledger
-                .check_budget(needed)
-                .map_err(|source| ConversionError::MappingBudget {
-                    device: a.name.clone(),
+            a.space.ledger.check_budget(needed).map_err(|source| {
+                ConversionError::MappingBudget {
+                    device: a.space.name(),
                     range,
                     needed,
                     source,
-                })?;
+                }
+            })?;
         }
         Ok(())
     }
@@ -339,6 +381,10 @@ impl Region {
         attributes: &dyn MemoryAttributes,
     ) -> Result<Conversion, ConversionError> {
         let mut discarder = self.conversion_lock();
+        // The budget of an address space is shared by every region it maps: its lock covers
+        // the check below and every map the transaction (and its rollback) makes.
+        let budgeted = self.budgeted_spaces();
+        let _budgets: Vec<_> = budgeted.iter().map(|s| s.budget()).collect();
         let stale = self.retry_stale();
         if stale && to == Attribute::Private {
             self.refuse_stale(range)?;
@@ -366,9 +412,20 @@ impl Region {
                 }
                 // Unmaps that failed during the rollback are stale now; try them once more.
                 self.retry_stale();
-                return Err(match step.undo_failure.take() {
-                    Some(source) => ConversionError::AttributeRollback { range, source },
-                    None => err,
+                if to == Attribute::Shared && classic && err.populated() {
+                    // Pinning for DMA faulted in the shared side of pages that are private
+                    // again: free it (invariant 5), or hold and report what cannot be freed.
+                    if let Ok(private) = self.manager.view_runs(View::Private, range) {
+                        discarder.release_faulted(self.backing(), &private);
+                    }
+                }
+                // A rollback that cut devices off is reported as such even when setting the
+                // attribute back failed too: the caller must detach them (the unsynced range is
+                // marked and repaired by the next conversion either way).
+                return Err(match (err, step.undo_failure.take()) {
+                    (err @ ConversionError::RollbackFailed { .. }, _) => err,
+                    (_, Some(source)) => ConversionError::AttributeRollback { range, source },
+                    (err, None) => err,
                 });
             }
         };
@@ -398,7 +455,7 @@ impl Region {
         self.attached()
             .iter()
             .find(|a| a.id == id)
-            .map_or_else(|| format!("listener {id}"), |a| a.name.clone())
+            .map_or_else(|| format!("listener {id}"), |a| a.space.name())
     }
 
     fn unmap_failure(&self, f: DiscardFailure) -> UnmapFailure {
@@ -428,11 +485,11 @@ impl Region {
                 let ids: Vec<ListenerId> = detached.iter().map(|d| d.listener).collect();
                 // The manager unregistered them: the region forgets them too, keeping what
                 // their IOMMUs still map tracked.
-                let devices = self.cut_off(&ids);
+                let spaces = self.cut_off(&ids);
                 // Listeners that are not devices (migration, say) are named by their id.
                 let names = ids
                     .iter()
-                    .map(|&id| match devices.iter().find(|d| d.0 == id) {
+                    .map(|&id| match spaces.iter().find(|d| d.0 == id) {
                         Some((_, _, name)) => name.clone(),
                         None => format!("listener {id}"),
                     })
@@ -440,7 +497,7 @@ impl Region {
                 let source = format!("{cause}; {} detached", detached.len());
                 ConversionError::RollbackFailed {
                     detached: names,
-                    devices: devices.into_iter().map(|d| d.1).collect(),
+                    devices: spaces.into_iter().flat_map(|d| d.1).collect(),
                     source: source.into(),
                 }
             }

@@ -8,7 +8,9 @@
 use std::sync::Arc;
 
 use discard_manager::{GpaRange, View};
-use iommu::{BackendKind, DmaProt, Ledger, LedgerError};
+use iommu::{BackendKind, DmaProt, LedgerError};
+
+use crate::space::AddressSpace;
 
 /// How a device's mappings name the memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -124,12 +126,13 @@ impl DeviceConfig {
     }
 }
 
-/// One device as guest RAM holds it: what every region it is attached to needs of it.
+/// One device as guest RAM holds it: its name, configuration and address space (whose
+/// listeners every region it is attached to holds).
 pub(crate) struct Device {
     pub(crate) id: DeviceId,
     pub(crate) name: String,
     pub(crate) config: DeviceConfig,
-    pub(crate) ledger: Arc<Ledger>,
+    pub(crate) space: Arc<AddressSpace>,
 }
 
 /// A device could not be attached; nothing of it stays mapped.
@@ -192,6 +195,58 @@ pub enum AttachError {
         #[source]
         source: LedgerError,
     },
+    /// The device's backend is an address space that serves the other view: one IOVA space
+    /// cannot translate a granule to its shared page for one device and to its private page
+    /// for another (see [`crate::GuestRam::attach_device`]).
+    #[error(
+        "device {device} ({view} view) cannot join the address space of {address_space}, which serves the {serves} view"
+    )]
+    MixedViews {
+        /// The device.
+        device: String,
+        /// The view it asked for.
+        view: View,
+        /// The devices of the address space.
+        address_space: String,
+        /// The view the address space serves.
+        serves: View,
+    },
+    /// The device's backend is an address space whose mappings were made for another
+    /// configuration (IOVA offset, access, or how they name memory): its mappings are the
+    /// address space's, shared by all its devices.
+    #[error(
+        "device {device} ({config:?}) cannot join the address space of {address_space}, configured {serves:?}"
+    )]
+    AddressSpaceConfig {
+        /// The device.
+        device: String,
+        /// The configuration it asked for.
+        config: DeviceConfig,
+        /// The devices of the address space.
+        address_space: String,
+        /// The address space's configuration.
+        serves: DeviceConfig,
+    },
+    /// The backend's address space was just cut off a region by a failed rollback; its devices
+    /// are being detached. Attach again once they are.
+    #[error(
+        "device {device}: the address space of {address_space} was cut off by a failed rollback"
+    )]
+    CutOff {
+        /// The device.
+        device: String,
+        /// The devices of the address space.
+        address_space: String,
+    },
+    /// The backend's address space still holds mappings that earlier failed unmaps left (its
+    /// devices are gone); retried just now, in vain.
+    #[error("device {device}: its address space still holds {mappings} stale mapping(s)")]
+    StaleMappings {
+        /// The device.
+        device: String,
+        /// Mappings left.
+        mappings: u64,
+    },
     /// Mapping the view (the replay) failed.
     #[error("device {device}: mapping the {view} view of region {range} failed")]
     Replay {
@@ -207,14 +262,25 @@ pub enum AttachError {
     },
 }
 
-/// Detaching left mappings behind.
+/// Detaching a device failed.
 #[derive(Debug, thiserror::Error)]
-#[error("detaching {device} left mappings in its IOMMU")]
 #[non_exhaustive]
-pub struct DetachError {
-    /// The device.
-    pub device: String,
-    /// The ledger's error.
-    #[source]
-    pub source: LedgerError,
+pub enum DetachError {
+    /// No attached device has this id (never attached, or detached already).
+    #[error("no attached device has id {id:?}")]
+    UnknownDevice {
+        /// The id asked for.
+        id: DeviceId,
+    },
+    /// The device was the last of its address space, and unmapping the address space left
+    /// mappings behind. The device is gone; the mappings stay tracked (with the memory they
+    /// map) until a retry removes them.
+    #[error("detaching {device} left mappings in its IOMMU")]
+    Unmap {
+        /// The device.
+        device: String,
+        /// The ledger's error.
+        #[source]
+        source: LedgerError,
+    },
 }

@@ -1,7 +1,7 @@
 //! DMA listeners: what turns a region's view changes into IOMMU mappings of one device.
 //!
-//! A [`DmaListener`] follows one view of one region for one device, through that device's
-//! [`Ledger`]:
+//! A [`DmaListener`] follows one view of one region for one IOMMU address space (every device
+//! in it), through the address space's [`Ledger`]:
 //! - **shared view**: every shared granule is mapped on its own (kernels cannot split a mapping
 //!   later, so the unit of map must be the unit of conversion), by host address in the region's
 //!   shared mapping or by the shared file + offset;
@@ -37,12 +37,13 @@ use iommu::{DmaProt, Ledger, LedgerError};
 use crate::backing::RegionBacking;
 use crate::device::MapBy;
 use crate::range_set::RangeSet;
+use crate::space::AddressSpace;
 
-/// Follows one view of one region for one device.
+/// Follows one view of one region for one IOMMU address space (all the devices in it).
 pub(crate) struct DmaListener {
-    // Field order matters: the ledger (which unmaps what is left when its last owner drops)
-    // must drop before the backing whose memory it maps.
-    ledger: Arc<Ledger>,
+    /// The address space, whose ledger every map and unmap goes through; it holds the backing
+    /// as long as its ledger maps any of it ([`crate::space`]).
+    space: Arc<AddressSpace>,
     backing: Arc<RegionBacking>,
     device: String,
     view: View,
@@ -77,11 +78,11 @@ pub(crate) struct ListenerConfig {
 impl DmaListener {
     pub(crate) fn new(
         config: ListenerConfig,
-        ledger: Arc<Ledger>,
+        space: Arc<AddressSpace>,
         backing: Arc<RegionBacking>,
     ) -> Self {
         Self {
-            ledger,
+            space,
             backing,
             device: config.device,
             view: config.view,
@@ -91,6 +92,15 @@ impl DmaListener {
             prot: config.prot,
             stale: Mutex::new(RangeSet::new()),
         }
+    }
+
+    fn ledger(&self) -> &Ledger {
+        &self.space.ledger
+    }
+
+    /// The address space it maps into.
+    pub(crate) fn space(&self) -> &Arc<AddressSpace> {
+        &self.space
     }
 
     fn stale(&self) -> MutexGuard<'_, RangeSet> {
@@ -111,17 +121,18 @@ impl DmaListener {
                     return Err(LedgerError::EmptyRange { iova });
                 };
                 // SAFETY: `host..host + len` lies in the region's shared mapping, which lives
-                // as long as `self.backing`; this listener holds the backing and drops its
-                // ledger reference first, and the ledger unmaps everything when its last
-                // owner drops, so the memory outlives the mapping. Guest RAM is only ever
+                // as long as `self.backing`; the address space that owns the ledger held the
+                // backing before this listener was registered and lets it go only once its
+                // ledger maps nothing of it (or leaks it if the last unmap fails), so the
+                // memory outlives the mapping. Guest RAM is only ever
                 // accessed through volatile slices and raw pointers, never through Rust
                 // references, so device access cannot break aliasing rules.
                 unsafe {
-                    self.ledger
+                    self.ledger()
                         .map_va_pieces(iova, len, host, self.granularity, self.prot)
                 }
             }
-            (View::Shared, MapBy::File) => self.ledger.map_file_pieces(
+            (View::Shared, MapBy::File) => self.ledger().map_file_pieces(
                 iova,
                 len,
                 self.backing.shared_file().as_fd(),
@@ -129,7 +140,7 @@ impl DmaListener {
                 self.granularity,
                 self.prot,
             ),
-            (View::Private, _) => self.ledger.map_file_pieces(
+            (View::Private, _) => self.ledger().map_file_pieces(
                 iova,
                 len,
                 self.backing.private_file().as_fd(),
@@ -145,7 +156,7 @@ impl DmaListener {
         let mut left = RangeSet::new();
         let mut gpa = start;
         while gpa < end {
-            if self.ledger.mapping_at(self.iova(gpa)).is_some() {
+            if self.ledger().mapping_at(self.iova(gpa)).is_some() {
                 left.insert(gpa, gpa + self.granularity);
             }
             gpa += self.granularity;
@@ -155,7 +166,7 @@ impl DmaListener {
 
     /// Unmaps `range`; what stays mapped after a failure joins the stale set.
     fn unmap_range(&self, range: GpaRange) -> Result<(), LedgerError> {
-        match self.ledger.unmap(self.iova(range.start()), range.len()) {
+        match self.ledger().unmap(self.iova(range.start()), range.len()) {
             Ok(_) => Ok(()),
             Err(e) => {
                 self.keep_stale(range.start(), range.end());
@@ -291,7 +302,7 @@ impl ViewListener for DmaListener {
             .iter()
             .map(|r| (self.iova(r.start()), r.len()))
             .collect();
-        let Err(source) = self.ledger.unmap_ranges(&ranges) else {
+        let Err(source) = self.ledger().unmap_ranges(&ranges) else {
             return Ok(());
         };
         // Some calls may have succeeded before the failure: what any run still maps is stale.

@@ -9,8 +9,12 @@
 //! - [`conversion`]: the order of every conversion and its rollback; [`policy`]: when vacated
 //!   backing is freed.
 //! - [`DeviceConfig`]: how a device sees guest memory (shared view, or trusted-IO private view).
-//! - The DMA listeners (`dma`) map a view of a region into a device's IOMMU; they are
-//!   attached and detached with the device, never built by hand.
+//! - [`space`]: IOMMU address spaces (a VFIO container, an IOAS, an emulated IOMMU). Devices
+//!   attached with the same backend `Arc` share one: one ledger, one mapping per granule, one
+//!   budget, and the memory of every region it maps kept alive until it is unmapped.
+//! - The DMA listeners (`dma`) map a view of a region into an address space; one per region
+//!   and address space, created when its first device attaches and removed when its last one
+//!   leaves, never built by hand.
 //! - [`ConversionQueue`]: conversions from vCPU threads, merged and answered one by one.
 //! - [`exits`]: vCPU exits to conversion requests, results to what the guest reads.
 //!
@@ -58,6 +62,7 @@ mod queue;
 mod ram;
 mod range_set;
 mod region;
+pub mod space;
 mod sys;
 
 /// Locks `m`, ignoring poison. Every critical section in this crate leaves its data consistent

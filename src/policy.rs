@@ -248,6 +248,41 @@ impl Discarder {
         }
     }
 
+    /// A failed conversion to shared may have faulted in the shared side of `runs` (pinning
+    /// for DMA does), which are private again: frees the pages it holds there, except what was
+    /// held already (backed before the conversion, and still reported). A free that fails is
+    /// held and reported. Where the backing cannot say which pages it holds, the whole runs
+    /// are freed.
+    pub(crate) fn release_faulted(
+        &mut self,
+        backing: &RegionBacking,
+        runs: &[GpaRange],
+    ) -> FlushReport {
+        let page = crate::sys::page_size() as u64;
+        let mut report = FlushReport::default();
+        for r in runs {
+            let mut todo = RangeSet::new();
+            match backing.resident_pages(View::Shared, *r) {
+                Ok(resident) => {
+                    for (i, _) in resident.iter().enumerate().filter(|(_, res)| **res) {
+                        let at = r.start() + i as u64 * page;
+                        todo.insert(at, (at + page).min(r.end()));
+                    }
+                }
+                Err(_) => todo.insert(r.start(), r.end()),
+            }
+            for (s, e) in self.held_shared.intersection(r.start(), r.end()) {
+                todo.remove(s, e);
+            }
+            for (s, e) in todo.iter() {
+                if let Some(piece) = GpaRange::new(s, e - s) {
+                    self.punch(backing, View::Shared, piece, &mut report);
+                }
+            }
+        }
+        report
+    }
+
     pub(crate) fn held(&self) -> HeldBack {
         HeldBack {
             shared_bytes: self.held_shared.bytes(),

@@ -1,10 +1,10 @@
 //! [`GuestRam`]: what a VMM holds. Regions, the devices that DMA into them, and the KVM
 //! attribute table, wired so that every conversion goes through the engine.
 
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use discard_manager::{Attribute, GpaRange, RegionConfig};
-use iommu::{DmaBackend, Ledger, LedgerStats, Mapping, UnmapReport};
+use iommu::{DmaBackend, LedgerStats, Mapping, UnmapReport};
 
 use crate::attributes::{AttributeError, MemoryAttributes};
 use crate::backing::RegionBacking;
@@ -12,6 +12,7 @@ use crate::conversion::{Conversion, ConversionError};
 use crate::device::{AttachError, DetachError, Device, DeviceConfig, DeviceId};
 use crate::policy::{DiscardPolicy, FlushReport, HeldBack};
 use crate::region::Region;
+use crate::space::AddressSpace;
 
 /// How one region is managed (its size and backing come from the [`RegionBacking`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,22 +55,18 @@ pub enum RegionError {
     },
 }
 
-/// A ledger whose teardown failed, kept with the memory it still maps until the `GuestRam`
-/// drops (the ledger's own drop retries the unmaps first).
-struct Orphan {
-    _ledger: Arc<Ledger>,
-    _backings: Vec<Arc<RegionBacking>>,
-}
-
 /// Guest RAM as a VMM holds it: regions (each with its state manager, backing and discard
 /// policy), the devices that DMA into them, and the KVM attribute table.
 ///
-/// Every conversion goes through [`GuestRam::convert`] (or the [`crate::ConversionQueue`]);
-/// the VMM deletes its KVM memslots before dropping the `GuestRam`.
+/// Every conversion goes through [`GuestRam::convert`] (or the [`crate::ConversionQueue`]).
+/// Teardown order does not matter: a region's memory stays alive as long as an IOMMU address
+/// space maps any of it ([`crate::space`]), and a bound memslot is deleted when its backing
+/// drops ([`RegionBacking::bind`]).
 pub struct GuestRam {
-    // Drop order: devices and orphans (ledgers) before regions (backings).
     devices: Mutex<Vec<Device>>,
-    orphans: Mutex<Vec<Orphan>>,
+    /// Every address space created here, alive or not: a backend given again finds its
+    /// address space (and ledger) while anything still holds it.
+    spaces: Mutex<Vec<Weak<AddressSpace>>>,
     regions: RwLock<Vec<Arc<Region>>>,
     attributes: Arc<dyn MemoryAttributes>,
     next_device: Mutex<u64>,
@@ -92,7 +89,7 @@ impl GuestRam {
     pub fn new(attributes: Arc<dyn MemoryAttributes>) -> Self {
         Self {
             devices: Mutex::new(Vec::new()),
-            orphans: Mutex::new(Vec::new()),
+            spaces: Mutex::new(Vec::new()),
             regions: RwLock::new(Vec::new()),
             attributes,
             next_device: Mutex::new(0),
@@ -159,22 +156,20 @@ impl GuestRam {
                 .set(range, Attribute::Private)
                 .map_err(RegionError::InitialAttribute)?;
         }
-        for (i, d) in devices.iter().enumerate() {
-            if let Err(source) = region.attach(d) {
-                // The region is not published yet, so only this thread sees it.
-                for done in &devices[..i] {
-                    if region.detach(done.id) > 0 {
-                        // What could not be unmapped still points into this region's memory:
-                        // keep the memory alive as long as the mapping may be.
-                        self.keep_alive(done, [&region].into_iter());
-                    }
+        let spaces = distinct_spaces(&devices);
+        for (i, (space, name)) in spaces.iter().enumerate() {
+            if let Err(source) = region.attach(space, name) {
+                // The region is not published yet, so only this thread sees it. What could
+                // not be unmapped keeps the region's memory alive through its address space.
+                for (done, _) in &spaces[..i] {
+                    region.detach(done);
                 }
                 if spec.initial == Attribute::Private {
                     // Best effort: KVM forgets attributes of GPAs with no memslot anyway.
                     let _ = self.attributes.set(range, Attribute::Shared);
                 }
                 return Err(RegionError::Device {
-                    device: d.name.clone(),
+                    device: name.clone(),
                     source: Box::new(source),
                 });
             }
@@ -186,12 +181,23 @@ impl GuestRam {
         Ok(region)
     }
 
-    /// Attaches a device whose IOMMU is `backend`: checks up front that the backend can map
-    /// what `config` asks for in every region (a kernel that cannot is refused here, never in
-    /// the middle of a conversion), then maps every region's view into it.
+    /// Attaches a device whose IOMMU address space is `backend`: checks up front that the
+    /// backend can map what `config` asks for in every region (a kernel that cannot is refused
+    /// here, never in the middle of a conversion), then maps every region's view into it.
+    ///
+    /// **Address spaces.** Several devices in one VFIO container or IOAS are attached with the
+    /// same `Arc` (clones of it): the second and later devices *join* the address space that
+    /// the first opened, which already maps everything, so nothing is mapped again, and the
+    /// address space has one ledger and one mapping per granule whatever the number of devices.
+    /// The devices of an address space must share one configuration, and in particular one
+    /// view ([`crate::space`] says why). A backend is known by the identity of its `Arc`: two
+    /// separately built objects over one kernel container would not be recognised, so build
+    /// one per container and clone the `Arc`.
     ///
     /// # Errors
-    /// [`AttachError`]; nothing stays mapped.
+    /// [`AttachError`] ([`AttachError::MixedViews`], [`AttachError::AddressSpaceConfig`] when
+    /// joining); nothing stays mapped, except what an unmap undoing the work failed to remove,
+    /// which stays tracked as stale ([`Region::stale_mappings`]).
     pub fn attach_device(
         &self,
         name: &str,
@@ -199,32 +205,94 @@ impl GuestRam {
         config: DeviceConfig,
     ) -> Result<DeviceId, AttachError> {
         let mut devices = lock(&self.devices);
-        let ledger = Ledger::new(backend).map_err(|source| AttachError::Ledger {
-            device: name.to_string(),
-            source,
-        })?;
         let id = {
             let mut next = lock(&self.next_device);
             *next += 1;
             DeviceId(*next)
         };
-        let device = Device {
-            id,
-            name: name.to_string(),
-            config,
-            ledger: Arc::new(ledger),
+        let known = self.space_of(&backend);
+        let cut_off = |space: &AddressSpace| AttachError::CutOff {
+            device: name.to_string(),
+            address_space: space.name(),
+        };
+        if let Some(space) = known.as_ref().filter(|s| !s.members().is_empty()) {
+            space.check_joins(name, config)?;
+            if !space.join(id, name) {
+                return Err(cut_off(space));
+            }
+            log::info!("{name} joined the address space of {}", space.name());
+            devices.push(Device {
+                id,
+                name: name.to_string(),
+                config,
+                space: Arc::clone(space),
+            });
+            return Ok(id);
+        }
+        // An address space whose devices all left while unmaps failed: the same ledger, once
+        // it maps nothing, if the configuration is the same (else a new one: the old one maps
+        // nothing, so no two ledgers disagree about the backend).
+        let revived = match known {
+            Some(space) => {
+                for r in self.regions() {
+                    r.retry_stale();
+                }
+                let mappings = space.ledger.mapping_count();
+                if mappings > 0 {
+                    return Err(AttachError::StaleMappings {
+                        device: name.to_string(),
+                        mappings,
+                    });
+                }
+                for r in self.regions() {
+                    r.forget_departed(&space);
+                }
+                (space.config == config).then_some(space)
+            }
+            None => None,
+        };
+        let space = match revived {
+            Some(space) => {
+                space.mend();
+                space
+            }
+            None => {
+                let space = AddressSpace::new(id.0, backend, name, config).map_err(|source| {
+                    AttachError::Ledger {
+                        device: name.to_string(),
+                        source,
+                    }
+                })?;
+                let space = Arc::new(space);
+                let mut spaces = lock(&self.spaces);
+                spaces.retain(|w| w.strong_count() > 0);
+                spaces.push(Arc::downgrade(&space));
+                space
+            }
         };
         let regions = self.regions();
         for r in &regions {
-            r.check_device(&device)?;
+            r.check_space(&space, name)?;
         }
         for (i, r) in regions.iter().enumerate() {
-            if let Err(e) = r.attach(&device) {
+            if let Err(e) = r.attach(&space, name) {
                 for done in &regions[..i] {
-                    done.detach(id);
+                    done.detach(&space);
                 }
                 return Err(e);
             }
+        }
+        if !space.join(id, name) {
+            // A conversion's failed rollback cut it off a region while it was being attached
+            // (with no device to detach yet): undo the attach.
+            for r in &regions {
+                r.detach(&space);
+            }
+            if let Err(e) = space.ledger.unmap_all() {
+                log::warn!("{name}: undoing the attach left mappings: {e}");
+            }
+            space.release_unmapped();
+            return Err(cut_off(&space));
         }
         log::info!(
             "attached {name} ({} view, {:?}, iova offset {:#x}) to {} region(s)",
@@ -233,28 +301,52 @@ impl GuestRam {
             config.iova_offset(),
             regions.len()
         );
-        devices.push(device);
+        devices.push(Device {
+            id,
+            name: name.to_string(),
+            config,
+            space,
+        });
         Ok(id)
     }
 
-    /// Detaches a device: unmaps everything it maps and forgets it.
+    /// The address space of `backend`, if one was created here and is still alive (one with
+    /// devices first: an older one may linger, mapping nothing, until its departed listeners go).
+    fn space_of(&self, backend: &Arc<dyn DmaBackend>) -> Option<Arc<AddressSpace>> {
+        lock(&self.spaces)
+            .iter()
+            .filter_map(Weak::upgrade)
+            .filter(|s| s.is_of(backend))
+            .max_by_key(|s| !s.members().is_empty())
+    }
+
+    /// Detaches a device. If other devices share its address space, nothing is unmapped (the
+    /// mappings are theirs too); if it was the last, everything the address space maps is
+    /// unmapped.
     ///
     /// # Errors
-    /// [`DetachError`] when unmaps failed; the mappings left are kept (with the memory they
-    /// map) until the `GuestRam` drops. The device is gone either way.
+    /// [`DetachError::UnknownDevice`]; [`DetachError::Unmap`] when unmaps failed: the mappings
+    /// left stay tracked as stale ([`Region::stale_mappings`]), with the memory they map, until
+    /// a retry removes them. The device is gone either way.
     pub fn detach_device(&self, id: DeviceId) -> Result<UnmapReport, DetachError> {
         let mut devices = lock(&self.devices);
         let Some(pos) = devices.iter().position(|d| d.id == id) else {
-            return Ok(UnmapReport::default());
+            return Err(DetachError::UnknownDevice { id });
         };
         let device = devices.remove(pos);
-        let before = device.ledger.stats();
+        let space = &device.space;
+        if space.leave(id) != Some(true) {
+            log::info!("detached {} (its address space stays mapped)", device.name);
+            return Ok(UnmapReport::default());
+        }
+        let before = space.ledger.stats();
         let regions = self.regions();
         for r in &regions {
-            r.detach(id);
+            r.detach(space);
         }
-        let result = device.ledger.unmap_all();
-        let after = device.ledger.stats();
+        let result = space.ledger.unmap_all();
+        space.release_unmapped();
+        let after = space.ledger.stats();
         log::info!("detached {}", device.name);
         result
             .map(|_| UnmapReport {
@@ -266,31 +358,22 @@ impl GuestRam {
                 log::warn!(
                     "detaching {} left {} mappings",
                     device.name,
-                    device.ledger.mapping_count()
+                    space.ledger.mapping_count()
                 );
-                self.keep_alive(&device, regions.iter());
-                DetachError {
+                DetachError::Unmap {
                     device: device.name.clone(),
                     source,
                 }
             })
     }
 
-    /// Keeps `device`'s ledger and the backings of `regions` alive until the `GuestRam` drops:
-    /// the ledger still maps memory of them after unmaps failed.
-    fn keep_alive<'a>(&self, device: &Device, regions: impl Iterator<Item = &'a Arc<Region>>) {
-        lock(&self.orphans).push(Orphan {
-            _ledger: Arc::clone(&device.ledger),
-            _backings: regions.map(|r| Arc::clone(r.backing())).collect(),
-        });
-    }
-
-    /// The live mappings of a device's IOMMU, as its ledger records them.
+    /// The live mappings of a device's IOMMU address space, as its ledger records them (the
+    /// same for every device of the address space).
     pub fn device_mappings(&self, id: DeviceId) -> Option<Vec<Mapping>> {
         lock(&self.devices)
             .iter()
             .find(|d| d.id == id)
-            .map(|d| d.ledger.mappings())
+            .map(|d| d.space.ledger.mappings())
     }
 
     /// What a device's ledger counted: IOMMU map and unmap calls, bytes, peak mappings.
@@ -298,7 +381,7 @@ impl GuestRam {
         lock(&self.devices)
             .iter()
             .find(|d| d.id == id)
-            .map(|d| d.ledger.stats())
+            .map(|d| d.space.ledger.stats())
     }
 
     /// Mappings left in a device's budget (`None`: no limit, or no such device).
@@ -306,7 +389,7 @@ impl GuestRam {
         lock(&self.devices)
             .iter()
             .find(|d| d.id == id)
-            .and_then(|d| d.ledger.remaining_budget())
+            .and_then(|d| d.space.ledger.remaining_budget())
     }
 
     /// The attached devices: id, name and configuration.
@@ -363,4 +446,15 @@ impl GuestRam {
             }
         })
     }
+}
+
+/// The address spaces of `devices`, each once, with the name of its first device.
+fn distinct_spaces(devices: &[Device]) -> Vec<(Arc<AddressSpace>, String)> {
+    let mut out: Vec<(Arc<AddressSpace>, String)> = Vec::new();
+    for d in devices {
+        if !out.iter().any(|(s, _)| Arc::ptr_eq(s, &d.space)) {
+            out.push((Arc::clone(&d.space), d.name.clone()));
+        }
+    }
+    out
 }

@@ -1,8 +1,10 @@
-//! One guest RAM region: its state manager, backing, discard policy, and the devices that listen
-//! to it, attached and detached here and nowhere else.
+//! One guest RAM region: its state manager, backing, discard policy, and the IOMMU address
+//! spaces that listen to it (one listener per address space, whatever its number of devices),
+//! attached and detached here and nowhere else. A region that drops unmaps itself from every
+//! address space first.
 //!
-//! The region's device list is the one place that says which device's listener follows which
-//! view of the region; the state manager's registrations only deliver the notifications. They
+//! The region's attached list is the one place that says which address space's listener
+//! follows which view of the region; the state manager's registrations only deliver the notifications. They
 //! change in step, under the region's conversion lock: in `attach` and `detach`, and when a
 //! failed rollback makes the manager drop a listener, which comes back on the conversion's stack
 //! (`TransactionError::RollbackFailed`) and is applied by `cut_off`. A listener that leaves while
@@ -18,23 +20,22 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use discard_manager::{
     Counts, DiscardManager, GpaRange, ListenerId, RegionConfig, Run, View, ViewListener,
 };
-use iommu::{FileMapSupport, Ledger};
+use iommu::FileMapSupport;
 
 use crate::backing::{FileKind, RegionBacking};
-use crate::device::{AttachError, Device, DeviceConfig, DeviceId, MapBy};
+use crate::device::{AttachError, DeviceConfig, DeviceId, MapBy};
 use crate::dma::{DmaListener, ListenerConfig};
 use crate::lock;
 use crate::policy::{DiscardPolicy, Discarder, FlushReport, HeldBack};
 use crate::range_set::RangeSet;
+use crate::space::AddressSpace;
 
-/// One device's listener on one region.
+/// One address space's listener on one region (shared by every device in the address space).
 pub(crate) struct Attached {
-    pub(crate) device: DeviceId,
-    pub(crate) name: String,
+    pub(crate) space: Arc<AddressSpace>,
     pub(crate) view: View,
     pub(crate) id: ListenerId,
     pub(crate) listener: Arc<DmaListener>,
-    pub(crate) ledger: Arc<Ledger>,
 }
 
 pub(crate) fn view_bit(view: View) -> u8 {
@@ -78,7 +79,7 @@ impl Drop for AttachedMut<'_> {
         let bits = self
             .list
             .iter()
-            .filter(|a| a.ledger.capabilities().mapping_budget.is_some())
+            .filter(|a| a.space.budgeted())
             .fold(0, |bits, a| bits | view_bit(a.view));
         self.budgeted.store(bits, Ordering::Release);
     }
@@ -280,10 +281,20 @@ impl Region {
     /// manager discarded them (unmaps that failed and will be retried), attached devices
     /// first, then devices detached since (named `"<name> (detached)"`).
     pub fn stale_mappings(&self) -> Vec<(String, Vec<GpaRange>)> {
+        // Every device of an address space reaches what its one listener left mapped.
         let attached = self
             .attached()
             .iter()
-            .map(|a| (a.name.clone(), a.listener.stale_ranges()))
+            .flat_map(|a| {
+                let stale = a.listener.stale_ranges();
+                let members = a.space.members();
+                let names = if members.is_empty() {
+                    vec![a.space.name()]
+                } else {
+                    members.into_iter().map(|(_, n)| n).collect()
+                };
+                names.into_iter().map(move |n| (n, stale.clone()))
+            })
             .collect::<Vec<_>>();
         let departed = lock(&self.departed)
             .iter()
@@ -330,13 +341,20 @@ impl Region {
             .attached()
             .iter()
             .find(|a| a.listener.stale_overlaps(range))
-            .map(|a| a.name.clone());
+            .map(|a| a.space.name());
         attached.or_else(|| {
             lock(&self.departed)
                 .iter()
                 .find(|d| d.listener.stale_overlaps(range))
                 .map(|d| d.name.clone())
         })
+    }
+
+    /// Forgets the departed listeners of `space`, which maps nothing any more: their stale sets
+    /// name nothing, and a retry through the shared ledger must never unmap what a listener of
+    /// the same address space attached since maps.
+    pub(crate) fn forget_departed(&self, space: &Arc<AddressSpace>) {
+        lock(&self.departed).retain(|d| !Arc::ptr_eq(d.listener.space(), space));
     }
 
     /// Records that KVM's attribute of `range` may disagree with the state manager.
@@ -383,9 +401,12 @@ impl Region {
     }
 
     /// Forgets the listeners a failed rollback unregistered (the state manager did already):
-    /// those whose IOMMU still maps something are kept as departed. Returns the devices among
-    /// them: listener, device, name.
-    pub(crate) fn cut_off(&self, listeners: &[ListenerId]) -> Vec<(ListenerId, DeviceId, String)> {
+    /// those whose IOMMU still maps something are kept as departed. Returns the address spaces
+    /// among them: listener, the devices in it, its name.
+    pub(crate) fn cut_off(
+        &self,
+        listeners: &[ListenerId],
+    ) -> Vec<(ListenerId, Vec<DeviceId>, String)> {
         let gone: Vec<Attached> = {
             let mut attached = self.attached_mut();
             let (gone, rest) = attached.drain(..).partition(|a| listeners.contains(&a.id));
@@ -395,8 +416,10 @@ impl Region {
         self.mark_maybe_stale();
         gone.into_iter()
             .map(|a| {
-                self.depart(&a.name, &a.listener);
-                (a.id, a.device, a.name)
+                let name = a.space.name();
+                self.depart(&name, &a.listener);
+                let devices = a.space.cut().into_iter().map(|(id, _)| id).collect();
+                (a.id, devices, name)
             })
             .collect()
     }
@@ -414,17 +437,22 @@ impl Region {
         stale
     }
 
-    /// Checks that `device`'s backend can map what its configuration asks for in this region:
-    /// a kernel that cannot is refused at attach, never in the middle of a conversion.
-    pub(crate) fn check_device(&self, device: &Device) -> Result<(), AttachError> {
-        let caps = device.ledger.capabilities();
-        let name = || device.name.clone();
+    /// Checks that `space`'s backend can map what its configuration asks for in this region
+    /// (device `device` asks): a kernel that cannot is refused at attach, never in the middle
+    /// of a conversion.
+    pub(crate) fn check_space(
+        &self,
+        space: &AddressSpace,
+        device: &str,
+    ) -> Result<(), AttachError> {
+        let caps = space.ledger.capabilities();
+        let name = || device.to_string();
         let unsupported = |what| AttachError::Unsupported {
             device: name(),
             kind: caps.kind,
             what,
         };
-        match device.config {
+        match space.config {
             DeviceConfig::TrustedIo { .. } if caps.map_file != FileMapSupport::AnyFile => {
                 return Err(unsupported(
                     "map guest_memfd by file for a trusted-IO (private view) device",
@@ -448,7 +476,7 @@ impl Region {
             }
             _ => {}
         }
-        let page_size = device.ledger.page_size();
+        let page_size = space.ledger.page_size();
         if self.granularity % page_size != 0 {
             return Err(AttachError::Granularity {
                 device: name(),
@@ -457,12 +485,20 @@ impl Region {
             });
         }
         let range = self.range();
-        let offset = device.config.iova_offset();
-        let inside = range.start().checked_add(offset).is_some_and(|iova| {
-            caps.iova_ranges
-                .iter()
-                .any(|r| r.contains(iova, range.len()))
-        });
+        let offset = space.config.iova_offset();
+        // No list (type1 without the IOVA-range capability) means unrestricted, as the ledger
+        // treats it; the GPA + offset must still not wrap.
+        let inside = range
+            .start()
+            .checked_add(offset)
+            .and_then(|iova| iova.checked_add(range.len() - 1).map(|_| iova))
+            .is_some_and(|iova| {
+                caps.iova_ranges.is_empty()
+                    || caps
+                        .iova_ranges
+                        .iter()
+                        .any(|r| r.contains(iova, range.len()))
+            });
         if !inside {
             return Err(AttachError::IovaRange {
                 device: name(),
@@ -473,45 +509,54 @@ impl Region {
         Ok(())
     }
 
-    /// Attaches `device`: checks it, then registers its listener for its view, which maps
-    /// what the view holds now (the replay).
+    /// Attaches address space `space` (device `device` asks): checks it, then registers its
+    /// listener for its view, which maps what the view holds now (the replay). The space holds
+    /// the region's backing from now on, until it maps nothing of it.
     ///
     /// # Errors
-    /// [`AttachError`]; nothing of the device stays registered here.
-    pub(crate) fn attach(&self, device: &Device) -> Result<(), AttachError> {
-        self.check_device(device)?;
+    /// [`AttachError`]; nothing of the address space stays registered here, and nothing stays
+    /// mapped unless an unmap undoing the replay failed (then it is tracked as stale).
+    pub(crate) fn attach(
+        &self,
+        space: &Arc<AddressSpace>,
+        device: &str,
+    ) -> Result<(), AttachError> {
+        self.check_space(space, device)?;
         // The conversion lock: a conversion's budget check and its transaction see either all
-        // of this device or none of it.
+        // of this address space or none of it. The budget lock: no other region's conversion
+        // spends the budget between the check and the replay's maps.
         let _conversions = self.conversion_lock();
+        let _budget = space.budgeted().then(|| space.budget());
         let range = self.range();
-        let view = device.config.view();
+        let view = space.config.view();
         let replay_failed = |source| AttachError::Replay {
-            device: device.name.clone(),
+            device: device.to_string(),
             view,
             range,
             source,
         };
         let populated = self.manager.view_runs(view, range).map_err(replay_failed)?;
         let needed: u64 = populated.iter().map(|r| r.len() / self.granularity).sum();
-        device
+        space
             .ledger
             .check_budget(needed)
             .map_err(|source| AttachError::Budget {
-                device: device.name.clone(),
+                device: device.to_string(),
                 range,
                 needed,
                 source,
             })?;
+        space.hold(&self.backing);
         let listener = Arc::new(DmaListener::new(
             ListenerConfig {
-                device: device.name.clone(),
+                device: space.name(),
                 view,
-                map_by: device.config.map_by(),
-                iova_offset: device.config.iova_offset(),
+                map_by: space.config.map_by(),
+                iova_offset: space.config.iova_offset(),
                 granularity: self.granularity,
-                prot: device.config.prot(),
+                prot: space.config.prot(),
             },
-            Arc::clone(&device.ledger),
+            Arc::clone(space),
             Arc::clone(&self.backing),
         ));
         let id = self
@@ -519,50 +564,73 @@ impl Region {
             .register(view, range, listener.clone())
             .map_err(|source| {
                 // A replay whose undo failed leaves mappings: tracked until removed.
-                if self.depart(&device.name, &listener) {
+                if self.depart(device, &listener) {
                     self.mark_maybe_stale();
                 }
+                space.release_unmapped();
                 replay_failed(source)
             })?;
         self.attached_mut().push(Attached {
-            device: device.id,
-            name: device.name.clone(),
+            space: Arc::clone(space),
             view,
             id,
             listener,
-            ledger: Arc::clone(&device.ledger),
         });
         Ok(())
     }
 
-    /// Detaches `device`: unregisters its listeners (which unmaps their view) and forgets
-    /// them. Returns the bytes its listeners still map because unmaps failed: those stay
-    /// tracked here (see [`Region::stale_mappings`]) until a retry removes them.
-    pub(crate) fn detach(&self, device: DeviceId) -> u64 {
+    /// Detaches address space `space`: unregisters its listener (which unmaps its view) and
+    /// forgets it. Returns the bytes it still maps because unmaps failed: those stay tracked
+    /// here (see [`Region::stale_mappings`]) until a retry removes them.
+    pub(crate) fn detach(&self, space: &Arc<AddressSpace>) -> u64 {
         let _conversions = self.conversion_lock();
         let mine: Vec<Attached> = {
             let mut attached = self.attached_mut();
-            let (mine, rest) = attached.drain(..).partition(|a| a.device == device);
+            let (mine, rest) = attached
+                .drain(..)
+                .partition(|a| Arc::ptr_eq(&a.space, space));
             *attached = rest;
             mine
         };
         let mut stale = 0;
         for a in mine {
-            if let Err(e) = self.manager.unregister(a.id) {
-                log::warn!(
-                    "{}: unregistering from {} failed: {e}",
-                    a.name,
-                    self.range()
-                );
-            }
-            // Discards that failed during unregistration left stale mappings: retry once.
-            let left = a.listener.retry_stale();
+            let left = self.unregister(&a);
             if left > 0 {
                 stale += left;
                 self.mark_maybe_stale();
             }
-            self.depart(&a.name, &a.listener);
+            self.depart(&a.space.name(), &a.listener);
         }
+        space.release_unmapped();
         stale
+    }
+
+    /// Unregisters `a`'s listener (which unmaps its view), then retries once what failed to
+    /// unmap; returns the bytes still mapped.
+    fn unregister(&self, a: &Attached) -> u64 {
+        if let Err(e) = self.manager.unregister(a.id) {
+            log::warn!(
+                "{}: unregistering from {} failed: {e}",
+                a.space.name(),
+                self.range()
+            );
+        }
+        a.listener.retry_stale()
+    }
+}
+
+impl Drop for Region {
+    /// Unmaps the region from every address space before its backing can go: what an address
+    /// space cannot unmap keeps the backing alive through the address space (see
+    /// [`crate::space`]), so dropping regions in any order never leaves a device reaching
+    /// freed memory.
+    fn drop(&mut self) {
+        let attached: Vec<Attached> = self.attached_mut().drain(..).collect();
+        for a in attached {
+            self.unregister(&a);
+            let space = Arc::clone(&a.space);
+            drop(a);
+            space.release_unmapped();
+        }
     }
 }

@@ -76,16 +76,30 @@ pub unsafe fn set_guest_memfd_memslot(
     unsafe { vm.set_user_memory_region2(region) }
 }
 
-/// Deletes KVM memslot `slot` (`KVM_SET_USER_MEMORY_REGION2` with size 0), after which KVM no
-/// longer uses the memory the slot pointed at.
-pub fn delete_memslot(vm: &VmFd, slot: u32) -> Result<(), errno::Error> {
+vmm_sys_util::ioctl_iow_nr!(
+    KVM_SET_USER_MEMORY_REGION2,
+    kvm_bindings::KVMIO,
+    0x49,
+    kvm_userspace_memory_region2
+);
+
+/// Deletes KVM memslot `slot` of the VM `vm` (`KVM_SET_USER_MEMORY_REGION2` with size 0), after
+/// which KVM no longer uses the memory the slot pointed at. Takes the VM's fd (any duplicate
+/// of it), so a backing can delete its slot from `Drop`.
+pub fn delete_memslot(vm: BorrowedFd<'_>, slot: u32) -> Result<(), errno::Error> {
     let region = kvm_userspace_memory_region2 {
         slot,
         ..Default::default()
     };
-    // SAFETY: a region of size 0 deletes the slot; KVM dereferences no host address for it, so
-    // none of `set_user_memory_region2`'s promises about `userspace_addr` are needed.
-    unsafe { vm.set_user_memory_region2(region) }
+    // SAFETY: `vm` is an open fd for the call; `region` is a fully initialised struct the
+    // kernel only reads; a region of size 0 deletes the slot, so KVM dereferences no host
+    // address for it. The result is checked below.
+    let ret =
+        unsafe { vmm_sys_util::ioctl::ioctl_with_ref(&vm, KVM_SET_USER_MEMORY_REGION2(), &region) };
+    if ret < 0 {
+        return Err(errno::Error::last());
+    }
+    Ok(())
 }
 
 /// Creates an anonymous shared-memory file (`memfd_create(MFD_CLOEXEC)`) of `size` bytes.
@@ -215,6 +229,8 @@ mod tests {
         assert_eq!(GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED, 3);
         assert_eq!(KVM_CAP_GUEST_MEMFD_FLAGS, 244);
         assert_eq!(KVM_HC_MAP_GPA_RANGE, 12);
+        // _IOW(KVMIO, 0x49, struct kvm_userspace_memory_region2), 160 bytes.
+        assert_eq!(KVM_SET_USER_MEMORY_REGION2(), 0x40a0_ae49);
         assert_eq!(
             [
                 KVM_MAP_GPA_RANGE_PAGE_SZ_4K,

@@ -193,3 +193,32 @@ fn unbinding_a_memslot_frees_its_guest_range_for_another_region() {
     second.bind(&vm, 1).unwrap();
     second.unbind(&vm, 1).unwrap();
 }
+
+#[test]
+fn a_bound_backing_deletes_its_memslot_when_it_drops() {
+    if !vm_rig::need(
+        "a_bound_backing_deletes_its_memslot_when_it_drops",
+        &[Feature::Kvm, Feature::GuestMemfdMmap],
+    ) {
+        return;
+    }
+    let (_kvm, vm, _support) = vm();
+    let first = RegionBacking::classic(&vm, BASE, SIZE).unwrap();
+    first.bind(&vm, 0).unwrap();
+    // One backing binds one slot.
+    assert!(matches!(
+        first.bind(&vm, 2),
+        Err(gmem_dma::BackingError::AlreadyBound { bound: 0, .. })
+    ));
+    // Dropped without unbinding: on main slot 0 stayed, pointing the guest at host memory the
+    // backing had unmapped (whatever the VMM mapped there next).
+    drop(first);
+    let second = RegionBacking::classic(&vm, BASE, SIZE).unwrap();
+    // A new slot over the same guest range is accepted (KVM refuses overlapping slots)...
+    second.bind(&vm, 1).unwrap();
+    second.unbind(&vm, 1).unwrap();
+    // ...and so is the old slot id with a new host address (KVM refuses to move a live slot).
+    second.bind(&vm, 0).unwrap();
+    // Unbinding a slot the backing does not hold is refused without touching KVM.
+    assert!(second.unbind(&vm, 1).is_err());
+}

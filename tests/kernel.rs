@@ -170,6 +170,29 @@ fn pattern(seed: u8, len: usize) -> Vec<u8> {
     (0..len).map(|i| seed.wrapping_add(i as u8)).collect()
 }
 
+/// Writes `data` at `host`, as the guest would.
+///
+/// # Safety
+/// `[host, host + data.len())` lies in a live shared mapping of guest RAM, which is only ever
+/// reached through raw pointers (a device may write it at any time).
+unsafe fn write_host(host: *mut u8, data: &[u8]) {
+    for (i, &b) in data.iter().enumerate() {
+        // SAFETY: the caller's promise.
+        unsafe { host.add(i).write_volatile(b) };
+    }
+}
+
+/// Reads `len` bytes at `host`, as the guest would.
+///
+/// # Safety
+/// As [`write_host`].
+unsafe fn read_host(host: *mut u8, len: usize) -> Vec<u8> {
+    // SAFETY: the caller's promise.
+    (0..len)
+        .map(|i| unsafe { host.add(i).read_volatile() })
+        .collect()
+}
+
 /// The edu device really DMAs through the IOMMU the engine keeps in step with conversions:
 /// shared pages are reachable, a page converted to private is not (isolation), and a neighbour
 /// that stayed shared still is (no window).
@@ -189,18 +212,10 @@ fn edu_dma_follows_conversions(
     rig.convert(range(page(0), 4 * PAGE), Attribute::Shared)
         .unwrap();
     let host = |p: u64| rig.region.backing().host_addr(page(p)).unwrap();
-    let write = |p: u64, data: &[u8]| {
-        for (i, &b) in data.iter().enumerate() {
-            // SAFETY: inside the live shared mapping; only raw-pointer access to guest RAM.
-            unsafe { host(p).add(i).write_volatile(b) };
-        }
-    };
-    let read = |p: u64, len: usize| -> Vec<u8> {
-        // SAFETY: as in `write`.
-        (0..len)
-            .map(|i| unsafe { host(p).add(i).read_volatile() })
-            .collect()
-    };
+    // SAFETY: inside the live shared mapping; only raw-pointer access to guest RAM.
+    let write = |p: u64, data: &[u8]| unsafe { write_host(host(p), data) };
+    // SAFETY: as in `write`.
+    let read = |p: u64, len: usize| unsafe { read_host(host(p), len) };
     let len = Edu::<Arc<VfioPciDevice>>::MAX_DMA as usize;
     let first = pattern(0x21, len);
     write(1, &first);
@@ -444,4 +459,124 @@ fn kernel_type1_budget_refuses_a_conversion_up_front() {
         .unwrap();
     assert_eq!(rig.ram.device_budget(dev), Some(0));
     assert_eq!(rig.ram.device_mappings(dev).unwrap().len(), 8);
+}
+
+/// The second edu bound to vfio-pci (every rig configuration boots two; tests use the first).
+fn second_edu() -> Option<PciAddress> {
+    vm_rig::second_edu_device().map(|a| a.parse().expect("a PCI address"))
+}
+
+/// Two edu devices in one address space (one type1 container or one IOAS), attached to two
+/// regions: one mapping per granule for both, both reach shared pages of both regions, a
+/// conversion to private cuts both off, and one leaving leaves the other's DMA working.
+fn two_edus_in_one_address_space(
+    backend: Arc<dyn DmaBackend>,
+    first: Arc<VfioPciDevice>,
+    second: Arc<VfioPciDevice>,
+) {
+    let edus = [
+        Edu::new(first).expect("first edu answers"),
+        Edu::new(second).expect("second edu answers"),
+    ];
+    // Inside edu's 28-bit DMA mask, identity IOVA.
+    let bases = [0x100_0000u64, 0x200_0000];
+    let ram = gmem_dma::GuestRam::new(Arc::new(gmem_dma::RecordingAttributes::new()));
+    let regions: Vec<_> = bases
+        .iter()
+        .map(|&base| {
+            let spec = gmem_dma::RegionSpec {
+                granularity: PAGE,
+                initial: Attribute::Private,
+                policy: DiscardPolicy::Eager,
+            };
+            ram.add_region(RegionBacking::software(base, 16 * PAGE).unwrap(), spec)
+                .unwrap()
+        })
+        .collect();
+    let ids = ["edu-a", "edu-b"].map(|name| {
+        ram.attach_device(name, Arc::clone(&backend), DeviceConfig::shared())
+            .unwrap()
+    });
+    for &base in &bases {
+        ram.convert(range(base, 4 * PAGE), Attribute::Shared)
+            .unwrap();
+    }
+    // One mapping per granule per address space, whatever the number of devices.
+    assert_eq!(ram.device_mappings(ids[0]).unwrap().len(), 8);
+    assert_eq!(ram.device_mappings(ids[0]), ram.device_mappings(ids[1]));
+    let host = |gpa: u64| {
+        let r = regions
+            .iter()
+            .find(|r| r.range().contains(&range(gpa, 1)))
+            .unwrap();
+        r.backing().host_addr(gpa).unwrap()
+    };
+    // SAFETY: inside a live shared mapping; only raw-pointer access to guest RAM.
+    let write = |gpa: u64, data: &[u8]| unsafe { write_host(host(gpa), data) };
+    // SAFETY: as in `write`.
+    let read = |gpa: u64, len: usize| unsafe { read_host(host(gpa), len) };
+    let len = Edu::<Arc<VfioPciDevice>>::MAX_DMA as usize;
+    // Each device copies a page of one region into a page of the other.
+    let copy = |edu: &Edu<Arc<VfioPciDevice>>, from: u64, to: u64, seed: u8| {
+        let data = pattern(seed, len);
+        write(from, &data);
+        edu.copy_to_device(from, len as u32).unwrap();
+        edu.copy_from_device(to, len as u32).unwrap();
+        assert_eq!(read(to, len), data, "DMA {from:#x} -> {to:#x}");
+    };
+    copy(&edus[0], bases[0] + PAGE, bases[1] + 2 * PAGE, 0x11);
+    copy(&edus[1], bases[1] + PAGE, bases[0] + 2 * PAGE, 0x22);
+    // A page converted to private is cut off for both devices.
+    let private = bases[0] + 3 * PAGE;
+    ram.convert(range(private, PAGE), Attribute::Private)
+        .unwrap();
+    assert_eq!(ram.device_mappings(ids[1]).unwrap().len(), 7);
+    write(private, &[0x5a; 64]);
+    for (i, edu) in edus.iter().enumerate() {
+        write(bases[0] + PAGE, &pattern(0x40 + i as u8, len));
+        edu.copy_to_device(bases[0] + PAGE, len as u32).unwrap();
+        let outcome = edu.copy_from_device(private, len as u32);
+        eprintln!("edu {i}: DMA to the page converted to private returned {outcome:?}");
+        assert_eq!(
+            read(private, 64),
+            [0x5a; 64],
+            "isolation: edu {i} reached a private page"
+        );
+    }
+    regions[0]
+        .backing()
+        .punch_hole(View::Shared, range(private, PAGE))
+        .unwrap();
+    // One leaves: nothing is unmapped, and the other keeps reaching shared pages.
+    let report = ram.detach_device(ids[0]).unwrap();
+    assert_eq!(report.mappings, 0);
+    assert_eq!(ram.device_mappings(ids[1]).unwrap().len(), 7);
+    copy(&edus[1], bases[0], bases[1] + 3 * PAGE, 0x33);
+    // The last one leaves: everything is unmapped.
+    let report = ram.detach_device(ids[1]).unwrap();
+    assert_eq!(report.mappings, 7);
+}
+
+#[test]
+fn kernel_type1_two_edus_in_one_container_share_two_regions() {
+    let name = "kernel_type1_two_edus_in_one_container_share_two_regions";
+    if !vm_rig::need(name, &[Feature::Edu, Feature::VfioType1]) {
+        return;
+    }
+    let second = second_edu().expect("every rig configuration boots two edu devices");
+    let (backend, first) = Type1Backend::open(&edu_address()).expect("open edu through type1");
+    let other = backend.attach(&second).expect("attach the second edu");
+    two_edus_in_one_address_space(Arc::new(backend), first, other);
+}
+
+#[test]
+fn kernel_iommufd_two_edus_in_one_ioas_share_two_regions() {
+    let name = "kernel_iommufd_two_edus_in_one_ioas_share_two_regions";
+    if !vm_rig::need(name, &[Feature::Edu, Feature::Iommufd]) {
+        return;
+    }
+    let second = second_edu().expect("every rig configuration boots two edu devices");
+    let (backend, first) = IommufdBackend::open(&edu_address()).expect("open edu through IOMMUFD");
+    let other = backend.attach(&second).expect("attach the second edu");
+    two_edus_in_one_address_space(Arc::new(backend), first, other);
 }

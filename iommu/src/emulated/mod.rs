@@ -150,6 +150,7 @@ pub struct EmulatedIommuBuilder {
     unmap_style: UnmapStyle,
     map_file: FileMapSupport,
     record_calls: bool,
+    fault_in: bool,
 }
 
 impl Default for EmulatedIommuBuilder {
@@ -161,6 +162,7 @@ impl Default for EmulatedIommuBuilder {
             unmap_style: UnmapStyle::Type1v2,
             map_file: FileMapSupport::AnyFile,
             record_calls: true,
+            fault_in: false,
         }
     }
 }
@@ -202,6 +204,15 @@ impl EmulatedIommuBuilder {
     /// Turns the call log on (the default) or off (for benchmarks of millions of calls).
     pub fn record_calls(mut self, record: bool) -> Self {
         self.record_calls = record;
+        self
+    }
+
+    /// Makes every successful map allocate the memory it names, as pinning for DMA does on a
+    /// real kernel (type1 and IOMMUFD pin, no-IOMMU mlocks): by host address with
+    /// `MADV_POPULATE_WRITE`, by file with `fallocate(KEEP_SIZE)`. Off by default. With it, a
+    /// test sees pages a failed conversion faulted in and left behind.
+    pub fn fault_in(mut self, fault_in: bool) -> Self {
+        self.fault_in = fault_in;
         self
     }
 

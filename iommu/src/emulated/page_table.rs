@@ -153,6 +153,9 @@ impl EmulatedIommu {
         if !ranges.is_empty() && !ranges.iter().any(|r| r.contains(iova, len)) {
             return Err(einval);
         }
+        if self.config.fault_in {
+            fault_in(&source, len)?;
+        }
         let target = match source {
             Source::Va(p) => Target::HostVa(HostPtr(p)),
             Source::File { file, offset } => Target::File {
@@ -456,4 +459,26 @@ impl DmaBackend for EmulatedIommu {
             source,
         })
     }
+}
+
+/// Allocates the memory `len` bytes of `source` name, as pinning does (see
+/// [`super::EmulatedIommuBuilder::fault_in`]); changes no data.
+fn fault_in(source: &Source<'_>, len: u64) -> Result<(), errno::Error> {
+    let len_usize = usize::try_from(len).map_err(|_| errno::Error::new(libc::EINVAL))?;
+    let ret = match *source {
+        // SAFETY: `map_va`'s contract: the range is mapped in this process for as long as the
+        // mapping exists; MADV_POPULATE_WRITE only faults it in writable (no data changes).
+        Source::Va(p) => unsafe { libc::madvise(p.cast(), len_usize, libc::MADV_POPULATE_WRITE) },
+        Source::File { ref file, offset } => {
+            let offset =
+                libc::off_t::try_from(offset).map_err(|_| errno::Error::new(libc::EINVAL))?;
+            let len = libc::off_t::try_from(len).map_err(|_| errno::Error::new(libc::EINVAL))?;
+            // SAFETY: `file` is a valid fd for the call; fallocate reads no user memory.
+            unsafe { libc::fallocate(file.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, offset, len) }
+        }
+    };
+    if ret != 0 {
+        return Err(errno::Error::last());
+    }
+    Ok(())
 }

@@ -750,6 +750,15 @@ impl Ledger {
         }
     }
 
+    /// True when some live mapping overlaps `[iova, iova + len)` (false for an empty or
+    /// wrapping range).
+    pub fn maps_any(&self, iova: u64, len: u64) -> bool {
+        match len.checked_sub(1).and_then(|l| iova.checked_add(l)) {
+            Some(last) => self.lock().record.overlaps(iova, last),
+            None => false,
+        }
+    }
+
     /// Mappings the budget has left (`None`: no count limit).
     pub fn remaining_budget(&self) -> Option<u64> {
         self.lock().budget

@@ -227,6 +227,23 @@ fn unmap_merges_whole_mappings_into_one_call_and_skips_empty_ranges() {
 }
 
 #[test]
+fn maps_any_is_true_exactly_when_a_mapping_overlaps_the_range() {
+    let mem = HostMem::new(32 * PAGE as usize);
+    let (_iommu, ledger) = ledger_on(EmulatedIommu::new());
+    map(&ledger, &mem, 4 * PAGE, 2 * PAGE).unwrap();
+    assert!(ledger.maps_any(0, 5 * PAGE));
+    assert!(ledger.maps_any(5 * PAGE, PAGE));
+    assert!(ledger.maps_any(5 * PAGE + 1, 10 * PAGE));
+    assert!(!ledger.maps_any(0, 4 * PAGE));
+    assert!(!ledger.maps_any(6 * PAGE, 10 * PAGE));
+    // Empty and wrapping ranges hold nothing.
+    assert!(!ledger.maps_any(4 * PAGE, 0));
+    assert!(!ledger.maps_any(u64::MAX, 2));
+    ledger.unmap(4 * PAGE, 2 * PAGE).unwrap();
+    assert!(!ledger.maps_any(0, 32 * PAGE));
+}
+
+#[test]
 fn unmap_ranges_joins_ranges_whose_gaps_hold_nothing_into_one_call() {
     let mem = HostMem::new(32 * PAGE as usize);
     // IOMMUFD style: a bisecting or empty call would fail with ENOENT.

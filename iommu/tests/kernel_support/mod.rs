@@ -304,17 +304,7 @@ pub fn dma_write_lands<R: iommu::DeviceRegions>(
 /// Another edu device bound to vfio-pci besides [`edu_address`], if the machine has one (the
 /// rig boots one; a second `-device edu` makes the attach tests run).
 pub fn second_edu() -> Option<PciAddress> {
-    let first = edu_address();
-    iommu::HostPaths::default()
-        .list_pci_devices()
-        .ok()?
-        .into_iter()
-        .find(|d| {
-            (d.vendor, d.device) == vm_rig::EDU_VENDOR_DEVICE
-                && d.driver.as_deref() == Some("vfio-pci")
-                && d.address != first
-        })
-        .map(|d| d.address)
+    vm_rig::second_edu_device().map(|a| a.parse().expect("a PCI address"))
 }
 
 /// Both devices of one address space reach the same mappings: edu `a` reads a buffer mapped

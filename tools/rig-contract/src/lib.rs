@@ -263,18 +263,37 @@ pub fn edu_device() -> Option<String> {
     if let Ok(addr) = std::env::var(EDU_ENV) {
         return Some(addr);
     }
-    let entries = fs::read_dir("/sys/bus/pci/devices").ok()?;
-    entries.flatten().find_map(|entry| {
-        let dir = entry.path();
-        let id = |file: &str| {
-            let text = fs::read_to_string(dir.join(file)).ok()?;
-            u16::from_str_radix(text.trim().trim_start_matches("0x"), 16).ok()
-        };
-        let bound_to_vfio = fs::read_link(dir.join("driver"))
-            .is_ok_and(|d| d.file_name().is_some_and(|n| n == "vfio-pci"));
-        (bound_to_vfio && (id("vendor")?, id("device")?) == EDU_VENDOR_DEVICE)
-            .then(|| entry.file_name().to_string_lossy().into_owned())
-    })
+    edu_devices().into_iter().next()
+}
+
+/// A second `edu` device bound to vfio-pci, other than [`edu_device`] (every rig configuration
+/// boots two, for tests that put two devices in one address space).
+pub fn second_edu_device() -> Option<String> {
+    let first = edu_device()?;
+    edu_devices().into_iter().find(|a| *a != first)
+}
+
+/// Every `edu` device bound to vfio-pci, by PCI address, in sysfs order.
+fn edu_devices() -> Vec<String> {
+    let Ok(entries) = fs::read_dir("/sys/bus/pci/devices") else {
+        return Vec::new();
+    };
+    let mut found: Vec<String> = entries
+        .flatten()
+        .filter_map(|entry| {
+            let dir = entry.path();
+            let id = |file: &str| {
+                let text = fs::read_to_string(dir.join(file)).ok()?;
+                u16::from_str_radix(text.trim().trim_start_matches("0x"), 16).ok()
+            };
+            let bound_to_vfio = fs::read_link(dir.join("driver"))
+                .is_ok_and(|d| d.file_name().is_some_and(|n| n == "vfio-pci"));
+            (bound_to_vfio && (id("vendor")?, id("device")?) == EDU_VENDOR_DEVICE)
+                .then(|| entry.file_name().to_string_lossy().into_owned())
+        })
+        .collect();
+    found.sort();
+    found
 }
 
 /// The sysfs directory of a PCI device.
