@@ -22,7 +22,7 @@ use iommu::{FileMapSupport, Ledger};
 
 use crate::backing::{FileKind, RegionBacking};
 use crate::device::{AttachError, Device, DeviceConfig, DeviceId, MapBy};
-use crate::dma::{DmaListener, ListenerConfig};
+use crate::dma::{DmaListener, ListenerConfig, MappingUnit};
 use crate::lock;
 use crate::policy::{DiscardPolicy, Discarder, FlushReport, HeldBack};
 use crate::range_set::RangeSet;
@@ -233,7 +233,8 @@ impl Region {
         self.manager.region()
     }
 
-    /// The granularity of state and of every DMA mapping.
+    /// The granularity of state, of conversions, and of every DMA mapping on a device that
+    /// cannot cut mappings (one that can maps whole runs: [`crate::dma`]).
     pub fn granularity(&self) -> u64 {
         self.granularity
     }
@@ -492,7 +493,8 @@ impl Region {
             source,
         };
         let populated = self.manager.view_runs(view, range).map_err(replay_failed)?;
-        let needed: u64 = populated.iter().map(|r| r.len() / self.granularity).sum();
+        let needed =
+            MappingUnit::of(device.ledger.capabilities(), self.granularity).count(&populated);
         device
             .ledger
             .check_budget(needed)
