@@ -387,6 +387,14 @@ pub fn emulated(style: UnmapStyle) -> EmulatedIommu {
     EmulatedIommu::builder().unmap_style(style).build()
 }
 
+/// `per_granule` on an IOMMU of `style` that cannot cut mappings, `per_run` on one that can.
+pub fn per_style<T>(style: UnmapStyle, per_granule: T, per_run: T) -> T {
+    match style {
+        UnmapStyle::Cutting => per_run,
+        _ => per_granule,
+    }
+}
+
 pub fn granules(start: u64, end: u64) -> impl Iterator<Item = (u64, u64)> {
     (start..end).step_by(PAGE as usize).map(|g| (g, PAGE))
 }
