@@ -357,3 +357,31 @@ impl ViewListener for DmaListener {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use iommu::emulated::UnmapStyle;
+    use iommu::{DmaBackend, EmulatedIommu};
+
+    use super::*;
+
+    fn unit(style: UnmapStyle) -> MappingUnit {
+        let iommu = EmulatedIommu::builder().unmap_style(style).build();
+        MappingUnit::of(&iommu.capabilities().unwrap(), 0x1000)
+    }
+
+    #[test]
+    fn a_cutting_space_maps_a_run_as_one_mapping_and_counts_runs() {
+        let runs = [
+            GpaRange::new(0x10_0000, 0x20_0000).unwrap(),
+            GpaRange::new(0x40_0000, 0x1000).unwrap(),
+        ];
+        let run = unit(UnmapStyle::Cutting);
+        assert_eq!((run.piece_len(0x20_0000), run.count(&runs)), (0x20_0000, 2));
+        let granule = unit(UnmapStyle::Type1v2);
+        assert_eq!(
+            (granule.piece_len(0x20_0000), granule.count(&runs)),
+            (0x1000, 513)
+        );
+    }
+}
