@@ -172,7 +172,7 @@ fn kernel_iommufd_a_64_mib_share_is_one_mapping_cut_granule_by_granule_without_a
                     stable_faults.extend(lines.into_iter().filter(|l| {
                         vm_rig::is_dmar_fault(l)
                             && fault_addr(l).is_some_and(|a| {
-                                a >= BASE && a < BASE + 64 * MIB && stable((a - BASE) / PAGE)
+                                (BASE..BASE + 64 * MIB).contains(&a) && stable((a - BASE) / PAGE)
                             })
                     }));
                 }
