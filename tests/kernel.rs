@@ -188,19 +188,8 @@ fn edu_dma_follows_conversions(
     let page = |p: u64| base + p * PAGE;
     rig.convert(range(page(0), 4 * PAGE), Attribute::Shared)
         .unwrap();
-    let host = |p: u64| rig.region.backing().host_addr(page(p)).unwrap();
-    let write = |p: u64, data: &[u8]| {
-        for (i, &b) in data.iter().enumerate() {
-            // SAFETY: inside the live shared mapping; only raw-pointer access to guest RAM.
-            unsafe { host(p).add(i).write_volatile(b) };
-        }
-    };
-    let read = |p: u64, len: usize| -> Vec<u8> {
-        // SAFETY: as in `write`.
-        (0..len)
-            .map(|i| unsafe { host(p).add(i).read_volatile() })
-            .collect()
-    };
+    let write = |p: u64, data: &[u8]| rig.write_shared(page(p), data);
+    let read = |p: u64, len: usize| rig.read_shared(page(p), len);
     let len = Edu::<Arc<VfioPciDevice>>::MAX_DMA as usize;
     let first = pattern(0x21, len);
     write(1, &first);

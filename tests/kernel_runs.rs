@@ -78,6 +78,16 @@ fn kernel_iommufd_a_64_mib_share_is_one_mapping_cut_granule_by_granule_without_a
         .attach_device("edu", Arc::new(backend), DeviceConfig::shared())
         .unwrap();
     let stats = || rig.ram.device_stats(dev).unwrap();
+    // (map calls, bytes mapped, unmap calls, bytes the kernel unmapped) since `before`.
+    let calls_since = |before: iommu::LedgerStats| {
+        let after = stats();
+        (
+            after.map_calls - before.map_calls,
+            after.bytes_mapped - before.bytes_mapped,
+            after.unmap_calls - before.unmap_calls,
+            after.bytes_unmapped - before.bytes_unmapped,
+        )
+    };
     let page = |p: u64| BASE + p * PAGE;
     // 64 MiB made shared in one request: one kernel mapping.
     let all = rig.region.range();
@@ -91,19 +101,8 @@ fn kernel_iommufd_a_64_mib_share_is_one_mapping_cut_granule_by_granule_without_a
     assert_eq!((stats().map_calls, stats().bytes_mapped), (1, 64 * MIB));
     // Every 64th page stays shared the whole time: edu's DMA targets.
     let stable = |p: u64| p % 64 == 0;
-    let host = |p: u64| rig.region.backing().host_addr(page(p)).unwrap();
-    let write = |p: u64, data: &[u8]| {
-        for (i, &b) in data.iter().enumerate() {
-            // SAFETY: inside the live shared mapping; only raw-pointer access to guest RAM.
-            unsafe { host(p).add(i).write_volatile(b) };
-        }
-    };
-    let read = |p: u64, len: usize| -> Vec<u8> {
-        // SAFETY: as in `write`.
-        (0..len)
-            .map(|i| unsafe { host(p).add(i).read_volatile() })
-            .collect()
-    };
+    let write = |p: u64, data: &[u8]| rig.write_shared(page(p), data);
+    let read = |p: u64, len: usize| rig.read_shared(page(p), len);
     let len = Edu::<Arc<VfioPciDevice>>::MAX_DMA as usize;
     let mut shared: Vec<u64> = (0..pages).filter(|&p| !stable(p)).collect();
     let mut cut: Vec<u64> = Vec::new();
@@ -121,14 +120,9 @@ fn kernel_iommufd_a_64_mib_share_is_one_mapping_cut_granule_by_granule_without_a
                 .unwrap();
             cut.push(p);
             cuts += 1;
-            let after = stats();
             assert_eq!(
-                (
-                    after.unmap_calls - before.unmap_calls,
-                    after.bytes_unmapped - before.bytes_unmapped,
-                    after.map_calls - before.map_calls
-                ),
-                (1, PAGE, 0),
+                calls_since(before),
+                (0, 0, 1, PAGE),
                 "cut {cuts} (page {p}): one call, the kernel unmapped exactly one page"
             );
             assert!(
@@ -183,14 +177,9 @@ fn kernel_iommufd_a_64_mib_share_is_one_mapping_cut_granule_by_granule_without_a
                 .unwrap();
             shared.push(p);
             reshares += 1;
-            let after = stats();
             assert_eq!(
-                (
-                    after.map_calls - before.map_calls,
-                    after.bytes_mapped - before.bytes_mapped,
-                    after.unmap_calls - before.unmap_calls
-                ),
-                (1, PAGE, 0),
+                calls_since(before),
+                (1, PAGE, 0, 0),
                 "re-share {reshares} (page {p}): one mapping of one page"
             );
         }

@@ -185,6 +185,25 @@ impl Rig {
         }
     }
 
+    /// Writes `data` at `gpa` through the region's shared mapping (volatile; a device may
+    /// access it at the same time).
+    pub fn write_shared(&self, gpa: u64, data: &[u8]) {
+        let host = self.region.backing().host_addr(gpa).unwrap();
+        for (i, &b) in data.iter().enumerate() {
+            // SAFETY: inside the live shared mapping; only raw-pointer access to guest RAM.
+            unsafe { host.add(i).write_volatile(b) };
+        }
+    }
+
+    /// Reads `len` bytes at `gpa` through the region's shared mapping (volatile).
+    pub fn read_shared(&self, gpa: u64, len: usize) -> Vec<u8> {
+        let host = self.region.backing().host_addr(gpa).unwrap();
+        // SAFETY: as in `write_shared`.
+        (0..len)
+            .map(|i| unsafe { host.add(i).read_volatile() })
+            .collect()
+    }
+
     /// Everything the invariants compare, captured at one moment.
     pub fn snapshot(&self, devs: &[&Dev]) -> Snapshot {
         let all = self.region.range();
