@@ -311,7 +311,10 @@ fn kernel_iommufd_sharing_a_pool_per_run_costs_a_fraction_of_per_granule() {
         let time_x = time(&granule) / time(&run).max(f64::MIN_POSITIVE);
         let met = |ok: bool| if ok { "met" } else { "NOT met" };
         eprintln!(
-            "@@FIGURES {} MiB: map calls per granule {} / per run {} ({calls_x:.0}x, target 20x              {}); time {:.1} ms / {:.1} ms ({time_x:.1}x, target 4x {}); Slab {:+} / {:+} bytes;              SUnreclaim {:+} / {:+} bytes ({memory_x:.1}x, target 10x {}); all runs: granule              {granule:?} run {run:?}",
+            "@@FIGURES {} MiB: map calls per granule {} / per run {} ({calls_x:.0}x, target 20x {}); \
+             time {:.1} ms / {:.1} ms ({time_x:.1}x, target 4x {}); Slab {:+} / {:+} bytes; \
+             SUnreclaim {:+} / {:+} bytes ({memory_x:.1}x, target 10x {}); \
+             all runs: granule {granule:?} run {run:?}",
             size / MIB,
             g.map_calls,
             r.map_calls,
