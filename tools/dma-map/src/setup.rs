@@ -273,7 +273,8 @@ pub fn backend(
             return Err(error(
                 Class::HostLacks,
                 format!(
-                    "--mapping per-run: {} cannot cut a mapping, so it must map per granule                      (IOMMUFD with type1 (v1) semantics can cut; see `dma-map probe`)",
+                    "--mapping per-run: {} cannot cut a mapping, so it must map per granule \
+                     (IOMMUFD with type1 (v1) semantics can cut; see `dma-map probe`)",
                     opened.name
                 ),
             ));
