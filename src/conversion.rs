@@ -11,8 +11,10 @@
 //!    set back are set to what the state manager says ([`ConversionError::AttributeRollback`]
 //!    if KVM still refuses), so a request the manager sees as a no-op (the guest's fault on a
 //!    page KVM got wrong) still repairs KVM and the guest does not fault forever.
-//! 1. **Budget.** Every device listening to the gaining view must have room for one mapping per
-//!    granule that joins it ([`iommu::Ledger::check_budget`]); type1 allows 65535 per container.
+//! 1. **Budget.** Every device listening to the gaining view must have room for the mappings
+//!    the joining granules become ([`iommu::Ledger::check_budget`]): one per granule where its
+//!    address space cannot cut a mapping (type1 allows 65535 per container), one per run where
+//!    it can ([`crate::dma`]).
 //!    A conversion that would not fit is refused here, before anything changed.
 //! 2. **Transaction** ([`discard_manager::DiscardManager::convert_with`]), on exactly the
 //!    granules whose attribute changes:
@@ -67,6 +69,7 @@ use iommu::LedgerError;
 
 use crate::attributes::{AttributeError, MemoryAttributes};
 use crate::device::DeviceId;
+use crate::dma::MappingUnit;
 use crate::host::BackingModel;
 use crate::policy::{FlushReport, HeldBack};
 use crate::range_set::span;
@@ -351,19 +354,22 @@ impl Region {
             discard_manager::Error::Range(r) => ConversionError::Range(r),
             other => ConversionError::Manager(Box::new(other)),
         })?;
-        let needed: u64 = joining.iter().map(|r| r.len() / self.granularity()).sum();
-        if needed == 0 {
+        if joining.is_empty() {
             return Ok(());
         }
         for a in self.attached().iter().filter(|a| a.view == to.view()) {
-            a.space.ledger.check_budget(needed).map_err(|source| {
-                ConversionError::MappingBudget {
+            // What will really be mapped: one mapping per joining run where the address
+            // space cuts, one per granule where it does not.
+            let ledger = &a.space.ledger;
+            let needed = MappingUnit::of(ledger.capabilities(), self.granularity()).count(&joining);
+            ledger
+                .check_budget(needed)
+                .map_err(|source| ConversionError::MappingBudget {
                     device: a.space.name(),
                     range,
                     needed,
                     source,
-                }
-            })?;
+                })?;
         }
         Ok(())
     }

@@ -2,17 +2,25 @@
 //!
 //! A [`DmaListener`] follows one view of one region for one IOMMU address space (every device
 //! in it), through the address space's [`Ledger`]:
-//! - **shared view**: every shared granule is mapped on its own (kernels cannot split a mapping
-//!   later, so the unit of map must be the unit of conversion), by host address in the region's
-//!   shared mapping or by the shared file + offset;
-//! - **private view** (trusted-IO devices): every private granule is mapped by the private file
-//!   (guest_memfd) + offset, since private memory has no host address.
+//! - **shared view**: by host address in the region's shared mapping or by the shared file +
+//!   offset;
+//! - **private view** (trusted-IO devices): by the private file (guest_memfd) + offset, since
+//!   private memory has no host address.
+//!
+//! **How big a mapping is** ([`MappingUnit`]). Where the address space cuts mappings
+//! ([`iommu::Capabilities::cuts_mappings`]: IOMMUFD with type1 (v1) semantics, the emulated
+//! IOMMU's cutting style), each run the state manager hands the listener is **one** mapping, and
+//! a later discard of any granule inside it cuts exactly that granule out (the kernel splits the
+//! area; its neighbours keep their IOPTEs, so there is no window). Where it does not (a real
+//! VFIO type1 container, no-IOMMU), a mapping can only be removed whole, so the unit of map must
+//! be the unit of conversion: one mapping per granule, counted against the mapping budget.
 //!
 //! IOVA = GPA + `iova_offset` (identity by default). A discard of one run is one
 //! [`Ledger::unmap`]; the runs one conversion takes from the view (a mixed range) go to
-//! [`Ledger::unmap_ranges`] together, so the ledger merges them into the fewest whole-mapping
-//! kernel calls: one across the gaps unless something else it maps (a stale mapping, another
-//! buffer) lies in one.
+//! [`Ledger::unmap_ranges`] together, so the ledger merges them into the fewest kernel calls:
+//! one across the gaps unless something it maps (a stale mapping, another buffer, or, on a
+//! cutting space, the rest of a run mapping that stays) lies in one, so no call ever removes a
+//! mapping outside the discarded runs.
 //!
 //! # When an unmap fails
 //! A failed unmap travels back the way it came: `discard` returns it to the state manager,
@@ -32,12 +40,51 @@ use std::os::fd::AsFd;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use discard_manager::{GpaRange, ListenerError, View, ViewListener};
-use iommu::{DmaProt, Ledger, LedgerError};
+use iommu::{Capabilities, DmaProt, Ledger, LedgerError};
 
 use crate::backing::RegionBacking;
 use crate::device::MapBy;
 use crate::range_set::RangeSet;
 use crate::space::AddressSpace;
+
+/// How a listener splits a run it maps into mappings: the one decision of the mapping size,
+/// used by the listener to map and by the budget checks (attach, conversion) to count.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum MappingUnit {
+    /// The address space cuts mappings: one mapping per run.
+    Run,
+    /// It does not: one mapping per granule of this many bytes.
+    Granule(u64),
+}
+
+impl MappingUnit {
+    /// The unit for an address space whose backend reports `caps`, on a region of
+    /// `granularity`.
+    pub(crate) fn of(caps: &Capabilities, granularity: u64) -> Self {
+        if caps.cuts_mappings {
+            MappingUnit::Run
+        } else {
+            MappingUnit::Granule(granularity)
+        }
+    }
+
+    /// Bytes of each mapping of a run of `run_len` bytes (granule-aligned).
+    pub(crate) fn piece_len(self, run_len: u64) -> u64 {
+        match self {
+            MappingUnit::Run => run_len,
+            MappingUnit::Granule(granularity) => granularity,
+        }
+    }
+
+    /// Mappings that mapping `runs` makes (each run is mapped on its own, never joined to a
+    /// neighbour already mapped).
+    pub(crate) fn count(self, runs: &[GpaRange]) -> u64 {
+        match self {
+            MappingUnit::Run => runs.len() as u64,
+            MappingUnit::Granule(granularity) => runs.iter().map(|r| r.len() / granularity).sum(),
+        }
+    }
+}
 
 /// Follows one view of one region for one IOMMU address space (all the devices in it).
 pub(crate) struct DmaListener {
@@ -50,6 +97,7 @@ pub(crate) struct DmaListener {
     map_by: MapBy,
     iova_offset: u64,
     granularity: u64,
+    unit: MappingUnit,
     prot: DmaProt,
     stale: Mutex<RangeSet>,
 }
@@ -61,6 +109,7 @@ impl fmt::Debug for DmaListener {
             .field("view", &self.view)
             .field("map_by", &self.map_by)
             .field("iova_offset", &format_args!("{:#x}", self.iova_offset))
+            .field("unit", &self.unit)
             .finish()
     }
 }
@@ -82,6 +131,7 @@ impl DmaListener {
         backing: Arc<RegionBacking>,
     ) -> Self {
         Self {
+            unit: MappingUnit::of(space.ledger.capabilities(), config.granularity),
             space,
             backing,
             device: config.device,
@@ -112,9 +162,11 @@ impl DmaListener {
         gpa + self.iova_offset
     }
 
-    /// Maps `[start, end)` (granule-aligned GPAs) as one mapping per granule, all or nothing.
+    /// Maps `[start, end)` (granule-aligned GPAs) in pieces of the listener's [`MappingUnit`],
+    /// all or nothing.
     fn map_run(&self, start: u64, end: u64) -> Result<(), LedgerError> {
         let (iova, len) = (self.iova(start), end - start);
+        let piece_len = self.unit.piece_len(len);
         match (self.view, self.map_by) {
             (View::Shared, MapBy::Address) => {
                 let Some(host) = self.backing.host_addr(start) else {
@@ -129,7 +181,7 @@ impl DmaListener {
                 // references, so device access cannot break aliasing rules.
                 unsafe {
                     self.ledger()
-                        .map_va_pieces(iova, len, host, self.granularity, self.prot)
+                        .map_va_pieces(iova, len, host, piece_len, self.prot)
                 }
             }
             (View::Shared, MapBy::File) => self.ledger().map_file_pieces(
@@ -137,7 +189,7 @@ impl DmaListener {
                 len,
                 self.backing.shared_file().as_fd(),
                 self.backing.file_offset(start),
-                self.granularity,
+                piece_len,
                 self.prot,
             ),
             (View::Private, _) => self.ledger().map_file_pieces(
@@ -145,7 +197,7 @@ impl DmaListener {
                 len,
                 self.backing.private_file().as_fd(),
                 self.backing.file_offset(start),
-                self.granularity,
+                piece_len,
                 self.prot,
             ),
         }
@@ -315,5 +367,33 @@ impl ViewListener for DmaListener {
             Some(range) => self.unmap_failed(range, source),
             None => Box::new(source),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use iommu::emulated::UnmapStyle;
+    use iommu::{DmaBackend, EmulatedIommu};
+
+    use super::*;
+
+    fn unit(style: UnmapStyle) -> MappingUnit {
+        let iommu = EmulatedIommu::builder().unmap_style(style).build();
+        MappingUnit::of(&iommu.capabilities().unwrap(), 0x1000)
+    }
+
+    #[test]
+    fn a_cutting_space_maps_a_run_as_one_mapping_and_counts_runs() {
+        let runs = [
+            GpaRange::new(0x10_0000, 0x20_0000).unwrap(),
+            GpaRange::new(0x40_0000, 0x1000).unwrap(),
+        ];
+        let run = unit(UnmapStyle::Cutting);
+        assert_eq!((run.piece_len(0x20_0000), run.count(&runs)), (0x20_0000, 2));
+        let granule = unit(UnmapStyle::Type1v2);
+        assert_eq!(
+            (granule.piece_len(0x20_0000), granule.count(&runs)),
+            (0x1000, 513)
+        );
     }
 }

@@ -24,7 +24,7 @@ use iommu::FileMapSupport;
 
 use crate::backing::{FileKind, RegionBacking};
 use crate::device::{AttachError, DeviceConfig, DeviceId, MapBy};
-use crate::dma::{DmaListener, ListenerConfig};
+use crate::dma::{DmaListener, ListenerConfig, MappingUnit};
 use crate::lock;
 use crate::policy::{DiscardPolicy, Discarder, FlushReport, HeldBack};
 use crate::range_set::RangeSet;
@@ -234,7 +234,8 @@ impl Region {
         self.manager.region()
     }
 
-    /// The granularity of state and of every DMA mapping.
+    /// The granularity of state, of conversions, and of every DMA mapping on a device that
+    /// cannot cut mappings (one that can maps whole runs: [`crate::dma`]).
     pub fn granularity(&self) -> u64 {
         self.granularity
     }
@@ -536,7 +537,8 @@ impl Region {
             source,
         };
         let populated = self.manager.view_runs(view, range).map_err(replay_failed)?;
-        let needed: u64 = populated.iter().map(|r| r.len() / self.granularity).sum();
+        let needed =
+            MappingUnit::of(space.ledger.capabilities(), self.granularity).count(&populated);
         space
             .ledger
             .check_budget(needed)

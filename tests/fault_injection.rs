@@ -4,11 +4,15 @@
 //! 1. isolation: no shared-view mapping covers a private page (except stale mappings the engine
 //!    reports after a failed call, and never in the range of a successful conversion to private);
 //! 2. no window: every unmap a conversion issues lies inside the range converted;
-//! 3. exact ledger: ledger == page table == one mapping per granule of the device's view;
+//! 3. exact ledger: ledger == page table == the device's view: one mapping per granule, or, on
+//!    IOMMUs that cut mappings, mappings of whole runs (and of what cuts left of them);
 //! 4. all or nothing: a failed call leaves manager, KVM table, page tables and backings as they
 //!    were, and names its step;
 //! 5. no double allocation: a page is backed on the other side only if held back, and the bytes
 //!    backed twice never exceed what the policy reports.
+//!
+//! Every sequence runs on per-granule IOMMUs (type1 and IOMMUFD without cutting) or on cutting
+//! ones (each run one mapping, unmaps cut it), chosen at random.
 
 mod common;
 
@@ -120,12 +124,15 @@ fn configs() -> [DeviceConfig; 3] {
     ]
 }
 
-fn iommu(i: usize) -> EmulatedIommu {
-    match i {
+fn iommu(i: usize, cutting: bool) -> EmulatedIommu {
+    match (i, cutting) {
+        // Each run one mapping, cut by later unmaps (IOMMUFD with type1 (v1) semantics; no
+        // count limit, as in the kernel).
+        (_, true) => common::emulated(UnmapStyle::Cutting),
         // A type1-like IOMMU.
-        0 => EmulatedIommu::new(),
+        (0, false) => EmulatedIommu::new(),
         // An IOMMUFD-like one with a small budget, so some conversions are refused up front.
-        1 => EmulatedIommu::builder()
+        (1, false) => EmulatedIommu::builder()
             .unmap_style(UnmapStyle::Iommufd)
             .mapping_budget(Some(20))
             .build(),
@@ -180,27 +187,28 @@ impl Faults {
     }
 }
 
-/// Page tables minus what was stale: a failed call may still retry old stale unmaps first.
-fn without(
-    tables: &[Vec<iommu::emulated::TableEntry>],
-    stale: &[(u64, u64)],
-) -> Vec<Vec<(u64, u64)>> {
+/// The granules each page table maps, minus what was stale: a failed call may still retry old
+/// stale unmaps first. Granules, not mappings: a rollback on an IOMMU that cuts mappings
+/// re-maps a run it cut out as a mapping of its own, so the same granules are mapped in more
+/// pieces (on the others every mapping is one granule, so this is the mappings themselves).
+fn without(tables: &[Vec<iommu::emulated::TableEntry>], stale: &[(u64, u64)]) -> Vec<Vec<u64>> {
     tables
         .iter()
         .map(|t| {
             t.iter()
-                .filter(|e| !stale.iter().any(|&(s, end)| s <= e.iova && e.iova < end))
-                .map(|e| (e.iova, e.len))
+                .flat_map(|e| common::granules(e.iova, e.iova + e.len))
+                .map(|(g, _)| g)
+                .filter(|&g| !stale.iter().any(|&(s, end)| s <= g && g < end))
                 .collect()
         })
         .collect()
 }
 
-fn run(policy: DiscardPolicy, ops: Vec<Op>, backing: RegionBacking) {
+fn run(policy: DiscardPolicy, ops: Vec<Op>, backing: RegionBacking, cutting: bool) {
     let rig = Rig::with_backing(backing, policy);
     rig.touch(View::Private, rig.region.range());
     let mut devs: Vec<Dev> = (0..3)
-        .map(|i| rig.attach(NAMES[i], iommu(i), configs()[i]))
+        .map(|i| rig.attach(NAMES[i], iommu(i, cutting), configs()[i]))
         .collect();
     let mut flaky = Arc::new(Flaky::default());
     rig.region
@@ -264,7 +272,7 @@ fn run(policy: DiscardPolicy, ops: Vec<Op>, backing: RegionBacking) {
                             rig.ram.devices().iter().all(|d| d.0 != devs[i].id),
                             "{name} is detached but still listed"
                         );
-                        devs[i] = rig.attach(NAMES[i], iommu(i), configs()[i]);
+                        devs[i] = rig.attach(NAMES[i], iommu(i, cutting), configs()[i]);
                         faults_of.devs[i] = iommu_faults(&devs[i].iommu);
                     } else {
                         flaky = Arc::new(Flaky::default());
@@ -323,8 +331,9 @@ proptest! {
     fn random_conversions_with_random_failures_keep_every_invariant(
         policy in policy(),
         ops in proptest::collection::vec(op(), 1..40),
+        cutting in any::<bool>(),
     ) {
-        run(policy, ops, RegionBacking::software(BASE, PAGES * PAGE).unwrap());
+        run(policy, ops, RegionBacking::software(BASE, PAGES * PAGE).unwrap(), cutting);
     }
 
     /// The same on this host's KVM: a classic region with a real guest_memfd bound to a memslot
@@ -333,6 +342,7 @@ proptest! {
     fn random_conversions_on_a_real_guest_memfd_keep_every_invariant(
         policy in policy(),
         ops in proptest::collection::vec(op(), 1..40),
+        cutting in any::<bool>(),
     ) {
         if !vm_rig::need(
             "random_conversions_on_a_real_guest_memfd_keep_every_invariant",
@@ -344,18 +354,24 @@ proptest! {
         let vm = kvm.create_vm().unwrap();
         let backing = RegionBacking::classic(&vm, BASE, PAGES * PAGE).unwrap();
         backing.bind(&vm, 0).unwrap();
-        run(policy, ops, backing);
+        run(policy, ops, backing, cutting);
     }
 }
 
 #[test]
 fn a_double_fault_detaches_the_device_and_says_so() {
+    for cutting in [false, true] {
+        a_double_fault_detaches_the_device(cutting);
+    }
+}
+
+fn a_double_fault_detaches_the_device(cutting: bool) {
     // To shared: nic-file's map fails, then during the rollback the trusted-IO device cannot
     // re-map the private view: it is detached from the region and named in the error.
     let rig = Rig::new(BASE, PAGES, DiscardPolicy::Eager);
     rig.touch(View::Private, rig.region.range());
     let devs: Vec<Dev> = (0..3)
-        .map(|i| rig.attach(NAMES[i], iommu(i), configs()[i]))
+        .map(|i| rig.attach(NAMES[i], iommu(i, cutting), configs()[i]))
         .collect();
     devs[1]
         .iommu

@@ -211,11 +211,8 @@ fn edu_dma_follows_conversions(
     let page = |p: u64| base + p * PAGE;
     rig.convert(range(page(0), 4 * PAGE), Attribute::Shared)
         .unwrap();
-    let host = |p: u64| rig.region.backing().host_addr(page(p)).unwrap();
-    // SAFETY: inside the live shared mapping; only raw-pointer access to guest RAM.
-    let write = |p: u64, data: &[u8]| unsafe { write_host(host(p), data) };
-    // SAFETY: as in `write`.
-    let read = |p: u64, len: usize| unsafe { read_host(host(p), len) };
+    let write = |p: u64, data: &[u8]| rig.write_shared(page(p), data);
+    let read = |p: u64, len: usize| rig.read_shared(page(p), len);
     let len = Edu::<Arc<VfioPciDevice>>::MAX_DMA as usize;
     let first = pattern(0x21, len);
     write(1, &first);

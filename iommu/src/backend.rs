@@ -303,6 +303,49 @@ pub trait DmaBackend: Send + Sync + fmt::Debug {
     fn unmap(&self, iova: u64, len: u64) -> Result<u64, DmaError>;
 }
 
+/// A backend seen as one that cannot cut mappings ([`Capabilities::cuts_mappings`] false), so
+/// a ledger and the listeners above it map one granule per mapping, as they must on a type1
+/// container: to compare the two mapping modes on one kernel (`dma-map compare`, the rig's
+/// measurements). Every call goes to the wrapped backend unchanged; an unmap never bisects a mapping then, so a
+/// cutting backend removes whole mappings only.
+#[derive(Debug)]
+pub struct WithoutCutting(pub std::sync::Arc<dyn DmaBackend>);
+
+impl DmaBackend for WithoutCutting {
+    fn capabilities(&self) -> Result<Capabilities, DmaError> {
+        Ok(Capabilities {
+            cuts_mappings: false,
+            ..self.0.capabilities()?
+        })
+    }
+
+    unsafe fn map_va(
+        &self,
+        iova: u64,
+        len: u64,
+        host_addr: *mut u8,
+        prot: DmaProt,
+    ) -> Result<(), DmaError> {
+        // SAFETY: the caller's contract is the wrapped backend's `map_va`'s, passed on unchanged.
+        unsafe { self.0.map_va(iova, len, host_addr, prot) }
+    }
+
+    fn map_file(
+        &self,
+        iova: u64,
+        len: u64,
+        file: BorrowedFd<'_>,
+        offset: u64,
+        prot: DmaProt,
+    ) -> Result<(), DmaError> {
+        self.0.map_file(iova, len, file, offset, prot)
+    }
+
+    fn unmap(&self, iova: u64, len: u64) -> Result<u64, DmaError> {
+        self.0.unmap(iova, len)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,6 +15,7 @@ pub mod vfio;
 
 pub use backend::{
     BackendKind, Capabilities, DmaBackend, DmaError, DmaProt, FileMapSupport, IovaRange,
+    WithoutCutting,
 };
 pub use emulated::EmulatedIommu;
 pub use ledger::{Ledger, LedgerError, LedgerStats, Mapping, MappingSource, UnmapReport};

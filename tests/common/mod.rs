@@ -12,8 +12,9 @@ use gmem_dma::{
     DeviceConfig, DeviceId, DiscardPolicy, GuestRam, MemoryAttributes, RecordingAttributes, Region,
     RegionBacking, RegionSpec,
 };
+use iommu::DmaBackend;
 use iommu::EmulatedIommu;
-use iommu::emulated::{Call, CallKind, TableEntry};
+use iommu::emulated::{Call, CallKind, TableEntry, UnmapStyle};
 
 pub const PAGE: u64 = 4096;
 
@@ -186,6 +187,25 @@ impl Rig {
         }
     }
 
+    /// Writes `data` at `gpa` through the region's shared mapping (volatile; a device may
+    /// access it at the same time).
+    pub fn write_shared(&self, gpa: u64, data: &[u8]) {
+        let host = self.region.backing().host_addr(gpa).unwrap();
+        for (i, &b) in data.iter().enumerate() {
+            // SAFETY: inside the live shared mapping; only raw-pointer access to guest RAM.
+            unsafe { host.add(i).write_volatile(b) };
+        }
+    }
+
+    /// Reads `len` bytes at `gpa` through the region's shared mapping (volatile).
+    pub fn read_shared(&self, gpa: u64, len: usize) -> Vec<u8> {
+        let host = self.region.backing().host_addr(gpa).unwrap();
+        // SAFETY: as in `write_shared`.
+        (0..len)
+            .map(|i| unsafe { host.add(i).read_volatile() })
+            .collect()
+    }
+
     /// Everything the invariants compare, captured at one moment.
     pub fn snapshot(&self, devs: &[&Dev]) -> Snapshot {
         let all = self.region.range();
@@ -261,32 +281,48 @@ impl Rig {
             let t: Vec<(u64, u64)> = table.iter().map(|e| (e.iova, e.len)).collect();
             let l: Vec<(u64, u64)> = ledger.iter().map(|m| (m.iova, m.len)).collect();
             assert_eq!(t, l, "ledger vs emulated page table of {name}");
-            // One mapping per granule, exactly the device's view (plus reported stale ones).
-            let mut expected: Vec<(u64, u64)> = Vec::new();
-            for r in mgr.view_runs(d.view, all).unwrap() {
-                expected.extend(granules(r.start(), r.end()));
-            }
-            for &(s, e) in &stale_of {
-                expected.extend(granules(s, e));
-            }
+            // Exactly the device's view is mapped (plus reported stale granules): one mapping
+            // per granule where the IOMMU cannot cut a mapping; where it can, mappings of
+            // whole runs (and of what cuts left of them) that cover exactly the same bytes.
+            let mut expected: Vec<(u64, u64)> = mgr
+                .view_runs(d.view, all)
+                .unwrap()
+                .iter()
+                .map(|r| (r.start(), r.end()))
+                .chain(stale_of.iter().copied())
+                .collect();
             expected.sort_unstable();
-            assert_eq!(t, expected, "mappings of {name} vs its view");
-            // Isolation: a shared-view mapping never covers a private page, unless it is a
-            // stale mapping the engine reports (only ever after a failed call).
+            if cuts_mappings(d) {
+                let covered = merge(t.iter().map(|&(iova, len)| (iova, iova + len)));
+                assert_eq!(
+                    covered,
+                    merge(expected.into_iter()),
+                    "mappings of {name} vs its view"
+                );
+            } else {
+                let mut granules_of: Vec<(u64, u64)> =
+                    expected.iter().flat_map(|&(s, e)| granules(s, e)).collect();
+                granules_of.sort_unstable();
+                assert_eq!(t, granules_of, "mappings of {name} vs its view");
+            }
+            // Isolation: a shared-view mapping never covers a private page, unless the page is
+            // a stale mapping the engine reports (only ever after a failed call).
             if d.view == View::Shared {
                 for e in &table {
-                    let r = range(e.iova, e.len);
-                    let private_hit = runs.iter().any(|run| {
-                        run.attribute == Attribute::Private && run.range.intersect(&r).is_some()
-                    });
-                    if private_hit {
-                        assert!(
-                            stale_of
-                                .iter()
-                                .any(|&(s, end)| s <= e.iova && e.iova + e.len <= end),
-                            "isolation: {name} maps private page {:#x}",
-                            e.iova
-                        );
+                    for (g, _) in granules(e.iova, e.iova + e.len) {
+                        let private_hit = runs.iter().any(|run| {
+                            run.attribute == Attribute::Private
+                                && run.range.start() <= g
+                                && g < run.range.end()
+                        });
+                        if private_hit {
+                            assert!(
+                                stale_of.iter().any(|&(s, end)| s <= g && g < end),
+                                "isolation: {name} maps private page {g:#x} (mapping {:#x}+{:#x})",
+                                e.iova,
+                                e.len
+                            );
+                        }
                     }
                 }
             }
@@ -356,6 +392,28 @@ pub struct Snapshot {
     pub tables: Vec<Vec<TableEntry>>,
     pub shared_resident: Vec<bool>,
     pub private_resident: Vec<bool>,
+}
+
+/// True when `dev`'s IOMMU cuts mappings (the cutting unmap style), so the engine maps runs.
+pub fn cuts_mappings(dev: &Dev) -> bool {
+    dev.iommu.capabilities().unwrap().cuts_mappings
+}
+
+/// The emulated IOMMU unmap styles the engine's invariants are proved on: per-granule mappings
+/// (a type1 container) and per-run mappings cut later (IOMMUFD with type1 (v1) semantics).
+pub const MAPPING_STYLES: [UnmapStyle; 2] = [UnmapStyle::Type1v2, UnmapStyle::Cutting];
+
+/// An emulated IOMMU of `style`.
+pub fn emulated(style: UnmapStyle) -> EmulatedIommu {
+    EmulatedIommu::builder().unmap_style(style).build()
+}
+
+/// `per_granule` on an IOMMU of `style` that cannot cut mappings, `per_run` on one that can.
+pub fn per_style<T>(style: UnmapStyle, per_granule: T, per_run: T) -> T {
+    match style {
+        UnmapStyle::Cutting => per_run,
+        _ => per_granule,
+    }
 }
 
 pub fn granules(start: u64, end: u64) -> impl Iterator<Item = (u64, u64)> {

@@ -832,3 +832,19 @@ fn pieces_are_cut_like_any_mapping_and_a_backend_that_cannot_cut_still_refuses()
         Err(LedgerError::Bisects { .. })
     ));
 }
+
+#[test]
+fn a_cutting_backend_seen_without_cutting_keeps_whole_mappings_whole() {
+    let mem = HostMem::new(4 * PAGE as usize);
+    let iommu = Arc::new(cutting());
+    let ledger = Ledger::new(Arc::new(crate::WithoutCutting(iommu.clone()))).unwrap();
+    assert!(!ledger.capabilities().cuts_mappings);
+    map(&ledger, &mem, 0, 4 * PAGE).unwrap();
+    // Per granule, as on type1: a bisecting unmap is refused before the backend sees it.
+    assert!(matches!(
+        ledger.unmap(PAGE, PAGE),
+        Err(LedgerError::Bisects { .. })
+    ));
+    assert_eq!(table_spans(&iommu), [(0, 4 * PAGE)]);
+    assert_eq!(ledger.unmap(0, 4 * PAGE).unwrap().bytes, 4 * PAGE);
+}

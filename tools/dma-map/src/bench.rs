@@ -14,7 +14,7 @@ use gmem_dma::{
     BackingModel, DeviceConfig, DeviceId, DiscardPolicy, GuestRam, KvmAttributes, MemoryAttributes,
     RecordingAttributes, Region, RegionSpec,
 };
-use iommu::EmulatedIommu;
+use iommu::{DmaBackend, EmulatedIommu};
 
 use crate::cli::{BackendChoice, SetupArgs};
 use crate::report::{KernelCalls, Setup};
@@ -37,8 +37,10 @@ pub struct Bench {
     pub model: BackingModel,
     /// The discard policy.
     pub policy: DiscardPolicy,
-    /// Granularity of state and mappings.
+    /// Granularity of state, and of every mapping unless `per_run`.
     pub granule: u64,
+    /// The device's address space cuts mappings, so the library maps one mapping per run.
+    pub per_run: bool,
     /// The attribute table, counted.
     pub attributes: Arc<CountingAttributes>,
     /// The in-memory table, when KVM lacks attributes and they are recorded instead.
@@ -87,7 +89,12 @@ impl Bench {
         policy: DiscardPolicy,
         region_size: u64,
     ) -> anyhow::Result<Bench> {
-        let backend = setup::backend(backend, args.device.as_deref(), args.mapping_budget)?;
+        let backend = setup::backend(
+            backend,
+            args.device.as_deref(),
+            args.mapping_budget,
+            args.mapping,
+        )?;
         let region = setup::region(args.region, region_size)?;
         let mut fallbacks = region.fallbacks;
         if backend.emulated.is_some() {
@@ -115,6 +122,10 @@ impl Bench {
         };
         let attributes = Arc::new(CountingAttributes::new(table));
         let dma = Arc::new(CountingBackend::new(backend.backend.clone()));
+        let per_run = dma
+            .capabilities()
+            .with_context(|| format!("reading the capabilities of {}", backend.name))?
+            .cuts_mappings;
         let model = region.backing.model();
         let ram = GuestRam::new(attributes.clone());
         let engine_region = ram
@@ -137,6 +148,7 @@ impl Bench {
             model,
             policy,
             granule: args.granule,
+            per_run,
             attributes,
             recorded,
             dma,

@@ -62,14 +62,33 @@ pub fn state(bench: &Bench, w: &Workload, d: &Driven) -> anyhow::Result<Vec<Chec
     ));
     let shared_bytes: u64 = shared_runs.iter().map(GpaRange::len).sum();
     let mapped_bytes: u64 = mappings.iter().map(|m| m.len).sum();
-    let odd = mappings.iter().filter(|m| m.len != bench.granule).count();
+    // Per granule: every mapping is one granule. Per run: mappings are whole granules, and
+    // never more of them than granules (the runs, and what cuts left of them).
+    let odd = mappings
+        .iter()
+        .filter(|m| match bench.per_run {
+            false => m.len != bench.granule,
+            true => m.len % bench.granule != 0 || m.iova % bench.granule != 0,
+        })
+        .count();
+    let (name, unit) = match bench.per_run {
+        false => (
+            "every shared page mapped, one mapping per granule",
+            "not one granule",
+        ),
+        true => (
+            "every shared page mapped, mappings of whole granules",
+            "not whole granules",
+        ),
+    };
     checks.push(check(
-        "every shared page mapped, one mapping per granule",
+        name,
         mapped_bytes == shared_bytes && odd == 0,
         format!(
-            "{} mapped, {} shared, {odd} mappings not one granule",
+            "{} mapped, {} shared, {} mappings, {odd} {unit}",
             Bytes(mapped_bytes),
-            Bytes(shared_bytes)
+            Bytes(shared_bytes),
+            mappings.len()
         ),
     ));
     let live = bench.dma.counts().live_bytes;

@@ -103,6 +103,20 @@ pub enum PolicyChoice {
     Batched,
 }
 
+/// How IOMMU mappings are cut from the shared runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum MappingChoice {
+    /// What the library does with the backend: one mapping per run where its address space
+    /// cuts mappings (IOMMUFD with type1 (v1) semantics), else one per granule. The emulated
+    /// IOMMU stands in for type1 (per granule).
+    Auto,
+    /// One mapping per granule, as on a type1 container (works everywhere).
+    PerGranule,
+    /// One mapping per run, cut later (IOMMUFD with type1 (v1) semantics, or the emulated
+    /// IOMMU in its cutting style).
+    PerRun,
+}
+
 /// Built-in workloads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum WorkloadChoice {
@@ -139,6 +153,9 @@ pub struct SetupArgs {
     /// Holes the batched policy collects before punching.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
     pub batch: u64,
+    /// IOMMU mappings per granule or per run (`compare` runs both where the backend offers them).
+    #[arg(long, value_enum, default_value_t = MappingChoice::Auto)]
+    pub mapping: MappingChoice,
     /// Emulated IOMMU only: refuse more than N live mappings, as VFIO type1 does
     /// (dma_entry_limit, 65535 by default = 256 MiB of shared memory at 4 KiB).
     #[arg(long, value_name = "N")]

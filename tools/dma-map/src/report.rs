@@ -65,8 +65,7 @@ pub struct RunSummary {
     pub latency: Percentiles,
     /// Calls by kind.
     pub kernel_calls: KernelCalls,
-    /// Most IOMMU mappings alive at once (peak mapped bytes / granule: the engine maps one
-    /// granule per mapping, which a check confirms).
+    /// Most IOMMU mappings alive at once (the device ledger's count).
     pub peak_mappings: u64,
     /// Mappings alive at the end.
     pub final_mappings: u64,

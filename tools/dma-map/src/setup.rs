@@ -9,12 +9,13 @@ use kvm_ioctls::{Kvm, VmFd};
 
 use gmem_dma::backing::RegionBacking;
 use gmem_dma::host::{BackingModel, KvmSupport, ModelChoice};
+use iommu::emulated::UnmapStyle;
 use iommu::{
     DmaBackend, EmulatedIommu, IommufdBackend, NoIommuBackend, NoIommuDevice, OpenError,
-    PciAddress, Type1Backend, VfioPciDevice,
+    PciAddress, Type1Backend, VfioPciDevice, WithoutCutting,
 };
 
-use crate::cli::{BackendChoice, RegionChoice};
+use crate::cli::{BackendChoice, MappingChoice, RegionChoice};
 use crate::exit::{Class, error};
 
 /// Guest-physical base of every region the tool creates (4 GiB, above the PCI hole, as a VMM
@@ -219,13 +220,15 @@ fn open_error(address: PciAddress, backend: BackendChoice, e: OpenError) -> anyh
 }
 
 /// The emulated IOMMU, in the shape of a kernel backend; `budget` limits its live mappings as
-/// type1's `dma_entry_limit` does.
-pub fn emulated(budget: Option<u64>) -> Backend {
+/// type1's `dma_entry_limit` does. `style` is how it unmaps: [`UnmapStyle::Cutting`] makes it an
+/// address space that cuts mappings (the library then maps per run).
+pub fn emulated(budget: Option<u64>, style: UnmapStyle) -> Backend {
     // No call log: a long run would keep every call in memory; the counters do the counting.
     let emu = Arc::new(
         EmulatedIommu::builder()
             .record_calls(false)
             .mapping_budget(budget)
+            .unmap_style(style)
             .build(),
     );
     Backend {
@@ -239,13 +242,62 @@ pub fn emulated(budget: Option<u64>) -> Backend {
     }
 }
 
-/// Opens `choice` for `device`. Without a device only the emulated IOMMU exists: a kernel
-/// backend without `--device` is a usage error, and so is `budget` with a kernel backend (the
-/// kernel has its own).
+/// Whether `choice` offers both mapping modes here: the emulated IOMMU always (its cutting
+/// style), IOMMUFD when this kernel accepts type1 (v1) semantics on an IOAS; type1 and no-IOMMU
+/// never (their unit of unmap is the unit of map).
+pub fn offers_per_run(choice: BackendChoice) -> bool {
+    match choice {
+        BackendChoice::Emulated => true,
+        BackendChoice::Iommufd => iommu::HostPaths::default().probe_iommufd_cutting().is_ok(),
+        BackendChoice::Type1 | BackendChoice::Noiommu => false,
+    }
+}
+
+/// Opens `choice` for `device`, mapping as `mapping` asks, and names the mapping mode. Without a
+/// device only the emulated IOMMU exists: a kernel backend without `--device` is a usage error,
+/// and so is `budget` with a kernel backend (the kernel has its own).
 pub fn backend(
     choice: BackendChoice,
     device: Option<&str>,
     budget: Option<u64>,
+    mapping: MappingChoice,
+) -> anyhow::Result<Backend> {
+    let mut opened = open_backend(choice, device, budget, mapping)?;
+    let cuts = opened
+        .backend
+        .capabilities()
+        .with_context(|| format!("reading the capabilities of {}", opened.name))?
+        .cuts_mappings;
+    match mapping {
+        MappingChoice::PerRun if !cuts => {
+            return Err(error(
+                Class::HostLacks,
+                format!(
+                    "--mapping per-run: {} cannot cut a mapping, so it must map per granule \
+                     (IOMMUFD with type1 (v1) semantics can cut; see `dma-map probe`)",
+                    opened.name
+                ),
+            ));
+        }
+        MappingChoice::PerGranule if cuts => {
+            opened.backend = Arc::new(WithoutCutting(opened.backend));
+        }
+        _ => {}
+    }
+    let per_run = cuts && mapping != MappingChoice::PerGranule;
+    opened.name = format!(
+        "{}, per {}",
+        opened.name,
+        if per_run { "run" } else { "granule" }
+    );
+    Ok(opened)
+}
+
+fn open_backend(
+    choice: BackendChoice,
+    device: Option<&str>,
+    budget: Option<u64>,
+    mapping: MappingChoice,
 ) -> anyhow::Result<Backend> {
     if budget.is_some() && choice != BackendChoice::Emulated {
         return Err(error(
@@ -264,7 +316,11 @@ pub fn backend(
                 ),
             ));
         }
-        return Ok(emulated(budget));
+        let style = match mapping {
+            MappingChoice::PerRun => UnmapStyle::Cutting,
+            MappingChoice::Auto | MappingChoice::PerGranule => UnmapStyle::Type1v2,
+        };
+        return Ok(emulated(budget, style));
     };
     let opened = match choice {
         BackendChoice::Emulated => {

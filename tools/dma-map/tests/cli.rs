@@ -238,19 +238,55 @@ fn compare_runs_each_policy_on_the_same_workload() {
                 .unwrap()
         })
         .collect();
-    assert_eq!(policies, ["eager", "lazy", "batched"]);
-    for r in runs {
-        all_checks_passed(r);
-        // Same workload: the same attribute sets and IOMMU calls whatever the policy.
-        assert_eq!(
-            r["kernel_calls"]["attribute_sets"],
-            runs[0]["kernel_calls"]["attribute_sets"]
-        );
-        assert_eq!(
-            r["kernel_calls"]["iommu_maps"],
-            runs[0]["kernel_calls"]["iommu_maps"]
-        );
+    // The emulated IOMMU offers both mapping modes: each runs every policy.
+    assert_eq!(
+        policies,
+        ["eager", "lazy", "batched", "eager", "lazy", "batched"]
+    );
+    let modes: Vec<&str> = runs
+        .iter()
+        .map(|r| {
+            r["setup"]["backend"]
+                .as_str()
+                .unwrap()
+                .rsplit(", ")
+                .next()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(
+        modes,
+        [
+            "per run",
+            "per run",
+            "per run",
+            "per granule",
+            "per granule",
+            "per granule"
+        ]
+    );
+    for mode in runs.chunks(3) {
+        for r in mode {
+            all_checks_passed(r);
+            // Same workload: the same attribute sets and IOMMU calls whatever the policy.
+            assert_eq!(
+                r["kernel_calls"]["attribute_sets"],
+                mode[0]["kernel_calls"]["attribute_sets"]
+            );
+            assert_eq!(
+                r["kernel_calls"]["iommu_maps"],
+                mode[0]["kernel_calls"]["iommu_maps"]
+            );
+        }
     }
+    // Bounce buffers of one or two pages: per run maps each once, per granule each page.
+    let maps = |i: usize| u(&runs[i]["kernel_calls"], "iommu_maps");
+    assert!(
+        maps(0) < maps(3),
+        "per run {} vs per granule {}",
+        maps(0),
+        maps(3)
+    );
     let punches = |i: usize| u(&runs[i]["kernel_calls"], "hole_punches");
     assert!(
         punches(0) > punches(1),

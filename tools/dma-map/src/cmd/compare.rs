@@ -2,7 +2,7 @@
 
 use serde::Serialize;
 
-use crate::cli::{BackendChoice, PolicyChoice, SetupArgs};
+use crate::cli::{BackendChoice, MappingChoice, PolicyChoice, SetupArgs};
 use crate::report::{RunSummary, render_compare};
 use workloads::Workload;
 
@@ -15,7 +15,8 @@ pub struct Comparison {
     pub runs: Vec<RunSummary>,
 }
 
-/// Runs `w` once per (backend, policy) pair.
+/// Runs `w` once per (backend, mapping mode, policy): both mapping modes (per run, per
+/// granule) where the backend offers them and `--mapping` is `auto`, else the one asked for.
 pub fn compare(
     w: &Workload,
     setup: &SetupArgs,
@@ -25,10 +26,22 @@ pub fn compare(
 ) -> anyhow::Result<Comparison> {
     let mut runs = Vec::new();
     for &backend in backends {
-        for &policy in policies {
-            runs.push(super::run::run_workload(
-                w, setup, backend, policy, progress,
-            )?);
+        let mappings = match setup.mapping {
+            MappingChoice::Auto if crate::setup::offers_per_run(backend) => {
+                vec![MappingChoice::PerRun, MappingChoice::PerGranule]
+            }
+            asked => vec![asked],
+        };
+        for mapping in mappings {
+            let setup = SetupArgs {
+                mapping,
+                ..setup.clone()
+            };
+            for &policy in policies {
+                runs.push(super::run::run_workload(
+                    w, &setup, backend, policy, progress,
+                )?);
+            }
         }
     }
     Ok(Comparison {

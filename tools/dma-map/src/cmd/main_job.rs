@@ -5,7 +5,8 @@
 use serde::Serialize;
 
 use crate::cli::{
-    BackendChoice, PolicyChoice, RegionChoice, SetupArgs, WorkloadArgs, WorkloadChoice,
+    BackendChoice, MappingChoice, PolicyChoice, RegionChoice, SetupArgs, WorkloadArgs,
+    WorkloadChoice,
 };
 use crate::report::{RunSummary, render_run};
 
@@ -38,6 +39,7 @@ fn setup(region: RegionChoice) -> SetupArgs {
         granule: 4096,
         lazy_budget: 16 << 20,
         batch: 64,
+        mapping: MappingChoice::Auto,
         mapping_budget: None,
     }
 }

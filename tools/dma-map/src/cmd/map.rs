@@ -6,9 +6,10 @@ use anyhow::Context as _;
 use serde::Serialize;
 use vm_memory::{Bytes as _, MemoryRegionAddress};
 
+use iommu::emulated::UnmapStyle;
 use iommu::{DmaProt, Edu, EduError, Ledger};
 
-use crate::cli::{MapArgs, RegionChoice};
+use crate::cli::{MapArgs, MappingChoice, RegionChoice};
 use crate::exit::{Class, error};
 use crate::setup::{self, Backend, Device, REGION_BASE};
 
@@ -188,8 +189,8 @@ pub fn run(args: &MapArgs) -> anyhow::Result<MapSummary> {
         ));
     }
     let backend = match &args.device {
-        Some(device) => setup::backend(args.backend, Some(device), None)?,
-        None => setup::emulated(None),
+        Some(device) => setup::backend(args.backend, Some(device), None, MappingChoice::Auto)?,
+        None => setup::emulated(None, UnmapStyle::Type1v2),
     };
     let mut fallbacks = Vec::new();
     if args.device.is_none() {

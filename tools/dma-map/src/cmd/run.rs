@@ -126,9 +126,11 @@ pub fn run_workload(
         iommu_unmaps: after.iommu_unmaps - before.iommu_unmaps,
         hole_punches: after.hole_punches - before.hole_punches,
     };
-    let dma = bench.dma.counts();
     let final_held = bench.ram.held_back().total();
-    let final_mappings = dma.live_bytes / granule;
+    let ledger = bench
+        .ram
+        .device_stats(bench.device)
+        .context("the device is attached")?;
     let mut checks = checks::state(&bench, w, &driven)?;
     checks.extend(checks::teardown(&bench));
     let secs = driven.converting.as_secs_f64();
@@ -146,8 +148,8 @@ pub fn run_workload(
         },
         latency: driven.latencies.percentiles(),
         kernel_calls,
-        peak_mappings: dma.peak_bytes / granule,
-        final_mappings,
+        peak_mappings: ledger.peak_mappings,
+        final_mappings: ledger.mappings,
         peak_held_back_bytes: driven.peak_held,
         final_held_back_bytes: final_held,
         checks,
