@@ -23,7 +23,7 @@
 //!   and filled), divided by its number of runs; next to the crate's own `memory_bytes()`
 //!   (computed from the capacities of its allocations, plus the struct itself).
 //!
-//! Run: `cargo bench -p discard-manager --bench conversions`
+//! Run: `cargo bench -p gmem-dma-discard-manager --bench conversions`
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -34,7 +34,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group};
-use discard_manager::{
+use gmem_dma_discard_manager::{
     Attribute, DiscardManager, GpaRange, ListenerError, RegionConfig, View, ViewListener,
 };
 use workloads::{BounceInFlight, ModelError, RamBlockAttributes, Rng, Target};

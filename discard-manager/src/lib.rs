@@ -44,7 +44,7 @@
 //! # Example
 //! ```
 //! use std::sync::{Arc, Mutex};
-//! use discard_manager::{
+//! use gmem_dma_discard_manager::{
 //!     Attribute, DiscardManager, GpaRange, ListenerError, RegionConfig, View, ViewListener,
 //! };
 //!

@@ -58,7 +58,7 @@ impl GpaRange {
     /// overflows.
     ///
     /// ```
-    /// # use discard_manager::GpaRange;
+    /// # use gmem_dma_discard_manager::GpaRange;
     /// let r = GpaRange::new(0x1000, 0x2000).unwrap();
     /// assert_eq!((r.start(), r.last(), r.end(), r.len()), (0x1000, 0x2fff, 0x3000, 0x2000));
     /// assert!(GpaRange::new(0x1000, 0).is_none());

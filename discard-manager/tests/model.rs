@@ -17,7 +17,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use discard_manager::{
+use gmem_dma_discard_manager::{
     Attribute, Change, ChangeKind, DiscardManager, Error, GpaRange, ListenerError, ListenerId,
     RangeError, RegionConfig, TransactionError, TransactionStep, View, ViewListener,
 };

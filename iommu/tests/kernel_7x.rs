@@ -6,7 +6,7 @@ mod kernel_support;
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
-use iommu::{
+use gmem_dma_iommu::{
     DeviceRegions, DmaBackend, DmaError, DmaProt, Edu, FileMapSupport, IommufdBackend,
     IommufdNoIommuBackend, PagemapEntry,
 };
@@ -223,8 +223,8 @@ fn kernel_7x_iommufd_command_probes_agree_with_the_contract() {
         eprintln!("SKIPPED {name}: iommufd: /dev/iommu does not open");
         return;
     };
-    let built = iommu::vfio::noiommu_mode_built(iommufd.as_fd()).unwrap();
-    let map_file = iommu::vfio::map_file_known(iommufd.as_fd()).unwrap();
+    let built = gmem_dma_iommu::vfio::noiommu_mode_built(iommufd.as_fd()).unwrap();
+    let map_file = gmem_dma_iommu::vfio::map_file_known(iommufd.as_fd()).unwrap();
     eprintln!("iommufd no-IOMMU mode built: {built}; MAP_FILE known: {map_file}");
     // The contract's probes and the library's agree, on either kernel.
     assert_eq!(map_file, Feature::IommufdMapFile.probe().is_ok());

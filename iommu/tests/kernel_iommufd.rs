@@ -2,11 +2,11 @@
 
 mod kernel_support;
 
-use iommu::{DmaBackend, DmaError, DmaProt, Edu, FileMapSupport, IommufdBackend};
+use gmem_dma_iommu::{DmaBackend, DmaError, DmaProt, Edu, FileMapSupport, IommufdBackend};
 use kernel_support::*;
 use vm_rig::Feature;
 
-fn open() -> (IommufdBackend, Edu<std::sync::Arc<iommu::VfioPciDevice>>) {
+fn open() -> (IommufdBackend, Edu<std::sync::Arc<gmem_dma_iommu::VfioPciDevice>>) {
     let (backend, device) = IommufdBackend::open(&edu_address()).expect("open edu through IOMMUFD");
     let edu = Edu::new(device).expect("edu answers with its id");
     (backend, edu)
@@ -189,7 +189,7 @@ fn kernel_iommufd_one_run_mapping_is_cut_page_by_page_without_a_window() {
         .expect("the kernel accepts type1 (v1) semantics for the IOAS");
     assert!(backend.capabilities().unwrap().cuts_mappings);
     assert_usable_iova(&backend, DST_IOVA, PAGES * PAGE);
-    let ledger = iommu::Ledger::new(std::sync::Arc::new(backend)).expect("ledger");
+    let ledger = gmem_dma_iommu::Ledger::new(std::sync::Arc::new(backend)).expect("ledger");
     let src = MemfdBuf::new(PAGE as usize);
     let dst = MemfdBuf::new((PAGES * PAGE) as usize);
     let iova = |page: u64| DST_IOVA + page * PAGE;
@@ -251,7 +251,7 @@ fn kernel_iommufd_probe_and_backend_agree_on_cutting() {
     if !vm_rig::need(name, &[Feature::Edu, Feature::Iommufd]) {
         return;
     }
-    let probed = iommu::HostPaths::default().probe_iommufd_cutting();
+    let probed = gmem_dma_iommu::HostPaths::default().probe_iommufd_cutting();
     let (backend, _edu) = open();
     eprintln!("cutting: probe {probed:?}, backend {:?}", backend.cutting());
     assert_eq!(probed, backend.cutting());

@@ -2,7 +2,7 @@
 
 mod kernel_support;
 
-use iommu::{DeviceRegions, DmaBackend, DmaProt, Edu, NoIommuBackend, PAGE_SIZE};
+use gmem_dma_iommu::{DeviceRegions, DmaBackend, DmaProt, Edu, NoIommuBackend, PAGE_SIZE};
 use kernel_support::*;
 use vm_rig::Feature;
 
@@ -97,26 +97,26 @@ fn kernel_noiommu_translating_backends_refuse_the_device_and_probe_sees_the_mode
         return;
     }
     let edu = edu_address();
-    let err = iommu::Type1Backend::open(&edu).unwrap_err();
+    let err = gmem_dma_iommu::Type1Backend::open(&edu).unwrap_err();
     assert!(
         matches!(
             err,
-            iommu::OpenError::Device(iommu::DeviceError::WrongMode { .. })
+            gmem_dma_iommu::OpenError::Device(gmem_dma_iommu::DeviceError::WrongMode { .. })
         ),
         "{err}"
     );
     assert!(err.to_string().contains("no-IOMMU group noiommu-"), "{err}");
-    let err = iommu::IommufdBackend::open(&edu).unwrap_err();
-    assert!(matches!(err, iommu::OpenError::Device(_)), "{err}");
+    let err = gmem_dma_iommu::IommufdBackend::open(&edu).unwrap_err();
+    assert!(matches!(err, gmem_dma_iommu::OpenError::Device(_)), "{err}");
     eprintln!("IOMMUFD refuses: {err}");
 
-    let report = iommu::HostPaths::default().probe_host();
+    let report = gmem_dma_iommu::HostPaths::default().probe_host();
     eprintln!("{report:?}");
     assert_eq!(report.noiommu_mode, Some(true));
     assert!(
         report.vfio.noiommu,
         "VFIO_CHECK_EXTENSION(VFIO_NOIOMMU_IOMMU)"
     );
-    let info = iommu::HostPaths::default().inspect(&edu).unwrap();
+    let info = gmem_dma_iommu::HostPaths::default().inspect(&edu).unwrap();
     assert!(info.noiommu_group);
 }

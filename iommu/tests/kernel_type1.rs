@@ -2,11 +2,11 @@
 
 mod kernel_support;
 
-use iommu::{DmaBackend, DmaError, DmaProt, Edu, FileMapSupport, Type1Backend};
+use gmem_dma_iommu::{DmaBackend, DmaError, DmaProt, Edu, FileMapSupport, Type1Backend};
 use kernel_support::*;
 use vm_rig::Feature;
 
-fn open() -> (Type1Backend, Edu<std::sync::Arc<iommu::VfioPciDevice>>) {
+fn open() -> (Type1Backend, Edu<std::sync::Arc<gmem_dma_iommu::VfioPciDevice>>) {
     let (backend, device) = Type1Backend::open(&edu_address()).expect("open edu through type1");
     let edu = Edu::new(device).expect("edu answers with its id");
     (backend, edu)
@@ -143,10 +143,10 @@ fn kernel_type1_host_probe_and_device_list_describe_this_guest() {
     ) {
         return;
     }
-    let paths = iommu::HostPaths::default();
+    let paths = gmem_dma_iommu::HostPaths::default();
     let report = paths.probe_host();
     eprintln!("{report:?}");
-    assert_eq!(report.vfio.node, iommu::NodeState::Present);
+    assert_eq!(report.vfio.node, gmem_dma_iommu::NodeState::Present);
     assert_eq!(report.vfio.api_version, Some(0));
     assert!(report.vfio.type1v2 && report.vfio.type1);
     assert!(
@@ -170,7 +170,7 @@ fn kernel_type1_host_probe_and_device_list_describe_this_guest() {
     assert_eq!(found.driver.as_deref(), Some("vfio-pci"));
     assert!(found.iommu_group.is_some() && !found.noiommu_group);
     // The same device through the no-IOMMU backend is refused with the reason.
-    let err = iommu::NoIommuBackend::open(&edu).unwrap_err();
+    let err = gmem_dma_iommu::NoIommuBackend::open(&edu).unwrap_err();
     assert!(
         err.to_string().contains("open it with type1 or IOMMUFD"),
         "{err}"

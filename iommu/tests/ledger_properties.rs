@@ -20,8 +20,8 @@ use std::collections::BTreeMap;
 use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 
-use iommu::emulated::{Call, CallKind, EmulatedIommu, TableTarget, UnmapStyle};
-use iommu::{DmaBackend, DmaProt, IovaRange, Ledger, LedgerError, MappingSource};
+use gmem_dma_iommu::emulated::{Call, CallKind, EmulatedIommu, TableTarget, UnmapStyle};
+use gmem_dma_iommu::{DmaBackend, DmaProt, IovaRange, Ledger, LedgerError, MappingSource};
 use proptest::prelude::*;
 
 const PAGE: u64 = 4096;

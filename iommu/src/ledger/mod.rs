@@ -39,8 +39,8 @@
 //! ```
 //! # use std::os::fd::AsFd;
 //! # use std::sync::Arc;
-//! use iommu::emulated::{CallKind, EmulatedIommu};
-//! use iommu::{DmaProt, Ledger, LedgerError};
+//! use gmem_dma_iommu::emulated::{CallKind, EmulatedIommu};
+//! use gmem_dma_iommu::{DmaProt, Ledger, LedgerError};
 //!
 //! let iommu = Arc::new(EmulatedIommu::builder().mapping_budget(Some(100)).build());
 //! let ledger = Ledger::new(iommu.clone())?;

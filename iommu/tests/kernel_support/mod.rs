@@ -7,7 +7,7 @@ use std::io::Read;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 
-use iommu::PciAddress;
+use gmem_dma_iommu::PciAddress;
 
 pub const PAGE: u64 = 4096;
 
@@ -157,7 +157,7 @@ pub const DST_IOVA: u64 = 0x20_0000;
 pub const DMA_LEN: usize = 2048;
 
 /// Asserts the backend lets `[iova, iova + len)` be mapped.
-pub fn assert_usable_iova(backend: &dyn iommu::DmaBackend, iova: u64, len: u64) {
+pub fn assert_usable_iova(backend: &dyn gmem_dma_iommu::DmaBackend, iova: u64, len: u64) {
     let caps = backend.capabilities().expect("capabilities");
     assert!(
         caps.iova_ranges.iter().any(|r| r.contains(iova, len)),
@@ -169,10 +169,10 @@ pub fn assert_usable_iova(backend: &dyn iommu::DmaBackend, iova: u64, len: u64) 
 
 /// One body for every translating backend: edu reads a mapped buffer (mapped with `src_prot`)
 /// and writes another, and the data arrives intact; then both are unmapped.
-pub fn dma_reaches_mapped_memory_both_ways<R: iommu::DeviceRegions>(
-    backend: &dyn iommu::DmaBackend,
-    edu: &iommu::Edu<R>,
-    src_prot: iommu::DmaProt,
+pub fn dma_reaches_mapped_memory_both_ways<R: gmem_dma_iommu::DeviceRegions>(
+    backend: &dyn gmem_dma_iommu::DmaBackend,
+    edu: &gmem_dma_iommu::Edu<R>,
+    src_prot: gmem_dma_iommu::DmaProt,
 ) {
     assert_usable_iova(backend, SRC_IOVA, PAGE);
     assert_usable_iova(backend, DST_IOVA, PAGE);
@@ -188,7 +188,7 @@ pub fn dma_reaches_mapped_memory_both_ways<R: iommu::DeviceRegions>(
             .map_va(SRC_IOVA, PAGE, src.addr(0), src_prot)
             .expect("map src");
         backend
-            .map_va(DST_IOVA, PAGE, dst.addr(0), iommu::DmaProt::READ_WRITE)
+            .map_va(DST_IOVA, PAGE, dst.addr(0), gmem_dma_iommu::DmaProt::READ_WRITE)
             .expect("map dst");
     }
     edu.copy_to_device(SRC_IOVA, DMA_LEN as u32)
@@ -212,19 +212,19 @@ pub fn dma_reaches_mapped_memory_both_ways<R: iommu::DeviceRegions>(
 
 /// One body for every translating backend: once a buffer is unmapped, the same DMA leaves it
 /// untouched (and an Intel IOMMU logs a DMAR write fault).
-pub fn dma_does_not_reach_unmapped_memory<R: iommu::DeviceRegions>(
-    backend: &dyn iommu::DmaBackend,
-    edu: &iommu::Edu<R>,
+pub fn dma_does_not_reach_unmapped_memory<R: gmem_dma_iommu::DeviceRegions>(
+    backend: &dyn gmem_dma_iommu::DmaBackend,
+    edu: &gmem_dma_iommu::Edu<R>,
 ) {
     let src = MemfdBuf::new(PAGE as usize);
     let dst = MemfdBuf::new(PAGE as usize);
     // SAFETY: as in `dma_reaches_mapped_memory_both_ways`.
     unsafe {
         backend
-            .map_va(SRC_IOVA, PAGE, src.addr(0), iommu::DmaProt::READ_WRITE)
+            .map_va(SRC_IOVA, PAGE, src.addr(0), gmem_dma_iommu::DmaProt::READ_WRITE)
             .expect("map src");
         backend
-            .map_va(DST_IOVA, PAGE, dst.addr(0), iommu::DmaProt::READ_WRITE)
+            .map_va(DST_IOVA, PAGE, dst.addr(0), gmem_dma_iommu::DmaProt::READ_WRITE)
             .expect("map dst");
     }
     // First prove the path works while mapped, so the second half is not vacuous.
@@ -288,8 +288,8 @@ pub fn dma_does_not_reach_unmapped_memory<R: iommu::DeviceRegions>(
 /// Whether edu's write of `data` (already in its buffer) to `iova`, which maps page `page` of
 /// `dst`, lands there. The page is refilled with 0x5a first: a blocked DMA still "completes" for
 /// edu, the memory tells.
-pub fn dma_write_lands<R: iommu::DeviceRegions>(
-    edu: &iommu::Edu<R>,
+pub fn dma_write_lands<R: gmem_dma_iommu::DeviceRegions>(
+    edu: &gmem_dma_iommu::Edu<R>,
     dst: &MemfdBuf,
     page: u64,
     iova: u64,
@@ -309,10 +309,10 @@ pub fn second_edu() -> Option<PciAddress> {
 
 /// Both devices of one address space reach the same mappings: edu `a` reads a buffer mapped
 /// before `b` joined, `b` writes it to another, and the data arrives.
-pub fn both_devices_share_the_mappings<R: iommu::DeviceRegions, S: iommu::DeviceRegions>(
-    backend: &dyn iommu::DmaBackend,
-    a: &iommu::Edu<R>,
-    b: &iommu::Edu<S>,
+pub fn both_devices_share_the_mappings<R: gmem_dma_iommu::DeviceRegions, S: gmem_dma_iommu::DeviceRegions>(
+    backend: &dyn gmem_dma_iommu::DmaBackend,
+    a: &gmem_dma_iommu::Edu<R>,
+    b: &gmem_dma_iommu::Edu<S>,
 ) {
     let src = MemfdBuf::new(PAGE as usize);
     let dst = MemfdBuf::new(PAGE as usize);
@@ -322,10 +322,10 @@ pub fn both_devices_share_the_mappings<R: iommu::DeviceRegions, S: iommu::Device
     // SAFETY: both buffers outlive their mappings (unmapped below).
     unsafe {
         backend
-            .map_va(SRC_IOVA, PAGE, src.addr(0), iommu::DmaProt::READ_WRITE)
+            .map_va(SRC_IOVA, PAGE, src.addr(0), gmem_dma_iommu::DmaProt::READ_WRITE)
             .unwrap();
         backend
-            .map_va(DST_IOVA, PAGE, dst.addr(0), iommu::DmaProt::READ_WRITE)
+            .map_va(DST_IOVA, PAGE, dst.addr(0), gmem_dma_iommu::DmaProt::READ_WRITE)
             .unwrap();
     }
     b.copy_to_device(SRC_IOVA, DMA_LEN as u32).unwrap();
@@ -351,14 +351,14 @@ pub fn both_devices_share_the_mappings<R: iommu::DeviceRegions, S: iommu::Device
 /// spanning the gaps between them when nothing is mapped there (the kernel accepts a range with
 /// holes and reports exactly the bytes it held), and splits the call around a mapping that lies
 /// in a gap instead of sweeping it away. edu's DMA shows what the kernel still maps.
-pub fn one_unmap_spans_empty_gaps_but_never_a_mapping<R: iommu::DeviceRegions>(
-    backend: std::sync::Arc<dyn iommu::DmaBackend>,
-    edu: &iommu::Edu<R>,
+pub fn one_unmap_spans_empty_gaps_but_never_a_mapping<R: gmem_dma_iommu::DeviceRegions>(
+    backend: std::sync::Arc<dyn gmem_dma_iommu::DmaBackend>,
+    edu: &gmem_dma_iommu::Edu<R>,
 ) {
     const PAGES: u64 = 6;
     assert_usable_iova(&*backend, SRC_IOVA, PAGE);
     assert_usable_iova(&*backend, DST_IOVA, PAGES * PAGE);
-    let ledger = iommu::Ledger::new(backend).expect("ledger");
+    let ledger = gmem_dma_iommu::Ledger::new(backend).expect("ledger");
     let src = MemfdBuf::new(PAGE as usize);
     let dst = MemfdBuf::new((PAGES * PAGE) as usize);
     let iova = |page: u64| DST_IOVA + page * PAGE;
@@ -371,7 +371,7 @@ pub fn one_unmap_spans_empty_gaps_but_never_a_mapping<R: iommu::DeviceRegions>(
                     iova(page),
                     PAGE,
                     dst.addr((page * PAGE) as usize),
-                    iommu::DmaProt::READ_WRITE,
+                    gmem_dma_iommu::DmaProt::READ_WRITE,
                 )
                 .expect("map a dst page");
         }
@@ -379,7 +379,7 @@ pub fn one_unmap_spans_empty_gaps_but_never_a_mapping<R: iommu::DeviceRegions>(
     // SAFETY: as for `dst`.
     unsafe {
         ledger
-            .map_va(SRC_IOVA, PAGE, src.addr(0), iommu::DmaProt::READ_WRITE)
+            .map_va(SRC_IOVA, PAGE, src.addr(0), gmem_dma_iommu::DmaProt::READ_WRITE)
             .expect("map src");
     }
     let data = pattern(0x47, DMA_LEN);
