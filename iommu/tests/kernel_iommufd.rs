@@ -6,7 +6,10 @@ use gmem_dma_iommu::{DmaBackend, DmaError, DmaProt, Edu, FileMapSupport, Iommufd
 use kernel_support::*;
 use vm_rig::Feature;
 
-fn open() -> (IommufdBackend, Edu<std::sync::Arc<gmem_dma_iommu::VfioPciDevice>>) {
+fn open() -> (
+    IommufdBackend,
+    Edu<std::sync::Arc<gmem_dma_iommu::VfioPciDevice>>,
+) {
     let (backend, device) = IommufdBackend::open(&edu_address()).expect("open edu through IOMMUFD");
     let edu = Edu::new(device).expect("edu answers with its id");
     (backend, edu)

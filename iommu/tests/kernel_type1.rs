@@ -6,7 +6,10 @@ use gmem_dma_iommu::{DmaBackend, DmaError, DmaProt, Edu, FileMapSupport, Type1Ba
 use kernel_support::*;
 use vm_rig::Feature;
 
-fn open() -> (Type1Backend, Edu<std::sync::Arc<gmem_dma_iommu::VfioPciDevice>>) {
+fn open() -> (
+    Type1Backend,
+    Edu<std::sync::Arc<gmem_dma_iommu::VfioPciDevice>>,
+) {
     let (backend, device) = Type1Backend::open(&edu_address()).expect("open edu through type1");
     let edu = Edu::new(device).expect("edu answers with its id");
     (backend, edu)

@@ -188,7 +188,12 @@ pub fn dma_reaches_mapped_memory_both_ways<R: gmem_dma_iommu::DeviceRegions>(
             .map_va(SRC_IOVA, PAGE, src.addr(0), src_prot)
             .expect("map src");
         backend
-            .map_va(DST_IOVA, PAGE, dst.addr(0), gmem_dma_iommu::DmaProt::READ_WRITE)
+            .map_va(
+                DST_IOVA,
+                PAGE,
+                dst.addr(0),
+                gmem_dma_iommu::DmaProt::READ_WRITE,
+            )
             .expect("map dst");
     }
     edu.copy_to_device(SRC_IOVA, DMA_LEN as u32)
@@ -221,10 +226,20 @@ pub fn dma_does_not_reach_unmapped_memory<R: gmem_dma_iommu::DeviceRegions>(
     // SAFETY: as in `dma_reaches_mapped_memory_both_ways`.
     unsafe {
         backend
-            .map_va(SRC_IOVA, PAGE, src.addr(0), gmem_dma_iommu::DmaProt::READ_WRITE)
+            .map_va(
+                SRC_IOVA,
+                PAGE,
+                src.addr(0),
+                gmem_dma_iommu::DmaProt::READ_WRITE,
+            )
             .expect("map src");
         backend
-            .map_va(DST_IOVA, PAGE, dst.addr(0), gmem_dma_iommu::DmaProt::READ_WRITE)
+            .map_va(
+                DST_IOVA,
+                PAGE,
+                dst.addr(0),
+                gmem_dma_iommu::DmaProt::READ_WRITE,
+            )
             .expect("map dst");
     }
     // First prove the path works while mapped, so the second half is not vacuous.
@@ -309,7 +324,10 @@ pub fn second_edu() -> Option<PciAddress> {
 
 /// Both devices of one address space reach the same mappings: edu `a` reads a buffer mapped
 /// before `b` joined, `b` writes it to another, and the data arrives.
-pub fn both_devices_share_the_mappings<R: gmem_dma_iommu::DeviceRegions, S: gmem_dma_iommu::DeviceRegions>(
+pub fn both_devices_share_the_mappings<
+    R: gmem_dma_iommu::DeviceRegions,
+    S: gmem_dma_iommu::DeviceRegions,
+>(
     backend: &dyn gmem_dma_iommu::DmaBackend,
     a: &gmem_dma_iommu::Edu<R>,
     b: &gmem_dma_iommu::Edu<S>,
@@ -322,10 +340,20 @@ pub fn both_devices_share_the_mappings<R: gmem_dma_iommu::DeviceRegions, S: gmem
     // SAFETY: both buffers outlive their mappings (unmapped below).
     unsafe {
         backend
-            .map_va(SRC_IOVA, PAGE, src.addr(0), gmem_dma_iommu::DmaProt::READ_WRITE)
+            .map_va(
+                SRC_IOVA,
+                PAGE,
+                src.addr(0),
+                gmem_dma_iommu::DmaProt::READ_WRITE,
+            )
             .unwrap();
         backend
-            .map_va(DST_IOVA, PAGE, dst.addr(0), gmem_dma_iommu::DmaProt::READ_WRITE)
+            .map_va(
+                DST_IOVA,
+                PAGE,
+                dst.addr(0),
+                gmem_dma_iommu::DmaProt::READ_WRITE,
+            )
             .unwrap();
     }
     b.copy_to_device(SRC_IOVA, DMA_LEN as u32).unwrap();
@@ -379,7 +407,12 @@ pub fn one_unmap_spans_empty_gaps_but_never_a_mapping<R: gmem_dma_iommu::DeviceR
     // SAFETY: as for `dst`.
     unsafe {
         ledger
-            .map_va(SRC_IOVA, PAGE, src.addr(0), gmem_dma_iommu::DmaProt::READ_WRITE)
+            .map_va(
+                SRC_IOVA,
+                PAGE,
+                src.addr(0),
+                gmem_dma_iommu::DmaProt::READ_WRITE,
+            )
             .expect("map src");
     }
     let data = pattern(0x47, DMA_LEN);
