@@ -440,6 +440,47 @@ impl RegionBacking {
             .map_err(|source| BackingError::Residency { side, source })
     }
 
+    /// The parts of `range` the `side` backing holds memory for (pages never touched, or
+    /// freed, are holes): memfds answer with `SEEK_DATA`/`SEEK_HOLE`, an mmap'ed guest_memfd
+    /// with `mincore`; a classic guest_memfd cannot answer (no `lseek`: `ESPIPE`).
+    ///
+    /// # Errors
+    /// [`BackingError::Residency`] when the file cannot answer (`ESPIPE`, `EINVAL`, ...).
+    pub fn backed_ranges(
+        &self,
+        side: View,
+        range: GpaRange,
+    ) -> Result<Vec<GpaRange>, BackingError> {
+        self.check(range)?;
+        let (file, kind) = match side {
+            View::Shared => (&self.shared, self.shared_kind),
+            View::Private => (self.private_file(), self.private_kind),
+        };
+        if kind == FileKind::GuestMemfd && self.model == BackingModel::InPlace {
+            // guest_memfd has no SEEK_DATA; its host mapping answers (mincore).
+            let page = sys::page_size() as u64;
+            let resident = self.resident_pages(side, range)?;
+            let mut out: Vec<GpaRange> = Vec::new();
+            for (i, _) in resident.iter().enumerate().filter(|(_, r)| **r) {
+                let gpa = range.start() + i as u64 * page;
+                match out.last_mut() {
+                    Some(last) if last.end() == gpa => {
+                        *last = GpaRange::new(last.start(), last.len() + page).unwrap_or(*last);
+                    }
+                    _ => out.extend(GpaRange::new(gpa, page)),
+                }
+            }
+            return Ok(out);
+        }
+        let start = self.file_offset(range.start());
+        let extents = data_extents(file.as_fd(), start, range.len())
+            .map_err(|source| BackingError::Residency { side, source })?;
+        Ok(extents
+            .into_iter()
+            .filter_map(|(s, e)| GpaRange::new(s + self.base, e - s))
+            .collect())
+    }
+
     /// For each host page of `range`, whether the `side` backing holds memory for it. memfds
     /// answer with `SEEK_DATA` (pages never written count as holes); an mmap'ed guest_memfd
     /// answers with `mincore` on the shared mapping; a classic guest_memfd cannot answer.
@@ -481,8 +522,20 @@ fn residency_by_seek(
     len: u64,
     page: u64,
 ) -> Result<Vec<bool>, errno::Error> {
-    let end = start + len;
     let mut out = vec![false; len.div_ceil(page) as usize];
+    for (data, hole) in data_extents(fd, start, len)? {
+        for p in (data - start) / page..(hole - start).div_ceil(page) {
+            out[p as usize] = true;
+        }
+    }
+    Ok(out)
+}
+
+/// The extents `[data, hole)` of `[start, start + len)` of `fd` that hold data
+/// (`SEEK_DATA`/`SEEK_HOLE`), clipped to the range.
+fn data_extents(fd: BorrowedFd<'_>, start: u64, len: u64) -> Result<Vec<(u64, u64)>, errno::Error> {
+    let end = start + len;
+    let mut out = Vec::new();
     let mut at = start;
     while at < end {
         let Some(data) = sys::seek_data(fd, at)? else {
@@ -492,9 +545,7 @@ fn residency_by_seek(
             break;
         }
         let hole = sys::seek_hole(fd, data)?.unwrap_or(end).min(end);
-        for p in (data - start) / page..(hole - start).div_ceil(page) {
-            out[p as usize] = true;
-        }
+        out.push((data, hole));
         at = hole;
     }
     Ok(out)

@@ -169,6 +169,21 @@ pub enum ConversionError {
         /// The range asked for.
         range: GpaRange,
     },
+    /// Part of the range is unplugged (virtio-mem): the guest has not been given that memory,
+    /// so it may not convert it.
+    #[error("{range} holds unplugged memory ({unplugged} first)")]
+    Unplugged {
+        /// The range asked for.
+        range: GpaRange,
+        /// The first unplugged run in it.
+        unplugged: GpaRange,
+    },
+    /// The region was removed from guest RAM while the request waited for it.
+    #[error("the region holding {range} was removed")]
+    Removed {
+        /// The range asked for.
+        range: GpaRange,
+    },
     /// The conversion queue shut down before running the request.
     #[error("the conversion queue shut down before running the request")]
     Shutdown,
@@ -179,11 +194,14 @@ pub enum ConversionError {
 
 impl ConversionError {
     /// The errno the guest is told (returned negated by the hypercall): `EINVAL` for a bad
-    /// request, `ENOSPC` for an exhausted mapping budget, `EBUSY` when a device still holds a
+    /// request (also one over unplugged memory or a removed region), `ENOSPC` for an exhausted mapping budget, `EBUSY` when a device still holds a
     /// page, the kernel's errno for an attribute failure, `EIO` otherwise.
     pub fn guest_errno(&self) -> i32 {
         match self {
-            ConversionError::Range(_) | ConversionError::NoRegion { .. } => libc::EINVAL,
+            ConversionError::Range(_)
+            | ConversionError::NoRegion { .. }
+            | ConversionError::Unplugged { .. }
+            | ConversionError::Removed { .. } => libc::EINVAL,
             ConversionError::MappingBudget { .. } => libc::ENOSPC,
             ConversionError::Unmap { .. } | ConversionError::StaleMapping { .. } => libc::EBUSY,
             ConversionError::Attribute(e) => e.source.errno(),
@@ -249,8 +267,42 @@ pub(crate) struct AttributeStep<'a> {
 
 const ATTRIBUTE_UNDO_TRIES: usize = 3;
 
-impl AttributeStep<'_> {
-    fn set_back(&mut self, runs: &[GpaRange]) {
+impl<'a> AttributeStep<'a> {
+    pub(crate) fn new(
+        attributes: &'a dyn MemoryAttributes,
+        to: Attribute,
+        span_runs: bool,
+    ) -> Self {
+        Self {
+            attributes,
+            to,
+            span_runs,
+            undo_failure: None,
+            unsynced: Vec::new(),
+        }
+    }
+
+    /// Sets `runs` (maximal, in address order) to the step's attribute, all or nothing.
+    pub(crate) fn set_runs(&mut self, runs: &[GpaRange]) -> Result<(), AttributeError> {
+        if let Some(all) = (self.span_runs && runs.len() > 1)
+            .then(|| span(runs))
+            .flatten()
+        {
+            // All or nothing: on failure nothing changed, so nothing is set back.
+            return self.attributes.set(all, self.to);
+        }
+        for (i, &run) in runs.iter().enumerate() {
+            if let Err(e) = self.attributes.set(run, self.to) {
+                self.set_back(&runs[..i]);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets `runs` back to the opposite of the step's attribute, retrying; what still fails is
+    /// remembered (the region marks it unsynced).
+    pub(crate) fn set_back(&mut self, runs: &[GpaRange]) {
         let from = opposite(self.to);
         for &run in runs.iter().rev() {
             let mut last = None;
@@ -276,21 +328,7 @@ impl TransactionStep for AttributeStep<'_> {
     type Error = AttributeError;
 
     fn apply(&mut self, change: &Change) -> Result<(), AttributeError> {
-        let runs = change.runs();
-        if let Some(all) = (self.span_runs && runs.len() > 1)
-            .then(|| span(runs))
-            .flatten()
-        {
-            // All or nothing: on failure nothing changed, so nothing is set back.
-            return self.attributes.set(all, self.to);
-        }
-        for (i, &run) in runs.iter().enumerate() {
-            if let Err(e) = self.attributes.set(run, self.to) {
-                self.set_back(&runs[..i]);
-                return Err(e);
-            }
-        }
-        Ok(())
+        self.set_runs(change.runs())
     }
 
     fn undo(&mut self, change: &Change) {
@@ -298,7 +336,7 @@ impl TransactionStep for AttributeStep<'_> {
     }
 }
 
-fn opposite(a: Attribute) -> Attribute {
+pub(crate) fn opposite(a: Attribute) -> Attribute {
     match a {
         Attribute::Shared => Attribute::Private,
         Attribute::Private => Attribute::Shared,
@@ -308,7 +346,7 @@ fn opposite(a: Attribute) -> Attribute {
 impl Region {
     /// Isolation: a stale mapping is a private page still mapped for a device; converting its
     /// range to private must not report success while it exists.
-    fn refuse_stale(&self, range: GpaRange) -> Result<(), ConversionError> {
+    pub(crate) fn refuse_stale(&self, range: GpaRange) -> Result<(), ConversionError> {
         match self.stale_in(range) {
             Some(device) => Err(ConversionError::StaleMapping { device, range }),
             None => Ok(()),
@@ -328,10 +366,21 @@ impl Region {
             other => ConversionError::Manager(Box::new(other)),
         })?;
         let needed: u64 = joining.iter().map(|r| r.len() / self.granularity()).sum();
+        self.check_room(to.view(), range, needed)
+    }
+
+    /// Every device listening to `view` has room for `needed` more mappings (for a change of
+    /// `range`).
+    pub(crate) fn check_room(
+        &self,
+        view: View,
+        range: GpaRange,
+        needed: u64,
+    ) -> Result<(), ConversionError> {
         if needed == 0 {
             return Ok(());
         }
-        for a in self.attached().iter().filter(|a| a.view == to.view()) {
+        for a in self.attached().iter().filter(|a| a.view == view) {
             a.ledger
                 .check_budget(needed)
                 .map_err(|source| ConversionError::MappingBudget {
@@ -357,6 +406,7 @@ impl Region {
         attributes: &dyn MemoryAttributes,
     ) -> Result<Conversion, ConversionError> {
         let mut discarder = self.conversion_lock();
+        self.refuse_unplugged_or_removed(range)?;
         let stale = self.retry_stale();
         if stale && to == Attribute::Private {
             self.refuse_stale(range)?;
@@ -365,30 +415,11 @@ impl Region {
             .map_err(|(range, source)| ConversionError::AttributeRollback { range, source })?;
         self.check_budget(range, to)?;
         let classic = self.backing().model() == BackingModel::Classic;
-        let mut step = AttributeStep {
-            attributes,
-            to,
-            span_runs: classic,
-            undo_failure: None,
-            unsynced: Vec::new(),
-        };
+        let mut step = AttributeStep::new(attributes, to, classic);
         let result = self.manager.convert_with(range, to, &mut step);
         let change = match result {
             Ok(change) => change,
-            Err(e) => {
-                // Every unmap that failed came back in `e` or left a stale mapping on the way.
-                self.mark_maybe_stale();
-                let err = self.transaction_error(e);
-                for &run in &step.unsynced {
-                    self.mark_unsynced(run);
-                }
-                // Unmaps that failed during the rollback are stale now; try them once more.
-                self.retry_stale();
-                return Err(match step.undo_failure.take() {
-                    Some(source) => ConversionError::AttributeRollback { range, source },
-                    None => err,
-                });
-            }
+            Err(e) => return Err(self.transaction_failed(range, &mut step, e)),
         };
         let mut flushed = FlushReport::default();
         if classic && !change.is_empty() {
@@ -410,6 +441,28 @@ impl Region {
             conversion.held.total()
         );
         Ok(conversion)
+    }
+
+    /// The error of a failed transaction (conversion, plug or unplug) over `range`, after
+    /// recording what it left: stale mappings, KVM attributes the undo could not set back.
+    pub(crate) fn transaction_failed(
+        &self,
+        range: GpaRange,
+        step: &mut AttributeStep<'_>,
+        e: TransactionError<AttributeError>,
+    ) -> ConversionError {
+        // Every unmap that failed came back in `e` or left a stale mapping on the way.
+        self.mark_maybe_stale();
+        let err = self.transaction_error(e);
+        for &run in &step.unsynced {
+            self.mark_unsynced(run);
+        }
+        // Unmaps that failed during the rollback are stale now; try them once more.
+        self.retry_stale();
+        match step.undo_failure.take() {
+            Some(source) => ConversionError::AttributeRollback { range, source },
+            None => err,
+        }
     }
 
     fn device_name(&self, id: ListenerId) -> String {

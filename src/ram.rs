@@ -23,6 +23,9 @@ pub struct RegionSpec {
     pub initial: Attribute,
     /// When vacated backing is freed.
     pub policy: DiscardPolicy,
+    /// Whether every granule starts plugged (ordinary RAM) or unplugged (a virtio-mem
+    /// device's memory, plugged later with [`GuestRam::plug`]).
+    pub initially_plugged: bool,
 }
 
 /// Adding a region failed; nothing was added.
@@ -56,9 +59,9 @@ pub enum RegionError {
 
 /// A ledger whose teardown failed, kept with the memory it still maps until the `GuestRam`
 /// drops (the ledger's own drop retries the unmaps first).
-struct Orphan {
-    _ledger: Arc<Ledger>,
-    _backings: Vec<Arc<RegionBacking>>,
+pub(crate) struct Orphan {
+    pub(crate) _ledger: Option<Arc<Ledger>>,
+    pub(crate) _backings: Vec<Arc<RegionBacking>>,
 }
 
 /// Guest RAM as a VMM holds it: regions (each with its state manager, backing and discard
@@ -68,9 +71,9 @@ struct Orphan {
 /// the VMM deletes its KVM memslots before dropping the `GuestRam`.
 pub struct GuestRam {
     // Drop order: devices and orphans (ledgers) before regions (backings).
-    devices: Mutex<Vec<Device>>,
-    orphans: Mutex<Vec<Orphan>>,
-    regions: RwLock<Vec<Arc<Region>>>,
+    pub(crate) devices: Mutex<Vec<Device>>,
+    pub(crate) orphans: Mutex<Vec<Orphan>>,
+    pub(crate) regions: RwLock<Vec<Arc<Region>>>,
     attributes: Arc<dyn MemoryAttributes>,
     next_device: Mutex<u64>,
 }
@@ -141,7 +144,7 @@ impl GuestRam {
             size,
             granularity: spec.granularity,
             initial_attribute: spec.initial,
-            initially_plugged: true,
+            initially_plugged: spec.initially_plugged,
         };
         let region =
             Arc::new(Region::new(backing, config, spec.policy).map_err(RegionError::Config)?);
@@ -278,9 +281,13 @@ impl GuestRam {
 
     /// Keeps `device`'s ledger and the backings of `regions` alive until the `GuestRam` drops:
     /// the ledger still maps memory of them after unmaps failed.
-    fn keep_alive<'a>(&self, device: &Device, regions: impl Iterator<Item = &'a Arc<Region>>) {
+    pub(crate) fn keep_alive<'a>(
+        &self,
+        device: &Device,
+        regions: impl Iterator<Item = &'a Arc<Region>>,
+    ) {
         lock(&self.orphans).push(Orphan {
-            _ledger: Arc::clone(&device.ledger),
+            _ledger: Some(Arc::clone(&device.ledger)),
             _backings: regions.map(|r| Arc::clone(r.backing())).collect(),
         });
     }
@@ -326,9 +333,16 @@ impl GuestRam {
             .region_of(range)
             .ok_or(ConversionError::NoRegion { range })?;
         let result = region.convert(range, to, &*self.attributes);
+        self.detach_cut_off(result)
+    }
+
+    /// Devices a failed rollback cut off from one region leave guest RAM, so that what the
+    /// error says and the device list agree.
+    pub(crate) fn detach_cut_off<T>(
+        &self,
+        result: Result<T, ConversionError>,
+    ) -> Result<T, ConversionError> {
         if let Err(ConversionError::RollbackFailed { devices, .. }) = &result {
-            // Cut off from one region, the devices leave guest RAM, so that what the error
-            // says and the device list agree.
             for &id in devices {
                 if let Err(e) = self.detach_device(id) {
                     log::warn!("{e}");

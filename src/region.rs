@@ -186,6 +186,10 @@ pub struct Region {
     unsynced: Mutex<RangeSet>,
     /// `unsynced` is not empty (read without its lock on every conversion).
     maybe_unsynced: AtomicBool,
+    /// Set under the conversion lock when the region leaves guest RAM
+    /// ([`crate::GuestRam::remove_region`]): a request that found the region before then and
+    /// waited for the lock is refused.
+    pub(crate) removed: AtomicBool,
 }
 
 impl std::fmt::Debug for Region {
@@ -214,6 +218,7 @@ impl Region {
             maybe_stale: AtomicBool::new(false),
             unsynced: Mutex::new(RangeSet::new()),
             maybe_unsynced: AtomicBool::new(false),
+            removed: AtomicBool::new(false),
         })
     }
 
@@ -540,9 +545,14 @@ impl Region {
     /// tracked here (see [`Region::stale_mappings`]) until a retry removes them.
     pub(crate) fn detach(&self, device: DeviceId) -> u64 {
         let _conversions = self.conversion_lock();
+        self.detach_locked(|a| a.device == device)
+    }
+
+    /// [`Region::detach`] of every listener `which` picks, the conversion lock held.
+    pub(crate) fn detach_locked(&self, which: impl Fn(&Attached) -> bool) -> u64 {
         let mine: Vec<Attached> = {
             let mut attached = self.attached_mut();
-            let (mine, rest) = attached.drain(..).partition(|a| a.device == device);
+            let (mine, rest) = attached.drain(..).partition(|a| which(a));
             *attached = rest;
             mine
         };

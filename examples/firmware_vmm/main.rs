@@ -235,6 +235,7 @@ fn run(args: Args) -> Result<(), Failure> {
         granularity,
         initial,
         policy,
+        initially_plugged: true,
     };
     let region = ram.add_region(backing, spec)?;
 

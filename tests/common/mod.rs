@@ -102,6 +102,7 @@ pub fn ram_with_region(
                 granularity: PAGE,
                 initial,
                 policy,
+                initially_plugged: true,
             },
         )
         .unwrap();
@@ -310,8 +311,22 @@ impl Rig {
         self.check_backings(&runs);
     }
 
-    /// Invariant 5: a page is backed on its own side, and on the other side only if held back.
-    fn check_backings(&self, runs: &[discard_manager::Run]) {
+    /// Invariant 5, and exactness: the bytes held back are exactly the bytes backed where
+    /// the page is not in use (the other side of a plugged page, either side of an unplugged
+    /// one). Needs every page in use to have been touched (a page never touched is not backed).
+    pub fn check_held_exactly(&self) {
+        let runs = self.region.state().runs(self.region.range()).unwrap();
+        let double = self.check_backings(&runs);
+        assert_eq!(
+            double,
+            self.region.held_back().total(),
+            "held back vs backed where not in use"
+        );
+    }
+
+    /// Invariant 5: a page is backed on its own side, and on the other side only if held back;
+    /// an unplugged page on neither side unless held. Returns the bytes backed not in use.
+    fn check_backings(&self, runs: &[discard_manager::Run]) -> u64 {
         let all = self.region.range();
         let b = self.region.backing();
         let shared = b.resident_pages(View::Shared, all).unwrap();
@@ -324,6 +339,21 @@ impl Rig {
             while gpa < run.range.end() {
                 let p = ((gpa - all.start()) / PAGE) as usize;
                 let private_p = private.as_ref().map(|v| v[p]);
+                if !run.plugged {
+                    let sides = [
+                        (shared[p], View::Shared),
+                        (private_p.unwrap_or(false), View::Private),
+                    ];
+                    for (_, side) in sides.into_iter().filter(|s| s.0) {
+                        double += PAGE;
+                        assert!(
+                            self.region.holds(side, range(gpa, PAGE)),
+                            "unplugged page {gpa:#x} is backed on the {side} side without being held",
+                        );
+                    }
+                    gpa += PAGE;
+                    continue;
+                }
                 let (own, other, other_side) = match run.attribute {
                     Attribute::Shared => (shared[p], private_p.unwrap_or(false), View::Private),
                     Attribute::Private => (private_p.unwrap_or(true), shared[p], View::Shared),
@@ -344,6 +374,7 @@ impl Rig {
             double <= self.region.held_back().total(),
             "double allocation beyond the reported bound"
         );
+        double
     }
 }
 

@@ -124,6 +124,7 @@ impl Bench {
                     granularity: args.granule,
                     initial: Attribute::Private,
                     policy,
+                    initially_plugged: true,
                 },
             )
             .context("adding the region to guest RAM")?;
