@@ -402,3 +402,37 @@ fn free_whole(backing: &RegionBacking, range: GpaRange) -> u64 {
     }
     freed
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{DiscardPolicy, RecordingAttributes, RegionSpec};
+
+    #[test]
+    fn a_request_that_found_the_region_before_its_removal_is_refused() {
+        let attrs = Arc::new(RecordingAttributes::new());
+        let ram = GuestRam::new(attrs.clone());
+        let spec = RegionSpec {
+            granularity: 4096,
+            initial: Attribute::Private,
+            policy: DiscardPolicy::Eager,
+            initially_plugged: true,
+        };
+        let backing = RegionBacking::software(0x10_0000, 0x10000).unwrap();
+        let region = ram.add_region(backing, spec).unwrap();
+        // A vCPU found the region (GuestRam::convert's lookup), then the removal ran first.
+        let found = ram.region_of(region.range()).unwrap();
+        ram.remove_region(region.range(), None).unwrap();
+        let r = GpaRange::new(0x10_0000, 0x1000).unwrap();
+        let err = found.convert(r, Attribute::Shared, &*attrs).unwrap_err();
+        assert!(matches!(err, ConversionError::Removed { .. }), "{err:?}");
+        let err = found.plug(r, Attribute::Shared, &*attrs).unwrap_err();
+        assert!(matches!(err, ConversionError::Removed { .. }), "{err:?}");
+        let err = found.unplug(r, &*attrs).unwrap_err();
+        assert!(matches!(err, ConversionError::Removed { .. }), "{err:?}");
+        assert!(matches!(
+            ram.remove_region(region.range(), None),
+            Err(RemovalError::NoRegion { .. })
+        ));
+    }
+}

@@ -193,3 +193,147 @@ fn unbinding_a_memslot_frees_its_guest_range_for_another_region() {
     second.bind(&vm, 1).unwrap();
     second.unbind(&vm, 1).unwrap();
 }
+
+/// Guest RAM over `backing` (all private, plugged), with one shared-view device.
+fn plug_rig(
+    backing: RegionBacking,
+    vm: VmFd,
+    support: &KvmSupport,
+) -> (
+    Arc<gmem_dma::GuestRam>,
+    Arc<gmem_dma::Region>,
+    Arc<EmulatedIommu>,
+) {
+    let (ram, region) = ram_with_region(
+        backing,
+        attributes(vm, support),
+        Attribute::Private,
+        DiscardPolicy::Lazy { budget_bytes: SIZE },
+    );
+    let iommu = Arc::new(EmulatedIommu::new());
+    ram.attach_device("nic", iommu.clone(), DeviceConfig::shared())
+        .unwrap();
+    (ram, region, iommu)
+}
+
+#[test]
+fn an_unplugged_range_of_a_classic_region_holds_no_memfd_pages_and_replugs_zeroed() {
+    if !vm_rig::need(
+        "an_unplugged_range_of_a_classic_region_holds_no_memfd_pages_and_replugs_zeroed",
+        &[Feature::Kvm, Feature::GuestMemfdMmap],
+    ) {
+        return;
+    }
+    let (_kvm, vm, support) = vm();
+    let backing = RegionBacking::classic(&vm, BASE, SIZE).unwrap();
+    backing.bind(&vm, 0).unwrap();
+    let (ram, region, iommu) = plug_rig(backing, vm, &support);
+    let block = range(BASE + 0x10_0000, 0x10_0000);
+    ram.convert(block, Attribute::Shared).unwrap();
+    iommu
+        .dma_write(block.start(), &vec![0x42; block.len() as usize])
+        .unwrap();
+    let b = region.backing();
+    assert_eq!(b.allocated_bytes(View::Shared).unwrap(), block.len());
+    // Lazy: the vacated guest_memfd side is held (a classic guest_memfd cannot say it holds
+    // nothing: no SEEK_DATA), and the unplug frees it with the memfd side.
+    assert!(region.held_back().private_bytes > 0);
+    let unplug = ram.unplug(block).unwrap();
+    assert_eq!(
+        unplug.held.total(),
+        0,
+        "nothing of an unplugged block is held"
+    );
+    assert_eq!(iommu.mapping_count(), 0);
+    assert_eq!(b.allocated_bytes(View::Shared).unwrap(), 0);
+    let resident = b.resident_pages(View::Shared, block).unwrap();
+    assert!(resident.iter().all(|&p| !p), "SEEK_DATA finds memfd data");
+    // This kernel's guest_memfd has no lseek: the private side is checked by the punch count.
+    assert!(matches!(
+        b.backed_ranges(View::Private, block),
+        Err(gmem_dma::BackingError::Residency { .. })
+    ));
+    assert_eq!(b.punch_stats().bytes, 2 * block.len());
+    // Re-plugged shared: mapped again, and zeroed.
+    ram.plug(block, Some(Attribute::Shared)).unwrap();
+    let mut buf = vec![0xffu8; 4096];
+    iommu.dma_read(block.start() + 0x8000, &mut buf).unwrap();
+    assert!(buf.iter().all(|&x| x == 0), "a re-plugged page reads zero");
+}
+
+#[test]
+fn an_unplugged_range_of_an_in_place_region_holds_no_guest_memfd_pages() {
+    if !vm_rig::need(
+        "an_unplugged_range_of_an_in_place_region_holds_no_guest_memfd_pages",
+        &[Feature::Kvm, Feature::GuestMemfdMmap],
+    ) {
+        return;
+    }
+    let (_kvm, vm, support) = vm();
+    let backing = RegionBacking::in_place(&vm, BASE, SIZE).unwrap();
+    backing.bind(&vm, 0).unwrap();
+    let (ram, region, iommu) = plug_rig(backing, vm, &support);
+    let block = range(BASE, 0x10_0000);
+    ram.convert(block, Attribute::Shared).unwrap();
+    iommu
+        .dma_write(block.start(), &vec![7u8; block.len() as usize])
+        .unwrap();
+    let b = region.backing();
+    assert!(
+        b.resident_pages(View::Shared, block)
+            .unwrap()
+            .iter()
+            .all(|&p| p)
+    );
+    ram.unplug(block).unwrap();
+    // mincore on the guest_memfd's own mapping: nothing left, and one free (one file).
+    assert!(
+        b.resident_pages(View::Shared, block)
+            .unwrap()
+            .iter()
+            .all(|&p| !p)
+    );
+    assert_eq!(b.punch_stats().calls, 1);
+    assert_eq!(region.held_back().total(), 0);
+    let err = ram.convert(block, Attribute::Private).unwrap_err();
+    assert!(
+        matches!(err, gmem_dma::ConversionError::Unplugged { .. }),
+        "{err}"
+    );
+    ram.plug(block, Some(Attribute::Shared)).unwrap();
+    let mut buf = [0xffu8; 64];
+    iommu.dma_read(block.start() + 0x4000, &mut buf).unwrap();
+    assert_eq!(buf, [0; 64], "a re-plugged page reads zero");
+}
+
+#[test]
+fn removing_a_region_deletes_its_memslot_and_frees_its_memory() {
+    if !vm_rig::need(
+        "removing_a_region_deletes_its_memslot_and_frees_its_memory",
+        &[Feature::Kvm, Feature::GuestMemfdMmap],
+    ) {
+        return;
+    }
+    let (_kvm, vm, _support) = vm();
+    let backing = RegionBacking::classic(&vm, BASE, SIZE).unwrap();
+    backing.bind(&vm, 0).unwrap();
+    let (ram, region) = ram_with_region(
+        backing,
+        Arc::new(RecordingAttributes::new()),
+        Attribute::Private,
+        DiscardPolicy::Eager,
+    );
+    let iommu = Arc::new(EmulatedIommu::new());
+    ram.attach_device("nic", iommu.clone(), DeviceConfig::shared())
+        .unwrap();
+    ram.convert(range(BASE, 16 * PAGE), Attribute::Shared)
+        .unwrap();
+    iommu.dma_write(BASE, &[1; 4096]).unwrap();
+    let removal = ram.remove_region(region.range(), Some((&vm, 0))).unwrap();
+    assert_eq!(removal.devices, 1);
+    assert_eq!(iommu.mapping_count(), 0);
+    assert_eq!(region.backing().allocated_bytes(View::Shared).unwrap(), 0);
+    // The slot is gone: a new region binds the same guest range.
+    let next = RegionBacking::classic(&vm, BASE, SIZE).unwrap();
+    next.bind(&vm, 1).unwrap();
+}
