@@ -129,6 +129,17 @@ pub enum BackingError {
         /// The range.
         range: GpaRange,
     },
+    /// The VMM's shared file or mapping cannot back the region.
+    #[error("the VMM's shared file cannot back the {size:#x}-byte region: {reason}")]
+    SharedFile {
+        /// The region's size.
+        size: u64,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// Inspecting the VMM's shared file failed.
+    #[error("inspecting the VMM's shared file failed")]
+    SharedFileStat(#[source] errno::Error),
     /// Asking which pages hold memory failed or is impossible for this file.
     #[error("cannot tell which pages of the {side} backing hold memory")]
     Residency {
@@ -176,8 +187,29 @@ pub struct RegionBacking {
     private_kind: FileKind,
     /// `None` for in-place: the private view is `shared`.
     private: Option<Arc<File>>,
-    mapping: GuestRegionMmap,
+    mapping: HostMapping,
     punches: PunchLog,
+}
+
+/// The host mapping of the shared view: made here, or the VMM's own (one mmap either way).
+enum HostMapping {
+    /// Mapped by this crate.
+    Own(GuestRegionMmap),
+    /// The VMM's vm-memory mapping (with its own bitmap type), kept alive here; `ptr` is its
+    /// start.
+    Vmm {
+        ptr: usize,
+        _region: Arc<dyn std::any::Any + Send + Sync>,
+    },
+}
+
+impl HostMapping {
+    fn as_ptr(&self) -> *mut u8 {
+        match self {
+            HostMapping::Own(region) => region.as_ptr(),
+            HostMapping::Vmm { ptr, .. } => *ptr as *mut u8,
+        }
+    }
 }
 
 impl fmt::Debug for RegionBacking {
@@ -199,13 +231,7 @@ impl RegionBacking {
     /// # Errors
     /// The step that failed.
     pub fn classic(vm: &VmFd, base: u64, size: u64) -> Result<Self, BackingError> {
-        let private = sys::create_guest_memfd(vm, size, 0).map_err(|source| {
-            BackingError::CreateGuestMemfd {
-                size,
-                flags: 0,
-                source,
-            }
-        })?;
+        let private = private_guest_memfd(vm, size)?;
         Self::two_files(base, size, private, FileKind::GuestMemfd)
     }
 
@@ -223,7 +249,7 @@ impl RegionBacking {
             }
         })?;
         let shared = Arc::new(File::from(gmem));
-        let mapping = map_shared(&shared, base, size)?;
+        let mapping = HostMapping::Own(map_shared(&shared, base, size)?);
         Ok(Self {
             model: BackingModel::InPlace,
             base,
@@ -248,6 +274,125 @@ impl RegionBacking {
         Self::two_files(base, size, private, FileKind::Memfd)
     }
 
+    /// Classic model over the VMM's own shared file (a memfd, `MFD_HUGETLB` or not, or a
+    /// hugetlbfs file) instead of one created here; the file is mapped here, once. The file
+    /// must be open read-write, at least `size` bytes long, on shmem or hugetlbfs (so frees and
+    /// `IOMMU_IOAS_MAP_FILE` work), and not sealed against writes. File offsets equal
+    /// `gpa - base`.
+    ///
+    /// # Errors
+    /// [`BackingError::SharedFile`] naming what is wrong with the file; the step that failed.
+    pub fn classic_with_file(
+        vm: &VmFd,
+        base: u64,
+        size: u64,
+        shared: OwnedFd,
+    ) -> Result<Self, BackingError> {
+        check_shared_file(shared.as_fd(), size)?;
+        let shared = Arc::new(File::from(shared));
+        let mapping = HostMapping::Own(map_shared(&shared, base, size)?);
+        let private = private_guest_memfd(vm, size)?;
+        Ok(Self::parts(
+            base,
+            size,
+            (shared, mapping),
+            private,
+            FileKind::GuestMemfd,
+        ))
+    }
+
+    /// Classic model over the VMM's own vm-memory mapping of its shared file: the VMM keeps
+    /// `region` in its `GuestMemoryMmap<B>` (with its dirty-bitmap type `B`), so emulated
+    /// devices and assigned devices see the same pages, and nothing is mapped twice. The
+    /// mapping must be of a file (checked as for [`classic_with_file`](Self::classic_with_file))
+    /// from offset 0, `MAP_SHARED`, readable and writable, exactly `size` bytes; it is kept
+    /// alive as long as the backing.
+    ///
+    /// # Example
+    /// The VMM's `GuestMemoryMmap`, with a dirty bitmap, over its own file: an emulated device
+    /// reads through it what an assigned device DMA'd (the emulated IOMMU here).
+    /// ```
+    /// use std::sync::Arc;
+    /// use discard_manager::{Attribute, GpaRange};
+    /// use gmem_dma::*;
+    /// use vm_memory::bitmap::AtomicBitmap;
+    /// use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+    ///
+    /// let (base, size) = (0x1_0000_0000u64, 2u64 << 20);
+    /// let (kvm, vm) = { let kvm = kvm_ioctls::Kvm::new()?; let vm = kvm.create_vm()?; (kvm, vm) };
+    /// // The VMM's own shared file (on tmpfs) and its own mapping of it.
+    /// let path = format!("/dev/shm/gmem-dma-doc-{}", std::process::id());
+    /// let file = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(&path)?;
+    /// std::fs::remove_file(&path)?;
+    /// file.set_len(size)?;
+    /// let mmap = MmapRegion::<AtomicBitmap>::from_file(FileOffset::new(file, 0), size as usize)?;
+    /// let mmap = Arc::new(mmap);
+    /// let backing = RegionBacking::classic_over(&vm, base, Arc::clone(&mmap))?;
+    /// let vmm_region = GuestRegionMmap::with_arc(mmap, GuestAddress(base)).unwrap();
+    /// let mem = GuestMemoryMmap::from_arc_regions(vec![Arc::new(vmm_region)])?;
+    ///
+    /// let ram = GuestRam::new(Arc::new(RecordingAttributes::new()));
+    /// let policy = DiscardPolicy::Eager;
+    /// let spec = RegionSpec { granularity: 4096, initial: Attribute::Private, policy, initially_plugged: true };
+    /// ram.add_region(backing, spec)?;
+    /// let iommu = Arc::new(iommu::EmulatedIommu::new());
+    /// ram.attach_device("nic", iommu.clone(), DeviceConfig::shared())?;
+    /// let buffer = GpaRange::new(base + 0x1000, 0x1000).unwrap();
+    /// ram.convert(buffer, Attribute::Shared)?;
+    /// iommu.dma_write(buffer.start(), b"packet")?; // the assigned device DMAs
+    ///
+    /// // The VMM checks before it touches guest memory through its own objects.
+    /// assert!(!ram.is_private(buffer.start()));
+    /// let mut seen = [0u8; 6];
+    /// mem.read_slice(&mut seen, GuestAddress(buffer.start()))?;
+    /// assert_eq!(&seen, b"packet");
+    /// assert!(ram.is_private(base), "the rest is private: not the VMM's to touch");
+    /// # drop(kvm);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`BackingError::SharedFile`] naming what is wrong with the mapping; the step that failed.
+    pub fn classic_over<B>(
+        vm: &VmFd,
+        base: u64,
+        region: Arc<MmapRegion<B>>,
+    ) -> Result<Self, BackingError>
+    where
+        B: vm_memory::bitmap::Bitmap + Send + Sync + 'static,
+    {
+        let size = region.size() as u64;
+        let refuse = |reason| BackingError::SharedFile { size, reason };
+        let file = region
+            .file_offset()
+            .ok_or(refuse("its mapping is anonymous, not of a file"))?;
+        if file.start() != 0 {
+            return Err(refuse("its mapping does not start at file offset 0"));
+        }
+        if region.flags() & libc::MAP_SHARED == 0 {
+            return Err(refuse("its mapping is private (not MAP_SHARED)"));
+        }
+        let rw = libc::PROT_READ | libc::PROT_WRITE;
+        if region.prot() & rw != rw {
+            return Err(refuse("its mapping is not readable and writable"));
+        }
+        let shared = Arc::clone(file.arc());
+        check_shared_file(shared.as_fd(), size)?;
+        let mapping = HostMapping::Vmm {
+            ptr: region.as_ptr() as usize,
+            _region: region,
+        };
+        GpaRange::new(base, size).ok_or(BackingError::GuestRange { base, size })?;
+        let private = private_guest_memfd(vm, size)?;
+        Ok(Self::parts(
+            base,
+            size,
+            (shared, mapping),
+            private,
+            FileKind::GuestMemfd,
+        ))
+    }
+
     fn two_files(
         base: u64,
         size: u64,
@@ -255,8 +400,25 @@ impl RegionBacking {
         private_kind: FileKind,
     ) -> Result<Self, BackingError> {
         let shared = Arc::new(File::from(memfd(c"gmem-dma-shared", size)?));
-        let mapping = map_shared(&shared, base, size)?;
-        Ok(Self {
+        let mapping = HostMapping::Own(map_shared(&shared, base, size)?);
+        Ok(Self::parts(
+            base,
+            size,
+            (shared, mapping),
+            private,
+            private_kind,
+        ))
+    }
+
+    /// The classic shape: `shared` (file and its host mapping) and a separate private file.
+    fn parts(
+        base: u64,
+        size: u64,
+        (shared, mapping): (Arc<File>, HostMapping),
+        private: OwnedFd,
+        private_kind: FileKind,
+    ) -> Self {
+        Self {
             model: BackingModel::Classic,
             base,
             size,
@@ -266,7 +428,7 @@ impl RegionBacking {
             private: Some(Arc::new(File::from(private))),
             mapping,
             punches: PunchLog::default(),
-        })
+        }
     }
 
     /// Binds the region to KVM memslot `slot` of `vm` (`KVM_SET_USER_MEMORY_REGION2`, with the
@@ -323,9 +485,15 @@ impl RegionBacking {
         GpaRange::new(self.base, self.size)
     }
 
-    /// The host mapping of the shared view, as vm-memory sees it.
-    pub fn mapping(&self) -> &GuestRegionMmap {
-        &self.mapping
+    /// The host mapping of the shared view, as vm-memory sees it, when this crate made it
+    /// (`None` for [`classic_over`](Self::classic_over): the VMM holds that one). A VMM whose
+    /// `GuestMemoryMmap` has no bitmap can hold this region itself (its `get_mmap()` shares
+    /// the mapping), so nothing is mapped twice.
+    pub fn mapping(&self) -> Option<&GuestRegionMmap> {
+        match &self.mapping {
+            HostMapping::Own(region) => Some(region),
+            HostMapping::Vmm { .. } => None,
+        }
     }
 
     /// The file holding the shared view (memfd, or the guest_memfd in place).
@@ -549,6 +717,34 @@ fn data_extents(fd: BorrowedFd<'_>, start: u64, len: u64) -> Result<Vec<(u64, u6
         at = hole;
     }
     Ok(out)
+}
+
+/// Checks that the VMM's `file` can hold the shared view of a `size`-byte region.
+fn check_shared_file(file: BorrowedFd<'_>, size: u64) -> Result<(), BackingError> {
+    let refuse = |reason| BackingError::SharedFile { size, reason };
+    if !sys::is_read_write(file).map_err(BackingError::SharedFileStat)? {
+        return Err(refuse("it is not open for reading and writing"));
+    }
+    let magic = sys::fs_magic(file).map_err(BackingError::SharedFileStat)?;
+    if magic != sys::TMPFS_MAGIC && magic != sys::HUGETLBFS_MAGIC {
+        return Err(refuse("it is not a memfd or a hugetlbfs file"));
+    }
+    if sys::file_size(file).map_err(BackingError::SharedFileStat)? < size {
+        return Err(refuse("it is smaller than the region"));
+    }
+    let seals = sys::seals(file).map_err(BackingError::SharedFileStat)?;
+    if seals & (libc::F_SEAL_WRITE | libc::F_SEAL_FUTURE_WRITE) != 0 {
+        return Err(refuse("it is sealed against writes"));
+    }
+    Ok(())
+}
+
+fn private_guest_memfd(vm: &VmFd, size: u64) -> Result<OwnedFd, BackingError> {
+    sys::create_guest_memfd(vm, size, 0).map_err(|source| BackingError::CreateGuestMemfd {
+        size,
+        flags: 0,
+        source,
+    })
 }
 
 fn memfd(name: &CStr, size: u64) -> Result<OwnedFd, BackingError> {

@@ -337,3 +337,93 @@ fn removing_a_region_deletes_its_memslot_and_frees_its_memory() {
     let next = RegionBacking::classic(&vm, BASE, SIZE).unwrap();
     next.bind(&vm, 1).unwrap();
 }
+
+/// A read-write file of `size` bytes in `dir`, already unlinked.
+fn file_in(dir: &str, size: u64) -> std::fs::File {
+    let path = format!("{dir}/gmem-dma-test-{}-{size}", std::process::id());
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .unwrap();
+    std::fs::remove_file(&path).unwrap();
+    file.set_len(size).unwrap();
+    file
+}
+
+fn refusal(result: Result<RegionBacking, gmem_dma::BackingError>) -> String {
+    match result {
+        Err(gmem_dma::BackingError::SharedFile { reason, .. }) => reason.to_string(),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn the_vmms_own_shared_file_backs_a_region_once_checked() {
+    if !vm_rig::need(
+        "the_vmms_own_shared_file_backs_a_region_once_checked",
+        &[Feature::Kvm, Feature::GuestMemfdMmap],
+    ) {
+        return;
+    }
+    use std::os::fd::OwnedFd;
+    use vm_memory::{FileOffset, MmapRegion};
+    let (_kvm, vm, _support) = vm();
+    let own = |f: std::fs::File| OwnedFd::from(f);
+    // Refused, each with its reason.
+    let small = own(file_in("/dev/shm", SIZE / 2));
+    assert!(refusal(RegionBacking::classic_with_file(&vm, BASE, SIZE, small)).contains("smaller"));
+    let on_disk = own(file_in(env!("CARGO_TARGET_TMPDIR"), SIZE));
+    assert!(refusal(RegionBacking::classic_with_file(&vm, BASE, SIZE, on_disk)).contains("memfd"));
+    let read_only = {
+        let f = file_in("/dev/shm", SIZE);
+        std::fs::File::open(format!(
+            "/proc/self/fd/{}",
+            std::os::fd::AsRawFd::as_raw_fd(&f)
+        ))
+        .unwrap()
+    };
+    assert!(
+        refusal(RegionBacking::classic_with_file(
+            &vm,
+            BASE,
+            SIZE,
+            own(read_only)
+        ))
+        .contains("reading and writing")
+    );
+    let anonymous = Arc::new(MmapRegion::<()>::new(SIZE as usize).unwrap());
+    assert!(refusal(RegionBacking::classic_over(&vm, BASE, anonymous)).contains("anonymous"));
+    // Accepted: the VMM's file is the shared side, freed and mapped by file like a memfd.
+    let file = Arc::new(file_in("/dev/shm", SIZE));
+    let mmap = Arc::new(
+        MmapRegion::<()>::from_file(FileOffset::from_arc(file.clone(), 0), SIZE as usize).unwrap(),
+    );
+    let backing = RegionBacking::classic_over(&vm, BASE, mmap.clone()).unwrap();
+    assert!(backing.mapping().is_none(), "the VMM holds the mapping");
+    assert_eq!(
+        backing.host_addr(BASE).unwrap(),
+        mmap.as_ptr(),
+        "one mapping, not two"
+    );
+    backing.bind(&vm, 0).unwrap();
+    let (ram, region) = ram_with_region(
+        backing,
+        Arc::new(RecordingAttributes::new()),
+        Attribute::Private,
+        DiscardPolicy::Eager,
+    );
+    let iommu = Arc::new(EmulatedIommu::new());
+    ram.attach_device("nic", iommu.clone(), DeviceConfig::shared_by(MapBy::File))
+        .unwrap();
+    let r = range(BASE, 4 * PAGE);
+    ram.convert(r, Attribute::Shared).unwrap();
+    iommu.dma_write(BASE, &[9; 16]).unwrap();
+    let mut seen = [0u8; 16];
+    std::os::unix::fs::FileExt::read_exact_at(&*file, &mut seen, 0).unwrap();
+    assert_eq!(seen, [9; 16], "the device wrote the VMM's file");
+    ram.convert(r, Attribute::Private).unwrap();
+    assert_eq!(region.backing().allocated_bytes(View::Shared).unwrap(), 0);
+    assert!(ram.is_private(BASE));
+}
