@@ -291,14 +291,7 @@ impl RegionBacking {
         check_shared_file(shared.as_fd(), size)?;
         let shared = Arc::new(File::from(shared));
         let mapping = HostMapping::Own(map_shared(&shared, base, size)?);
-        let private = private_guest_memfd(vm, size)?;
-        Ok(Self::parts(
-            base,
-            size,
-            (shared, mapping),
-            private,
-            FileKind::GuestMemfd,
-        ))
+        Self::with_guest_memfd(vm, base, size, (shared, mapping))
     }
 
     /// Classic model over the VMM's own vm-memory mapping of its shared file: the VMM keeps
@@ -383,14 +376,7 @@ impl RegionBacking {
             _region: region,
         };
         GpaRange::new(base, size).ok_or(BackingError::GuestRange { base, size })?;
-        let private = private_guest_memfd(vm, size)?;
-        Ok(Self::parts(
-            base,
-            size,
-            (shared, mapping),
-            private,
-            FileKind::GuestMemfd,
-        ))
+        Self::with_guest_memfd(vm, base, size, (shared, mapping))
     }
 
     fn two_files(
@@ -407,6 +393,24 @@ impl RegionBacking {
             (shared, mapping),
             private,
             private_kind,
+        ))
+    }
+
+    /// The classic model over `shared` (file and its host mapping): a guest_memfd created on
+    /// `vm` holds the private view.
+    fn with_guest_memfd(
+        vm: &VmFd,
+        base: u64,
+        size: u64,
+        shared: (Arc<File>, HostMapping),
+    ) -> Result<Self, BackingError> {
+        let private = private_guest_memfd(vm, size)?;
+        Ok(Self::parts(
+            base,
+            size,
+            shared,
+            private,
+            FileKind::GuestMemfd,
         ))
     }
 

@@ -197,8 +197,7 @@ fn unbinding_a_memslot_frees_its_guest_range_for_another_region() {
 /// Guest RAM over `backing` (all private, plugged), with one shared-view device.
 fn plug_rig(
     backing: RegionBacking,
-    vm: VmFd,
-    support: &KvmSupport,
+    attributes: Arc<dyn MemoryAttributes>,
 ) -> (
     Arc<gmem_dma::GuestRam>,
     Arc<gmem_dma::Region>,
@@ -206,7 +205,7 @@ fn plug_rig(
 ) {
     let (ram, region) = ram_with_region(
         backing,
-        attributes(vm, support),
+        attributes,
         Attribute::Private,
         DiscardPolicy::Lazy { budget_bytes: SIZE },
     );
@@ -227,7 +226,7 @@ fn an_unplugged_range_of_a_classic_region_holds_no_memfd_pages_and_replugs_zeroe
     let (_kvm, vm, support) = vm();
     let backing = RegionBacking::classic(&vm, BASE, SIZE).unwrap();
     backing.bind(&vm, 0).unwrap();
-    let (ram, region, iommu) = plug_rig(backing, vm, &support);
+    let (ram, region, iommu) = plug_rig(backing, attributes(vm, &support));
     let block = range(BASE + 0x10_0000, 0x10_0000);
     ram.convert(block, Attribute::Shared).unwrap();
     iommu
@@ -272,7 +271,7 @@ fn an_unplugged_range_of_an_in_place_region_holds_no_guest_memfd_pages() {
     let (_kvm, vm, support) = vm();
     let backing = RegionBacking::in_place(&vm, BASE, SIZE).unwrap();
     backing.bind(&vm, 0).unwrap();
-    let (ram, region, iommu) = plug_rig(backing, vm, &support);
+    let (ram, region, iommu) = plug_rig(backing, attributes(vm, &support));
     let block = range(BASE, 0x10_0000);
     ram.convert(block, Attribute::Shared).unwrap();
     iommu
@@ -317,15 +316,7 @@ fn removing_a_region_deletes_its_memslot_and_frees_its_memory() {
     let (_kvm, vm, _support) = vm();
     let backing = RegionBacking::classic(&vm, BASE, SIZE).unwrap();
     backing.bind(&vm, 0).unwrap();
-    let (ram, region) = ram_with_region(
-        backing,
-        Arc::new(RecordingAttributes::new()),
-        Attribute::Private,
-        DiscardPolicy::Eager,
-    );
-    let iommu = Arc::new(EmulatedIommu::new());
-    ram.attach_device("nic", iommu.clone(), DeviceConfig::shared())
-        .unwrap();
+    let (ram, region, iommu) = plug_rig(backing, Arc::new(RecordingAttributes::new()));
     ram.convert(range(BASE, 16 * PAGE), Attribute::Shared)
         .unwrap();
     iommu.dma_write(BASE, &[1; 4096]).unwrap();

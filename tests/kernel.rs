@@ -161,6 +161,36 @@ fn kernel_sw_protected_vm_sets_a_mixed_range_with_one_attribute_call() {
     assert_eq!(nic.mapping_count(), 12);
 }
 
+/// Page-indexed writes and reads of the rig's region (at `base`) through its host mapping.
+struct HostPages<'a> {
+    rig: &'a Rig,
+    base: u64,
+}
+
+impl HostPages<'_> {
+    fn host(&self, p: u64) -> *mut u8 {
+        self.rig
+            .region
+            .backing()
+            .host_addr(self.base + p * PAGE)
+            .unwrap()
+    }
+
+    fn write(&self, p: u64, data: &[u8]) {
+        for (i, &b) in data.iter().enumerate() {
+            // SAFETY: inside the live shared mapping; only raw-pointer access to guest RAM.
+            unsafe { self.host(p).add(i).write_volatile(b) };
+        }
+    }
+
+    fn read(&self, p: u64, len: usize) -> Vec<u8> {
+        // SAFETY: as in `write`.
+        (0..len)
+            .map(|i| unsafe { self.host(p).add(i).read_volatile() })
+            .collect()
+    }
+}
+
 fn edu_address() -> PciAddress {
     let text = vm_rig::edu_device().expect("vm_rig::need(Edu) passed, so edu is bound");
     text.parse().expect("GMEM_DMA_EDU is a PCI address")
@@ -188,19 +218,9 @@ fn edu_dma_follows_conversions(
     let page = |p: u64| base + p * PAGE;
     rig.convert(range(page(0), 4 * PAGE), Attribute::Shared)
         .unwrap();
-    let host = |p: u64| rig.region.backing().host_addr(page(p)).unwrap();
-    let write = |p: u64, data: &[u8]| {
-        for (i, &b) in data.iter().enumerate() {
-            // SAFETY: inside the live shared mapping; only raw-pointer access to guest RAM.
-            unsafe { host(p).add(i).write_volatile(b) };
-        }
-    };
-    let read = |p: u64, len: usize| -> Vec<u8> {
-        // SAFETY: as in `write`.
-        (0..len)
-            .map(|i| unsafe { host(p).add(i).read_volatile() })
-            .collect()
-    };
+    let pages = HostPages { rig: &rig, base };
+    let write = |p: u64, data: &[u8]| pages.write(p, data);
+    let read = |p: u64, len: usize| pages.read(p, len);
     let len = Edu::<Arc<VfioPciDevice>>::MAX_DMA as usize;
     let first = pattern(0x21, len);
     write(1, &first);
@@ -459,19 +479,9 @@ fn edu_dma_follows_plug_and_unplug(backend: Arc<dyn DmaBackend>, device: Arc<Vfi
         .attach_device("edu", backend, DeviceConfig::shared())
         .unwrap();
     let page = |p: u64| base + p * PAGE;
-    let host = |p: u64| rig.region.backing().host_addr(page(p)).unwrap();
-    let write = |p: u64, data: &[u8]| {
-        for (i, &b) in data.iter().enumerate() {
-            // SAFETY: inside the live shared mapping; only raw-pointer access to guest RAM.
-            unsafe { host(p).add(i).write_volatile(b) };
-        }
-    };
-    let read = |p: u64, len: usize| -> Vec<u8> {
-        // SAFETY: as in `write`.
-        (0..len)
-            .map(|i| unsafe { host(p).add(i).read_volatile() })
-            .collect()
-    };
+    let pages = HostPages { rig: &rig, base };
+    let write = |p: u64, data: &[u8]| pages.write(p, data);
+    let read = |p: u64, len: usize| pages.read(p, len);
     let len = Edu::<Arc<VfioPciDevice>>::MAX_DMA as usize;
     rig.convert(range(page(0), 8 * PAGE), Attribute::Shared)
         .unwrap();

@@ -9,8 +9,8 @@ mod common;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use common::{Dev, PAGE, Rig, Rules, attribute_faults, iommu_faults, punch_faults, range};
-use discard_manager::{Attribute, GpaRange, View};
+use common::{Dev, Fault, Faults, PAGE, Rig, fault, iommu_faults, policy, range};
+use discard_manager::{Attribute, View};
 use gmem_dma::{
     ConversionError, DeviceConfig, DiscardPolicy, GuestRam, MapBy, RecordingAttributes,
     RegionBacking, RegionSpec, RemovalError,
@@ -45,16 +45,14 @@ fn page(p: u64) -> u64 {
     BASE + p * PAGE
 }
 
+/// A shared-view device (by address) and a trusted-IO one.
 fn devices(rig: &Rig) -> [Dev; 2] {
-    [
-        rig.attach("nic", EmulatedIommu::new(), DeviceConfig::shared()),
-        rig.attach("tdisp", EmulatedIommu::new(), DeviceConfig::trusted_io()),
-    ]
+    [attach(rig, 0), attach(rig, 2)]
 }
 
-#[test]
-fn unplug_unmaps_both_views_frees_both_sides_and_holds_nothing_back() {
-    // A lazy policy with room to spare: conversions hold, an unplug must not.
+/// A plugged region in use: every page backed, both devices attached, a lazy policy with room
+/// to spare (conversions hold, an unplug or a removal must not), pages `0..shared` shared.
+fn used(shared: u64) -> (Rig, [Dev; 2]) {
     let rig = rig(
         DiscardPolicy::Lazy {
             budget_bytes: 1 << 20,
@@ -62,9 +60,15 @@ fn unplug_unmaps_both_views_frees_both_sides_and_holds_nothing_back() {
         true,
     );
     rig.touch(View::Private, rig.region.range());
-    let [nic, tdisp] = devices(&rig);
-    rig.convert(range(page(0), 8 * PAGE), Attribute::Shared)
+    let devs = devices(&rig);
+    rig.convert(range(page(0), shared * PAGE), Attribute::Shared)
         .unwrap();
+    (rig, devs)
+}
+
+#[test]
+fn unplug_unmaps_both_views_frees_both_sides_and_holds_nothing_back() {
+    let (rig, [nic, tdisp]) = used(8);
     assert_eq!(rig.region.held_back().private_bytes, 8 * PAGE);
     // Pages 4..12: four shared (mapped by the nic), four private (mapped by tdisp).
     let unplug = rig.ram.unplug(range(page(4), 8 * PAGE)).unwrap();
@@ -235,16 +239,7 @@ fn a_failed_unmap_rolls_an_unplug_back_and_a_stale_range_is_refused() {
 
 #[test]
 fn removing_a_region_unmaps_every_device_and_frees_the_backing() {
-    let rig = rig(
-        DiscardPolicy::Lazy {
-            budget_bytes: 1 << 20,
-        },
-        true,
-    );
-    rig.touch(View::Private, rig.region.range());
-    let [nic, tdisp] = devices(&rig);
-    rig.convert(range(page(0), 4 * PAGE), Attribute::Shared)
-        .unwrap();
+    let (rig, [nic, tdisp]) = used(4);
     let backing = Arc::downgrade(rig.region.backing());
     let removal = rig.ram.remove_region(rig.region.range(), None).unwrap();
     assert_eq!(removal.devices, 2);
@@ -298,15 +293,6 @@ fn a_removed_region_whose_unmaps_fail_stays_alive_while_mapped() {
     assert!(backing.upgrade().is_none());
 }
 
-#[derive(Clone, Copy, Debug)]
-enum Fault {
-    Attribute,
-    Map { dev: usize },
-    Unmap { dev: usize },
-    UnmapAll { dev: usize },
-    Punch,
-}
-
 #[derive(Clone, Debug)]
 enum Op {
     Convert {
@@ -330,16 +316,6 @@ enum Op {
     },
 }
 
-fn fault() -> impl Strategy<Value = Fault> {
-    prop_oneof![
-        Just(Fault::Attribute),
-        (0..3usize).prop_map(|dev| Fault::Map { dev }),
-        (0..3usize).prop_map(|dev| Fault::Unmap { dev }),
-        (0..3usize).prop_map(|dev| Fault::UnmapAll { dev }),
-        Just(Fault::Punch),
-    ]
-}
-
 fn attribute() -> impl Strategy<Value = Attribute> {
     prop_oneof![Just(Attribute::Shared), Just(Attribute::Private)]
 }
@@ -354,20 +330,10 @@ fn op() -> impl Strategy<Value = (Op, Vec<(Fault, usize)>)> {
         1 => Just(Op::Flush),
         1 => any::<bool>().prop_map(|plugged| Op::Replace { plugged }),
     ];
-    (op, proptest::collection::vec((fault(), 0..3usize), 0..3))
-}
-
-fn policy() -> impl Strategy<Value = DiscardPolicy> {
-    prop_oneof![
-        Just(DiscardPolicy::Eager),
-        (0..8u64).prop_map(|p| DiscardPolicy::Lazy {
-            budget_bytes: p * PAGE
-        }),
-        (1..4usize, 1..8u64).prop_map(|(r, b)| DiscardPolicy::Batched {
-            max_ranges: r,
-            max_bytes: b * PAGE
-        }),
-    ]
+    (
+        op,
+        proptest::collection::vec((fault(false), 0..3usize), 0..3),
+    )
 }
 
 const NAMES: [&str; 3] = ["nic-va", "nic-file", "tdisp"];
@@ -385,48 +351,6 @@ fn attach(rig: &Rig, i: usize) -> Dev {
         _ => (EmulatedIommu::new(), DeviceConfig::trusted_io()),
     };
     rig.attach(NAMES[i], iommu, config)
-}
-
-struct Faults {
-    devs: Vec<Rules<(CallKind, u64, u64), i32>>,
-    attrs: Rules<(GpaRange, Attribute), ()>,
-    punch: Rules<(View, GpaRange), ()>,
-}
-
-impl Faults {
-    fn new(rig: &Rig, devs: &[Dev]) -> Self {
-        Self {
-            devs: devs.iter().map(|d| iommu_faults(&d.iommu)).collect(),
-            attrs: attribute_faults(&rig.attrs),
-            punch: punch_faults(rig.region.backing()),
-        }
-    }
-
-    fn install(&self, faults: &[(Fault, usize)]) {
-        for &(f, nth) in faults {
-            let count = Arc::new(AtomicUsize::new(0));
-            let hit = move || count.fetch_add(1, Ordering::SeqCst) == nth;
-            match f {
-                Fault::Attribute => self.attrs.add(move |_| hit().then_some(())),
-                Fault::Map { dev } => self.devs[dev]
-                    .add(move |&(k, _, _)| (k != CallKind::Unmap && hit()).then_some(libc::ENOMEM)),
-                Fault::Unmap { dev } => self.devs[dev]
-                    .add(move |&(k, _, _)| (k == CallKind::Unmap && hit()).then_some(libc::EIO)),
-                Fault::UnmapAll { dev } => {
-                    self.devs[dev].add(|&(k, _, _)| (k == CallKind::Unmap).then_some(libc::EIO))
-                }
-                Fault::Punch => self.punch.add(move |_| hit().then_some(())),
-            }
-        }
-    }
-
-    fn clear(&self) {
-        self.attrs.clear();
-        self.punch.clear();
-        for d in &self.devs {
-            d.clear();
-        }
-    }
 }
 
 /// What a failed call must leave as it was (stale mappings excepted, as in
@@ -455,17 +379,11 @@ fn run(policy: DiscardPolicy, ops: Vec<(Op, Vec<(Fault, usize)>)>) {
         let refs: Vec<&Dev> = devs.iter().collect();
         let before = rig.snapshot(&refs);
         let plugged_before = rig.region.state().counts().unwrap().unplugged_bytes;
-        let stale_before: Vec<(u64, u64)> = rig
-            .region
-            .stale_mappings()
-            .into_iter()
-            .flat_map(|(_, s)| s)
-            .map(|s| (s.start(), s.end()))
-            .collect();
+        let stale_before: Vec<(u64, u64)> = rig.stale_extents();
         for d in &devs {
             d.iommu.take_calls();
         }
-        faults.install(&injected);
+        faults.install(&injected, || {});
         let (op_range, result) = match op {
             Op::Convert { start, pages, to } => {
                 let r = range(page(start), pages * PAGE);
