@@ -4,7 +4,11 @@
 //! # Order of a conversion of `range` to `to`
 //! Under the region's conversion lock:
 //!
-//! 0. **Catch up.** Unmaps that failed earlier (stale mappings: [`Region::stale_mappings`]) are retried,
+//! 0. **Refuse** a range holding unplugged granules ([`ConversionError::Unplugged`]: the guest
+//!    has not been given that memory) or a region removed while the request waited for it
+//!    ([`ConversionError::Removed`]); see [`crate::plug`].
+//!
+//!    **Catch up.** Unmaps that failed earlier (stale mappings: [`Region::stale_mappings`]) are retried,
 //!    also those of devices detached since. A conversion to private of a range that a device
 //!    still maps this way is refused ([`ConversionError::StaleMapping`]): it would otherwise
 //!    "succeed" with the page mapped. KVM attributes that an earlier failed rollback could not
@@ -37,7 +41,8 @@
 //!
 //! # Locking
 //! One conversion lock per region (it also guards the held-back frees) serialises
-//! conversions, device attach and detach on that region; regions convert in parallel. Order, outer
+//! conversions, plugs, unplugs, device attach and detach on that region (and its removal waits
+//! for it); regions convert in parallel. Order, outer
 //! to inner: `GuestRam` device list → region conversion lock → state manager → region's
 //! attached-device list, then its departed list, its unsynced-attribute set → a listener's
 //! stale set → a device's ledger. Nothing takes an outer lock while holding an inner one, and no
