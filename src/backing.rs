@@ -628,7 +628,13 @@ impl RegionBacking {
             View::Shared => (&self.shared, self.shared_kind),
             View::Private => (self.private_file(), self.private_kind),
         };
-        if kind == FileKind::GuestMemfd && self.model == BackingModel::InPlace {
+        let err = |source| BackingError::Residency { side, source };
+        if kind == FileKind::GuestMemfd && self.model == BackingModel::Classic {
+            // No lseek on guest_memfd and no host mapping: answered without a system call,
+            // as the conversions that ask are the hot path of a lazy policy.
+            return Err(err(errno::Error::new(libc::EOPNOTSUPP)));
+        }
+        if kind == FileKind::GuestMemfd {
             // guest_memfd has no SEEK_DATA; its host mapping answers (mincore).
             let page = sys::page_size() as u64;
             let resident = self.resident_pages(side, range)?;
@@ -645,8 +651,7 @@ impl RegionBacking {
             return Ok(out);
         }
         let start = self.file_offset(range.start());
-        let extents = data_extents(file.as_fd(), start, range.len())
-            .map_err(|source| BackingError::Residency { side, source })?;
+        let extents = data_extents(file.as_fd(), start, range.len()).map_err(err)?;
         Ok(extents
             .into_iter()
             .filter_map(|(s, e)| GpaRange::new(s + self.base, e - s))
@@ -714,6 +719,11 @@ fn data_extents(fd: BorrowedFd<'_>, start: u64, len: u64) -> Result<Vec<(u64, u6
             break;
         };
         if data >= end {
+            break;
+        }
+        if data == start && len <= sys::page_size() as u64 {
+            // One page holds data or not: one system call answers (a bounce page's flip).
+            out.push((start, end));
             break;
         }
         let hole = sys::seek_hole(fd, data)?.unwrap_or(end).min(end);
