@@ -440,6 +440,7 @@ impl Project {
             granularity: G,
             initial: Attribute::Private,
             policy,
+            initially_plugged: true,
         };
         let region = ram.add_region(backing(vm), spec).expect("add region");
         let iommu = Arc::new(counting_iommu(style));

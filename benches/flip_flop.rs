@@ -27,6 +27,7 @@ fn setup(policy: DiscardPolicy, vm: Option<&kvm_ioctls::VmFd>) -> (GuestRam, Gpa
         granularity: PAGE,
         initial: Attribute::Private,
         policy,
+        initially_plugged: true,
     };
     ram.add_region(backing, spec).unwrap();
     let iommu = Arc::new(EmulatedIommu::builder().record_calls(false).build());

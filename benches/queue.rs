@@ -37,6 +37,7 @@ fn guest_ram(regions: usize) -> Arc<GuestRam> {
             granularity: PAGE,
             initial: Attribute::Private,
             policy: DiscardPolicy::Eager,
+            initially_plugged: true,
         };
         let backing = RegionBacking::software(base, REGION_SIZE).unwrap();
         ram.add_region(backing, spec).unwrap();

@@ -26,6 +26,8 @@
 //! | the exit is not a valid request ([`crate::RequestError`]) | invalid | `EINVAL` | `-EINVAL` |
 //! | [`ConversionError::Range`]: not granule-aligned or not inside the region | invalid | `EINVAL` | `-EINVAL` |
 //! | [`ConversionError::NoRegion`]: no single region holds the range | invalid | `EINVAL` | `-EINVAL` |
+//! | [`ConversionError::Unplugged`]: part of the range is unplugged (virtio-mem) | invalid | `EINVAL` | `-EINVAL` |
+//! | [`ConversionError::Removed`]: the region was removed while the request waited | invalid | `EINVAL` | `-EINVAL` |
 //! | [`ConversionError::MappingBudget`]: a device's mapping budget is full; frees as pages go private | retry | `EAGAIN` | `-ENOSPC` |
 //! | [`ConversionError::Unmap`]: a device unmap failed; rolled back, the device may free up | retry | `EAGAIN` | `-EBUSY` |
 //! | [`ConversionError::StaleMapping`]: an earlier failed unmap is being retried | retry | `EAGAIN` | `-EBUSY` |
@@ -130,7 +132,10 @@ impl GuestError {
 /// [`ConversionError`] variant does not compile until it has its row.
 pub fn conversion_failure(e: &ConversionError) -> GuestError {
     match e {
-        ConversionError::Range(_) | ConversionError::NoRegion { .. } => GuestError::INVALID,
+        ConversionError::Range(_)
+        | ConversionError::NoRegion { .. }
+        | ConversionError::Unplugged { .. }
+        | ConversionError::Removed { .. } => GuestError::INVALID,
         ConversionError::MappingBudget { .. } => GuestError::retry(libc::ENOSPC),
         ConversionError::Unmap { .. } | ConversionError::StaleMapping { .. } => {
             GuestError::retry(libc::EBUSY)
@@ -354,6 +359,11 @@ mod tests {
                 range: r(),
             },
             ConversionError::Manager("poisoned".into()),
+            ConversionError::Unplugged {
+                range: r(),
+                unplugged: r(),
+            },
+            ConversionError::Removed { range: r() },
         ];
         let mut seen: Vec<usize> = all
             .iter()
@@ -368,10 +378,12 @@ mod tests {
                 ConversionError::RollbackFailed { .. } => 7,
                 ConversionError::StaleMapping { .. } => 8,
                 ConversionError::Manager(_) => 9,
+                ConversionError::Unplugged { .. } => 10,
+                ConversionError::Removed { .. } => 11,
             })
             .collect();
         seen.dedup();
-        assert_eq!(seen, (0..=9).collect::<Vec<_>>(), "one of each, in order");
+        assert_eq!(seen, (0..=11).collect::<Vec<_>>(), "one of each, in order");
         all
     }
 
@@ -406,6 +418,8 @@ mod tests {
             libc::EIO,
             libc::EBUSY,
             libc::EIO,
+            libc::EINVAL,
+            libc::EINVAL,
         ];
         let all = one_of_each();
         assert_eq!(all.len(), before.len(), "one errno per variant");
@@ -442,6 +456,27 @@ mod tests {
     fn row_no_region_is_einval() {
         row(
             ConversionError::NoRegion { range: r() },
+            libc::EINVAL,
+            libc::EINVAL,
+        );
+    }
+
+    #[test]
+    fn row_unplugged_is_einval() {
+        row(
+            ConversionError::Unplugged {
+                range: r(),
+                unplugged: r(),
+            },
+            libc::EINVAL,
+            libc::EINVAL,
+        );
+    }
+
+    #[test]
+    fn row_removed_is_einval() {
+        row(
+            ConversionError::Removed { range: r() },
             libc::EINVAL,
             libc::EINVAL,
         );

@@ -139,6 +139,17 @@ pub enum BackingError {
         /// The range.
         range: GpaRange,
     },
+    /// The VMM's shared file or mapping cannot back the region.
+    #[error("the VMM's shared file cannot back the {size:#x}-byte region: {reason}")]
+    SharedFile {
+        /// The region's size.
+        size: u64,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// Inspecting the VMM's shared file failed.
+    #[error("inspecting the VMM's shared file failed")]
+    SharedFileStat(#[source] errno::Error),
     /// Asking which pages hold memory failed or is impossible for this file.
     #[error("cannot tell which pages of the {side} backing hold memory")]
     Residency {
@@ -188,8 +199,9 @@ pub struct RegionBacking {
     private: Option<Arc<File>>,
     /// The memslot bound to the mapping, deleted before the mapping goes (see `Drop`).
     memslot: Mutex<Option<Memslot>>,
-    /// Unmapped in `Drop`, after the memslot is deleted, or leaked if that fails.
-    mapping: ManuallyDrop<GuestRegionMmap>,
+    /// Unmapped (or, for the VMM's mapping, released) in `Drop`, after the memslot is
+    /// deleted, or leaked if that fails.
+    mapping: ManuallyDrop<HostMapping>,
     punches: PunchLog,
 }
 
@@ -219,8 +231,30 @@ impl Drop for RegionBacking {
                 return;
             }
         }
-        // SAFETY: `mapping` is not used after this; no memslot points at it any more.
+        // SAFETY: `mapping` is not used after this; no memslot points at it any more. For the
+        // VMM's mapping this drops our hold on its region, which it unmaps once the last goes.
         unsafe { ManuallyDrop::drop(&mut self.mapping) };
+    }
+}
+
+/// The host mapping of the shared view: made here, or the VMM's own (one mmap either way).
+enum HostMapping {
+    /// Mapped by this crate.
+    Own(GuestRegionMmap),
+    /// The VMM's vm-memory mapping (with its own bitmap type), kept alive here; `ptr` is its
+    /// start.
+    Vmm {
+        ptr: usize,
+        _region: Arc<dyn std::any::Any + Send + Sync>,
+    },
+}
+
+impl HostMapping {
+    fn as_ptr(&self) -> *mut u8 {
+        match self {
+            HostMapping::Own(region) => region.as_ptr(),
+            HostMapping::Vmm { ptr, .. } => *ptr as *mut u8,
+        }
     }
 }
 
@@ -243,13 +277,7 @@ impl RegionBacking {
     /// # Errors
     /// The step that failed.
     pub fn classic(vm: &VmFd, base: u64, size: u64) -> Result<Self, BackingError> {
-        let private = sys::create_guest_memfd(vm, size, 0).map_err(|source| {
-            BackingError::CreateGuestMemfd {
-                size,
-                flags: 0,
-                source,
-            }
-        })?;
+        let private = private_guest_memfd(vm, size)?;
         Self::two_files(base, size, private, FileKind::GuestMemfd)
     }
 
@@ -267,7 +295,7 @@ impl RegionBacking {
             }
         })?;
         let shared = Arc::new(File::from(gmem));
-        let mapping = map_shared(&shared, base, size)?;
+        let mapping = HostMapping::Own(map_shared(&shared, base, size)?);
         Ok(Self {
             model: BackingModel::InPlace,
             base,
@@ -293,6 +321,111 @@ impl RegionBacking {
         Self::two_files(base, size, private, FileKind::Memfd)
     }
 
+    /// Classic model over the VMM's own shared file (a memfd, `MFD_HUGETLB` or not, or a
+    /// hugetlbfs file) instead of one created here; the file is mapped here, once. The file
+    /// must be open read-write, at least `size` bytes long, on shmem or hugetlbfs (so frees and
+    /// `IOMMU_IOAS_MAP_FILE` work), and not sealed against writes. File offsets equal
+    /// `gpa - base`.
+    ///
+    /// # Errors
+    /// [`BackingError::SharedFile`] naming what is wrong with the file; the step that failed.
+    pub fn classic_with_file(
+        vm: &VmFd,
+        base: u64,
+        size: u64,
+        shared: OwnedFd,
+    ) -> Result<Self, BackingError> {
+        check_shared_file(shared.as_fd(), size)?;
+        let shared = Arc::new(File::from(shared));
+        let mapping = HostMapping::Own(map_shared(&shared, base, size)?);
+        Self::with_guest_memfd(vm, base, size, (shared, mapping))
+    }
+
+    /// Classic model over the VMM's own vm-memory mapping of its shared file: the VMM keeps
+    /// `region` in its `GuestMemoryMmap<B>` (with its dirty-bitmap type `B`), so emulated
+    /// devices and assigned devices see the same pages, and nothing is mapped twice. The
+    /// mapping must be of a file (checked as for [`classic_with_file`](Self::classic_with_file))
+    /// from offset 0, `MAP_SHARED`, readable and writable, exactly `size` bytes; it is kept
+    /// alive as long as the backing.
+    ///
+    /// # Example
+    /// The VMM's `GuestMemoryMmap`, with a dirty bitmap, over its own file: an emulated device
+    /// reads through it what an assigned device DMA'd (the emulated IOMMU here).
+    /// ```
+    /// use std::sync::Arc;
+    /// use discard_manager::{Attribute, GpaRange};
+    /// use gmem_dma::*;
+    /// use vm_memory::bitmap::AtomicBitmap;
+    /// use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+    ///
+    /// let (base, size) = (0x1_0000_0000u64, 2u64 << 20);
+    /// let (kvm, vm) = { let kvm = kvm_ioctls::Kvm::new()?; let vm = kvm.create_vm()?; (kvm, vm) };
+    /// // The VMM's own shared file (on tmpfs) and its own mapping of it.
+    /// let path = format!("/dev/shm/gmem-dma-doc-{}", std::process::id());
+    /// let file = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(&path)?;
+    /// std::fs::remove_file(&path)?;
+    /// file.set_len(size)?;
+    /// let mmap = MmapRegion::<AtomicBitmap>::from_file(FileOffset::new(file, 0), size as usize)?;
+    /// let mmap = Arc::new(mmap);
+    /// let backing = RegionBacking::classic_over(&vm, base, Arc::clone(&mmap))?;
+    /// let vmm_region = GuestRegionMmap::with_arc(mmap, GuestAddress(base)).unwrap();
+    /// let mem = GuestMemoryMmap::from_arc_regions(vec![Arc::new(vmm_region)])?;
+    ///
+    /// let ram = GuestRam::new(Arc::new(RecordingAttributes::new()));
+    /// let policy = DiscardPolicy::Eager;
+    /// let spec = RegionSpec { granularity: 4096, initial: Attribute::Private, policy, initially_plugged: true };
+    /// ram.add_region(backing, spec)?;
+    /// let iommu = Arc::new(iommu::EmulatedIommu::new());
+    /// ram.attach_device("nic", iommu.clone(), DeviceConfig::shared())?;
+    /// let buffer = GpaRange::new(base + 0x1000, 0x1000).unwrap();
+    /// ram.convert(buffer, Attribute::Shared)?;
+    /// iommu.dma_write(buffer.start(), b"packet")?; // the assigned device DMAs
+    ///
+    /// // The VMM checks before it touches guest memory through its own objects.
+    /// assert!(!ram.is_private(buffer.start()));
+    /// let mut seen = [0u8; 6];
+    /// mem.read_slice(&mut seen, GuestAddress(buffer.start()))?;
+    /// assert_eq!(&seen, b"packet");
+    /// assert!(ram.is_private(base), "the rest is private: not the VMM's to touch");
+    /// # drop(kvm);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`BackingError::SharedFile`] naming what is wrong with the mapping; the step that failed.
+    pub fn classic_over<B>(
+        vm: &VmFd,
+        base: u64,
+        region: Arc<MmapRegion<B>>,
+    ) -> Result<Self, BackingError>
+    where
+        B: vm_memory::bitmap::Bitmap + Send + Sync + 'static,
+    {
+        let size = region.size() as u64;
+        let refuse = |reason| BackingError::SharedFile { size, reason };
+        let file = region
+            .file_offset()
+            .ok_or(refuse("its mapping is anonymous, not of a file"))?;
+        if file.start() != 0 {
+            return Err(refuse("its mapping does not start at file offset 0"));
+        }
+        if region.flags() & libc::MAP_SHARED == 0 {
+            return Err(refuse("its mapping is private (not MAP_SHARED)"));
+        }
+        let rw = libc::PROT_READ | libc::PROT_WRITE;
+        if region.prot() & rw != rw {
+            return Err(refuse("its mapping is not readable and writable"));
+        }
+        let shared = Arc::clone(file.arc());
+        check_shared_file(shared.as_fd(), size)?;
+        let mapping = HostMapping::Vmm {
+            ptr: region.as_ptr() as usize,
+            _region: region,
+        };
+        GpaRange::new(base, size).ok_or(BackingError::GuestRange { base, size })?;
+        Self::with_guest_memfd(vm, base, size, (shared, mapping))
+    }
+
     fn two_files(
         base: u64,
         size: u64,
@@ -300,8 +433,43 @@ impl RegionBacking {
         private_kind: FileKind,
     ) -> Result<Self, BackingError> {
         let shared = Arc::new(File::from(memfd(c"gmem-dma-shared", size)?));
-        let mapping = map_shared(&shared, base, size)?;
-        Ok(Self {
+        let mapping = HostMapping::Own(map_shared(&shared, base, size)?);
+        Ok(Self::parts(
+            base,
+            size,
+            (shared, mapping),
+            private,
+            private_kind,
+        ))
+    }
+
+    /// The classic model over `shared` (file and its host mapping): a guest_memfd created on
+    /// `vm` holds the private view.
+    fn with_guest_memfd(
+        vm: &VmFd,
+        base: u64,
+        size: u64,
+        shared: (Arc<File>, HostMapping),
+    ) -> Result<Self, BackingError> {
+        let private = private_guest_memfd(vm, size)?;
+        Ok(Self::parts(
+            base,
+            size,
+            shared,
+            private,
+            FileKind::GuestMemfd,
+        ))
+    }
+
+    /// The classic shape: `shared` (file and its host mapping) and a separate private file.
+    fn parts(
+        base: u64,
+        size: u64,
+        (shared, mapping): (Arc<File>, HostMapping),
+        private: OwnedFd,
+        private_kind: FileKind,
+    ) -> Self {
+        Self {
             model: BackingModel::Classic,
             base,
             size,
@@ -312,7 +480,7 @@ impl RegionBacking {
             memslot: Mutex::new(None),
             mapping: ManuallyDrop::new(mapping),
             punches: PunchLog::default(),
-        })
+        }
     }
 
     /// Binds the region to KVM memslot `slot` of `vm` (`KVM_SET_USER_MEMORY_REGION2`, with the
@@ -386,6 +554,26 @@ impl RegionBacking {
         Ok(())
     }
 
+    /// Deletes the memslot [`bind`](Self::bind) created, whichever it is, through the VM fd the
+    /// backing keeps (nothing to do when it is not bound): the region leaves guest RAM now,
+    /// even while something still holds the backing.
+    ///
+    /// # Errors
+    /// [`BackingError::Unbind`]; the slot stays bound, and `Drop` tries again (leaking the
+    /// mapping if that fails too).
+    pub fn delete_memslot(&self) -> Result<(), BackingError> {
+        let mut memslot = crate::lock(&self.memslot);
+        if let Some(m) = memslot.as_ref() {
+            sys::delete_memslot(m.vm.as_fd(), m.slot).map_err(|e| BackingError::Unbind {
+                base: self.base,
+                slot: m.slot,
+                source: errno::Error::new(e.errno()),
+            })?;
+        }
+        *memslot = None;
+        Ok(())
+    }
+
     /// The backing model.
     pub fn model(&self) -> BackingModel {
         self.model
@@ -396,9 +584,15 @@ impl RegionBacking {
         GpaRange::new(self.base, self.size)
     }
 
-    /// The host mapping of the shared view, as vm-memory sees it.
-    pub fn mapping(&self) -> &GuestRegionMmap {
-        &self.mapping
+    /// The host mapping of the shared view, as vm-memory sees it, when this crate made it
+    /// (`None` for [`classic_over`](Self::classic_over): the VMM holds that one). A VMM whose
+    /// `GuestMemoryMmap` has no bitmap can hold this region itself (its `get_mmap()` shares
+    /// the mapping), so nothing is mapped twice.
+    pub fn mapping(&self) -> Option<&GuestRegionMmap> {
+        match &*self.mapping {
+            HostMapping::Own(region) => Some(region),
+            HostMapping::Vmm { .. } => None,
+        }
     }
 
     /// The file holding the shared view (memfd, or the guest_memfd in place).
@@ -513,6 +707,52 @@ impl RegionBacking {
             .map_err(|source| BackingError::Residency { side, source })
     }
 
+    /// The parts of `range` the `side` backing holds memory for (pages never touched, or
+    /// freed, are holes): memfds answer with `SEEK_DATA`/`SEEK_HOLE`, an mmap'ed guest_memfd
+    /// with `mincore`; a classic guest_memfd cannot answer (no `lseek`: `ESPIPE`).
+    ///
+    /// # Errors
+    /// [`BackingError::Residency`] when the file cannot answer (`ESPIPE`, `EINVAL`, ...).
+    pub fn backed_ranges(
+        &self,
+        side: View,
+        range: GpaRange,
+    ) -> Result<Vec<GpaRange>, BackingError> {
+        self.check(range)?;
+        let (file, kind) = match side {
+            View::Shared => (&self.shared, self.shared_kind),
+            View::Private => (self.private_file(), self.private_kind),
+        };
+        let err = |source| BackingError::Residency { side, source };
+        if kind == FileKind::GuestMemfd && self.model == BackingModel::Classic {
+            // No lseek on guest_memfd and no host mapping: answered without a system call,
+            // as the conversions that ask are the hot path of a lazy policy.
+            return Err(err(errno::Error::new(libc::EOPNOTSUPP)));
+        }
+        if kind == FileKind::GuestMemfd {
+            // guest_memfd has no SEEK_DATA; its host mapping answers (mincore).
+            let page = sys::page_size() as u64;
+            let resident = self.resident_pages(side, range)?;
+            let mut out: Vec<GpaRange> = Vec::new();
+            for (i, _) in resident.iter().enumerate().filter(|(_, r)| **r) {
+                let gpa = range.start() + i as u64 * page;
+                match out.last_mut() {
+                    Some(last) if last.end() == gpa => {
+                        *last = GpaRange::new(last.start(), last.len() + page).unwrap_or(*last);
+                    }
+                    _ => out.extend(GpaRange::new(gpa, page)),
+                }
+            }
+            return Ok(out);
+        }
+        let start = self.file_offset(range.start());
+        let extents = data_extents(file.as_fd(), start, range.len()).map_err(err)?;
+        Ok(extents
+            .into_iter()
+            .filter_map(|(s, e)| GpaRange::new(s + self.base, e - s))
+            .collect())
+    }
+
     /// For each host page of `range`, whether the `side` backing holds memory for it. memfds
     /// answer with `SEEK_DATA` (pages never written count as holes); an mmap'ed guest_memfd
     /// answers with `mincore` on the shared mapping; a classic guest_memfd cannot answer.
@@ -554,8 +794,20 @@ fn residency_by_seek(
     len: u64,
     page: u64,
 ) -> Result<Vec<bool>, errno::Error> {
-    let end = start + len;
     let mut out = vec![false; len.div_ceil(page) as usize];
+    for (data, hole) in data_extents(fd, start, len)? {
+        for p in (data - start) / page..(hole - start).div_ceil(page) {
+            out[p as usize] = true;
+        }
+    }
+    Ok(out)
+}
+
+/// The extents `[data, hole)` of `[start, start + len)` of `fd` that hold data
+/// (`SEEK_DATA`/`SEEK_HOLE`), clipped to the range.
+fn data_extents(fd: BorrowedFd<'_>, start: u64, len: u64) -> Result<Vec<(u64, u64)>, errno::Error> {
+    let end = start + len;
+    let mut out = Vec::new();
     let mut at = start;
     while at < end {
         let Some(data) = sys::seek_data(fd, at)? else {
@@ -564,13 +816,44 @@ fn residency_by_seek(
         if data >= end {
             break;
         }
-        let hole = sys::seek_hole(fd, data)?.unwrap_or(end).min(end);
-        for p in (data - start) / page..(hole - start).div_ceil(page) {
-            out[p as usize] = true;
+        if data == start && len <= sys::page_size() as u64 {
+            // One page holds data or not: one system call answers (a bounce page's flip).
+            out.push((start, end));
+            break;
         }
+        let hole = sys::seek_hole(fd, data)?.unwrap_or(end).min(end);
+        out.push((data, hole));
         at = hole;
     }
     Ok(out)
+}
+
+/// Checks that the VMM's `file` can hold the shared view of a `size`-byte region.
+fn check_shared_file(file: BorrowedFd<'_>, size: u64) -> Result<(), BackingError> {
+    let refuse = |reason| BackingError::SharedFile { size, reason };
+    if !sys::is_read_write(file).map_err(BackingError::SharedFileStat)? {
+        return Err(refuse("it is not open for reading and writing"));
+    }
+    let magic = sys::fs_magic(file).map_err(BackingError::SharedFileStat)?;
+    if magic != sys::TMPFS_MAGIC && magic != sys::HUGETLBFS_MAGIC {
+        return Err(refuse("it is not a memfd or a hugetlbfs file"));
+    }
+    if sys::file_size(file).map_err(BackingError::SharedFileStat)? < size {
+        return Err(refuse("it is smaller than the region"));
+    }
+    let seals = sys::seals(file).map_err(BackingError::SharedFileStat)?;
+    if seals & (libc::F_SEAL_WRITE | libc::F_SEAL_FUTURE_WRITE) != 0 {
+        return Err(refuse("it is sealed against writes"));
+    }
+    Ok(())
+}
+
+fn private_guest_memfd(vm: &VmFd, size: u64) -> Result<OwnedFd, BackingError> {
+    sys::create_guest_memfd(vm, size, 0).map_err(|source| BackingError::CreateGuestMemfd {
+        size,
+        flags: 0,
+        source,
+    })
 }
 
 fn memfd(name: &CStr, size: u64) -> Result<OwnedFd, BackingError> {

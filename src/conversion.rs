@@ -4,7 +4,11 @@
 //! # Order of a conversion of `range` to `to`
 //! Under the region's conversion lock:
 //!
-//! 0. **Catch up.** Unmaps that failed earlier (stale mappings: [`Region::stale_mappings`]) are retried,
+//! 0. **Refuse** a range holding unplugged granules ([`ConversionError::Unplugged`]: the guest
+//!    has not been given that memory) or a region removed while the request waited for it
+//!    ([`ConversionError::Removed`]); see [`crate::plug`].
+//!
+//!    **Catch up.** Unmaps that failed earlier (stale mappings: [`Region::stale_mappings`]) are retried,
 //!    also those of devices detached since. A conversion to private of a range that a device
 //!    still maps this way is refused ([`ConversionError::StaleMapping`]): it would otherwise
 //!    "succeed" with the page mapped. KVM attributes that an earlier failed rollback could not
@@ -43,8 +47,9 @@
 //!
 //! # Locking
 //! One conversion lock per region (it also guards the held-back frees) serialises
-//! conversions, device attach and detach on that region; regions convert in parallel, except
-//! that a conversion or attach over an address space with a mapping budget (type1) also holds
+//! conversions, plugs, unplugs, device attach and detach on that region (and its removal
+//! waits for it); regions convert in parallel, except
+//! that a conversion, plug or attach over an address space with a mapping budget (type1) also holds
 //! that address space's budget lock from the budget check to the end of the transaction, so two
 //! regions sharing the budget cannot both pass a check only one fits (the loser gets
 //! [`ConversionError::MappingBudget`], before anything changed). Order, outer to inner:
@@ -184,6 +189,21 @@ pub enum ConversionError {
         /// The range asked for.
         range: GpaRange,
     },
+    /// Part of the range is unplugged (virtio-mem): the guest has not been given that memory,
+    /// so it may not convert it.
+    #[error("{range} holds unplugged memory ({unplugged} first)")]
+    Unplugged {
+        /// The range asked for.
+        range: GpaRange,
+        /// The first unplugged run in it.
+        unplugged: GpaRange,
+    },
+    /// The region was removed from guest RAM while the request waited for it.
+    #[error("the region holding {range} was removed")]
+    Removed {
+        /// The range asked for.
+        range: GpaRange,
+    },
     /// The state manager refused the call (re-entrant or poisoned).
     #[error("the state manager refused the conversion")]
     Manager(#[source] Box<dyn std::error::Error + Send + Sync>),
@@ -259,8 +279,42 @@ pub(crate) struct AttributeStep<'a> {
 
 const ATTRIBUTE_UNDO_TRIES: usize = 3;
 
-impl AttributeStep<'_> {
-    fn set_back(&mut self, runs: &[GpaRange]) {
+impl<'a> AttributeStep<'a> {
+    pub(crate) fn new(
+        attributes: &'a dyn MemoryAttributes,
+        to: Attribute,
+        span_runs: bool,
+    ) -> Self {
+        Self {
+            attributes,
+            to,
+            span_runs,
+            undo_failure: None,
+            unsynced: Vec::new(),
+        }
+    }
+
+    /// Sets `runs` (maximal, in address order) to the step's attribute, all or nothing.
+    pub(crate) fn set_runs(&mut self, runs: &[GpaRange]) -> Result<(), AttributeError> {
+        if let Some(all) = (self.span_runs && runs.len() > 1)
+            .then(|| span(runs))
+            .flatten()
+        {
+            // All or nothing: on failure nothing changed, so nothing is set back.
+            return self.attributes.set(all, self.to);
+        }
+        for (i, &run) in runs.iter().enumerate() {
+            if let Err(e) = self.attributes.set(run, self.to) {
+                self.set_back(&runs[..i]);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets `runs` back to the opposite of the step's attribute, retrying; what still fails is
+    /// remembered (the region marks it unsynced).
+    pub(crate) fn set_back(&mut self, runs: &[GpaRange]) {
         let from = opposite(self.to);
         for &run in runs.iter().rev() {
             let mut last = None;
@@ -286,21 +340,7 @@ impl TransactionStep for AttributeStep<'_> {
     type Error = AttributeError;
 
     fn apply(&mut self, change: &Change) -> Result<(), AttributeError> {
-        let runs = change.runs();
-        if let Some(all) = (self.span_runs && runs.len() > 1)
-            .then(|| span(runs))
-            .flatten()
-        {
-            // All or nothing: on failure nothing changed, so nothing is set back.
-            return self.attributes.set(all, self.to);
-        }
-        for (i, &run) in runs.iter().enumerate() {
-            if let Err(e) = self.attributes.set(run, self.to) {
-                self.set_back(&runs[..i]);
-                return Err(e);
-            }
-        }
-        Ok(())
+        self.set_runs(change.runs())
     }
 
     fn undo(&mut self, change: &Change) {
@@ -308,7 +348,7 @@ impl TransactionStep for AttributeStep<'_> {
     }
 }
 
-fn opposite(a: Attribute) -> Attribute {
+pub(crate) fn opposite(a: Attribute) -> Attribute {
     match a {
         Attribute::Shared => Attribute::Private,
         Attribute::Private => Attribute::Shared,
@@ -318,7 +358,7 @@ fn opposite(a: Attribute) -> Attribute {
 impl Region {
     /// Isolation: a stale mapping is a private page still mapped for a device; converting its
     /// range to private must not report success while it exists.
-    fn refuse_stale(&self, range: GpaRange) -> Result<(), ConversionError> {
+    pub(crate) fn refuse_stale(&self, range: GpaRange) -> Result<(), ConversionError> {
         match self.stale_in(range) {
             Some(device) => Err(ConversionError::StaleMapping { device, range }),
             None => Ok(()),
@@ -327,7 +367,7 @@ impl Region {
 
     /// The budgeted address spaces the region's listeners map through, by ascending id (the
     /// order their budget locks are taken in); empty, without allocating, when there is none.
-    fn budgeted_spaces(&self) -> Vec<std::sync::Arc<crate::space::AddressSpace>> {
+    pub(crate) fn budgeted_spaces(&self) -> Vec<std::sync::Arc<crate::space::AddressSpace>> {
         if self.budgeted.load(Ordering::Acquire) == 0 {
             return Vec::new();
         }
@@ -354,14 +394,25 @@ impl Region {
             discard_manager::Error::Range(r) => ConversionError::Range(r),
             other => ConversionError::Manager(Box::new(other)),
         })?;
+        self.check_room(to.view(), range, &joining)
+    }
+
+    /// Every address space listening to `view` has room for the mappings `joining` (runs
+    /// joining the view, for a change of `range`) will need there.
+    pub(crate) fn check_room(
+        &self,
+        view: View,
+        range: GpaRange,
+        joining: &[GpaRange],
+    ) -> Result<(), ConversionError> {
         if joining.is_empty() {
             return Ok(());
         }
-        for a in self.attached().iter().filter(|a| a.view == to.view()) {
+        for a in self.attached().iter().filter(|a| a.view == view) {
             // What will really be mapped: one mapping per joining run where the address
             // space cuts, one per granule where it does not.
             let ledger = &a.space.ledger;
-            let needed = MappingUnit::of(ledger.capabilities(), self.granularity()).count(&joining);
+            let needed = MappingUnit::of(ledger.capabilities(), self.granularity()).count(joining);
             ledger
                 .check_budget(needed)
                 .map_err(|source| ConversionError::MappingBudget {
@@ -387,6 +438,7 @@ impl Region {
         attributes: &dyn MemoryAttributes,
     ) -> Result<Conversion, ConversionError> {
         let mut discarder = self.conversion_lock();
+        self.refuse_unplugged_or_removed(range)?;
         // The budget of an address space is shared by every region it maps: its lock covers
         // the check below and every map the transaction (and its rollback) makes.
         let budgeted = self.budgeted_spaces();
@@ -399,25 +451,12 @@ impl Region {
             .map_err(|(range, source)| ConversionError::AttributeRollback { range, source })?;
         self.check_budget(range, to)?;
         let classic = self.backing().model() == BackingModel::Classic;
-        let mut step = AttributeStep {
-            attributes,
-            to,
-            span_runs: classic,
-            undo_failure: None,
-            unsynced: Vec::new(),
-        };
+        let mut step = AttributeStep::new(attributes, to, classic);
         let result = self.manager.convert_with(range, to, &mut step);
         let change = match result {
             Ok(change) => change,
             Err(e) => {
-                // Every unmap that failed came back in `e` or left a stale mapping on the way.
-                self.mark_maybe_stale();
-                let err = self.transaction_error(e);
-                for &run in &step.unsynced {
-                    self.mark_unsynced(run);
-                }
-                // Unmaps that failed during the rollback are stale now; try them once more.
-                self.retry_stale();
+                let err = self.transaction_failed(range, &mut step, e);
                 if to == Attribute::Shared && classic && err.populated() {
                     // Pinning for DMA faulted in the shared side of pages that are private
                     // again: free it (invariant 5), or hold and report what cannot be freed.
@@ -425,14 +464,7 @@ impl Region {
                         discarder.release_faulted(self.backing(), &private);
                     }
                 }
-                // A rollback that cut devices off is reported as such even when setting the
-                // attribute back failed too: the caller must detach them (the unsynced range is
-                // marked and repaired by the next conversion either way).
-                return Err(match (err, step.undo_failure.take()) {
-                    (err @ ConversionError::RollbackFailed { .. }, _) => err,
-                    (_, Some(source)) => ConversionError::AttributeRollback { range, source },
-                    (err, None) => err,
-                });
+                return Err(err);
             }
         };
         let mut flushed = FlushReport::default();
@@ -455,6 +487,32 @@ impl Region {
             conversion.held.total()
         );
         Ok(conversion)
+    }
+
+    /// The error of a failed transaction (conversion, plug or unplug) over `range`, after
+    /// recording what it left: stale mappings, KVM attributes the undo could not set back.
+    pub(crate) fn transaction_failed(
+        &self,
+        range: GpaRange,
+        step: &mut AttributeStep<'_>,
+        e: TransactionError<AttributeError>,
+    ) -> ConversionError {
+        // Every unmap that failed came back in `e` or left a stale mapping on the way.
+        self.mark_maybe_stale();
+        let err = self.transaction_error(e);
+        for &run in &step.unsynced {
+            self.mark_unsynced(run);
+        }
+        // Unmaps that failed during the rollback are stale now; try them once more.
+        self.retry_stale();
+        // A rollback that cut devices off is reported as such even when setting the
+        // attribute back failed too: the caller must detach them (the unsynced range is
+        // marked and repaired by the next conversion either way).
+        match (err, step.undo_failure.take()) {
+            (err @ ConversionError::RollbackFailed { .. }, _) => err,
+            (_, Some(source)) => ConversionError::AttributeRollback { range, source },
+            (err, None) => err,
+        }
     }
 
     fn device_name(&self, id: ListenerId) -> String {

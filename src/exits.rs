@@ -247,6 +247,7 @@ mod tests {
             granularity: 4096,
             initial: Attribute::Private,
             policy: crate::DiscardPolicy::Eager,
+            initially_plugged: true,
         };
         ram.add_region(backing, spec).unwrap();
         let mut ret = u64::MAX;

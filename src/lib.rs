@@ -7,7 +7,7 @@
 //!   (mmap-able guest_memfd), chosen from what the kernel offers ([`KvmSupport`]).
 //! - [`Region`]: one region's state manager, backing, policy and devices (attach, detach).
 //! - [`conversion`]: the order of every conversion and its rollback; [`policy`]: when vacated
-//!   backing is freed.
+//!   backing is freed; [`plug`]: virtio-mem plug and unplug, and removing a region.
 //! - [`DeviceConfig`]: how a device sees guest memory (shared view, or trusted-IO private view).
 //! - [`space`]: IOMMU address spaces (a VFIO container, an IOAS, an emulated IOMMU). Devices
 //!   attached with the same backend `Arc` share one: one ledger, one mapping per granule, one
@@ -33,7 +33,7 @@
 //! backing.bind(&vm, 0)?; // KVM_SET_USER_MEMORY_REGION2
 //! let ram = GuestRam::new(Arc::new(RecordingAttributes::new())); // KvmAttributes on a CoCo VM
 //! let policy = DiscardPolicy::Lazy { budget_bytes: 1 << 20 };
-//! ram.add_region(backing, RegionSpec { granularity: 4096, initial: Attribute::Private, policy })?;
+//! ram.add_region(backing, RegionSpec { granularity: 4096, initial: Attribute::Private, policy, initially_plugged: true })?;
 //! let iommu = Arc::new(iommu::EmulatedIommu::new());
 //! let nic = ram.attach_device("nic", iommu.clone(), DeviceConfig::shared())?;
 //!
@@ -57,6 +57,7 @@ pub mod exits;
 pub mod host;
 #[cfg(feature = "testing")]
 pub mod instrument;
+pub mod plug;
 pub mod policy;
 mod queue;
 mod ram;
@@ -90,6 +91,7 @@ pub use exits::{
     hypercall_return,
 };
 pub use host::{BackingModel, KvmSupport, ModelChoice, ModelError};
+pub use plug::{Plugging, Removal, RemovalError};
 pub use policy::{DiscardPolicy, FlushReport, HeldBack};
 pub use queue::{
     Answer, Completed, ConversionQueue, QueueConfig, QueueError, QueueStartError, QueueStats,

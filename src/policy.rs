@@ -141,7 +141,9 @@ impl Discarder {
             // A key for `failed` is a (side-less) range: a failed page that is in use again
             // is no longer pending on the side that regained it.
             self.failed.remove(r.start(), r.end());
-            self.set(losing).insert(r.start(), r.end());
+            for b in backed(backing, losing, *r) {
+                self.set(losing).insert(b.start(), b.end());
+            }
         }
         if self.due() {
             self.flush(backing)
@@ -170,7 +172,7 @@ impl Discarder {
                 Err(e) => {
                     log::warn!("held back the {side} backing of {all}: {e}");
                     for &r in runs {
-                        self.hold_failed(side, r, &mut report);
+                        self.hold_failed(backing, side, r, &mut report);
                     }
                 }
             },
@@ -217,10 +219,19 @@ impl Discarder {
         report
     }
 
-    /// `range` of `side` could not be freed: it is held, and retried at the next flush.
-    fn hold_failed(&mut self, side: View, range: GpaRange, report: &mut FlushReport) {
-        self.set(side).insert(range.start(), range.end());
-        self.failed.insert(range.start(), range.end());
+    /// `range` of `side` could not be freed: what of it holds memory is held, and retried at
+    /// the next flush.
+    fn hold_failed(
+        &mut self,
+        backing: &RegionBacking,
+        side: View,
+        range: GpaRange,
+        report: &mut FlushReport,
+    ) {
+        for b in backed(backing, side, range) {
+            self.set(side).insert(b.start(), b.end());
+            self.failed.insert(b.start(), b.end());
+        }
         report.failed_ranges += 1;
     }
 
@@ -243,7 +254,7 @@ impl Discarder {
             }
             Err(e) => {
                 log::warn!("held back {range} of the {side} backing: {e}");
-                self.hold_failed(side, range, report);
+                self.hold_failed(backing, side, range, report);
             }
         }
     }
@@ -283,6 +294,63 @@ impl Discarder {
         report
     }
 
+    /// Records that `runs` were plugged with attribute `to`: their `to` side is in use again,
+    /// so a free still pending there (one that failed at the unplug) must never happen.
+    pub(crate) fn plugged(&mut self, runs: &[GpaRange], to: Attribute) {
+        for r in runs {
+            self.set(to.view()).remove(r.start(), r.end());
+            self.failed.remove(r.start(), r.end());
+        }
+    }
+
+    /// Frees both sides of `runs`, which were just unplugged: unplugged memory is gone, so
+    /// nothing is held back for it, whatever the policy. The held sets forget the runs (they
+    /// are freed now, not at a later flush); a free that fails is held and retried at the
+    /// next flush, so what is reported held is really backed. `one_file`: both views are the
+    /// same file (in place), freed once.
+    pub(crate) fn unplugged(
+        &mut self,
+        backing: &RegionBacking,
+        runs: &[GpaRange],
+        one_file: bool,
+    ) -> FlushReport {
+        let sides: &[View] = if one_file {
+            &[View::Shared]
+        } else {
+            &[View::Shared, View::Private]
+        };
+        let mut report = FlushReport::default();
+        for r in runs {
+            self.held_shared.remove(r.start(), r.end());
+            self.held_private.remove(r.start(), r.end());
+            self.failed.remove(r.start(), r.end());
+        }
+        for &side in sides {
+            for &r in runs {
+                // Not `punch`: its success clears the (side-less) failed mark, which a failure
+                // of the other side may just have set.
+                match backing.punch_hole(side, r) {
+                    Ok(()) => {
+                        report.punched_ranges += 1;
+                        report.punched_bytes += r.len();
+                    }
+                    Err(e) => {
+                        log::warn!("unplugged {r}: its {side} backing stays held: {e}");
+                        self.hold_failed(backing, side, r, &mut report);
+                    }
+                }
+            }
+        }
+        report
+    }
+
+    /// Forgets everything held (the region leaves guest RAM and its backing is freed whole).
+    pub(crate) fn forget(&mut self) {
+        self.held_shared = RangeSet::new();
+        self.held_private = RangeSet::new();
+        self.failed = RangeSet::new();
+    }
+
     pub(crate) fn held(&self) -> HeldBack {
         HeldBack {
             shared_bytes: self.held_shared.bytes(),
@@ -300,6 +368,15 @@ impl Discarder {
     }
 }
 
+/// The parts of `range` of `side` that hold memory: held back only they are, so that the
+/// held-back figures count real memory (pages never touched are holes). A file that cannot say
+/// (a classic guest_memfd has no `SEEK_DATA`) counts as holding all of it.
+fn backed(backing: &RegionBacking, side: View, range: GpaRange) -> Vec<GpaRange> {
+    backing
+        .backed_ranges(side, range)
+        .unwrap_or_else(|_| vec![range])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -308,9 +385,75 @@ mod tests {
         GpaRange::new(start, len).unwrap()
     }
 
+    /// A software backing at 0 of `size` bytes whose every page holds memory on both sides,
+    /// as after a guest used it.
+    fn touched(size: u64) -> RegionBacking {
+        use std::os::unix::fs::FileExt;
+        let backing = RegionBacking::software(0, size).unwrap();
+        for side in [View::Shared, View::Private] {
+            let file = match side {
+                View::Shared => backing.shared_file(),
+                View::Private => backing.private_file(),
+            };
+            file.write_all_at(&vec![1; size as usize], 0).unwrap();
+        }
+        backing
+    }
+
+    #[test]
+    fn a_vacated_page_that_holds_no_memory_is_not_held() {
+        // Only page 1 of the shared side was ever touched.
+        let backing = RegionBacking::software(0, 0x10000).unwrap();
+        use std::os::unix::fs::FileExt;
+        backing.shared_file().write_all_at(&[1], 0x1000).unwrap();
+        let mut d = Discarder::new(DiscardPolicy::Lazy {
+            budget_bytes: 1 << 20,
+        });
+        d.converted(&backing, &[r(0, 0x4000)], Attribute::Private, true);
+        assert_eq!(
+            d.held().shared_bytes,
+            0x1000,
+            "only the touched page is held"
+        );
+        assert!(d.holds(View::Shared, 0x1000, 0x2000));
+        // A free that fails holds what is backed, too.
+        backing.inject_punch_failures(|_, _| true);
+        let report = d.unplugged(&backing, &[r(0, 0x8000)], false);
+        assert_eq!(report.failed_ranges, 2);
+        assert_eq!(d.held().shared_bytes, 0x1000);
+        assert_eq!(d.held().private_bytes, 0);
+        backing.clear_punch_failures();
+        assert_eq!(d.flush(&backing).punched_bytes, 0x1000);
+        assert_eq!(d.held(), HeldBack::default());
+    }
+
+    #[test]
+    fn an_unplug_frees_both_sides_at_once_whatever_the_policy() {
+        let backing = touched(0x10000);
+        let mut d = Discarder::new(DiscardPolicy::Lazy {
+            budget_bytes: 1 << 20,
+        });
+        d.converted(&backing, &[r(0, 0x4000)], Attribute::Shared, true);
+        assert_eq!(d.held().private_bytes, 0x4000);
+        // Pages 2..6 leave: their held private side goes with them, not at a later flush.
+        let report = d.unplugged(&backing, &[r(0x2000, 0x4000)], false);
+        assert_eq!((report.punched_ranges, report.punched_bytes), (2, 0x8000));
+        assert_eq!(d.held().private_bytes, 0x2000);
+        assert!(!d.holds(View::Private, 0x2000, 0x3000));
+        // One side's failure is held and marked failed even when the other side's free works.
+        backing.inject_punch_failures(|side, _| side == View::Shared);
+        d.unplugged(&backing, &[r(0x8000, 0x1000)], false);
+        assert_eq!(d.held().failed_bytes, 0x1000);
+        assert!(d.holds(View::Shared, 0x8000, 0x9000));
+        // Plugged again as shared: the page is in use, its pending free must never happen.
+        d.plugged(&[r(0x8000, 0x1000)], Attribute::Shared);
+        assert!(!d.holds(View::Shared, 0x8000, 0x9000));
+        assert_eq!(d.held().failed_bytes, 0);
+    }
+
     #[test]
     fn a_page_converted_back_while_held_is_never_freed() {
-        let backing = RegionBacking::software(0, 0x10000).unwrap();
+        let backing = touched(0x10000);
         let mut d = Discarder::new(DiscardPolicy::Lazy {
             budget_bytes: 0x2000,
         });
@@ -338,7 +481,7 @@ mod tests {
 
     #[test]
     fn batched_coalesces_adjacent_pages_into_one_free() {
-        let backing = RegionBacking::software(0, 0x10000).unwrap();
+        let backing = touched(0x10000);
         let mut d = Discarder::new(DiscardPolicy::Batched {
             max_ranges: 2,
             max_bytes: 1 << 20,
@@ -354,7 +497,7 @@ mod tests {
 
     #[test]
     fn a_failed_free_stays_held_and_is_retried() {
-        let backing = RegionBacking::software(0, 0x10000).unwrap();
+        let backing = touched(0x10000);
         let mut d = Discarder::new(DiscardPolicy::Eager);
         backing.inject_punch_failures(|_, _| true);
         let report = d.converted(&backing, &[r(0, 0x2000)], Attribute::Private, true);
@@ -370,7 +513,7 @@ mod tests {
 
     #[test]
     fn eager_frees_the_runs_of_a_mixed_conversion_with_one_punch_over_their_span() {
-        let backing = RegionBacking::software(0, 0x10000).unwrap();
+        let backing = touched(0x10000);
         let mut d = Discarder::new(DiscardPolicy::Eager);
         let runs = [r(0x1000, 0x1000), r(0x4000, 0x2000)];
         let report = d.converted(&backing, &runs, Attribute::Private, true);
@@ -387,7 +530,7 @@ mod tests {
 
     #[test]
     fn a_failed_span_punch_holds_exactly_the_runs() {
-        let backing = RegionBacking::software(0, 0x10000).unwrap();
+        let backing = touched(0x10000);
         let mut d = Discarder::new(DiscardPolicy::Eager);
         backing.inject_punch_failures(|_, _| true);
         let runs = [r(0x1000, 0x1000), r(0x4000, 0x2000)];

@@ -24,6 +24,9 @@ pub struct RegionSpec {
     pub initial: Attribute,
     /// When vacated backing is freed.
     pub policy: DiscardPolicy,
+    /// Whether every granule starts plugged (ordinary RAM) or unplugged (a virtio-mem
+    /// device's memory, plugged later with [`GuestRam::plug`]).
+    pub initially_plugged: bool,
 }
 
 /// Adding a region failed; nothing was added.
@@ -63,11 +66,11 @@ pub enum RegionError {
 /// space maps any of it ([`crate::space`]), and a bound memslot is deleted when its backing
 /// drops ([`RegionBacking::bind`]).
 pub struct GuestRam {
-    devices: Mutex<Vec<Device>>,
+    pub(crate) devices: Mutex<Vec<Device>>,
     /// Every address space created here, alive or not: a backend given again finds its
     /// address space (and ledger) while anything still holds it.
     spaces: Mutex<Vec<Weak<AddressSpace>>>,
-    regions: RwLock<Vec<Arc<Region>>>,
+    pub(crate) regions: RwLock<Vec<Arc<Region>>>,
     attributes: Arc<dyn MemoryAttributes>,
     next_device: Mutex<u64>,
 }
@@ -138,7 +141,7 @@ impl GuestRam {
             size,
             granularity: spec.granularity,
             initial_attribute: spec.initial,
-            initially_plugged: true,
+            initially_plugged: spec.initially_plugged,
         };
         let region =
             Arc::new(Region::new(backing, config, spec.policy).map_err(RegionError::Config)?);
@@ -409,9 +412,16 @@ impl GuestRam {
             .region_of(range)
             .ok_or(ConversionError::NoRegion { range })?;
         let result = region.convert(range, to, &*self.attributes);
+        self.detach_cut_off(result)
+    }
+
+    /// Devices a failed rollback cut off from one region leave guest RAM, so that what the
+    /// error says and the device list agree.
+    pub(crate) fn detach_cut_off<T>(
+        &self,
+        result: Result<T, ConversionError>,
+    ) -> Result<T, ConversionError> {
         if let Err(ConversionError::RollbackFailed { devices, .. }) = &result {
-            // Cut off from one region, the devices leave guest RAM, so that what the error
-            // says and the device list agree.
             for &id in devices {
                 if let Err(e) = self.detach_device(id) {
                     log::warn!("{e}");

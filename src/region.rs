@@ -187,6 +187,10 @@ pub struct Region {
     unsynced: Mutex<RangeSet>,
     /// `unsynced` is not empty (read without its lock on every conversion).
     maybe_unsynced: AtomicBool,
+    /// Set under the conversion lock when the region leaves guest RAM
+    /// ([`crate::GuestRam::remove_region`]): a request that found the region before then and
+    /// waited for the lock is refused.
+    pub(crate) removed: AtomicBool,
 }
 
 impl std::fmt::Debug for Region {
@@ -215,6 +219,7 @@ impl Region {
             maybe_stale: AtomicBool::new(false),
             unsynced: Mutex::new(RangeSet::new()),
             maybe_unsynced: AtomicBool::new(false),
+            removed: AtomicBool::new(false),
         })
     }
 
@@ -586,11 +591,14 @@ impl Region {
     /// here (see [`Region::stale_mappings`]) until a retry removes them.
     pub(crate) fn detach(&self, space: &Arc<AddressSpace>) -> u64 {
         let _conversions = self.conversion_lock();
+        self.detach_locked(|a| Arc::ptr_eq(&a.space, space))
+    }
+
+    /// [`Region::detach`] of every address space `which` picks, the conversion lock held.
+    pub(crate) fn detach_locked(&self, which: impl Fn(&Attached) -> bool) -> u64 {
         let mine: Vec<Attached> = {
             let mut attached = self.attached_mut();
-            let (mine, rest) = attached
-                .drain(..)
-                .partition(|a| Arc::ptr_eq(&a.space, space));
+            let (mine, rest) = attached.drain(..).partition(|a| which(a));
             *attached = rest;
             mine
         };
@@ -602,8 +610,8 @@ impl Region {
                 self.mark_maybe_stale();
             }
             self.depart(&a.space.name(), &a.listener);
+            a.space.release_unmapped();
         }
-        space.release_unmapped();
         stale
     }
 

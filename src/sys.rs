@@ -144,14 +144,66 @@ pub fn punch_hole(fd: BorrowedFd<'_>, offset: u64, len: u64) -> Result<(), errno
 /// Bytes of memory the file holds (`fstat` `st_blocks * 512`). shmem/memfd count their pages;
 /// guest_memfd (Linux 6.18) reports 0 whatever it holds.
 pub fn allocated_bytes(fd: BorrowedFd<'_>) -> Result<u64, errno::Error> {
+    Ok(u64::try_from(fstat(fd)?.st_blocks).unwrap_or(0) * 512)
+}
+
+/// The file's size in bytes (`fstat` `st_size`).
+pub fn file_size(fd: BorrowedFd<'_>) -> Result<u64, errno::Error> {
+    Ok(u64::try_from(fstat(fd)?.st_size).unwrap_or(0))
+}
+
+fn fstat(fd: BorrowedFd<'_>) -> Result<libc::stat, errno::Error> {
     let mut st = std::mem::MaybeUninit::<libc::stat>::zeroed();
     // SAFETY: `fd` is open; `st` is a writable stat buffer of the right size.
     if unsafe { libc::fstat(fd.as_raw_fd(), st.as_mut_ptr()) } < 0 {
         return Err(errno::Error::last());
     }
     // SAFETY: fstat succeeded, so it filled the whole struct (and it was zeroed before).
+    Ok(unsafe { st.assume_init() })
+}
+
+/// `TMPFS_MAGIC` (`include/uapi/linux/magic.h`): shmem, which memfds live on.
+pub const TMPFS_MAGIC: i64 = 0x0102_1994;
+/// `HUGETLBFS_MAGIC` (`include/uapi/linux/magic.h`): hugetlbfs, and `MFD_HUGETLB` memfds.
+pub const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
+
+/// The magic number of the filesystem holding the file (`fstatfs` `f_type`).
+pub fn fs_magic(fd: BorrowedFd<'_>) -> Result<i64, errno::Error> {
+    let mut st = std::mem::MaybeUninit::<libc::statfs>::zeroed();
+    // SAFETY: `fd` is open; `st` is a writable statfs buffer of the right size.
+    if unsafe { libc::fstatfs(fd.as_raw_fd(), st.as_mut_ptr()) } < 0 {
+        return Err(errno::Error::last());
+    }
+    // SAFETY: fstatfs succeeded, so it filled the whole struct (and it was zeroed before).
     let st = unsafe { st.assume_init() };
-    Ok(u64::try_from(st.st_blocks).unwrap_or(0) * 512)
+    // `f_type` is `__fsword_t`, whose width differs between architectures.
+    #[allow(clippy::unnecessary_cast)]
+    Ok(st.f_type as i64)
+}
+
+/// The file's seals (`fcntl(F_GET_SEALS)`); 0 for a file that cannot be sealed (`EINVAL`).
+pub fn seals(fd: BorrowedFd<'_>) -> Result<i32, errno::Error> {
+    // SAFETY: `fd` is open; F_GET_SEALS takes no argument and only reads the file's seals.
+    let ret = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
+    if ret < 0 {
+        let err = errno::Error::last();
+        return if err.errno() == libc::EINVAL {
+            Ok(0)
+        } else {
+            Err(err)
+        };
+    }
+    Ok(ret)
+}
+
+/// Whether the file was opened for reading and writing (`fcntl(F_GETFL)`).
+pub fn is_read_write(fd: BorrowedFd<'_>) -> Result<bool, errno::Error> {
+    // SAFETY: `fd` is open; F_GETFL takes no argument and only reads the status flags.
+    let ret = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+    if ret < 0 {
+        return Err(errno::Error::last());
+    }
+    Ok(ret & libc::O_ACCMODE == libc::O_RDWR)
 }
 
 /// Start of the first range of data at or after `offset` (`lseek(SEEK_DATA)`), `None` when only

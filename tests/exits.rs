@@ -340,6 +340,7 @@ fn kernel_two_regions_of_a_sw_protected_vm_convert_in_parallel() {
         granularity: PAGE,
         initial: Attribute::Private,
         policy: DiscardPolicy::Eager,
+        initially_plugged: true,
     };
     let (a, b) = (0x1_0000_0000, 0x2_0000_0000);
     let mut regions = Vec::new();

@@ -17,9 +17,9 @@
 mod common;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 
-use common::{Dev, PAGE, Rig, Rules, attribute_faults, iommu_faults, punch_faults, range};
+use common::{Dev, Fault, Faults, PAGE, Rig, fault, iommu_faults, policy, range};
 use discard_manager::{Attribute, GpaRange, ListenerError, View, ViewListener};
 use gmem_dma::{ConversionError, DeviceConfig, DiscardPolicy, MapBy, RegionBacking};
 use iommu::EmulatedIommu;
@@ -48,24 +48,6 @@ impl ViewListener for Flaky {
     }
 }
 
-#[derive(Clone, Copy, Debug)]
-enum Fault {
-    Attribute,
-    Map {
-        dev: usize,
-    },
-    Unmap {
-        dev: usize,
-    },
-    /// Every unmap of the device fails during the operation, retries included: stale mappings
-    /// survive the call.
-    UnmapAll {
-        dev: usize,
-    },
-    Punch,
-    Listener,
-}
-
 #[derive(Clone, Debug)]
 enum Op {
     Convert {
@@ -77,20 +59,9 @@ enum Op {
     Flush,
 }
 
-fn fault() -> impl Strategy<Value = Fault> {
-    prop_oneof![
-        Just(Fault::Attribute),
-        (0..3usize).prop_map(|dev| Fault::Map { dev }),
-        (0..3usize).prop_map(|dev| Fault::Unmap { dev }),
-        (0..3usize).prop_map(|dev| Fault::UnmapAll { dev }),
-        Just(Fault::Punch),
-        Just(Fault::Listener),
-    ]
-}
-
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        9 => (0..PAGES, 1..8u64, any::<bool>(), proptest::collection::vec((fault(), 0..3usize), 0..3))
+        9 => (0..PAGES, 1..8u64, any::<bool>(), proptest::collection::vec((fault(true), 0..3usize), 0..3))
             .prop_map(|(start, pages, shared, faults)| Op::Convert {
                 start,
                 pages: pages.min(PAGES - start),
@@ -98,19 +69,6 @@ fn op() -> impl Strategy<Value = Op> {
                 faults,
             }),
         1 => Just(Op::Flush),
-    ]
-}
-
-fn policy() -> impl Strategy<Value = DiscardPolicy> {
-    prop_oneof![
-        Just(DiscardPolicy::Eager),
-        (0..8u64).prop_map(|p| DiscardPolicy::Lazy {
-            budget_bytes: p * PAGE
-        }),
-        (1..4usize, 1..8u64).prop_map(|(r, b)| DiscardPolicy::Batched {
-            max_ranges: r,
-            max_bytes: b * PAGE
-        }),
     ]
 }
 
@@ -137,53 +95,6 @@ fn iommu(i: usize, cutting: bool) -> EmulatedIommu {
             .mapping_budget(Some(20))
             .build(),
         _ => EmulatedIommu::new(),
-    }
-}
-
-/// The composable failure rules of the rig: one set per device, KVM attributes, hole punches.
-struct Faults {
-    devs: Vec<Rules<(CallKind, u64, u64), i32>>,
-    attrs: Rules<(GpaRange, Attribute), ()>,
-    punch: Rules<(View, GpaRange), ()>,
-}
-
-impl Faults {
-    fn new(rig: &Rig, devs: &[Dev]) -> Self {
-        Self {
-            devs: devs.iter().map(|d| iommu_faults(&d.iommu)).collect(),
-            attrs: attribute_faults(&rig.attrs),
-            punch: punch_faults(rig.region.backing()),
-        }
-    }
-
-    /// Makes the `nth` matching call (0-based) during one operation fail; the faults of one
-    /// operation compose (a map that fails and whose undo fails too, say).
-    fn install(&self, flaky: &Flaky, faults: &[(Fault, usize)]) {
-        for &(f, nth) in faults {
-            let count = Arc::new(AtomicUsize::new(0));
-            let hit = move || count.fetch_add(1, Ordering::SeqCst) == nth;
-            match f {
-                Fault::Attribute => self.attrs.add(move |_| hit().then_some(())),
-                Fault::Map { dev } => self.devs[dev]
-                    .add(move |&(k, _, _)| (k != CallKind::Unmap && hit()).then_some(libc::ENOMEM)),
-                Fault::Unmap { dev } => self.devs[dev]
-                    .add(move |&(k, _, _)| (k == CallKind::Unmap && hit()).then_some(libc::EIO)),
-                Fault::UnmapAll { dev } => {
-                    self.devs[dev].add(|&(k, _, _)| (k == CallKind::Unmap).then_some(libc::EIO))
-                }
-                Fault::Punch => self.punch.add(move |_| hit().then_some(())),
-                Fault::Listener => flaky.fail_next.store(true, Ordering::SeqCst),
-            }
-        }
-    }
-
-    fn clear(&self, flaky: &Flaky) {
-        self.attrs.clear();
-        self.punch.clear();
-        for d in &self.devs {
-            d.clear();
-        }
-        flaky.fail_next.store(false, Ordering::SeqCst);
     }
 }
 
@@ -234,19 +145,14 @@ fn run(policy: DiscardPolicy, ops: Vec<Op>, backing: RegionBacking, cutting: boo
         let r = range(BASE + start * PAGE, pages * PAGE);
         let refs: Vec<&Dev> = devs.iter().collect();
         let before = rig.snapshot(&refs);
-        let stale_before: Vec<(u64, u64)> = rig
-            .region
-            .stale_mappings()
-            .into_iter()
-            .flat_map(|(_, s)| s)
-            .map(|s| (s.start(), s.end()))
-            .collect();
+        let stale_before: Vec<(u64, u64)> = rig.stale_extents();
         for d in &devs {
             d.iommu.take_calls();
         }
-        faults_of.install(&flaky, &faults);
+        faults_of.install(&faults, || flaky.fail_next.store(true, Ordering::SeqCst));
         let result = rig.convert(r, to);
-        faults_of.clear(&flaky);
+        faults_of.clear();
+        flaky.fail_next.store(false, Ordering::SeqCst);
         let mut calls: Vec<_> = devs.iter().map(|d| d.iommu.take_calls()).collect();
         match &result {
             Ok(_) => {

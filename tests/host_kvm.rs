@@ -194,6 +194,231 @@ fn unbinding_a_memslot_frees_its_guest_range_for_another_region() {
     second.unbind(&vm, 1).unwrap();
 }
 
+/// Guest RAM over `backing` (all private, plugged), with one shared-view device.
+fn plug_rig(
+    backing: RegionBacking,
+    attributes: Arc<dyn MemoryAttributes>,
+) -> (
+    Arc<gmem_dma::GuestRam>,
+    Arc<gmem_dma::Region>,
+    Arc<EmulatedIommu>,
+) {
+    let (ram, region) = ram_with_region(
+        backing,
+        attributes,
+        Attribute::Private,
+        DiscardPolicy::Lazy { budget_bytes: SIZE },
+    );
+    let iommu = Arc::new(EmulatedIommu::new());
+    ram.attach_device("nic", iommu.clone(), DeviceConfig::shared())
+        .unwrap();
+    (ram, region, iommu)
+}
+
+#[test]
+fn an_unplugged_range_of_a_classic_region_holds_no_memfd_pages_and_replugs_zeroed() {
+    if !vm_rig::need(
+        "an_unplugged_range_of_a_classic_region_holds_no_memfd_pages_and_replugs_zeroed",
+        &[Feature::Kvm, Feature::GuestMemfdMmap],
+    ) {
+        return;
+    }
+    let (_kvm, vm, support) = vm();
+    let backing = RegionBacking::classic(&vm, BASE, SIZE).unwrap();
+    backing.bind(&vm, 0).unwrap();
+    let (ram, region, iommu) = plug_rig(backing, attributes(vm, &support));
+    let block = range(BASE + 0x10_0000, 0x10_0000);
+    ram.convert(block, Attribute::Shared).unwrap();
+    iommu
+        .dma_write(block.start(), &vec![0x42; block.len() as usize])
+        .unwrap();
+    let b = region.backing();
+    assert_eq!(b.allocated_bytes(View::Shared).unwrap(), block.len());
+    // Lazy: the vacated guest_memfd side is held (a classic guest_memfd cannot say it holds
+    // nothing: no SEEK_DATA), and the unplug frees it with the memfd side.
+    assert!(region.held_back().private_bytes > 0);
+    let unplug = ram.unplug(block).unwrap();
+    assert_eq!(
+        unplug.held.total(),
+        0,
+        "nothing of an unplugged block is held"
+    );
+    assert_eq!(iommu.mapping_count(), 0);
+    assert_eq!(b.allocated_bytes(View::Shared).unwrap(), 0);
+    let resident = b.resident_pages(View::Shared, block).unwrap();
+    assert!(resident.iter().all(|&p| !p), "SEEK_DATA finds memfd data");
+    // This kernel's guest_memfd has no lseek: the private side is checked by the punch count.
+    assert!(matches!(
+        b.backed_ranges(View::Private, block),
+        Err(gmem_dma::BackingError::Residency { .. })
+    ));
+    assert_eq!(b.punch_stats().bytes, 2 * block.len());
+    // Re-plugged shared: mapped again, and zeroed.
+    ram.plug(block, Some(Attribute::Shared)).unwrap();
+    let mut buf = vec![0xffu8; 4096];
+    iommu.dma_read(block.start() + 0x8000, &mut buf).unwrap();
+    assert!(buf.iter().all(|&x| x == 0), "a re-plugged page reads zero");
+}
+
+#[test]
+fn an_unplugged_range_of_an_in_place_region_holds_no_guest_memfd_pages() {
+    if !vm_rig::need(
+        "an_unplugged_range_of_an_in_place_region_holds_no_guest_memfd_pages",
+        &[Feature::Kvm, Feature::GuestMemfdMmap],
+    ) {
+        return;
+    }
+    let (_kvm, vm, support) = vm();
+    let backing = RegionBacking::in_place(&vm, BASE, SIZE).unwrap();
+    backing.bind(&vm, 0).unwrap();
+    let (ram, region, iommu) = plug_rig(backing, attributes(vm, &support));
+    let block = range(BASE, 0x10_0000);
+    ram.convert(block, Attribute::Shared).unwrap();
+    iommu
+        .dma_write(block.start(), &vec![7u8; block.len() as usize])
+        .unwrap();
+    let b = region.backing();
+    assert!(
+        b.resident_pages(View::Shared, block)
+            .unwrap()
+            .iter()
+            .all(|&p| p)
+    );
+    ram.unplug(block).unwrap();
+    // mincore on the guest_memfd's own mapping: nothing left, and one free (one file).
+    assert!(
+        b.resident_pages(View::Shared, block)
+            .unwrap()
+            .iter()
+            .all(|&p| !p)
+    );
+    assert_eq!(b.punch_stats().calls, 1);
+    assert_eq!(region.held_back().total(), 0);
+    let err = ram.convert(block, Attribute::Private).unwrap_err();
+    assert!(
+        matches!(err, gmem_dma::ConversionError::Unplugged { .. }),
+        "{err}"
+    );
+    ram.plug(block, Some(Attribute::Shared)).unwrap();
+    let mut buf = [0xffu8; 64];
+    iommu.dma_read(block.start() + 0x4000, &mut buf).unwrap();
+    assert_eq!(buf, [0; 64], "a re-plugged page reads zero");
+}
+
+#[test]
+fn removing_a_region_deletes_its_memslot_and_frees_its_memory() {
+    if !vm_rig::need(
+        "removing_a_region_deletes_its_memslot_and_frees_its_memory",
+        &[Feature::Kvm, Feature::GuestMemfdMmap],
+    ) {
+        return;
+    }
+    let (_kvm, vm, _support) = vm();
+    let backing = RegionBacking::classic(&vm, BASE, SIZE).unwrap();
+    backing.bind(&vm, 0).unwrap();
+    let (ram, region, iommu) = plug_rig(backing, Arc::new(RecordingAttributes::new()));
+    ram.convert(range(BASE, 16 * PAGE), Attribute::Shared)
+        .unwrap();
+    iommu.dma_write(BASE, &[1; 4096]).unwrap();
+    let removal = ram.remove_region(region.range()).unwrap();
+    assert_eq!(removal.devices, 1);
+    assert_eq!(iommu.mapping_count(), 0);
+    assert_eq!(region.backing().allocated_bytes(View::Shared).unwrap(), 0);
+    // The slot is gone: a new region binds the same guest range.
+    let next = RegionBacking::classic(&vm, BASE, SIZE).unwrap();
+    next.bind(&vm, 1).unwrap();
+}
+
+/// A read-write file of `size` bytes in `dir`, already unlinked.
+fn file_in(dir: &str, size: u64) -> std::fs::File {
+    let path = format!("{dir}/gmem-dma-test-{}-{size}", std::process::id());
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .unwrap();
+    std::fs::remove_file(&path).unwrap();
+    file.set_len(size).unwrap();
+    file
+}
+
+fn refusal(result: Result<RegionBacking, gmem_dma::BackingError>) -> String {
+    match result {
+        Err(gmem_dma::BackingError::SharedFile { reason, .. }) => reason.to_string(),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn the_vmms_own_shared_file_backs_a_region_once_checked() {
+    if !vm_rig::need(
+        "the_vmms_own_shared_file_backs_a_region_once_checked",
+        &[Feature::Kvm, Feature::GuestMemfdMmap],
+    ) {
+        return;
+    }
+    use std::os::fd::OwnedFd;
+    use vm_memory::{FileOffset, MmapRegion};
+    let (_kvm, vm, _support) = vm();
+    let own = |f: std::fs::File| OwnedFd::from(f);
+    // Refused, each with its reason.
+    let small = own(file_in("/dev/shm", SIZE / 2));
+    assert!(refusal(RegionBacking::classic_with_file(&vm, BASE, SIZE, small)).contains("smaller"));
+    let on_disk = own(file_in(env!("CARGO_TARGET_TMPDIR"), SIZE));
+    assert!(refusal(RegionBacking::classic_with_file(&vm, BASE, SIZE, on_disk)).contains("memfd"));
+    let read_only = {
+        let f = file_in("/dev/shm", SIZE);
+        std::fs::File::open(format!(
+            "/proc/self/fd/{}",
+            std::os::fd::AsRawFd::as_raw_fd(&f)
+        ))
+        .unwrap()
+    };
+    assert!(
+        refusal(RegionBacking::classic_with_file(
+            &vm,
+            BASE,
+            SIZE,
+            own(read_only)
+        ))
+        .contains("reading and writing")
+    );
+    let anonymous = Arc::new(MmapRegion::<()>::new(SIZE as usize).unwrap());
+    assert!(refusal(RegionBacking::classic_over(&vm, BASE, anonymous)).contains("anonymous"));
+    // Accepted: the VMM's file is the shared side, freed and mapped by file like a memfd.
+    let file = Arc::new(file_in("/dev/shm", SIZE));
+    let mmap = Arc::new(
+        MmapRegion::<()>::from_file(FileOffset::from_arc(file.clone(), 0), SIZE as usize).unwrap(),
+    );
+    let backing = RegionBacking::classic_over(&vm, BASE, mmap.clone()).unwrap();
+    assert!(backing.mapping().is_none(), "the VMM holds the mapping");
+    assert_eq!(
+        backing.host_addr(BASE).unwrap(),
+        mmap.as_ptr(),
+        "one mapping, not two"
+    );
+    backing.bind(&vm, 0).unwrap();
+    let (ram, region) = ram_with_region(
+        backing,
+        Arc::new(RecordingAttributes::new()),
+        Attribute::Private,
+        DiscardPolicy::Eager,
+    );
+    let iommu = Arc::new(EmulatedIommu::new());
+    ram.attach_device("nic", iommu.clone(), DeviceConfig::shared_by(MapBy::File))
+        .unwrap();
+    let r = range(BASE, 4 * PAGE);
+    ram.convert(r, Attribute::Shared).unwrap();
+    iommu.dma_write(BASE, &[9; 16]).unwrap();
+    let mut seen = [0u8; 16];
+    std::os::unix::fs::FileExt::read_exact_at(&*file, &mut seen, 0).unwrap();
+    assert_eq!(seen, [9; 16], "the device wrote the VMM's file");
+    ram.convert(r, Attribute::Private).unwrap();
+    assert_eq!(region.backing().allocated_bytes(View::Shared).unwrap(), 0);
+    assert!(ram.is_private(BASE));
+}
+
 #[test]
 fn a_bound_backing_deletes_its_memslot_when_it_drops() {
     if !vm_rig::need(

@@ -485,6 +485,7 @@ fn two_edus_in_one_address_space(
                 granularity: PAGE,
                 initial: Attribute::Private,
                 policy: DiscardPolicy::Eager,
+                initially_plugged: true,
             };
             ram.add_region(RegionBacking::software(base, 16 * PAGE).unwrap(), spec)
                 .unwrap()
@@ -576,4 +577,82 @@ fn kernel_iommufd_two_edus_in_one_ioas_share_two_regions() {
     let (backend, first) = IommufdBackend::open(&edu_address()).expect("open edu through IOMMUFD");
     let other = backend.attach(&second).expect("attach the second edu");
     two_edus_in_one_address_space(Arc::new(backend), first, other);
+}
+
+/// virtio-mem on a real IOMMU: edu's DMA to a block that is unplugged does not land; after the
+/// block is plugged again and converted to shared it does; removing the region unmaps every
+/// byte the kernel had mapped for it.
+fn edu_dma_follows_plug_and_unplug(backend: Arc<dyn DmaBackend>, device: Arc<VfioPciDevice>) {
+    let edu = Edu::new(device).expect("edu answers with its id");
+    let base = 0x100_0000; // inside edu's 28-bit DMA mask, identity IOVA
+    let rig = Rig::new(base, 64, DiscardPolicy::Eager);
+    rig.touch(View::Private, rig.region.range());
+    let id = rig
+        .ram
+        .attach_device("edu", backend, DeviceConfig::shared())
+        .unwrap();
+    let page = |p: u64| base + p * PAGE;
+    let write = |p: u64, data: &[u8]| rig.write_shared(page(p), data);
+    let read = |p: u64, len: usize| rig.read_shared(page(p), len);
+    let len = Edu::<Arc<VfioPciDevice>>::MAX_DMA as usize;
+    rig.convert(range(page(0), 8 * PAGE), Attribute::Shared)
+        .unwrap();
+    // Pages 4..8 are the block the guest gives back.
+    rig.ram.unplug(range(page(4), 4 * PAGE)).unwrap();
+    write(4, &[0x5a; 64]);
+    let data = pattern(0x42, len);
+    write(0, &data);
+    edu.copy_to_device(page(0), len as u32).unwrap();
+    let outcome = edu.copy_from_device(page(4), len as u32);
+    eprintln!("DMA to the unplugged block returned {outcome:?}");
+    assert_eq!(read(4, 64), [0x5a; 64], "DMA landed in an unplugged block");
+    // The canary backed the unplugged block on purpose; free it again.
+    rig.region
+        .backing()
+        .punch_hole(View::Shared, range(page(4), PAGE))
+        .unwrap();
+    // Plugged again (private, as the region's attribute says), then shared: DMA lands.
+    rig.ram.plug(range(page(4), 4 * PAGE), None).unwrap();
+    rig.convert(range(page(4), 4 * PAGE), Attribute::Shared)
+        .unwrap();
+    edu.copy_from_device(page(4), len as u32).unwrap();
+    assert_eq!(
+        read(4, len),
+        data,
+        "DMA reaches the re-plugged shared block"
+    );
+    rig.check(&[], &[], None);
+    // Removal: every byte mapped is unmapped, counted by the kernel's unmap replies.
+    let before = rig.ram.device_stats(id).unwrap();
+    let mapped = before.bytes_mapped - before.bytes_unmapped;
+    assert_eq!(mapped, 8 * PAGE);
+    rig.ram.remove_region(rig.region.range()).unwrap();
+    let after = rig.ram.device_stats(id).unwrap();
+    assert_eq!(after.bytes_unmapped - before.bytes_unmapped, mapped);
+    assert_eq!(rig.ram.device_mappings(id).unwrap().len(), 0);
+    // The region's memory is still held here (the test's handle), but no longer DMA-able.
+    write(0, &[0x5a; 64]);
+    let outcome = edu.copy_from_device(page(0), len as u32);
+    eprintln!("DMA to the removed region returned {outcome:?}");
+    assert_eq!(read(0, 64), [0x5a; 64], "DMA landed in a removed region");
+}
+
+#[test]
+fn kernel_type1_edu_dma_follows_plug_and_unplug() {
+    let name = "kernel_type1_edu_dma_follows_plug_and_unplug";
+    if !vm_rig::need(name, &[Feature::Edu, Feature::VfioType1]) {
+        return;
+    }
+    let (backend, device) = Type1Backend::open(&edu_address()).expect("open edu through type1");
+    edu_dma_follows_plug_and_unplug(Arc::new(backend), device);
+}
+
+#[test]
+fn kernel_iommufd_edu_dma_follows_plug_and_unplug() {
+    let name = "kernel_iommufd_edu_dma_follows_plug_and_unplug";
+    if !vm_rig::need(name, &[Feature::Edu, Feature::Iommufd]) {
+        return;
+    }
+    let (backend, device) = IommufdBackend::open(&edu_address()).expect("open edu through IOMMUFD");
+    edu_dma_follows_plug_and_unplug(Arc::new(backend), device);
 }

@@ -180,6 +180,7 @@ fn two_regions_convert_in_parallel_while_a_third_request_waits() {
         granularity: PAGE,
         initial: Attribute::Private,
         policy: DiscardPolicy::Eager,
+        initially_plugged: true,
     };
     let backing = RegionBacking::software(BASE2, 64 * PAGE).unwrap();
     let second = rig.ram.add_region(backing, spec).unwrap();

@@ -26,6 +26,7 @@ fn spec(policy: DiscardPolicy) -> RegionSpec {
         granularity: PAGE,
         initial: Attribute::Private,
         policy,
+        initially_plugged: true,
     }
 }
 

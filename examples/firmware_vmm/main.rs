@@ -234,6 +234,7 @@ fn run(args: Args) -> Result<(), Failure> {
         granularity,
         initial,
         policy,
+        initially_plugged: true,
     };
     let region = ram.add_region(backing, spec)?;
 
@@ -248,7 +249,11 @@ fn run(args: Args) -> Result<(), Failure> {
     // The firmware image goes to shared memory: private memory has no host mapping to write.
     let code_page = GpaRange::new(CODE, PAGE).expect("one page");
     ram.convert(code_page, Attribute::Shared)?;
-    let shared = region.backing().mapping(); // offsets in it are GPAs: the region starts at 0
+    // Offsets in it are GPAs: the region starts at 0.
+    let shared = region
+        .backing()
+        .mapping()
+        .ok_or_else(|| Failure::System("the backing is not mapped by gmem-dma".into()))?;
     shared.write_slice(guest_program(), MemoryRegionAddress(CODE))?;
     let read_shared = |gpa| {
         let mut bytes = vec![0u8; DMA_LEN as usize];
@@ -452,6 +457,7 @@ mod tests {
             granularity: PAGE,
             initial: Attribute::Private,
             policy: DiscardPolicy::Eager,
+            initially_plugged: true,
         };
         let backing = RegionBacking::software(0, RAM_SIZE).unwrap();
         ram.add_region(backing, spec).unwrap();

@@ -85,6 +85,106 @@ pub fn attribute_faults(attrs: &RecordingAttributes) -> Rules<(GpaRange, Attribu
     rules
 }
 
+/// A failure the property tests inject into one operation.
+#[derive(Clone, Copy, Debug)]
+pub enum Fault {
+    Attribute,
+    Map {
+        dev: usize,
+    },
+    Unmap {
+        dev: usize,
+    },
+    /// Every unmap of the device fails during the operation, retries included: stale mappings
+    /// survive the call.
+    UnmapAll {
+        dev: usize,
+    },
+    Punch,
+    /// A listener that is not a device refuses its next populate (the test's own listener).
+    Listener,
+}
+
+/// Any fault against one of three devices; `Listener` only when `with_listener`.
+pub fn fault(with_listener: bool) -> proptest::strategy::BoxedStrategy<Fault> {
+    use proptest::prelude::*;
+    let devices = prop_oneof![
+        Just(Fault::Attribute),
+        (0..3usize).prop_map(|dev| Fault::Map { dev }),
+        (0..3usize).prop_map(|dev| Fault::Unmap { dev }),
+        (0..3usize).prop_map(|dev| Fault::UnmapAll { dev }),
+        Just(Fault::Punch),
+    ];
+    if with_listener {
+        prop_oneof![5 => devices, 1 => Just(Fault::Listener)].boxed()
+    } else {
+        devices.boxed()
+    }
+}
+
+/// The composable failure rules of a rig: one set per device, KVM attributes, hole punches.
+pub struct Faults {
+    pub devs: Vec<Rules<(CallKind, u64, u64), i32>>,
+    pub attrs: Rules<(GpaRange, Attribute), ()>,
+    pub punch: Rules<(View, GpaRange), ()>,
+}
+
+impl Faults {
+    pub fn new(rig: &Rig, devs: &[Dev]) -> Self {
+        Self {
+            devs: devs.iter().map(|d| iommu_faults(&d.iommu)).collect(),
+            attrs: attribute_faults(&rig.attrs),
+            punch: punch_faults(rig.region.backing()),
+        }
+    }
+
+    /// Makes the `nth` matching call (0-based) during one operation fail; the faults of one
+    /// operation compose (a map that fails and whose undo fails too, say). `listener` arms
+    /// the test's own listener for [`Fault::Listener`].
+    pub fn install(&self, faults: &[(Fault, usize)], listener: impl Fn()) {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        for &(f, nth) in faults {
+            let count = Arc::new(AtomicUsize::new(0));
+            let hit = move || count.fetch_add(1, Ordering::SeqCst) == nth;
+            match f {
+                Fault::Attribute => self.attrs.add(move |_| hit().then_some(())),
+                Fault::Map { dev } => self.devs[dev]
+                    .add(move |&(k, _, _)| (k != CallKind::Unmap && hit()).then_some(libc::ENOMEM)),
+                Fault::Unmap { dev } => self.devs[dev]
+                    .add(move |&(k, _, _)| (k == CallKind::Unmap && hit()).then_some(libc::EIO)),
+                Fault::UnmapAll { dev } => {
+                    self.devs[dev].add(|&(k, _, _)| (k == CallKind::Unmap).then_some(libc::EIO))
+                }
+                Fault::Punch => self.punch.add(move |_| hit().then_some(())),
+                Fault::Listener => listener(),
+            }
+        }
+    }
+
+    pub fn clear(&self) {
+        self.attrs.clear();
+        self.punch.clear();
+        for d in &self.devs {
+            d.clear();
+        }
+    }
+}
+
+/// Any discard policy, with budgets of a few pages.
+pub fn policy() -> impl proptest::strategy::Strategy<Value = DiscardPolicy> {
+    use proptest::prelude::*;
+    prop_oneof![
+        Just(DiscardPolicy::Eager),
+        (0..8u64).prop_map(|p| DiscardPolicy::Lazy {
+            budget_bytes: p * PAGE
+        }),
+        (1..4usize, 1..8u64).prop_map(|(r, b)| DiscardPolicy::Batched {
+            max_ranges: r,
+            max_bytes: b * PAGE
+        }),
+    ]
+}
+
 pub fn range(start: u64, len: u64) -> GpaRange {
     GpaRange::new(start, len).unwrap()
 }
@@ -105,6 +205,7 @@ pub fn ram_with_region(
                 granularity: PAGE,
                 initial,
                 policy,
+                initially_plugged: true,
             },
         )
         .unwrap();
@@ -158,6 +259,16 @@ impl Rig {
             self.touch(to.view(), run);
         }
         Ok(c)
+    }
+
+    /// Every device's stale mappings (earlier failed unmaps), as extents `[start, end)`.
+    pub fn stale_extents(&self) -> Vec<(u64, u64)> {
+        self.region
+            .stale_mappings()
+            .into_iter()
+            .flat_map(|(_, s)| s)
+            .map(|s| (s.start(), s.end()))
+            .collect()
     }
 
     pub fn base(&self) -> u64 {
@@ -348,8 +459,22 @@ impl Rig {
         self.check_backings(&runs);
     }
 
-    /// Invariant 5: a page is backed on its own side, and on the other side only if held back.
-    fn check_backings(&self, runs: &[discard_manager::Run]) {
+    /// Invariant 5, and exactness: the bytes held back are exactly the bytes backed where
+    /// the page is not in use (the other side of a plugged page, either side of an unplugged
+    /// one). Needs every page in use to have been touched (a page never touched is not backed).
+    pub fn check_held_exactly(&self) {
+        let runs = self.region.state().runs(self.region.range()).unwrap();
+        let double = self.check_backings(&runs);
+        assert_eq!(
+            double,
+            self.region.held_back().total(),
+            "held back vs backed where not in use"
+        );
+    }
+
+    /// Invariant 5: a page is backed on its own side, and on the other side only if held back;
+    /// an unplugged page on neither side unless held. Returns the bytes backed not in use.
+    fn check_backings(&self, runs: &[discard_manager::Run]) -> u64 {
         let all = self.region.range();
         let b = self.region.backing();
         let shared = b.resident_pages(View::Shared, all).unwrap();
@@ -362,6 +487,21 @@ impl Rig {
             while gpa < run.range.end() {
                 let p = ((gpa - all.start()) / PAGE) as usize;
                 let private_p = private.as_ref().map(|v| v[p]);
+                if !run.plugged {
+                    let sides = [
+                        (shared[p], View::Shared),
+                        (private_p.unwrap_or(false), View::Private),
+                    ];
+                    for (_, side) in sides.into_iter().filter(|s| s.0) {
+                        double += PAGE;
+                        assert!(
+                            self.region.holds(side, range(gpa, PAGE)),
+                            "unplugged page {gpa:#x} is backed on the {side} side without being held",
+                        );
+                    }
+                    gpa += PAGE;
+                    continue;
+                }
                 let (own, other, other_side) = match run.attribute {
                     Attribute::Shared => (shared[p], private_p.unwrap_or(false), View::Private),
                     Attribute::Private => (private_p.unwrap_or(true), shared[p], View::Shared),
@@ -382,6 +522,7 @@ impl Rig {
             double <= self.region.held_back().total(),
             "double allocation beyond the reported bound"
         );
+        double
     }
 }
 

@@ -135,6 +135,7 @@ impl Bench {
                     granularity: args.granule,
                     initial: Attribute::Private,
                     policy,
+                    initially_plugged: true,
                 },
             )
             .context("adding the region to guest RAM")?;
@@ -201,7 +202,11 @@ pub fn drive(bench: &Bench, w: &Workload, bar: &ProgressBar) -> anyhow::Result<D
         latencies: Latencies::with_capacity(w.requests.len()),
         ..Driven::default()
     };
-    let mem = bench.region.backing().mapping();
+    let mem = bench
+        .region
+        .backing()
+        .mapping()
+        .context("the bench's backing is mapped by gmem-dma")?;
     let started = Instant::now();
     for r in &w.requests {
         let range = GpaRange::new(REGION_BASE + r.gpa, r.len)

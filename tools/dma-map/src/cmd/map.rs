@@ -225,7 +225,10 @@ pub fn run(args: &MapArgs) -> anyhow::Result<MapSummary> {
         })?;
     let mapped = ledger.stats();
     let mut verify = Vec::new();
-    let mem = region.backing.mapping();
+    let mem = region
+        .backing
+        .mapping()
+        .context("the tool's backing is mapped by gmem-dma")?;
     let len_for_test = |t: &Tester| t.chunk().min((args.size / 2) as usize);
     // The device copies the first `n` bytes of the region onto the next `n`, which are cleared
     // first; returns how the copy went and what the target holds afterwards.
