@@ -98,6 +98,75 @@ fn errno_of(e: IommufdError) -> errno::Error {
     }
 }
 
+/// `IOMMU_IOAS_MAP` of `[host_addr, host_addr + len)` at `iova` in IOAS `ioas_id`, with errors
+/// named for `kind`: the one map by address both IOMMUFD backends (translated and no-IOMMU)
+/// make.
+///
+/// # Safety
+/// As [`DmaBackend::map_va`]: the memory stays mapped, and no Rust reference aliases it, while
+/// the device may reach it.
+pub(super) unsafe fn ioas_map_va(
+    iommufd: &IommuFd,
+    ioas_id: u32,
+    kind: BackendKind,
+    (iova, len): (u64, u64),
+    host_addr: *mut u8,
+    prot: DmaProt,
+) -> Result<(), DmaError> {
+    let Some(flags) = map_flags(prot) else {
+        return Err(DmaError::Unsupported {
+            kind,
+            operation: "mappings with neither read nor write access",
+        });
+    };
+    let map = iommu_ioas_map {
+        size: size_of::<iommu_ioas_map>() as u32,
+        flags,
+        ioas_id,
+        __reserved: 0,
+        user_va: host_addr as u64,
+        length: len,
+        iova,
+    };
+    // The caller upholds `map_va`'s safety contract, which is what makes this (safe, in
+    // iommufd-ioctls) call sound: the memory stays mapped and is not aliased by Rust
+    // references while the device may reach it.
+    iommufd.map_iommu_ioas(&map).map_err(|e| DmaError::MapVa {
+        kind,
+        iova,
+        len,
+        source: errno_of(e),
+    })
+}
+
+/// Native `IOMMU_IOAS_UNMAP` of `[iova, iova + len)` in IOAS `ioas_id` (it never cuts), with
+/// the byte count the kernel writes back checked.
+pub(super) fn ioas_unmap(
+    iommufd: &IommuFd,
+    ioas_id: u32,
+    kind: BackendKind,
+    iova: u64,
+    len: u64,
+) -> Result<u64, DmaError> {
+    let mut unmap = iommu_ioas_unmap {
+        size: size_of::<iommu_ioas_unmap>() as u32,
+        ioas_id,
+        iova,
+        length: len,
+    };
+    // `IommuFd::unmap_iommu_ioas` passes `&mut` to the kernel, which writes the unmapped
+    // length back (unlike `IommufdIoas::unmap`, which drops it).
+    iommufd
+        .unmap_iommu_ioas(&mut unmap)
+        .map_err(|e| DmaError::Unmap {
+            kind,
+            iova,
+            len,
+            source: errno_of(e),
+        })?;
+    checked_unmapped(kind, iova, len, unmap.length)
+}
+
 impl IommufdBackend {
     /// Opens `/dev/iommu`, allocates an IOAS, and binds and attaches `address`'s vfio cdev.
     ///
@@ -276,32 +345,17 @@ impl DmaBackend for IommufdBackend {
         host_addr: *mut u8,
         prot: DmaProt,
     ) -> Result<(), DmaError> {
-        let Some(flags) = map_flags(prot) else {
-            return Err(DmaError::Unsupported {
-                kind: KIND,
-                operation: "mappings with neither read nor write access",
-            });
-        };
-        let map = iommu_ioas_map {
-            size: size_of::<iommu_ioas_map>() as u32,
-            flags,
-            ioas_id: self.ioas_id(),
-            __reserved: 0,
-            user_va: host_addr as u64,
-            length: len,
-            iova,
-        };
-        // The caller upholds `map_va`'s safety contract, which is what makes this (safe, in
-        // iommufd-ioctls) call sound: the memory stays mapped and is not aliased by Rust
-        // references while the device may reach it.
-        self.iommufd()
-            .map_iommu_ioas(&map)
-            .map_err(|e| DmaError::MapVa {
-                kind: KIND,
-                iova,
-                len,
-                source: errno_of(e),
-            })
+        // SAFETY: the caller upholds `map_va`'s contract, which `ioas_map_va` requires.
+        unsafe {
+            ioas_map_va(
+                self.iommufd(),
+                self.ioas_id(),
+                KIND,
+                (iova, len),
+                host_addr,
+                prot,
+            )
+        }
     }
 
     fn map_file(
@@ -357,28 +411,18 @@ impl DmaBackend for IommufdBackend {
     /// the areas at both ends first; otherwise the native `IOMMU_IOAS_UNMAP`, which refuses a
     /// bisected area with `ENOENT`.
     fn unmap(&self, iova: u64, len: u64) -> Result<u64, DmaError> {
-        let unmap_error = |source| DmaError::Unmap {
-            kind: KIND,
-            iova,
-            len,
-            source,
-        };
-        let unmapped = if self.cutting.is_ok() {
-            sys::vfio_iommu_unmap_dma(self.iommufd().fd(), iova, len).map_err(unmap_error)?
-        } else {
-            let mut unmap = iommu_ioas_unmap {
-                size: size_of::<iommu_ioas_unmap>() as u32,
-                ioas_id: self.ioas_id(),
-                iova,
-                length: len,
-            };
-            // `IommuFd::unmap_iommu_ioas` passes `&mut` to the kernel, which writes the
-            // unmapped length back (unlike `IommufdIoas::unmap`, which drops it).
-            self.iommufd()
-                .unmap_iommu_ioas(&mut unmap)
-                .map_err(|e| unmap_error(errno_of(e)))?;
-            unmap.length
-        };
+        if self.cutting.is_err() {
+            return ioas_unmap(self.iommufd(), self.ioas_id(), KIND, iova, len);
+        }
+        let unmapped =
+            sys::vfio_iommu_unmap_dma(self.iommufd().fd(), iova, len).map_err(|source| {
+                DmaError::Unmap {
+                    kind: KIND,
+                    iova,
+                    len,
+                    source,
+                }
+            })?;
         checked_unmapped(KIND, iova, len, unmapped)
     }
 }

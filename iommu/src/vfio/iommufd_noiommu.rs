@@ -18,18 +18,14 @@ use std::mem::size_of;
 use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 
-use iommufd_bindings::iommufd::{
-    IOMMUFD_TYPE, iommu_ioas_map, iommu_ioas_unmap,
-    iommufd_ioas_map_flags_IOMMU_IOAS_MAP_FIXED_IOVA as MAP_FIXED_IOVA,
-    iommufd_ioas_map_flags_IOMMU_IOAS_MAP_READABLE as MAP_READABLE,
-    iommufd_ioas_map_flags_IOMMU_IOAS_MAP_WRITEABLE as MAP_WRITEABLE,
-};
-use iommufd_ioctls::{IommuFd, IommufdError};
+use iommufd_bindings::iommufd::IOMMUFD_TYPE;
+use iommufd_ioctls::IommuFd;
 use vfio_ioctls::{VfioDevice, VfioIommufd, VfioOps};
 use vmm_sys_util::errno;
 use vmm_sys_util::ioctl::ioctl_with_mut_ref;
 use vmm_sys_util::ioctl_io_nr;
 
+use super::iommufd::{ioas_map_va, ioas_unmap};
 use super::sys::OwnsFd;
 use super::{AttachedDevices, HostPaths, OpenError, PciAddress, VfioMode, VfioPciDevice};
 use crate::backend::{
@@ -93,14 +89,6 @@ impl fmt::Debug for IommufdNoIommuBackend {
             .field("devices", &self.devices)
             .field("ioas", &self.vfio.ioas().id())
             .finish()
-    }
-}
-
-/// iommufd-ioctls' errors carry the errno inside a per-step variant.
-fn errno_of(e: IommufdError) -> errno::Error {
-    match e {
-        IommufdError::IommuIoasMap(s) | IommufdError::IommuIoasUnmap(s) => s,
-        _ => errno::Error::new(libc::EIO),
     }
 }
 
@@ -253,38 +241,18 @@ impl DmaBackend for IommufdNoIommuBackend {
         host_addr: *mut u8,
         prot: DmaProt,
     ) -> Result<(), DmaError> {
-        let mut flags = MAP_FIXED_IOVA;
-        if prot.read {
-            flags |= MAP_READABLE;
+        // SAFETY: the caller upholds `map_va`'s contract, which `ioas_map_va` requires; the
+        // kernel pins the pages.
+        unsafe {
+            ioas_map_va(
+                self.iommufd(),
+                self.ioas_id(),
+                KIND,
+                (iova, len),
+                host_addr,
+                prot,
+            )
         }
-        if prot.write {
-            flags |= MAP_WRITEABLE;
-        }
-        if !(prot.read || prot.write) {
-            return Err(DmaError::Unsupported {
-                kind: KIND,
-                operation: "mappings with neither read nor write access",
-            });
-        }
-        let map = iommu_ioas_map {
-            size: size_of::<iommu_ioas_map>() as u32,
-            flags,
-            ioas_id: self.ioas_id(),
-            __reserved: 0,
-            user_va: host_addr as u64,
-            length: len,
-            iova,
-        };
-        // The caller upholds `map_va`'s safety contract (the memory stays mapped, no Rust
-        // references alias it while the device may reach it); the kernel pins the pages.
-        self.iommufd()
-            .map_iommu_ioas(&map)
-            .map_err(|e| DmaError::MapVa {
-                kind: KIND,
-                iova,
-                len,
-                source: errno_of(e),
-            })
     }
 
     fn map_file(
@@ -302,29 +270,7 @@ impl DmaBackend for IommufdNoIommuBackend {
     }
 
     fn unmap(&self, iova: u64, len: u64) -> Result<u64, DmaError> {
-        let mut unmap = iommu_ioas_unmap {
-            size: size_of::<iommu_ioas_unmap>() as u32,
-            ioas_id: self.ioas_id(),
-            iova,
-            length: len,
-        };
-        self.iommufd()
-            .unmap_iommu_ioas(&mut unmap)
-            .map_err(|e| DmaError::Unmap {
-                kind: KIND,
-                iova,
-                len,
-                source: errno_of(e),
-            })?;
-        if unmap.length > len {
-            return Err(DmaError::PartialUnmap {
-                kind: KIND,
-                iova,
-                len,
-                unmapped: unmap.length,
-            });
-        }
-        Ok(unmap.length)
+        ioas_unmap(self.iommufd(), self.ioas_id(), KIND, iova, len)
     }
 }
 
