@@ -7,7 +7,7 @@
 //! mappings, never part of one, unless the backend reports [`Capabilities::cuts_mappings`].
 
 use std::fmt;
-use std::os::fd::BorrowedFd;
+use std::os::fd::{AsRawFd, BorrowedFd};
 
 use vmm_sys_util::errno;
 
@@ -56,6 +56,81 @@ impl DmaProt {
         read: true,
         write: false,
     };
+}
+
+impl fmt::Display for DmaProt {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match (self.read, self.write) {
+            (true, true) => "read-write",
+            (true, false) => "read-only",
+            (false, true) => "write-only",
+            (false, false) => "no",
+        })
+    }
+}
+
+/// The access an open file description grants: its `O_ACCMODE`, or none at all for an `O_PATH`
+/// descriptor (which no I/O may use).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FdAccess {
+    /// `O_RDONLY`.
+    ReadOnly,
+    /// `O_WRONLY`.
+    WriteOnly,
+    /// `O_RDWR`.
+    ReadWrite,
+    /// `O_PATH`: neither.
+    PathOnly,
+}
+
+impl FdAccess {
+    /// How `fd` was opened (`fcntl(F_GETFL)`).
+    ///
+    /// # Errors
+    /// The kernel's errno from `fcntl`.
+    pub fn of(fd: BorrowedFd<'_>) -> Result<Self, errno::Error> {
+        // SAFETY: F_GETFL on an fd open for the whole call takes no pointer; result checked.
+        let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+        if flags < 0 {
+            return Err(errno::Error::last());
+        }
+        Ok(if flags & libc::O_PATH != 0 {
+            FdAccess::PathOnly
+        } else {
+            match flags & libc::O_ACCMODE {
+                libc::O_RDONLY => FdAccess::ReadOnly,
+                libc::O_WRONLY => FdAccess::WriteOnly,
+                _ => FdAccess::ReadWrite,
+            }
+        })
+    }
+
+    /// True when the descriptor may be read.
+    pub fn readable(self) -> bool {
+        matches!(self, FdAccess::ReadOnly | FdAccess::ReadWrite)
+    }
+
+    /// True when the descriptor may be written.
+    pub fn writable(self) -> bool {
+        matches!(self, FdAccess::WriteOnly | FdAccess::ReadWrite)
+    }
+
+    /// True when a device with `prot` access to the file gets nothing the descriptor does not
+    /// grant its holder.
+    pub fn grants(self, prot: DmaProt) -> bool {
+        (!prot.read || self.readable()) && (!prot.write || self.writable())
+    }
+}
+
+impl fmt::Display for FdAccess {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            FdAccess::ReadOnly => "O_RDONLY",
+            FdAccess::WriteOnly => "O_WRONLY",
+            FdAccess::ReadWrite => "O_RDWR",
+            FdAccess::PathOnly => "O_PATH",
+        })
+    }
 }
 
 /// An inclusive range of I/O virtual addresses, `[start, last]`, as the kernel reports them.

@@ -14,7 +14,7 @@ pub mod ledger;
 pub mod vfio;
 
 pub use backend::{
-    BackendKind, Capabilities, DmaBackend, DmaError, DmaProt, FileMapSupport, IovaRange,
+    BackendKind, Capabilities, DmaBackend, DmaError, DmaProt, FdAccess, FileMapSupport, IovaRange,
     WithoutCutting,
 };
 pub use emulated::EmulatedIommu;

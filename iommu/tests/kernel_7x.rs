@@ -5,10 +5,11 @@
 mod kernel_support;
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::Arc;
 
 use gmem_dma_iommu::{
-    DeviceRegions, DmaBackend, DmaError, DmaProt, Edu, FileMapSupport, IommufdBackend,
-    IommufdNoIommuBackend, PagemapEntry,
+    DeviceRegions, DmaBackend, DmaError, DmaProt, Edu, FdAccess, FileMapSupport, IommufdBackend,
+    IommufdNoIommuBackend, Ledger, LedgerError, PagemapEntry,
 };
 use kernel_support::*;
 use vm_rig::Feature;
@@ -33,9 +34,8 @@ fn reopen_read_only(fd: std::os::fd::BorrowedFd<'_>) -> OwnedFd {
 }
 
 #[test]
-fn kernel_7x_map_file_by_offset_is_reached_bad_offsets_are_refused_a_read_only_fd_is_not() {
-    let name =
-        "kernel_7x_map_file_by_offset_is_reached_bad_offsets_are_refused_a_read_only_fd_is_not";
+fn kernel_7x_map_file_by_offset_is_reached_bad_offsets_are_refused_a_read_only_fd_by_the_ledger() {
+    let name = "kernel_7x_map_file_by_offset_is_reached_bad_offsets_are_refused_a_read_only_fd_by_the_ledger";
     if !vm_rig::need(
         name,
         &[Feature::Edu, Feature::Iommufd, Feature::IommufdMapFile],
@@ -43,6 +43,7 @@ fn kernel_7x_map_file_by_offset_is_reached_bad_offsets_are_refused_a_read_only_f
         return;
     }
     let (backend, device) = IommufdBackend::open(&edu_address()).expect("open edu via IOMMUFD");
+    let backend = Arc::new(backend);
     let edu = Edu::new(device).expect("edu answers with its id");
     assert_eq!(
         backend.capabilities().unwrap().map_file,
@@ -113,7 +114,8 @@ fn kernel_7x_map_file_by_offset_is_reached_bad_offsets_are_refused_a_read_only_f
     // A read-only open of the same memfd. Linux 7.3 does not refuse a device-writable mapping
     // of it: neither iopt_map_file_pages() nor memfd_pin_folios() looks at the fd's mode (only
     // `fget`), so a process holding only a read-only fd lets a device write the file. The
-    // backend passes the fd on as it is; this records what the kernel does.
+    // backend is one raw IOMMU_IOAS_MAP_FILE and passes the fd on as it is: this records what
+    // the kernel does. The ledger, which every map by file goes through, refuses it (below).
     let read_only = reopen_read_only(file.fd());
     backend
         .map_file(
@@ -134,6 +136,56 @@ fn kernel_7x_map_file_by_offset_is_reached_bad_offsets_are_refused_a_read_only_f
     assert_eq!(backend.unmap(DST_IOVA + PAGE, PAGE).unwrap(), PAGE);
     assert_eq!(backend.unmap(DST_IOVA, PAGE).unwrap(), PAGE);
     assert_eq!(backend.unmap(SRC_IOVA, PAGE).unwrap(), PAGE);
+
+    // Through the ledger: the same writable map of the read-only fd is refused, naming the
+    // fd's mode and what was asked, before the kernel sees it; a read-only map of the same fd
+    // works and edu reads the file through it.
+    let ledger = Ledger::new(backend.clone()).expect("ledger over the IOAS");
+    match ledger.map_file(
+        DST_IOVA + PAGE,
+        PAGE,
+        read_only.as_fd(),
+        PAGE,
+        DmaProt::READ_WRITE,
+    ) {
+        Err(LedgerError::FileAccess {
+            fd_access,
+            requested,
+            ..
+        }) => assert_eq!(
+            (fd_access, requested),
+            (FdAccess::ReadOnly, DmaProt::READ_WRITE)
+        ),
+        other => panic!("a writable map of an O_RDONLY fd: expected FileAccess, got {other:?}"),
+    }
+    assert_eq!(ledger.mapping_count(), 0);
+    assert_eq!(
+        backend.unmap(DST_IOVA + PAGE, PAGE).unwrap(),
+        0,
+        "the refused map reached the kernel"
+    );
+    let readable = pattern(0x7a, DMA_LEN);
+    file.write(PAGE as usize, &readable);
+    let sink = MemfdBuf::new(PAGE as usize);
+    ledger
+        .map_file(
+            DST_IOVA + PAGE,
+            PAGE,
+            read_only.as_fd(),
+            PAGE,
+            DmaProt::READ_ONLY,
+        )
+        .expect("a read-only map of the O_RDONLY fd");
+    // SAFETY: `sink` outlives its mapping (the ledger is closed below, before it drops).
+    unsafe { ledger.map_va(SRC_IOVA, PAGE, sink.addr(0), DmaProt::READ_WRITE) }.unwrap();
+    edu.copy_to_device(DST_IOVA + PAGE, DMA_LEN as u32).unwrap();
+    edu.copy_from_device(SRC_IOVA, DMA_LEN as u32).unwrap();
+    assert_eq!(
+        sink.read(0, DMA_LEN),
+        readable,
+        "edu did not read the file through the read-only mapping"
+    );
+    assert_eq!(ledger.close().unwrap().bytes, 2 * PAGE);
 }
 
 #[test]

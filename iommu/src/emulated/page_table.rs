@@ -8,7 +8,9 @@ use std::sync::Arc;
 use vmm_sys_util::errno;
 
 use super::{Call, CallKind, EmulatedIommu, State, UnmapStyle, lock};
-use crate::backend::{BackendKind, Capabilities, DmaBackend, DmaError, DmaProt, FileMapSupport};
+use crate::backend::{
+    BackendKind, Capabilities, DmaBackend, DmaError, DmaProt, FdAccess, FileMapSupport,
+};
 
 /// A host address recorded by `map_va`.
 #[derive(Clone, Copy, Debug)]
@@ -171,7 +173,8 @@ impl EmulatedIommu {
     }
 
     /// The file checks of `IOMMU_IOAS_MAP_FILE`: file type (per [`FileMapSupport`]), write access
-    /// for a writable mapping (`EPERM`), range inside the file (`EINVAL`, as pinning a shmem page
+    /// for a writable mapping (`EPERM`; stricter than Linux 7.3, which does not check, so the
+    /// [`Ledger`](crate::Ledger) refuses such a map before any backend), range inside the file (`EINVAL`, as pinning a shmem page
     /// beyond EOF fails). Returns the emulator's duplicate of the fd for this file and access
     /// mode, made now or shared with the file's other mappings.
     fn accept_file(
@@ -198,12 +201,7 @@ impl EmulatedIommu {
                 return Err(errno::Error::new(libc::EINVAL));
             }
         }
-        // SAFETY: F_GETFL on an fd open for the whole call takes no pointer; result checked.
-        let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
-        if flags < 0 {
-            return Err(errno::Error::last());
-        }
-        let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
+        let writable = FdAccess::of(file)?.writable();
         if prot.write && !writable {
             return Err(errno::Error::new(libc::EPERM));
         }

@@ -1,7 +1,11 @@
 //! Why the ledger refused a request, or how a backend call it made failed.
 
+use std::os::fd::RawFd;
+
+use vmm_sys_util::errno;
+
 use super::Mapping;
-use crate::backend::{DmaError, IovaRange};
+use crate::backend::{DmaError, DmaProt, FdAccess, IovaRange};
 
 /// A request the ledger refused, or a backend call that failed.
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +68,35 @@ pub enum LedgerError {
         len: u64,
         /// The lowest live mapping it overlaps.
         existing: Mapping,
+    },
+    /// A map by file asks for device access the file descriptor does not grant (a writable
+    /// mapping of an fd not open for writing, a readable one of an fd not open for reading).
+    /// The kernel does not check this (Linux 7.3's `IOMMU_IOAS_MAP_FILE` maps an `O_RDONLY`
+    /// memfd device-writable), so the ledger refuses it before any backend call.
+    #[error(
+        "map of iova {iova:#x} len {len:#x} asks {requested} device access to fd {fd}, opened \
+         {fd_access}"
+    )]
+    FileAccess {
+        /// Start of the range.
+        iova: u64,
+        /// Length of the range.
+        len: u64,
+        /// The file descriptor.
+        fd: RawFd,
+        /// What the descriptor grants.
+        fd_access: FdAccess,
+        /// What the mapping asked for.
+        requested: DmaProt,
+    },
+    /// Reading a map's file descriptor's access mode (`fcntl(F_GETFL)`) failed.
+    #[error("reading the access mode of fd {fd} failed")]
+    FileMode {
+        /// The file descriptor.
+        fd: RawFd,
+        /// The kernel's errno.
+        #[source]
+        source: errno::Error,
     },
     /// More mappings were asked for than the backend's budget has left.
     #[error("{requested} more mappings requested but the mapping budget has {remaining} left")]

@@ -7,6 +7,9 @@
 //! removing whatever whole areas came before the bisected one, and neither says how much it
 //! removed on failure. So the [`Ledger`] keeps its own exact record and checks every request
 //! against it before the kernel sees it:
+//! - a map by file that asks for device access its descriptor does not grant (writable from an
+//!   fd not open for writing, readable from one not open for reading) is refused, as the kernel
+//!   does not refuse it ([`LedgerError::FileAccess`]);
 //! - a map that is empty, has no access, is misaligned to the smallest IOMMU page, wraps around,
 //!   falls outside the IOVA ranges (when the backend reports any), overlaps a live mapping or
 //!   exceeds the mapping budget is refused with nothing changed;

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use super::record::{Record, Run};
 use super::{LedgerError, Mapping, MappingSource};
-use crate::backend::{Capabilities, DmaBackend, DmaError, DmaProt};
+use crate::backend::{Capabilities, DmaBackend, DmaError, DmaProt, FdAccess};
 
 /// Longest single unmap call the ledger issues: IOMMUFD refuses `length >= ULONG_MAX`
 /// (`EOVERFLOW`), so a span that long is split into more calls.
@@ -339,6 +339,9 @@ impl Ledger {
         if !(prot.read || prot.write) {
             return Err(LedgerError::NoAccess { iova, len });
         }
+        if let Source::File { file, .. } = source {
+            Self::check_file_access(iova, len, file, prot)?;
+        }
         let (source_what, source_start) = match source {
             Source::Va(p) => ("host address", p as u64),
             Source::File { offset, .. } => ("file offset", offset),
@@ -403,6 +406,31 @@ impl Ledger {
         let pieces = len / piece_len;
         Self::check_budget_in(state, pieces)?;
         Ok((pieces, before))
+    }
+
+    /// A device gets no access to a file that the descriptor the VMM hands in does not grant:
+    /// the kernel does not check (Linux 7.3's `iopt_map_file_pages()` and `memfd_pin_folios()`
+    /// only `fget` the fd, so a device-writable mapping of an `O_RDONLY` memfd is accepted and
+    /// the device writes the file). Every backend's map by file comes through here.
+    fn check_file_access(
+        iova: u64,
+        len: u64,
+        file: BorrowedFd<'_>,
+        prot: DmaProt,
+    ) -> Result<(), LedgerError> {
+        let fd = file.as_raw_fd();
+        let fd_access =
+            FdAccess::of(file).map_err(|source| LedgerError::FileMode { fd, source })?;
+        if !fd_access.grants(prot) {
+            return Err(LedgerError::FileAccess {
+                iova,
+                len,
+                fd,
+                fd_access,
+                requested: prot,
+            });
+        }
+        Ok(())
     }
 
     fn check_budget_in(state: &State, additional: u64) -> Result<(), LedgerError> {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use super::*;
 use crate::backend::IovaRange;
-use crate::backend::{Capabilities, DmaBackend, DmaError, DmaProt};
+use crate::backend::{Capabilities, DmaBackend, DmaError, DmaProt, FdAccess};
 use crate::emulated::test_support::{HostMem, memfd};
 use crate::emulated::{Call, CallKind, EmulatedIommu, UnmapStyle};
 
@@ -847,4 +847,88 @@ fn a_cutting_backend_seen_without_cutting_keeps_whole_mappings_whole() {
     ));
     assert_eq!(table_spans(&iommu), [(0, 4 * PAGE)]);
     assert_eq!(ledger.unmap(0, 4 * PAGE).unwrap().bytes, 4 * PAGE);
+}
+
+/// `fd` opened again through `/proc/self/fd` with the access mode of `options` (a second open
+/// file description of the same memfd).
+fn reopen(fd: BorrowedFd<'_>, options: &std::fs::OpenOptions) -> std::fs::File {
+    options
+        .open(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .unwrap()
+}
+
+#[test]
+fn a_writable_map_file_of_a_read_only_fd_is_refused_before_the_backend() {
+    let fd = memfd(4 * PAGE);
+    let read_only = reopen(fd.as_fd(), std::fs::File::options().read(true));
+    let (iommu, ledger) = ledger_on(EmulatedIommu::new());
+    for pieces in [4 * PAGE, PAGE] {
+        match ledger.map_file_pieces(
+            0,
+            4 * PAGE,
+            read_only.as_fd(),
+            0,
+            pieces,
+            DmaProt::READ_WRITE,
+        ) {
+            Err(LedgerError::FileAccess {
+                fd,
+                fd_access,
+                requested,
+                ..
+            }) => {
+                assert_eq!(fd, read_only.as_raw_fd());
+                assert_eq!(fd_access, FdAccess::ReadOnly);
+                assert_eq!(requested, DmaProt::READ_WRITE);
+            }
+            other => panic!("expected FileAccess, got {other:?}"),
+        }
+    }
+    assert!(iommu.calls().is_empty(), "the backend saw a refused map");
+    assert_eq!(ledger.mapping_count(), 0);
+    assert_eq!(ledger.stats().refused, 2);
+    let message = ledger
+        .map_file(0, PAGE, read_only.as_fd(), 0, DmaProt::READ_WRITE)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        message.contains("read-write") && message.contains("O_RDONLY"),
+        "{message}"
+    );
+    // What the fd grants is still mapped.
+    ledger
+        .map_file(0, PAGE, read_only.as_fd(), PAGE, DmaProt::READ_ONLY)
+        .unwrap();
+    assert_eq!(ledger.mapping_count(), 1);
+}
+
+#[test]
+fn a_readable_map_file_of_a_write_only_fd_is_refused_and_a_path_fd_grants_nothing() {
+    use std::os::unix::fs::OpenOptionsExt;
+    let fd = memfd(2 * PAGE);
+    let write_only = reopen(fd.as_fd(), std::fs::File::options().write(true));
+    let path_only = reopen(
+        fd.as_fd(),
+        std::fs::File::options()
+            .read(true)
+            .custom_flags(libc::O_PATH),
+    );
+    let (iommu, ledger) = ledger_on(EmulatedIommu::new());
+    for (file, access) in [
+        (&write_only, FdAccess::WriteOnly),
+        (&path_only, FdAccess::PathOnly),
+    ] {
+        for prot in [DmaProt::READ_ONLY, DmaProt::READ_WRITE] {
+            match ledger.map_file(0, PAGE, file.as_fd(), 0, prot) {
+                Err(LedgerError::FileAccess { fd_access, .. }) => assert_eq!(fd_access, access),
+                other => panic!("{access:?} {prot:?}: expected FileAccess, got {other:?}"),
+            }
+        }
+    }
+    assert!(iommu.calls().is_empty(), "the backend saw a refused map");
+    assert_eq!(ledger.mapping_count(), 0);
+    // The read-write original grants both.
+    ledger
+        .map_file(0, PAGE, fd.as_fd(), 0, DmaProt::READ_WRITE)
+        .unwrap();
 }
