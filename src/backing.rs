@@ -707,6 +707,19 @@ impl RegionBacking {
             .map_err(|source| BackingError::Residency { side, source })
     }
 
+    /// False where the `side` file cannot say which of its pages hold memory: the guest_memfd of
+    /// a classic backing. Linux 7.3's guest_memfd has no `llseek` (`SEEK_DATA`/`SEEK_HOLE` fail
+    /// with `ESPIPE`), keeps no `i_blocks`, and a classic one has no host mapping for `mincore`
+    /// (creating it `MMAP` would make `kvm_gmem_bind()` mark the memslot
+    /// `KVM_MEMSLOT_GMEM_ONLY`, so KVM would fault shared pages from it instead of the memfd).
+    pub fn reports_residency(&self, side: View) -> bool {
+        let kind = match side {
+            View::Shared => self.shared_kind,
+            View::Private => self.private_kind,
+        };
+        !(kind == FileKind::GuestMemfd && self.model == BackingModel::Classic)
+    }
+
     /// The parts of `range` the `side` backing holds memory for (pages never touched, or
     /// freed, are holes): memfds answer with `SEEK_DATA`/`SEEK_HOLE`, an mmap'ed guest_memfd
     /// with `mincore`; a classic guest_memfd cannot answer (no `lseek`: `ESPIPE`).
@@ -724,9 +737,9 @@ impl RegionBacking {
             View::Private => (self.private_file(), self.private_kind),
         };
         let err = |source| BackingError::Residency { side, source };
-        if kind == FileKind::GuestMemfd && self.model == BackingModel::Classic {
-            // No lseek on guest_memfd and no host mapping: answered without a system call,
-            // as the conversions that ask are the hot path of a lazy policy.
+        if !self.reports_residency(side) {
+            // Answered without a system call, as the conversions that ask are the hot path of
+            // a lazy policy.
             return Err(err(errno::Error::new(libc::EOPNOTSUPP)));
         }
         if kind == FileKind::GuestMemfd {
@@ -767,6 +780,9 @@ impl RegionBacking {
         };
         let page = sys::page_size() as u64;
         let err = |source| BackingError::Residency { side, source };
+        if !self.reports_residency(side) {
+            return Err(err(errno::Error::new(libc::EOPNOTSUPP)));
+        }
         match kind {
             FileKind::Memfd => residency_by_seek(
                 file.as_fd(),
@@ -775,7 +791,8 @@ impl RegionBacking {
                 page,
             )
             .map_err(err),
-            FileKind::GuestMemfd if self.model == BackingModel::InPlace => {
+            // In place: the guest_memfd's own host mapping answers.
+            FileKind::GuestMemfd => {
                 let addr = self
                     .host_addr(range.start())
                     .ok_or(BackingError::OutsideRegion { range })?;
@@ -783,7 +800,6 @@ impl RegionBacking {
                     .map_err(|_| err(errno::Error::new(libc::EINVAL)))?;
                 sys::resident_pages(addr, len).map_err(err)
             }
-            FileKind::GuestMemfd => Err(err(errno::Error::new(libc::EOPNOTSUPP))),
         }
     }
 }

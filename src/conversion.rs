@@ -451,6 +451,11 @@ impl Region {
             .map_err(|(range, source)| ConversionError::AttributeRollback { range, source })?;
         self.check_budget(range, to)?;
         let classic = self.backing().model() == BackingModel::Classic;
+        if to == Attribute::Private {
+            // Every granule of `range` is plugged (checked above): private already, or about
+            // to be, so its guest_memfd may hold memory from the attribute step on.
+            discarder.may_become_private(range);
+        }
         let mut step = AttributeStep::new(attributes, to, classic);
         let result = self.manager.convert_with(range, to, &mut step);
         let change = match result {

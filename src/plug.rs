@@ -160,6 +160,11 @@ impl Region {
         let _budgets: Vec<_> = budgeted.iter().map(|s| s.budget()).collect();
         let joining: Vec<GpaRange> = unplugged.iter().map(|r| r.range).collect();
         self.check_room(to.view(), range, &joining)?;
+        if to == Attribute::Private {
+            for &r in &joining {
+                discarder.may_become_private(r);
+            }
+        }
         // Unplugged granules change attribute without notifications; KVM follows in the step.
         let flip: Vec<GpaRange> = unplugged
             .iter()

@@ -23,7 +23,9 @@
 //! really backed.
 //!
 //! Held pages are the only pages backed on both sides (invariant 5); [`HeldBack`] reports them
-//! at any moment. A free that fails stays held (reported as `failed_bytes`) and is retried at
+//! at any moment, exactly where the vacated side can say which pages hold memory, and as an
+//! upper bound flagged `unverified_bytes` on a classic guest_memfd, which cannot (see
+//! [`HeldBack`] and `PrivateMayHold` for what the library knows there and why). A free that fails stays held (reported as `failed_bytes`) and is retried at
 //! the next flush; it never undoes the conversion that vacated it.
 
 use discard_manager::{Attribute, GpaRange, View};
@@ -51,6 +53,23 @@ pub enum DiscardPolicy {
 }
 
 /// Backing pages held back right now: backed on both sides on purpose or because a free failed.
+///
+/// **Which figures are exact.** A range is held only where its vacated side holds memory, as far
+/// as the kernel lets the library know:
+/// - a memfd (the shared side, or a software backing's private side) answers `SEEK_DATA`, and an
+///   in-place guest_memfd's host mapping answers `mincore`: what is held there is exactly what is
+///   backed;
+/// - a classic backing's guest_memfd cannot answer (Linux 7.3: no `llseek`, so `SEEK_DATA`
+///   fails with `ESPIPE`; no `i_blocks`; no host mapping, since creating it `MMAP` would make
+///   its memslot `KVM_MEMSLOT_GMEM_ONLY` and KVM would fault shared pages from it). There the
+///   library holds what it cannot rule out: a range whose KVM attribute may have been private
+///   since the library last freed it (KVM allocates guest_memfd pages only on private faults,
+///   see the policy module). Those bytes are counted in `private_bytes` and again in
+///   `unverified_bytes`: an upper bound (a page the guest never touched holds no memory), while a
+///   range that was never private, or was freed and has not been private since, is not held.
+///
+/// `shared_bytes` and `private_bytes - unverified_bytes` are exact; `unverified_bytes` bounds
+/// the rest from above.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct HeldBack {
@@ -60,12 +79,29 @@ pub struct HeldBack {
     pub private_bytes: u64,
     /// Of those, bytes whose free failed and will be retried at the next flush.
     pub failed_bytes: u64,
+    /// Of the held bytes, those on a side that cannot report which pages hold memory (a
+    /// classic guest_memfd): they may hold none.
+    pub unverified_bytes: u64,
 }
 
 impl HeldBack {
     /// All held bytes.
     pub fn total(&self) -> u64 {
         self.shared_bytes + self.private_bytes
+    }
+}
+
+impl std::ops::Add for HeldBack {
+    type Output = HeldBack;
+
+    /// The figures of two regions together.
+    fn add(self, other: HeldBack) -> HeldBack {
+        HeldBack {
+            shared_bytes: self.shared_bytes + other.shared_bytes,
+            private_bytes: self.private_bytes + other.private_bytes,
+            failed_bytes: self.failed_bytes + other.failed_bytes,
+            unverified_bytes: self.unverified_bytes + other.unverified_bytes,
+        }
     }
 }
 
@@ -88,15 +124,92 @@ pub(crate) struct Discarder {
     held_shared: RangeSet,
     held_private: RangeSet,
     failed: RangeSet,
+    /// Where the private side cannot report residency (a classic guest_memfd): the ranges whose
+    /// guest_memfd may hold memory, so that a range it certainly does not is never held.
+    /// `None` where the backing answers for itself. See [`PrivateMayHold`].
+    private_may_hold: Option<PrivateMayHold>,
+}
+
+/// The ranges of a classic guest_memfd that may hold memory: those whose KVM attribute may have
+/// been private since the library last freed them (or since the region was created).
+///
+/// Why that is sound (read in Linux 7.3): a classic guest_memfd is created without
+/// `GUEST_MEMFD_FLAG_MMAP`, so its memslot is not `KVM_MEMSLOT_GMEM_ONLY` and KVM faults a gfn
+/// from guest_memfd only when the fault is private (`__kvm_mmu_faultin_pfn()`:
+/// `fault->is_private || kvm_memslot_is_gmem_only()`), and a fault whose privateness differs from
+/// the gfn's attribute exits to userspace before any pfn is looked up (`kvm_mmu_faultin_pfn()`
+/// compares with `kvm_mem_is_private()`); `KVM_PRE_FAULT_MEMORY` takes privateness from the
+/// attribute too. So while a range stays shared the guest cannot populate its guest_memfd pages,
+/// and a flipped range is marked before its attribute can change (a failed conversion leaves it
+/// marked: the attribute was private for a moment). Other ways pages get there are the VMM's:
+/// `fallocate` on the fd, and the launch-time `kvm_gmem_populate()` (SNP_LAUNCH_UPDATE,
+/// TDX_INIT_MEM_REGION), which allocates the folio before it checks that the gfn is private;
+/// a VMM does both only on memory that is private, and so marked. An unplugged granule keeps
+/// its attribute: a guest that touched unplugged private memory would fault guest_memfd pages
+/// in again, as touching unplugged shared memory faults memfd pages in; virtio-mem forbids both,
+/// and the library counts neither.
+#[derive(Debug)]
+struct PrivateMayHold(RangeSet);
+
+impl PrivateMayHold {
+    /// The parts of `range` that may hold memory.
+    fn backed(&self, range: GpaRange) -> Vec<GpaRange> {
+        self.0
+            .intersection(range.start(), range.end())
+            .into_iter()
+            .filter_map(|(s, e)| GpaRange::new(s, e - s))
+            .collect()
+    }
 }
 
 impl Discarder {
-    pub(crate) fn new(policy: DiscardPolicy) -> Self {
+    /// The discard state of a region over `backing`, whose granules with the private attribute
+    /// (plugged or not: KVM holds the attribute either way) are `private`.
+    pub(crate) fn new(
+        policy: DiscardPolicy,
+        backing: &RegionBacking,
+        private: &[GpaRange],
+    ) -> Self {
+        let private_may_hold = (!backing.reports_residency(View::Private)).then(|| {
+            let mut set = RangeSet::new();
+            for r in private {
+                set.insert(r.start(), r.end());
+            }
+            PrivateMayHold(set)
+        });
         Self {
             policy,
             held_shared: RangeSet::new(),
             held_private: RangeSet::new(),
             failed: RangeSet::new(),
+            private_may_hold,
+        }
+    }
+
+    /// Records, before the KVM attribute of `range` may become private (a conversion or a plug
+    /// to private, successful or not), that its guest_memfd may hold memory from now on.
+    pub(crate) fn may_become_private(&mut self, range: GpaRange) {
+        if let Some(may_hold) = self.private_may_hold.as_mut() {
+            may_hold.0.insert(range.start(), range.end());
+        }
+    }
+
+    /// `range` of `side` was freed: a guest_memfd range holds nothing until it is private again.
+    fn freed(&mut self, side: View, range: GpaRange) {
+        if let (View::Private, Some(may_hold)) = (side, self.private_may_hold.as_mut()) {
+            may_hold.0.remove(range.start(), range.end());
+        }
+    }
+
+    /// The parts of `range` of `side` that hold memory (or may, where the file cannot say):
+    /// held back only they are, so that the held-back figures count real memory (pages never
+    /// touched are holes).
+    fn backed(&self, backing: &RegionBacking, side: View, range: GpaRange) -> Vec<GpaRange> {
+        match (side, &self.private_may_hold) {
+            (View::Private, Some(may_hold)) => may_hold.backed(range),
+            _ => backing
+                .backed_ranges(side, range)
+                .unwrap_or_else(|_| vec![range]),
         }
     }
 
@@ -141,7 +254,7 @@ impl Discarder {
             // A key for `failed` is a (side-less) range: a failed page that is in use again
             // is no longer pending on the side that regained it.
             self.failed.remove(r.start(), r.end());
-            for b in backed(backing, losing, *r) {
+            for b in self.backed(backing, losing, *r) {
                 self.set(losing).insert(b.start(), b.end());
             }
         }
@@ -166,6 +279,7 @@ impl Discarder {
         match (span_ok && runs.len() > 1).then(|| span(runs)).flatten() {
             Some(all) => match backing.punch_hole(side, all) {
                 Ok(()) => {
+                    self.freed(side, all);
                     report.punched_ranges += 1;
                     report.punched_bytes += runs.iter().map(GpaRange::len).sum::<u64>();
                 }
@@ -228,7 +342,7 @@ impl Discarder {
         range: GpaRange,
         report: &mut FlushReport,
     ) {
-        for b in backed(backing, side, range) {
+        for b in self.backed(backing, side, range) {
             self.set(side).insert(b.start(), b.end());
             self.failed.insert(b.start(), b.end());
         }
@@ -249,6 +363,7 @@ impl Discarder {
                 if !self.failed.is_empty() {
                     self.failed.remove(start, end);
                 }
+                self.freed(side, range);
                 report.punched_ranges += 1;
                 report.punched_bytes += range.len();
             }
@@ -331,6 +446,7 @@ impl Discarder {
                 // of the other side may just have set.
                 match backing.punch_hole(side, r) {
                     Ok(()) => {
+                        self.freed(side, r);
                         report.punched_ranges += 1;
                         report.punched_bytes += r.len();
                     }
@@ -349,6 +465,9 @@ impl Discarder {
         self.held_shared = RangeSet::new();
         self.held_private = RangeSet::new();
         self.failed = RangeSet::new();
+        if let Some(may_hold) = self.private_may_hold.as_mut() {
+            may_hold.0 = RangeSet::new();
+        }
     }
 
     pub(crate) fn held(&self) -> HeldBack {
@@ -356,6 +475,10 @@ impl Discarder {
             shared_bytes: self.held_shared.bytes(),
             private_bytes: self.held_private.bytes(),
             failed_bytes: self.failed.bytes(),
+            unverified_bytes: match self.private_may_hold {
+                Some(_) => self.held_private.bytes(),
+                None => 0,
+            },
         }
     }
 
@@ -368,21 +491,26 @@ impl Discarder {
     }
 }
 
-/// The parts of `range` of `side` that hold memory: held back only they are, so that the
-/// held-back figures count real memory (pages never touched are holes). A file that cannot say
-/// (a classic guest_memfd has no `SEEK_DATA`) counts as holding all of it.
-fn backed(backing: &RegionBacking, side: View, range: GpaRange) -> Vec<GpaRange> {
-    backing
-        .backed_ranges(side, range)
-        .unwrap_or_else(|_| vec![range])
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn r(start: u64, len: u64) -> GpaRange {
         GpaRange::new(start, len).unwrap()
+    }
+
+    impl Discarder {
+        /// A discarder over a backing that reports residency on both sides (the software
+        /// backing of these tests).
+        fn new_for_test(policy: DiscardPolicy) -> Self {
+            Self {
+                policy,
+                held_shared: RangeSet::new(),
+                held_private: RangeSet::new(),
+                failed: RangeSet::new(),
+                private_may_hold: None,
+            }
+        }
     }
 
     /// A software backing at 0 of `size` bytes whose every page holds memory on both sides,
@@ -406,7 +534,7 @@ mod tests {
         let backing = RegionBacking::software(0, 0x10000).unwrap();
         use std::os::unix::fs::FileExt;
         backing.shared_file().write_all_at(&[1], 0x1000).unwrap();
-        let mut d = Discarder::new(DiscardPolicy::Lazy {
+        let mut d = Discarder::new_for_test(DiscardPolicy::Lazy {
             budget_bytes: 1 << 20,
         });
         d.converted(&backing, &[r(0, 0x4000)], Attribute::Private, true);
@@ -428,9 +556,41 @@ mod tests {
     }
 
     #[test]
+    fn a_private_side_that_cannot_report_holds_only_what_may_have_been_private() {
+        // As over a classic guest_memfd: the private side cannot say which pages it holds.
+        let backing = RegionBacking::software(0, 0x10000).unwrap();
+        let mut d = Discarder::new_for_test(DiscardPolicy::Lazy {
+            budget_bytes: 1 << 20,
+        });
+        d.private_may_hold = Some(PrivateMayHold(RangeSet::new()));
+        d.may_become_private(r(0, 0x4000));
+        d.converted(&backing, &[r(0, 0x4000)], Attribute::Private, true);
+        d.converted(&backing, &[r(0, 0x4000)], Attribute::Shared, true);
+        // Private until now: may hold memory, held, and flagged unverified.
+        assert_eq!(d.held().private_bytes, 0x4000);
+        assert_eq!(d.held().unverified_bytes, 0x4000);
+        assert_eq!(d.flush(&backing).punched_bytes, 0x4000);
+        // Freed, and pages 4..8 never private: a failed free holds nothing of either.
+        backing.inject_punch_failures(|side, _| side == View::Private);
+        let report = d.unplugged(&backing, &[r(0, 0x8000)], false);
+        assert_eq!(report.failed_ranges, 1);
+        assert_eq!(d.held(), HeldBack::default());
+        // A range marked before a conversion that then failed stays marked: held when its
+        // free fails.
+        d.may_become_private(r(0x8000, 0x1000));
+        d.unplugged(&backing, &[r(0x8000, 0x2000)], false);
+        assert_eq!(d.held().private_bytes, 0x1000);
+        assert_eq!(d.held().unverified_bytes, 0x1000);
+        assert!(d.holds(View::Private, 0x8000, 0x9000));
+        backing.clear_punch_failures();
+        assert_eq!(d.flush(&backing).punched_bytes, 0x1000);
+        assert_eq!(d.held(), HeldBack::default());
+    }
+
+    #[test]
     fn an_unplug_frees_both_sides_at_once_whatever_the_policy() {
         let backing = touched(0x10000);
-        let mut d = Discarder::new(DiscardPolicy::Lazy {
+        let mut d = Discarder::new_for_test(DiscardPolicy::Lazy {
             budget_bytes: 1 << 20,
         });
         d.converted(&backing, &[r(0, 0x4000)], Attribute::Shared, true);
@@ -454,7 +614,7 @@ mod tests {
     #[test]
     fn a_page_converted_back_while_held_is_never_freed() {
         let backing = touched(0x10000);
-        let mut d = Discarder::new(DiscardPolicy::Lazy {
+        let mut d = Discarder::new_for_test(DiscardPolicy::Lazy {
             budget_bytes: 0x2000,
         });
         let nothing = FlushReport::default();
@@ -469,7 +629,8 @@ mod tests {
             HeldBack {
                 shared_bytes: 0,
                 private_bytes: 0x1000,
-                failed_bytes: 0
+                failed_bytes: 0,
+                unverified_bytes: 0,
             }
         );
         // Over the budget: everything held is freed, the page in use again is not.
@@ -482,7 +643,7 @@ mod tests {
     #[test]
     fn batched_coalesces_adjacent_pages_into_one_free() {
         let backing = touched(0x10000);
-        let mut d = Discarder::new(DiscardPolicy::Batched {
+        let mut d = Discarder::new_for_test(DiscardPolicy::Batched {
             max_ranges: 2,
             max_bytes: 1 << 20,
         });
@@ -498,7 +659,7 @@ mod tests {
     #[test]
     fn a_failed_free_stays_held_and_is_retried() {
         let backing = touched(0x10000);
-        let mut d = Discarder::new(DiscardPolicy::Eager);
+        let mut d = Discarder::new_for_test(DiscardPolicy::Eager);
         backing.inject_punch_failures(|_, _| true);
         let report = d.converted(&backing, &[r(0, 0x2000)], Attribute::Private, true);
         assert_eq!(report.failed_ranges, 1);
@@ -514,7 +675,7 @@ mod tests {
     #[test]
     fn eager_frees_the_runs_of_a_mixed_conversion_with_one_punch_over_their_span() {
         let backing = touched(0x10000);
-        let mut d = Discarder::new(DiscardPolicy::Eager);
+        let mut d = Discarder::new_for_test(DiscardPolicy::Eager);
         let runs = [r(0x1000, 0x1000), r(0x4000, 0x2000)];
         let report = d.converted(&backing, &runs, Attribute::Private, true);
         assert_eq!((report.punched_ranges, report.punched_bytes), (1, 0x3000));
@@ -531,7 +692,7 @@ mod tests {
     #[test]
     fn a_failed_span_punch_holds_exactly_the_runs() {
         let backing = touched(0x10000);
-        let mut d = Discarder::new(DiscardPolicy::Eager);
+        let mut d = Discarder::new_for_test(DiscardPolicy::Eager);
         backing.inject_punch_failures(|_, _| true);
         let runs = [r(0x1000, 0x1000), r(0x4000, 0x2000)];
         let report = d.converted(&backing, &runs, Attribute::Private, true);

@@ -447,14 +447,9 @@ impl GuestRam {
 
     /// Backing held back, summed over regions.
     pub fn held_back(&self) -> HeldBack {
-        self.regions().iter().fold(HeldBack::default(), |acc, r| {
-            let h = r.held_back();
-            HeldBack {
-                shared_bytes: acc.shared_bytes + h.shared_bytes,
-                private_bytes: acc.private_bytes + h.private_bytes,
-                failed_bytes: acc.failed_bytes + h.failed_bytes,
-            }
-        })
+        self.regions()
+            .iter()
+            .fold(HeldBack::default(), |acc, r| acc + r.held_back())
     }
 }
 

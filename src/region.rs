@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use discard_manager::{
-    Counts, DiscardManager, GpaRange, ListenerId, RegionConfig, Run, View, ViewListener,
+    Attribute, Counts, DiscardManager, GpaRange, ListenerId, RegionConfig, Run, View, ViewListener,
 };
 use iommu::FileMapSupport;
 
@@ -208,13 +208,24 @@ impl Region {
         config: RegionConfig,
         policy: DiscardPolicy,
     ) -> Result<Self, discard_manager::ConfigError> {
+        let manager = DiscardManager::new(config)?;
+        // A fresh manager answers; were it not to, every granule counts as maybe private.
+        let private: Vec<GpaRange> = match manager.runs(manager.region()) {
+            Ok(runs) => runs
+                .into_iter()
+                .filter(|r| r.attribute == Attribute::Private)
+                .map(|r| r.range)
+                .collect(),
+            Err(_) => vec![manager.region()],
+        };
+        let discarder = Discarder::new(policy, &backing, &private);
         Ok(Self {
-            manager: DiscardManager::new(config)?,
+            manager,
             attached: Mutex::new(Vec::new()),
             budgeted: AtomicU8::new(0),
             backing: Arc::new(backing),
             granularity: config.granularity,
-            conversion_lock: Mutex::new(Discarder::new(policy)),
+            conversion_lock: Mutex::new(discarder),
             departed: Mutex::new(Vec::new()),
             maybe_stale: AtomicBool::new(false),
             unsynced: Mutex::new(RangeSet::new()),

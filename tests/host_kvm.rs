@@ -261,6 +261,59 @@ fn an_unplugged_range_of_a_classic_region_holds_no_memfd_pages_and_replugs_zeroe
 }
 
 #[test]
+fn a_classic_guest_memfd_range_never_private_or_flushed_is_not_held_a_vacated_one_is_unverified() {
+    let name = "a_classic_guest_memfd_range_never_private_or_flushed_is_not_held_a_vacated_one_is_unverified";
+    if !vm_rig::need(name, &[Feature::Kvm, Feature::GuestMemfdMmap]) {
+        return;
+    }
+    let (_kvm, vm, support) = vm();
+    let backing = RegionBacking::classic(&vm, BASE, SIZE).unwrap();
+    backing.bind(&vm, 0).unwrap();
+    // Shared from the start: no page of the guest_memfd has been private.
+    let (ram, region) = ram_with_region(
+        backing,
+        attributes(vm, &support),
+        Attribute::Shared,
+        DiscardPolicy::Lazy { budget_bytes: SIZE },
+    );
+    let never_private = range(BASE, SIZE / 2);
+    let flipped = range(BASE + SIZE / 2, SIZE / 2);
+    ram.convert(flipped, Attribute::Private).unwrap();
+    let back = ram.convert(flipped, Attribute::Shared).unwrap();
+    // Private until now: the guest may have faulted guest_memfd pages in there, and the
+    // guest_memfd cannot say (no lseek, no i_blocks): held, and flagged as unverified.
+    assert_eq!(back.held.private_bytes, flipped.len());
+    assert_eq!(back.held.unverified_bytes, flipped.len());
+    assert_eq!(
+        back.held.shared_bytes, 0,
+        "the memfd side was never touched"
+    );
+    assert_eq!(region.held_back().unverified_bytes, flipped.len());
+    assert_eq!(ram.flush_discards().punched_bytes, flipped.len());
+    assert_eq!(region.held_back(), gmem_dma::HeldBack::default());
+    // Unplugging everything while every guest_memfd free fails: what was never private, and
+    // what was freed by the flush and has not been private since, holds nothing there, so
+    // nothing is held; the memfd side is freed.
+    let b = region.backing();
+    b.inject_punch_failures(|side, _| side == View::Private);
+    let unplug = ram.unplug(region.range()).unwrap();
+    b.clear_punch_failures();
+    assert!(unplug.flushed.failed_ranges > 0, "the frees were tried");
+    assert_eq!(
+        unplug.held,
+        gmem_dma::HeldBack::default(),
+        "{never_private} and {flipped} hold no guest_memfd page"
+    );
+    // Plugged private, then shared, with the frees failing: held again, unverified.
+    ram.plug(flipped, Some(Attribute::Private)).unwrap();
+    b.inject_punch_failures(|side, _| side == View::Private);
+    let unplug = ram.unplug(flipped).unwrap();
+    assert_eq!(unplug.held.private_bytes, flipped.len());
+    assert_eq!(unplug.held.unverified_bytes, flipped.len());
+    assert_eq!(unplug.held.failed_bytes, flipped.len());
+}
+
+#[test]
 fn an_unplugged_range_of_an_in_place_region_holds_no_guest_memfd_pages() {
     if !vm_rig::need(
         "an_unplugged_range_of_an_in_place_region_holds_no_guest_memfd_pages",

@@ -465,11 +465,16 @@ impl Rig {
     pub fn check_held_exactly(&self) {
         let runs = self.region.state().runs(self.region.range()).unwrap();
         let double = self.check_backings(&runs);
-        assert_eq!(
-            double,
-            self.region.held_back().total(),
-            "held back vs backed where not in use"
-        );
+        let held = self.region.held_back();
+        assert_eq!(double, held.total(), "held back vs backed where not in use");
+        // Every held byte is verified where both sides report residency; elsewhere the
+        // private side's are the upper bound.
+        let b = self.region.backing();
+        let unverified = match b.reports_residency(View::Private) {
+            true => 0,
+            false => held.private_bytes,
+        };
+        assert_eq!(held.unverified_bytes, unverified, "unverified held bytes");
     }
 
     /// Invariant 5: a page is backed on its own side, and on the other side only if held back;
