@@ -35,6 +35,19 @@ fn attributes(vm: VmFd, support: &KvmSupport) -> Arc<dyn MemoryAttributes> {
     }
 }
 
+/// Guest RAM over a classic backing on this machine's KVM, bound to memslot 0, with `initial`
+/// attribute and `policy` (the `Kvm` keeps the VM's KVM open).
+fn classic_ram(
+    initial: Attribute,
+    policy: DiscardPolicy,
+) -> (Kvm, Arc<gmem_dma::GuestRam>, Arc<gmem_dma::Region>) {
+    let (kvm, vm, support) = vm();
+    let backing = RegionBacking::classic(&vm, BASE, SIZE).unwrap();
+    backing.bind(&vm, 0).unwrap();
+    let (ram, region) = ram_with_region(backing, attributes(vm, &support), initial, policy);
+    (kvm, ram, region)
+}
+
 #[test]
 fn probe_reports_guest_memfd_and_picks_in_place_where_offered() {
     if !vm_rig::need(
@@ -67,15 +80,7 @@ fn classic_region_binds_a_memslot_maps_for_dma_and_frees_the_memfd_on_conversion
     ) {
         return;
     }
-    let (_kvm, vm, support) = vm();
-    let backing = RegionBacking::classic(&vm, BASE, SIZE).unwrap();
-    backing.bind(&vm, 0).unwrap();
-    let (ram, region) = ram_with_region(
-        backing,
-        attributes(vm, &support),
-        Attribute::Private,
-        DiscardPolicy::Eager,
-    );
+    let (_kvm, ram, region) = classic_ram(Attribute::Private, DiscardPolicy::Eager);
     let iommu = Arc::new(EmulatedIommu::new());
     let dev = ram
         .attach_device("nic", iommu.clone(), DeviceConfig::shared())
@@ -266,13 +271,8 @@ fn a_classic_guest_memfd_range_never_private_or_flushed_is_not_held_a_vacated_on
     if !vm_rig::need(name, &[Feature::Kvm, Feature::GuestMemfdMmap]) {
         return;
     }
-    let (_kvm, vm, support) = vm();
-    let backing = RegionBacking::classic(&vm, BASE, SIZE).unwrap();
-    backing.bind(&vm, 0).unwrap();
     // Shared from the start: no page of the guest_memfd has been private.
-    let (ram, region) = ram_with_region(
-        backing,
-        attributes(vm, &support),
+    let (_kvm, ram, region) = classic_ram(
         Attribute::Shared,
         DiscardPolicy::Lazy { budget_bytes: SIZE },
     );
