@@ -97,8 +97,9 @@ pub enum Outcome {
 }
 
 /// A workload's state, request by request: what is shared (plugged and shared: what a device
-/// may map) and what is unplugged; everything else is plugged and private.
-#[derive(Clone, Debug)]
+/// may map) and what is unplugged; everything else is plugged and private. The default is a
+/// region with nothing shared and nothing unplugged.
+#[derive(Clone, Debug, Default)]
 pub struct Replay {
     shared: Extents,
     unplugged: Extents,
@@ -117,15 +118,25 @@ impl Replay {
         }
     }
 
+    /// What the VMM must do with `r` in this state, changing nothing.
+    pub fn outcome(&self, r: &Request) -> Outcome {
+        match r.action {
+            Action::Convert(_) if self.unplugged.overlaps(r.gpa, r.gpa + r.len) => {
+                Outcome::RefusedUnplugged
+            }
+            _ => Outcome::Applied,
+        }
+    }
+
     /// Applies `r` as the VMM must: a conversion over unplugged memory is refused; a plug gives
     /// the unplugged memory of its range its attribute and leaves plugged memory as it is; an
     /// unplug takes the range out of the shared view whatever its attribute.
     pub fn apply(&mut self, r: &Request) -> Outcome {
         let (start, end) = (r.gpa, r.gpa + r.len);
+        if self.outcome(r) == Outcome::RefusedUnplugged {
+            return Outcome::RefusedUnplugged;
+        }
         match r.action {
-            Action::Convert(_) if self.unplugged.overlaps(start, end) => {
-                return Outcome::RefusedUnplugged;
-            }
             Action::Convert(Target::Shared) => self.shared.insert(start, end),
             Action::Convert(Target::Private) => self.shared.remove(start, end),
             Action::Plug(to) => {
