@@ -12,7 +12,7 @@ use vm_memory::{Bytes as _, MemoryRegionAddress};
 use discard_manager::{Attribute, GpaRange};
 use gmem_dma::{
     BackingModel, DeviceConfig, DeviceId, DiscardPolicy, GuestRam, KvmAttributes, MemoryAttributes,
-    RecordingAttributes, Region, RegionSpec,
+    Plugging, RecordingAttributes, Region, RegionSpec,
 };
 use iommu::{DmaBackend, EmulatedIommu};
 
@@ -213,6 +213,14 @@ pub struct Driven {
     pub replay: Replay,
 }
 
+/// The library's attribute for a workload's.
+fn attribute(to: Target) -> Attribute {
+    match to {
+        Target::Shared => Attribute::Shared,
+        Target::Private => Attribute::Private,
+    }
+}
+
 /// The region's range a request names.
 pub fn request_range(r: &Request) -> anyhow::Result<GpaRange> {
     GpaRange::new(REGION_BASE + r.gpa, r.len)
@@ -254,14 +262,11 @@ pub fn drive(
     for r in &w.requests {
         let range = request_range(r)?;
         let outcome = d.replay.outcome(r);
-        let failed = |why: String| format!("request {} ({} {range}) {why}", d.done + 1, r.action);
         let before = bench.calls();
-        match r.action {
+        let failed = |e: gmem_dma::ConversionError| format!("failed: {:#}", anyhow::Error::new(e));
+        let step: Result<Option<Plugging>, String> = match r.action {
             Action::Convert(target) => {
-                let to = match target {
-                    Target::Shared => Attribute::Shared,
-                    Target::Private => Attribute::Private,
-                };
+                let to = attribute(target);
                 let t = Instant::now();
                 let result = bench.ram.convert(range, to);
                 let took = t.elapsed();
@@ -275,58 +280,53 @@ pub fn drive(
                         if to == Attribute::Shared {
                             fill(mem, r)?;
                         }
+                        Ok(None)
                     }
                     (
                         Err(gmem_dma::ConversionError::Unplugged { .. }),
                         Outcome::RefusedUnplugged,
                     ) => {
                         d.plugging.refused_unplugged += 1;
+                        Ok(None)
                     }
                     (Ok(_), Outcome::RefusedUnplugged) => {
-                        d.failure = Some(failed(
-                            "converted memory that is unplugged: it must be refused".to_string(),
-                        ));
-                        break;
+                        Err("converted unplugged memory: it must be refused".to_string())
                     }
-                    (Err(e), _) => {
-                        d.failure = Some(failed(format!("failed: {:#}", anyhow::Error::new(e))));
-                        break;
-                    }
+                    (Err(e), _) => Err(failed(e)),
                 }
             }
-            Action::Plug(target) => {
-                let to = match target {
-                    Target::Shared => Attribute::Shared,
-                    Target::Private => Attribute::Private,
-                };
-                match bench.ram.plug(range, Some(to)) {
-                    Ok(p) => {
-                        d.plugging.plugs += 1;
-                        d.plugging.plugged_bytes += p.bytes();
-                        d.plugging.plug_calls.add(&bench.calls().since(&before));
-                        d.peak_held = d.peak_held.max(p.held.total());
-                        if to == Attribute::Shared {
-                            fill(mem, r)?;
-                        }
-                    }
-                    Err(e) => {
-                        d.failure = Some(failed(format!("failed: {:#}", anyhow::Error::new(e))));
-                        break;
-                    }
-                }
+            Action::Plug(target) => bench
+                .ram
+                .plug(range, Some(attribute(target)))
+                .map(Some)
+                .map_err(failed),
+            Action::Unplug => bench.ram.unplug(range).map(Some).map_err(failed),
+        };
+        let plugging = match step {
+            Ok(plugging) => plugging,
+            Err(why) => {
+                d.failure = Some(format!(
+                    "request {} ({} {range}) {why}",
+                    d.done + 1,
+                    r.action
+                ));
+                break;
             }
-            Action::Unplug => match bench.ram.unplug(range) {
-                Ok(p) => {
-                    d.plugging.unplugs += 1;
-                    d.plugging.unplugged_bytes += p.bytes();
-                    d.plugging.unplug_calls.add(&bench.calls().since(&before));
-                    d.peak_held = d.peak_held.max(p.held.total());
-                }
-                Err(e) => {
-                    d.failure = Some(failed(format!("failed: {:#}", anyhow::Error::new(e))));
-                    break;
-                }
-            },
+        };
+        if let Some(p) = plugging {
+            let calls = bench.calls().since(&before);
+            let s = &mut d.plugging;
+            let (count, bytes, kernel) = match r.action {
+                Action::Unplug => (&mut s.unplugs, &mut s.unplugged_bytes, &mut s.unplug_calls),
+                _ => (&mut s.plugs, &mut s.plugged_bytes, &mut s.plug_calls),
+            };
+            *count += 1;
+            *bytes += p.bytes();
+            kernel.add(&calls);
+            d.peak_held = d.peak_held.max(p.held.total());
+        }
+        if r.action == Action::Plug(Target::Shared) {
+            fill(mem, r)?;
         }
         d.replay.apply(r);
         d.done += 1;

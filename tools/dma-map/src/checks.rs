@@ -210,6 +210,16 @@ const SHARED_VIEW: &str =
 const NO_BACKING: &str = "unplugged memory has no backing on either side";
 const PAGE_TABLE: &str = "the emulated IOMMU's page table";
 
+/// Something that holds IOMMU mappings: a device's ledger, or the emulated IOMMU's page table.
+struct Holder {
+    /// What it is, for the report.
+    name: String,
+    /// The view it maps.
+    view: View,
+    /// What it maps, merged into extents.
+    mapped: Vec<(u64, u64)>,
+}
+
 /// The extents `[start, end)` of `ranges`, merged where they overlap or touch, in address
 /// order. Linear for sorted input (ledgers and page tables are), as it runs at every check point.
 fn merged(ranges: impl IntoIterator<Item = (u64, u64)>) -> Vec<(u64, u64)> {
@@ -304,47 +314,48 @@ impl PlugChecks {
         };
         self.record(UNPLUGGED_STATE, failure);
         self.record(PAGE_STATE, page_state_disagrees(bench, replay, scope));
-        // Every device's ledger, and what the emulated IOMMU really holds.
-        let mut holders: Vec<(String, Vec<(u64, u64)>)> = bench
+        // Every device's ledger, with its view, and what the emulated IOMMU (the bench device's
+        // backend, shared view) really holds.
+        let mut holders: Vec<Holder> = bench
             .ram
             .devices()
             .into_iter()
-            .map(|(id, name, _)| {
+            .map(|(id, name, config)| {
                 let maps = bench.ram.device_mappings(id).unwrap_or_default();
-                (name, merged(maps.iter().map(|m| (m.iova, m.iova + m.len))))
+                Holder {
+                    name: format!("{name} ({:?} view)", config.view()),
+                    view: config.view(),
+                    mapped: merged(maps.iter().map(|m| (m.iova, m.iova + m.len))),
+                }
             })
             .collect();
-        let device_name = bench
-            .ram
-            .devices()
-            .into_iter()
-            .find(|(id, _, _)| *id == bench.device)
-            .map(|(_, name, _)| name);
         if let Some(emu) = &bench.emulated {
             let table = merged(emu.page_table().iter().map(|e| (e.iova, e.iova + e.len)));
-            holders.push((PAGE_TABLE.to_string(), table));
+            holders.push(Holder {
+                name: PAGE_TABLE.to_string(),
+                view: View::Shared,
+                mapped: table,
+            });
         }
         let over_unplugged: Vec<String> = holders
             .iter()
-            .filter_map(|(holder, maps)| {
-                let (s, e) = any_overlap(maps, &unplugged)?;
-                Some(format!("{holder} maps {s:#x}..{e:#x}"))
+            .filter_map(|h| {
+                let (s, e) = any_overlap(&h.mapped, &unplugged)?;
+                Some(format!("{} maps {s:#x}..{e:#x}", h.name))
             })
             .collect();
         self.record(
             NO_MAPPING,
             (!over_unplugged.is_empty()).then(|| over_unplugged.join("; ")),
         );
-        // The shared view: the bench's device, in its ledger and (emulated) its page table.
+        // The shared view maps exactly the plugged shared memory.
         let wrong: Vec<String> = holders
             .iter()
-            .filter(|(holder, _)| Some(holder) == device_name.as_ref() || holder == PAGE_TABLE)
-            .filter(|(_, mapped)| *mapped != shared)
-            .map(|(holder, mapped)| format!("{holder}: {}", first_difference(mapped, &shared)))
+            .filter(|h| h.view == View::Shared && h.mapped != shared)
+            .map(|h| format!("{}: {}", h.name, first_difference(&h.mapped, &shared)))
             .collect();
         self.record(SHARED_VIEW, (!wrong.is_empty()).then(|| wrong.join("; ")));
-        let unplugged_set = replay.unplugged();
-        let failure = self.backing_disagrees(bench, &unplugged_set, scope);
+        let failure = self.backing_disagrees(bench, replay.unplugged(), scope);
         self.record(NO_BACKING, failure);
     }
 
