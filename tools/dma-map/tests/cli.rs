@@ -730,7 +730,8 @@ fn kernel_dma_map_run_through_type1_with_kvm_private_memory() {
     ) {
         return;
     }
-    for workload in ["firmware-bounce", "random-mixed"] {
+    // virtio-mem: plugs and unplugs set KVM's attributes, unmap from type1 and free guest_memfd.
+    for workload in ["firmware-bounce", "random-mixed", "virtio-mem"] {
         let r = json(&[
             "run",
             "--device",
@@ -755,5 +756,9 @@ fn kernel_dma_map_run_through_type1_with_kvm_private_memory() {
             "{r}"
         );
         assert!(u(&r["kernel_calls"], "iommu_maps") > 0);
+        if workload == "virtio-mem" {
+            let p = &r["plugging"];
+            assert!(u(p, "unplugs") > 0 && u(p, "refused_unplugged") > 0, "{p}");
+        }
     }
 }
