@@ -107,7 +107,10 @@ fn bench_workload(name: &'static str, w: workloads::Workload) -> Workload {
     let mut reqs: Vec<Req> = w
         .requests
         .iter()
-        .map(|r| req(r.gpa, r.len, attribute(r.to)))
+        .map(|r| {
+            let to = r.conversion().expect("the benched workloads only convert");
+            req(r.gpa, r.len, attribute(to))
+        })
         .collect();
     if !workloads::final_shared(&w).is_empty() {
         reqs.push(req(0, w.region_size, Attribute::Private));

@@ -242,7 +242,7 @@ fn bounce_trace(size: u64, buffers: u64, seed: u64) -> Vec<(GpaRange, Attribute)
         .requests
         .iter()
         .map(|r| {
-            let to = match r.to {
+            let to = match r.conversion().expect("bounce_in_flight only converts") {
                 Target::Shared => Attribute::Shared,
                 Target::Private => Attribute::Private,
             };

@@ -12,17 +12,17 @@ use vm_memory::{Bytes as _, MemoryRegionAddress};
 use discard_manager::{Attribute, GpaRange};
 use gmem_dma::{
     BackingModel, DeviceConfig, DeviceId, DiscardPolicy, GuestRam, KvmAttributes, MemoryAttributes,
-    RecordingAttributes, Region, RegionSpec,
+    Plugging, RecordingAttributes, Region, RegionSpec,
 };
 use iommu::{DmaBackend, EmulatedIommu};
 
 use crate::cli::{BackendChoice, SetupArgs};
-use crate::report::{KernelCalls, Setup};
+use crate::report::{KernelCalls, PlugSummary, Setup};
 use crate::setup::{self, Kvm0, REGION_BASE};
 use crate::stats::Latencies;
 use crate::units::Bytes;
 use gmem_dma::instrument::{CountingAttributes, CountingBackend};
-use workloads::{Target, Workload};
+use workloads::{Action, Outcome, Replay, Request, Target, Workload};
 
 /// One region with one device, as a run uses it.
 pub struct Bench {
@@ -81,14 +81,16 @@ fn policy_name(p: DiscardPolicy) -> String {
 }
 
 impl Bench {
-    /// Opens the backend and a region of `region_size` bytes (all private), adds the region
-    /// to guest RAM and attaches the device to its shared view.
+    /// Opens the backend and a region of `w`'s size (all private, plugged but for what `w`
+    /// says starts unplugged), adds the region to guest RAM and attaches the device to its
+    /// shared view.
     pub fn open(
         args: &SetupArgs,
         backend: BackendChoice,
         policy: DiscardPolicy,
-        region_size: u64,
+        w: &Workload,
     ) -> anyhow::Result<Bench> {
+        let region_size = w.region_size;
         let backend = setup::backend(
             backend,
             args.device.as_deref(),
@@ -135,10 +137,20 @@ impl Bench {
                     granularity: args.granule,
                     initial: Attribute::Private,
                     policy,
-                    initially_plugged: true,
+                    // A virtio-mem device's region starts unplugged; what the workload says is
+                    // plugged at the start is plugged before the device attaches.
+                    initially_plugged: w.unplugged_at_start.is_empty(),
                 },
             )
             .context("adding the region to guest RAM")?;
+        if !w.unplugged_at_start.is_empty() {
+            for (start, end) in w.plugged_at_start() {
+                let range = GpaRange::new(REGION_BASE + start, end - start)
+                    .context("the workload's plugged extents are inside the region")?;
+                ram.plug(range, Some(Attribute::Private))
+                    .with_context(|| format!("plugging {range} at the start"))?;
+            }
+        }
         let device = ram
             .attach_device(&backend.name, dma.clone(), DeviceConfig::shared())
             .with_context(|| format!("attaching {}", backend.name))?;
@@ -179,27 +191,66 @@ impl Bench {
 /// What driving a workload measured.
 #[derive(Debug, Default)]
 pub struct Driven {
-    /// Requests completed.
+    /// Requests completed as the workload's model expects.
     pub done: u64,
+    /// Conversions that succeeded (the others done were refused, or plugs and unplugs).
+    pub converted: u64,
     /// Bytes whose attribute changed.
     pub bytes_changed: u64,
-    /// Most bytes held back after any conversion.
+    /// Most bytes held back after any conversion, plug or unplug.
     pub peak_held: u64,
     /// The failed request, if one failed (the run stops there).
     pub failure: Option<String>,
-    /// Latency of each completed request.
+    /// Latency of each successful conversion.
     pub latencies: Latencies,
     /// Wall time of the whole loop.
     pub elapsed: Duration,
     /// Time inside the engine's convert calls.
     pub converting: Duration,
+    /// Plugs, unplugs and refusals of unplugged memory.
+    pub plugging: PlugSummary,
+    /// The workload's model after the last request done.
+    pub replay: Replay,
 }
 
-/// Sends every request of `w` through the engine in order, timing each; stops at the first
-/// that fails.
-pub fn drive(bench: &Bench, w: &Workload, bar: &ProgressBar) -> anyhow::Result<Driven> {
+/// The library's attribute for a workload's.
+fn attribute(to: Target) -> Attribute {
+    match to {
+        Target::Shared => Attribute::Shared,
+        Target::Private => Attribute::Private,
+    }
+}
+
+/// The region's range a request names.
+pub fn request_range(r: &Request) -> anyhow::Result<GpaRange> {
+    GpaRange::new(REGION_BASE + r.gpa, r.len)
+        .context("a workload request has an empty or overflowing range")
+}
+
+/// The guest fills what it shares (a bounce buffer is written before the DMA): one byte per
+/// page, so the backing really holds the pages a discard or an unplug must free.
+fn fill(mem: &vm_memory::GuestRegionMmap, r: &Request) -> anyhow::Result<()> {
+    for off in (r.gpa..r.gpa + r.len).step_by(4096) {
+        mem.write_slice(&[1], MemoryRegionAddress(off))
+            .context("writing a shared page")?;
+    }
+    Ok(())
+}
+
+/// Sends every request of `w` through the engine in order, timing each conversion; stops at
+/// the first whose outcome is not what the workload's model ([`Replay`]) expects: a failure,
+/// or a conversion of unplugged memory that was not refused with
+/// [`gmem_dma::ConversionError::Unplugged`]. After every plug, unplug and refusal, `after_step`
+/// sees the bench and the model (the plugged-state checks).
+pub fn drive(
+    bench: &Bench,
+    w: &Workload,
+    bar: &ProgressBar,
+    after_step: &mut dyn FnMut(&Bench, &Request, &Replay),
+) -> anyhow::Result<Driven> {
     let mut d = Driven {
         latencies: Latencies::with_capacity(w.requests.len()),
+        replay: Replay::new(w),
         ..Driven::default()
     };
     let mem = bench
@@ -209,40 +260,78 @@ pub fn drive(bench: &Bench, w: &Workload, bar: &ProgressBar) -> anyhow::Result<D
         .context("the bench's backing is mapped by gmem-dma")?;
     let started = Instant::now();
     for r in &w.requests {
-        let range = GpaRange::new(REGION_BASE + r.gpa, r.len)
-            .context("a workload request has an empty or overflowing range")?;
-        let to = match r.to {
-            Target::Shared => Attribute::Shared,
-            Target::Private => Attribute::Private,
-        };
-        let t = Instant::now();
-        let result = bench.ram.convert(range, to);
-        let took = t.elapsed();
-        d.converting += took;
-        match result {
-            Ok(c) => {
-                d.latencies.record(took);
-                d.bytes_changed += c.bytes();
-                d.peak_held = d.peak_held.max(c.held.total());
-                d.done += 1;
+        let range = request_range(r)?;
+        let outcome = d.replay.outcome(r);
+        let before = bench.calls();
+        let failed = |e: gmem_dma::ConversionError| format!("failed: {:#}", anyhow::Error::new(e));
+        let step: Result<Option<Plugging>, String> = match r.action {
+            Action::Convert(target) => {
+                let to = attribute(target);
+                let t = Instant::now();
+                let result = bench.ram.convert(range, to);
+                let took = t.elapsed();
+                d.converting += took;
+                match (result, outcome) {
+                    (Ok(c), Outcome::Applied) => {
+                        d.latencies.record(took);
+                        d.bytes_changed += c.bytes();
+                        d.peak_held = d.peak_held.max(c.held.total());
+                        d.converted += 1;
+                        if to == Attribute::Shared {
+                            fill(mem, r)?;
+                        }
+                        Ok(None)
+                    }
+                    (
+                        Err(gmem_dma::ConversionError::Unplugged { .. }),
+                        Outcome::RefusedUnplugged,
+                    ) => {
+                        d.plugging.refused_unplugged += 1;
+                        Ok(None)
+                    }
+                    (Ok(_), Outcome::RefusedUnplugged) => {
+                        Err("converted unplugged memory: it must be refused".to_string())
+                    }
+                    (Err(e), _) => Err(failed(e)),
+                }
             }
-            Err(e) => {
+            Action::Plug(target) => bench
+                .ram
+                .plug(range, Some(attribute(target)))
+                .map(Some)
+                .map_err(failed),
+            Action::Unplug => bench.ram.unplug(range).map(Some).map_err(failed),
+        };
+        let plugging = match step {
+            Ok(plugging) => plugging,
+            Err(why) => {
                 d.failure = Some(format!(
-                    "request {} ({} {range}) failed: {:#}",
+                    "request {} ({} {range}) {why}",
                     d.done + 1,
-                    r.to,
-                    anyhow::Error::new(e)
+                    r.action
                 ));
                 break;
             }
+        };
+        if let Some(p) = plugging {
+            let calls = bench.calls().since(&before);
+            let s = &mut d.plugging;
+            let (count, bytes, kernel) = match r.action {
+                Action::Unplug => (&mut s.unplugs, &mut s.unplugged_bytes, &mut s.unplug_calls),
+                _ => (&mut s.plugs, &mut s.plugged_bytes, &mut s.plug_calls),
+            };
+            *count += 1;
+            *bytes += p.bytes();
+            kernel.add(&calls);
+            d.peak_held = d.peak_held.max(p.held.total());
         }
-        if to == Attribute::Shared {
-            // The guest fills a buffer it shares (a bounce buffer is written before the DMA):
-            // one byte per page, so the backing really holds the pages a discard must free.
-            for off in (r.gpa..r.gpa + r.len).step_by(4096) {
-                mem.write_slice(&[1], MemoryRegionAddress(off))
-                    .context("writing a shared page")?;
-            }
+        if r.action == Action::Plug(Target::Shared) {
+            fill(mem, r)?;
+        }
+        d.replay.apply(r);
+        d.done += 1;
+        if r.conversion().is_none() || outcome == Outcome::RefusedUnplugged {
+            after_step(bench, r, &d.replay);
         }
         if d.done % 256 == 0 {
             bar.set_position(d.done);

@@ -126,6 +126,10 @@ pub enum WorkloadChoice {
     LinuxBoot,
     /// Random directions, places and lengths (1 page .. 2 MiB).
     RandomMixed,
+    /// A virtio-mem device: 2 MiB blocks plugged and unplugged while the guest converts pages
+    /// of the plugged ones (half the region plugged at the start), with a few conversions of
+    /// unplugged memory that must be refused.
+    VirtioMem,
 }
 
 /// How the region and its engine are set up.
@@ -172,7 +176,7 @@ pub struct WorkloadArgs {
     /// `tools/workloads/src/trace.rs`).
     #[arg(long, value_name = "FILE")]
     pub trace: Option<PathBuf>,
-    /// Number of transactions (firmware-bounce) or requests (random-mixed).
+    /// Number of transactions (firmware-bounce), requests (random-mixed) or steps (virtio-mem).
     #[arg(long, default_value_t = 20_000)]
     pub count: u64,
     /// firmware-bounce: place the buffers in N two-page slots from 1 MiB (a reused pool, as

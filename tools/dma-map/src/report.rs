@@ -20,6 +20,46 @@ pub struct KernelCalls {
     pub hole_punches: u64,
 }
 
+impl KernelCalls {
+    /// The calls made since `before` was read.
+    pub fn since(&self, before: &KernelCalls) -> KernelCalls {
+        KernelCalls {
+            attribute_sets: self.attribute_sets - before.attribute_sets,
+            iommu_maps: self.iommu_maps - before.iommu_maps,
+            iommu_unmaps: self.iommu_unmaps - before.iommu_unmaps,
+            hole_punches: self.hole_punches - before.hole_punches,
+        }
+    }
+
+    /// Adds `more` to these counts.
+    pub fn add(&mut self, more: &KernelCalls) {
+        self.attribute_sets += more.attribute_sets;
+        self.iommu_maps += more.iommu_maps;
+        self.iommu_unmaps += more.iommu_unmaps;
+        self.hole_punches += more.hole_punches;
+    }
+}
+
+/// What the plugs and unplugs of a virtio-mem workload did, apart from its conversions.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct PlugSummary {
+    /// `GuestRam::plug` calls.
+    pub plugs: u64,
+    /// `GuestRam::unplug` calls.
+    pub unplugs: u64,
+    /// Bytes the plugs made plugged.
+    pub plugged_bytes: u64,
+    /// Bytes the unplugs made unplugged.
+    pub unplugged_bytes: u64,
+    /// Conversions of unplugged memory, refused with `ConversionError::Unplugged` as the
+    /// workload's model expects.
+    pub refused_unplugged: u64,
+    /// Kernel calls the plugs made.
+    pub plug_calls: KernelCalls,
+    /// Kernel calls the unplugs made.
+    pub unplug_calls: KernelCalls,
+}
+
 /// One invariant checked after a run.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Check {
@@ -53,7 +93,8 @@ pub struct RunSummary {
     pub setup: Setup,
     /// Requests in the workload.
     pub requests: u64,
-    /// Requests the engine completed (equals `requests` on success).
+    /// Requests the engine completed as the workload's model expects (equals `requests` on
+    /// success): conversions, plugs, unplugs, and conversions of unplugged memory refused.
     pub conversions_done: u64,
     /// Bytes whose attribute really changed.
     pub bytes_changed: u64,
@@ -63,8 +104,10 @@ pub struct RunSummary {
     pub conversions_per_s: f64,
     /// Latency of one request.
     pub latency: Percentiles,
-    /// Calls by kind.
+    /// Calls by kind (of the whole workload: conversions, plugs and unplugs).
     pub kernel_calls: KernelCalls,
+    /// Plugs and unplugs, for a workload that has them.
+    pub plugging: Option<PlugSummary>,
     /// Most IOMMU mappings alive at once (the device ledger's count).
     pub peak_mappings: u64,
     /// Mappings alive at the end.
@@ -168,7 +211,7 @@ pub fn render_run(s: &RunSummary) -> String {
     }
     let mut t = Table::new(["measure", "value"]);
     t.row([
-        "conversions done".to_string(),
+        "requests done".to_string(),
         format!("{} of {}", s.conversions_done, s.requests),
     ]);
     if let Some(f) = &s.failure {
@@ -198,6 +241,12 @@ pub fn render_run(s: &RunSummary) -> String {
     t.row(["IOMMU maps".to_string(), k.iommu_maps.to_string()]);
     t.row(["IOMMU unmaps".to_string(), k.iommu_unmaps.to_string()]);
     t.row(["hole punches".to_string(), k.hole_punches.to_string()]);
+    if let Some(p) = &s.plugging {
+        t.row([
+            "conversions of unplugged memory refused".to_string(),
+            p.refused_unplugged.to_string(),
+        ]);
+    }
     t.row([
         "mappings peak / at end".to_string(),
         format!("{} / {}", s.peak_mappings, s.final_mappings),
@@ -211,6 +260,9 @@ pub fn render_run(s: &RunSummary) -> String {
         ),
     ]);
     out.push_str(&indent(&t.render()));
+    if let Some(p) = &s.plugging {
+        out.push_str(&indent(&render_by_kind(s, p)));
+    }
     let passed = s.checks.iter().filter(|c| c.passed).count();
     let _ = writeln!(
         out,
@@ -222,6 +274,41 @@ pub fn render_run(s: &RunSummary) -> String {
         let _ = writeln!(out, "    {mark} {}: {}", c.name, c.detail);
     }
     out
+}
+
+/// The kernel calls of a plugging run split by request kind: conversions, plugs, unplugs.
+fn render_by_kind(s: &RunSummary, p: &PlugSummary) -> String {
+    let mut t = Table::new([
+        "request kind",
+        "requests",
+        "bytes changed",
+        "attr sets",
+        "IOMMU maps",
+        "IOMMU unmaps",
+        "hole punches",
+    ]);
+    let mut conversions = s.kernel_calls;
+    let mut plugging = p.plug_calls;
+    plugging.add(&p.unplug_calls);
+    conversions = conversions.since(&plugging);
+    let converted = s.conversions_done - p.plugs - p.unplugs - p.refused_unplugged;
+    let rows = [
+        ("conversions", converted, s.bytes_changed, conversions),
+        ("plugs", p.plugs, p.plugged_bytes, p.plug_calls),
+        ("unplugs", p.unplugs, p.unplugged_bytes, p.unplug_calls),
+    ];
+    for (kind, requests, bytes, k) in rows {
+        t.row([
+            kind.to_string(),
+            requests.to_string(),
+            Bytes(bytes).to_string(),
+            k.attribute_sets.to_string(),
+            k.iommu_maps.to_string(),
+            k.iommu_unmaps.to_string(),
+            k.hole_punches.to_string(),
+        ]);
+    }
+    t.render()
 }
 
 /// Several runs of one workload side by side.
@@ -310,6 +397,7 @@ mod tests {
             conversions_per_s: 0.0,
             latency: Percentiles::default(),
             kernel_calls: KernelCalls::default(),
+            plugging: None,
             peak_mappings: 0,
             final_mappings: 0,
             peak_held_back_bytes: 0,

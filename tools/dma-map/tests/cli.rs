@@ -180,6 +180,93 @@ fn random_mixed_run_passes_every_check() {
 }
 
 #[test]
+fn virtio_mem_run_plugs_unplugs_and_refuses_conversions_of_unplugged_memory() {
+    let args = [
+        "run",
+        "--workload",
+        "virtio-mem",
+        "--count",
+        "800",
+        "--region-size",
+        "64M",
+        "--region",
+        "memfd-only",
+        "--seed",
+        "2",
+    ];
+    let r = json(&args);
+    all_checks_passed(&r);
+    let p = &r["plugging"];
+    let (plugs, unplugs, refused) = (u(p, "plugs"), u(p, "unplugs"), u(p, "refused_unplugged"));
+    assert!(plugs > 0 && unplugs > 0 && refused > 0, "{p}");
+    assert_eq!(u(p, "plugged_bytes"), plugs * (2 << 20));
+    assert_eq!(u(p, "unplugged_bytes"), unplugs * (2 << 20));
+    // Every unplug frees its block; the plugs' and unplugs' calls are part of the whole run's.
+    assert!(u(&p["unplug_calls"], "hole_punches") >= unplugs);
+    let k = &r["kernel_calls"];
+    for kind in [
+        "attribute_sets",
+        "iommu_maps",
+        "iommu_unmaps",
+        "hole_punches",
+    ] {
+        assert!(
+            u(&p["plug_calls"], kind) + u(&p["unplug_calls"], kind) <= u(k, kind),
+            "{kind}"
+        );
+    }
+    assert_eq!(u(&r, "conversions_done"), u(&r, "requests"));
+    // Conversions alone are timed.
+    assert_eq!(
+        u(&r["latency"], "count"),
+        u(&r, "requests") - plugs - unplugs - refused
+    );
+    let checks: Vec<&str> = r["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        checks.contains(&"no IOMMU mapping of unplugged memory, in any device's view"),
+        "{checks:?}"
+    );
+    // Saved, the trace keeps what starts unplugged and replays to the same calls.
+    let path = temp_path("virtio-mem.trace");
+    let mut save = args.to_vec();
+    save.extend(["--save-trace", path.to_str().unwrap()]);
+    let first = json(&save);
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(
+        text.contains("\nunplugged 0x2000000 0x2000000\n"),
+        "{}",
+        &text[..300]
+    );
+    let again = json(&[
+        "run",
+        "--trace",
+        path.to_str().unwrap(),
+        "--region-size",
+        "64M",
+        "--region",
+        "memfd-only",
+    ]);
+    std::fs::remove_file(&path).ok();
+    all_checks_passed(&again);
+    assert_eq!(first["kernel_calls"], again["kernel_calls"]);
+    assert_eq!(first["plugging"], again["plugging"]);
+    // The table shows the calls by request kind.
+    let table = stdout(&dma_map(&args));
+    for row in [
+        "plugs",
+        "unplugs",
+        "conversions of unplugged memory refused",
+    ] {
+        assert!(table.contains(row), "{row} missing from:\n{table}");
+    }
+}
+
+#[test]
 fn eager_discard_punches_and_lazy_holds_back_within_its_budget() {
     let eager = json(&[
         "run",
@@ -643,7 +730,8 @@ fn kernel_dma_map_run_through_type1_with_kvm_private_memory() {
     ) {
         return;
     }
-    for workload in ["firmware-bounce", "random-mixed"] {
+    // virtio-mem: plugs and unplugs set KVM's attributes, unmap from type1 and free guest_memfd.
+    for workload in ["firmware-bounce", "random-mixed", "virtio-mem"] {
         let r = json(&[
             "run",
             "--device",
@@ -668,5 +756,9 @@ fn kernel_dma_map_run_through_type1_with_kvm_private_memory() {
             "{r}"
         );
         assert!(u(&r["kernel_calls"], "iommu_maps") > 0);
+        if workload == "virtio-mem" {
+            let p = &r["plugging"];
+            assert!(u(p, "unplugs") > 0 && u(p, "refused_unplugged") > 0, "{p}");
+        }
     }
 }

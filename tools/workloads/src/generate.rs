@@ -9,10 +9,12 @@
 //!   of it again (`dma_free_coherent`), which leaves a large shared range mixed.
 //! - [`random_mixed`]: random directions, places and lengths (1 page to 2 MiB).
 //! - [`bounce_in_flight`]: bounce buffers that stay shared while a number of others are in flight.
+//! - [`virtio_mem`]: a virtio-mem device's memory, plugged and unplugged in 2 MiB blocks while
+//!   the guest converts pages of the plugged blocks.
 
 use std::fmt;
 
-use crate::{Bytes, PAGE, Request, Rng, Target, Workload};
+use crate::{Action, Bytes, PAGE, Request, Rng, Target, Workload};
 
 /// Time between two generated guest requests (a firmware DMA transaction takes a few µs).
 const GENERATED_INTERVAL_NS: u64 = 5_000;
@@ -31,14 +33,18 @@ impl Requests {
         }
     }
 
-    fn push(&mut self, to: Target, gpa: u64, len: u64) {
+    fn push(&mut self, action: Action, gpa: u64, len: u64) {
         self.list.push(Request {
             time_ns: self.time_ns,
-            to,
+            action,
             gpa,
             len,
         });
         self.time_ns += GENERATED_INTERVAL_NS;
+    }
+
+    fn convert(&mut self, to: Target, gpa: u64, len: u64) {
+        self.push(Action::Convert(to), gpa, len);
     }
 }
 
@@ -61,6 +67,11 @@ pub enum GenError {
         /// Its value.
         value: u64,
     },
+    /// A virtio-mem region that is not a whole number of blocks.
+    NotWholeBlocks {
+        /// Region size asked for.
+        region_size: u64,
+    },
 }
 
 impl fmt::Display for GenError {
@@ -80,6 +91,12 @@ impl fmt::Display for GenError {
             GenError::Unaligned { what, value } => write!(
                 f,
                 "{what} ({value:#x}) is not a multiple of the 4 KiB page size"
+            ),
+            GenError::NotWholeBlocks { region_size } => write!(
+                f,
+                "the region ({}) is not a whole number of {} virtio-mem blocks",
+                Bytes(*region_size),
+                Bytes(VIRTIO_MEM_BLOCK)
             ),
         }
     }
@@ -163,12 +180,13 @@ pub fn firmware_bounce(
             BounceArea::Slots(slots) => BOUNCE_POOL_OFFSET / PAGE + rng.below(slots) * 2,
         };
         for to in [Target::Shared, Target::Private] {
-            requests.push(to, page * PAGE, len_pages * PAGE);
+            requests.convert(to, page * PAGE, len_pages * PAGE);
         }
     }
     Ok(Workload {
         name: format!("firmware-bounce ({transactions} transactions{area_name}, seed {seed})"),
         region_size,
+        unplugged_at_start: Vec::new(),
         requests: requests.list,
     })
 }
@@ -215,11 +233,11 @@ pub fn linux_boot(region_size: u64, params: LinuxBoot, seed: u64) -> Result<Work
     let mut offset = 0;
     while offset < pool {
         let len = chunk.min(pool - offset);
-        requests.push(Target::Shared, base + offset, len);
+        requests.convert(Target::Shared, base + offset, len);
         offset += len;
     }
     for _ in 0..freed_pages {
-        requests.push(Target::Private, base + rng.below(pool / PAGE) * PAGE, PAGE);
+        requests.convert(Target::Private, base + rng.below(pool / PAGE) * PAGE, PAGE);
     }
     let freed = match freed_pages {
         0 => String::new(),
@@ -232,6 +250,7 @@ pub fn linux_boot(region_size: u64, params: LinuxBoot, seed: u64) -> Result<Work
             Bytes(chunk)
         ),
         region_size,
+        unplugged_at_start: Vec::new(),
         requests: requests.list,
     })
 }
@@ -259,11 +278,12 @@ pub fn random_mixed(region_size: u64, count: u64, seed: u64) -> Result<Workload,
             _ => 16 + rng.below(MAX_LEN / PAGE - 16 + 1),
         };
         let page = rng.below(pages - len_pages + 1);
-        requests.push(to, page * PAGE, len_pages * PAGE);
+        requests.convert(to, page * PAGE, len_pages * PAGE);
     }
     Ok(Workload {
         name: format!("random-mixed ({count} requests, seed {seed})"),
         region_size,
+        unplugged_at_start: Vec::new(),
         requests: requests.list,
     })
 }
@@ -297,67 +317,164 @@ pub fn bounce_in_flight(
     for _ in 0..buffers {
         let len_pages = 1 + rng.below(2);
         let (gpa, len) = (rng.below(pages - len_pages + 1) * PAGE, len_pages * PAGE);
-        requests.push(Target::Shared, gpa, len);
+        requests.convert(Target::Shared, gpa, len);
         live.push_back((gpa, len));
         if live.len() as u64 > in_flight {
             if let Some((gpa, len)) = live.pop_front() {
-                requests.push(Target::Private, gpa, len);
+                requests.convert(Target::Private, gpa, len);
             }
         }
     }
     for (gpa, len) in live {
-        requests.push(Target::Private, gpa, len);
+        requests.convert(Target::Private, gpa, len);
     }
     Ok(Workload {
         name: format!("bounce-in-flight ({buffers} buffers, {in_flight} in flight, seed {seed})"),
         region_size,
+        unplugged_at_start: Vec::new(),
         requests: requests.list,
     })
 }
 
-/// The shared extents `[start, end)` after every request of `w` applied in order to a region
-/// that starts all private: the oracle a run's final state is checked against, computed
-/// independently of the library.
-pub fn final_shared(w: &Workload) -> Vec<(u64, u64)> {
-    use std::collections::BTreeMap;
-    // Disjoint, non-adjacent extents: start -> end.
-    let mut set: BTreeMap<u64, u64> = BTreeMap::new();
-    for r in &w.requests {
-        let (mut start, mut end) = (r.gpa, r.gpa + r.len);
-        // Every extent touching [start, end) (overlapping or adjacent) is cut or merged.
-        let touching: Vec<(u64, u64)> = set
-            .range(..=end)
-            .rev()
-            .take_while(|&(_, &e)| e >= start)
-            .map(|(&s, &e)| (s, e))
+/// The block size of [`virtio_mem`]: the unit a virtio-mem device plugs and unplugs (Linux's
+/// driver uses the device's block size, 2 MiB on x86 QEMU and Cloud Hypervisor).
+pub const VIRTIO_MEM_BLOCK: u64 = 2 << 20;
+
+/// Pages a DMA buffer of [`virtio_mem`] has at most (a driver's ring or buffer pool).
+const VIRTIO_MEM_MAX_BUFFER_PAGES: u64 = 64;
+
+/// What [`virtio_mem`] generates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VirtioMem {
+    /// Steps: a plug, an unplug, a conversion of unplugged memory (refused), or the guest's
+    /// conversions in a plugged block (one request, or two for a bounce buffer).
+    pub steps: u64,
+}
+
+/// Of every `STEP_ROLL` steps of [`virtio_mem`], on average `PLUGS` plug a block, `UNPLUGS`
+/// unplug one and `REFUSED` convert unplugged memory; the others are the guest's conversions.
+const STEP_ROLL: u64 = 32;
+const PLUGS: u64 = 2;
+const UNPLUGS: u64 = 2;
+const REFUSED: u64 = 1;
+/// One plug in this many gives its block shared (a VMM whose guest memory starts shared);
+/// the others private, the region's attribute on a confidential VM.
+const PLUG_SHARED_EVERY: u64 = 8;
+
+/// A virtio-mem device's memory, `region_size` bytes in [`VIRTIO_MEM_BLOCK`] blocks of which the
+/// lower half is plugged at the start (the device's requested size at boot), over `steps` steps:
+/// - 1 in 16 plugs a random unplugged block (1 in 8 of them shared, the others private);
+/// - 1 in 16 unplugs a random plugged block (one always stays plugged), shared pages and all:
+///   the guest does not convert memory back before giving it up;
+/// - 1 in 32 is a deliberate conversion of unplugged memory (1-4 pages in an unplugged block,
+///   half of them reaching one page back into a plugged block below), which the VMM must
+///   refuse;
+/// - the others are the guest's conversions in a random plugged block: a bounce buffer of 1-2
+///   pages shared and straight back (6 in 10), a DMA buffer of 1-64 pages shared (2 in 10), or
+///   1-64 pages converted private (2 in 10).
+///
+/// No other request touches unplugged memory: every conversion but the deliberate ones lies in
+/// plugged blocks when it is made. Plugs and unplugs are whole, aligned blocks.
+///
+/// # Errors
+/// The region is not a whole number of blocks, or smaller than four.
+pub fn virtio_mem(region_size: u64, params: VirtioMem, seed: u64) -> Result<Workload, GenError> {
+    const BLOCK_PAGES: u64 = VIRTIO_MEM_BLOCK / PAGE;
+    check_region(region_size, 4 * VIRTIO_MEM_BLOCK)?;
+    if region_size % VIRTIO_MEM_BLOCK != 0 {
+        return Err(GenError::NotWholeBlocks { region_size });
+    }
+    let blocks = region_size / VIRTIO_MEM_BLOCK;
+    let mut plugged: Vec<bool> = (0..blocks).map(|b| b < blocks / 2).collect();
+    let pick = |rng: &mut Rng, plugged: &[bool], want: bool| -> Option<u64> {
+        let candidates: Vec<u64> = (0..blocks)
+            .filter(|&b| plugged[b as usize] == want)
             .collect();
-        for (s, e) in touching {
-            set.remove(&s);
-            match r.to {
-                Target::Shared => {
-                    start = start.min(s);
-                    end = end.max(e);
-                }
-                Target::Private => {
-                    if s < start {
-                        set.insert(s, start);
-                    }
-                    if e > end {
-                        set.insert(end, e);
-                    }
+        let i = rng.below(candidates.len() as u64) as usize;
+        candidates.get(i).copied()
+    };
+    let mut rng = Rng::new(seed);
+    let mut requests = Requests::with_capacity(params.steps.saturating_add(params.steps / 2));
+    for _ in 0..params.steps {
+        let roll = rng.below(STEP_ROLL);
+        if roll < PLUGS {
+            if let Some(b) = pick(&mut rng, &plugged, false) {
+                let to = match rng.below(PLUG_SHARED_EVERY) {
+                    0 => Target::Shared,
+                    _ => Target::Private,
+                };
+                requests.push(Action::Plug(to), b * VIRTIO_MEM_BLOCK, VIRTIO_MEM_BLOCK);
+                plugged[b as usize] = true;
+                continue;
+            }
+        } else if roll < PLUGS + UNPLUGS {
+            // One block always stays plugged, for the guest's conversions.
+            if plugged.iter().filter(|&&p| p).count() > 1 {
+                if let Some(b) = pick(&mut rng, &plugged, true) {
+                    requests.push(Action::Unplug, b * VIRTIO_MEM_BLOCK, VIRTIO_MEM_BLOCK);
+                    plugged[b as usize] = false;
+                    continue;
                 }
             }
+        } else if roll < PLUGS + UNPLUGS + REFUSED {
+            if let Some(b) = pick(&mut rng, &plugged, false) {
+                let len = 1 + rng.below(4);
+                let below_plugged = b > 0 && plugged[b as usize - 1];
+                let first = match below_plugged && rng.below(2) == 0 {
+                    // One page back into the plugged block below: half plugged, still refused.
+                    true => b * BLOCK_PAGES - 1,
+                    false => b * BLOCK_PAGES + rng.below(BLOCK_PAGES - len + 1),
+                };
+                let to = match rng.below(2) {
+                    0 => Target::Shared,
+                    _ => Target::Private,
+                };
+                requests.convert(to, first * PAGE, len * PAGE);
+                continue;
+            }
         }
-        if r.to == Target::Shared {
-            set.insert(start, end);
+        // The guest converts pages of a plugged block (one is always plugged).
+        let Some(b) = pick(&mut rng, &plugged, true) else {
+            continue;
+        };
+        let (len, to) = match rng.below(10) {
+            0..=5 => (1 + rng.below(2), None),
+            6..=7 => (
+                1 + rng.below(VIRTIO_MEM_MAX_BUFFER_PAGES),
+                Some(Target::Shared),
+            ),
+            _ => (
+                1 + rng.below(VIRTIO_MEM_MAX_BUFFER_PAGES),
+                Some(Target::Private),
+            ),
+        };
+        let gpa = (b * BLOCK_PAGES + rng.below(BLOCK_PAGES - len + 1)) * PAGE;
+        match to {
+            Some(to) => requests.convert(to, gpa, len * PAGE),
+            None => {
+                requests.convert(Target::Shared, gpa, len * PAGE);
+                requests.convert(Target::Private, gpa, len * PAGE);
+            }
         }
     }
-    set.into_iter().collect()
+    Ok(Workload {
+        name: format!(
+            "virtio-mem ({} steps, {} blocks of {}, {} plugged at the start, seed {seed})",
+            params.steps,
+            blocks,
+            Bytes(VIRTIO_MEM_BLOCK),
+            blocks / 2
+        ),
+        region_size,
+        unplugged_at_start: vec![(blocks / 2 * VIRTIO_MEM_BLOCK, region_size)],
+        requests: requests.list,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{Extents, Outcome, Replay, final_shared};
 
     fn anywhere(transactions: u64) -> FirmwareBounce {
         FirmwareBounce {
@@ -393,8 +510,8 @@ mod tests {
         all_inside_and_aligned(&w);
         let mut lens = std::collections::HashSet::new();
         for pair in w.requests.chunks(2) {
-            assert_eq!(pair[0].to, Target::Shared);
-            assert_eq!(pair[1].to, Target::Private);
+            assert_eq!(pair[0].conversion(), Some(Target::Shared));
+            assert_eq!(pair[1].conversion(), Some(Target::Private));
             assert_eq!((pair[0].gpa, pair[0].len), (pair[1].gpa, pair[1].len));
             lens.insert(pair[0].len);
         }
@@ -432,7 +549,11 @@ mod tests {
         let w = linux_boot(1 << 30, boot(2 << 20), 5).unwrap();
         all_inside_and_aligned(&w);
         assert_eq!(w.requests.len(), 32);
-        assert!(w.requests.iter().all(|r| r.to == Target::Shared));
+        assert!(
+            w.requests
+                .iter()
+                .all(|r| r.conversion() == Some(Target::Shared))
+        );
         assert_eq!(w.requests.iter().map(|r| r.len).sum::<u64>(), 64 << 20);
         // Contiguous, no page twice.
         for pair in w.requests.windows(2) {
@@ -464,7 +585,11 @@ mod tests {
         let w = random_mixed(256 << 20, 2000, 11).unwrap();
         assert_eq!(w.requests.len(), 2000);
         all_inside_and_aligned(&w);
-        let shared = w.requests.iter().filter(|r| r.to == Target::Shared).count();
+        let shared = w
+            .requests
+            .iter()
+            .filter(|r| r.conversion() == Some(Target::Shared))
+            .count();
         assert!((800..1200).contains(&shared), "{shared} of 2000 shared");
         assert!(w.requests.iter().any(|r| r.len == PAGE));
         assert!(
@@ -480,13 +605,14 @@ mod tests {
     fn final_shared_replays_requests_in_order() {
         let req = |to, gpa, len| Request {
             time_ns: 0,
-            to,
+            action: Action::Convert(to),
             gpa,
             len,
         };
         let w = Workload {
             name: String::new(),
             region_size: 1 << 20,
+            unplugged_at_start: Vec::new(),
             requests: vec![
                 req(Target::Shared, 0x1000, 0x4000),
                 req(Target::Shared, 0x5000, 0x1000), // adjacent: merges
@@ -548,11 +674,11 @@ mod tests {
         all_inside_and_aligned(&w);
         assert_eq!(w.requests.len(), 32 + 16);
         let (pool, freed) = w.requests.split_at(32);
-        assert!(pool.iter().all(|r| r.to == Target::Shared));
+        assert!(pool.iter().all(|r| r.conversion() == Some(Target::Shared)));
         let (start, end) = (pool[0].gpa, pool[31].gpa + pool[31].len);
         assert_eq!(end - start, 64 << 20);
         for r in freed {
-            assert_eq!((r.to, r.len), (Target::Private, PAGE));
+            assert_eq!((r.conversion(), r.len), (Some(Target::Private), PAGE));
             assert!((start..end).contains(&r.gpa), "{r:?}");
         }
         // The pool stays shared but for the freed pages: a mixed range.
@@ -579,11 +705,158 @@ mod tests {
         let first_private = w
             .requests
             .iter()
-            .position(|r| r.to == Target::Private)
+            .position(|r| r.conversion() == Some(Target::Private))
             .unwrap();
         assert_eq!(first_private, 65);
         let (first, back) = (w.requests[0], w.requests[first_private]);
         assert_eq!((first.gpa, first.len), (back.gpa, back.len));
         assert!(final_shared(&w).is_empty());
+    }
+
+    /// Plugged state per block, replayed from the plug and unplug requests alone.
+    fn blocks_plugged(w: &Workload, upto: usize) -> Vec<bool> {
+        let blocks = (w.region_size / VIRTIO_MEM_BLOCK) as usize;
+        let mut plugged = vec![true; blocks];
+        for &(s, e) in &w.unplugged_at_start {
+            for b in s / VIRTIO_MEM_BLOCK..e / VIRTIO_MEM_BLOCK {
+                plugged[b as usize] = false;
+            }
+        }
+        for r in &w.requests[..upto] {
+            match r.action {
+                Action::Plug(_) => plugged[(r.gpa / VIRTIO_MEM_BLOCK) as usize] = true,
+                Action::Unplug => plugged[(r.gpa / VIRTIO_MEM_BLOCK) as usize] = false,
+                Action::Convert(_) => {}
+            }
+        }
+        plugged
+    }
+
+    #[test]
+    fn virtio_mem_is_deterministic_per_seed() {
+        let params = VirtioMem { steps: 500 };
+        assert_eq!(
+            virtio_mem(64 << 20, params, 3).unwrap(),
+            virtio_mem(64 << 20, params, 3).unwrap()
+        );
+        assert_ne!(
+            virtio_mem(64 << 20, params, 3).unwrap().requests,
+            virtio_mem(64 << 20, params, 4).unwrap().requests
+        );
+    }
+
+    #[test]
+    fn virtio_mem_plugs_and_unplugs_whole_aligned_blocks_of_a_half_plugged_region() {
+        let w = virtio_mem(64 << 20, VirtioMem { steps: 2000 }, 1).unwrap();
+        all_inside_and_aligned(&w);
+        assert_eq!(w.unplugged_at_start, [(32 << 20, 64 << 20)]);
+        assert_eq!(w.plugged_at_start(), [(0, 32 << 20)]);
+        let mut kinds = std::collections::HashSet::new();
+        for r in w.requests.iter().filter(|r| r.conversion().is_none()) {
+            assert_eq!(r.gpa % VIRTIO_MEM_BLOCK, 0, "{r:?}");
+            assert_eq!(r.len, VIRTIO_MEM_BLOCK, "{r:?}");
+            kinds.insert(r.action);
+        }
+        let expected = [
+            Action::Plug(Target::Shared),
+            Action::Plug(Target::Private),
+            Action::Unplug,
+        ];
+        assert_eq!(kinds, expected.into_iter().collect());
+        // A plug names an unplugged block, an unplug a plugged one: each changes something.
+        for (i, r) in w.requests.iter().enumerate() {
+            let was = blocks_plugged(&w, i)[(r.gpa / VIRTIO_MEM_BLOCK) as usize];
+            match r.action {
+                Action::Plug(_) => assert!(!was, "request {i} plugs a plugged block"),
+                Action::Unplug => assert!(was, "request {i} unplugs an unplugged block"),
+                Action::Convert(_) => {}
+            }
+        }
+    }
+
+    #[test]
+    fn virtio_mem_converts_only_plugged_memory_but_for_a_few_deliberate_refusals() {
+        let steps = 4000;
+        let w = virtio_mem(128 << 20, VirtioMem { steps }, 7).unwrap();
+        let mut replay = Replay::new(&w);
+        let (mut refused, mut straddling, mut conversions) = (0, 0, 0);
+        for (i, r) in w.requests.iter().enumerate() {
+            let plugged = blocks_plugged(&w, i);
+            let (first, last) = (
+                r.gpa / VIRTIO_MEM_BLOCK,
+                (r.gpa + r.len - 1) / VIRTIO_MEM_BLOCK,
+            );
+            let all_plugged = (first..=last).all(|b| plugged[b as usize]);
+            let outcome = replay.apply(r);
+            if r.conversion().is_none() {
+                assert_eq!(outcome, Outcome::Applied);
+                continue;
+            }
+            conversions += 1;
+            // The model refuses exactly what touches an unplugged block.
+            assert_eq!(
+                outcome == Outcome::Applied,
+                all_plugged,
+                "request {i}: {r:?}"
+            );
+            if !all_plugged {
+                // The deliberate shape: 1-4 pages whose last page is in an unplugged block.
+                refused += 1;
+                assert!(r.len <= 4 * PAGE, "request {i}: {r:?}");
+                assert!(!plugged[last as usize], "request {i}: {r:?}");
+                straddling += u64::from(first != last);
+            }
+        }
+        // 1 step in 32, with some slack for steps that found no unplugged block.
+        assert!(
+            (steps / 64..=steps / 16).contains(&refused),
+            "{refused} refused"
+        );
+        assert!(
+            straddling > 0 && straddling < refused,
+            "{straddling} of {refused}"
+        );
+        assert!(conversions > steps / 2, "{conversions} conversions");
+    }
+
+    #[test]
+    fn virtio_mem_ends_with_whole_blocks_unplugged_and_shared_memory_only_where_plugged() {
+        let w = virtio_mem(64 << 20, VirtioMem { steps: 3000 }, 5).unwrap();
+        let mut replay = Replay::new(&w);
+        for r in &w.requests {
+            replay.apply(r);
+        }
+        let plugged = blocks_plugged(&w, w.requests.len());
+        let mut expected = Extents::default();
+        for (b, _) in plugged.iter().enumerate().filter(|(_, p)| !**p) {
+            let start = b as u64 * VIRTIO_MEM_BLOCK;
+            expected.insert(start, start + VIRTIO_MEM_BLOCK);
+        }
+        assert_eq!(replay.unplugged(), &expected);
+        assert!(plugged.iter().any(|&p| p), "a block stays plugged");
+        assert!(plugged.iter().any(|&p| !p), "some stay unplugged");
+        for (s, e) in replay.shared().to_vec() {
+            assert!(
+                !replay.unplugged().overlaps(s, e),
+                "shared {s:#x}..{e:#x} is unplugged"
+            );
+        }
+        assert!(replay.shared().bytes() > 0, "DMA buffers stay shared");
+        assert_eq!(final_shared(&w), replay.shared().to_vec());
+    }
+
+    #[test]
+    fn virtio_mem_refuses_regions_that_are_not_whole_blocks_or_too_small() {
+        let params = VirtioMem { steps: 10 };
+        assert_eq!(
+            virtio_mem((8 << 20) + PAGE, params, 1),
+            Err(GenError::NotWholeBlocks {
+                region_size: (8 << 20) + PAGE
+            })
+        );
+        assert!(matches!(
+            virtio_mem(4 << 20, params, 1),
+            Err(GenError::RegionTooSmall { .. })
+        ));
     }
 }

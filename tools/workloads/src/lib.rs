@@ -3,11 +3,15 @@
 //! and a figure from the other describe the same workload.
 //!
 //! A workload is what a guest asks of its VMM: a list of timestamped requests to make a range of
-//! guest RAM shared or private, over a region whose pages all start private. Everything here is
-//! pure and deterministic: the same parameters and seed give the same requests on every machine.
+//! guest RAM shared or private, over a region whose pages all start private; a virtio-mem
+//! workload also plugs and unplugs blocks of the region, part of which starts unplugged.
+//! Everything here is pure and deterministic: the same parameters and seed give the same
+//! requests on every machine.
 //!
-//! - the generators ([`firmware_bounce`], [`linux_boot`], [`random_mixed`], [`bounce_in_flight`])
-//!   and the oracle of their final state ([`final_shared`]);
+//! - the generators ([`firmware_bounce`], [`linux_boot`], [`random_mixed`], [`bounce_in_flight`],
+//!   [`virtio_mem`]);
+//! - [`Replay`], the model of what the requests do (which are refused, what ends shared and
+//!   unplugged), and [`final_shared`], the oracle of a run's final state;
 //! - [`trace`]: the text format `dma-map --trace` reads and `--save-trace` writes;
 //! - [`RamBlockAttributes`]: QEMU's per-granule bitmap of the same conversions, the baseline the
 //!   benchmarks compare the project with;
@@ -18,16 +22,18 @@
 
 mod generate;
 mod qemu;
+mod replay;
 mod rng;
 pub mod trace;
 
 use std::fmt;
 
 pub use generate::{
-    BounceArea, BounceInFlight, FirmwareBounce, GenError, LinuxBoot, bounce_in_flight,
-    final_shared, firmware_bounce, linux_boot, random_mixed, swiotlb_pool_size,
+    BounceArea, BounceInFlight, FirmwareBounce, GenError, LinuxBoot, VIRTIO_MEM_BLOCK, VirtioMem,
+    bounce_in_flight, firmware_bounce, linux_boot, random_mixed, swiotlb_pool_size, virtio_mem,
 };
 pub use qemu::{ModelError, RamBlockAttributes};
+pub use replay::{Extents, Outcome, Replay, final_shared};
 pub use rng::Rng;
 
 /// The base page size every request is a multiple of.
@@ -51,29 +57,85 @@ impl fmt::Display for Target {
     }
 }
 
-/// One conversion request: at `time_ns`, make `[gpa, gpa + len)` `to`.
+/// What a request asks the VMM to do with its range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Action {
+    /// The guest converts the range to this attribute (a memory fault or a MAP_GPA_RANGE
+    /// hypercall). Refused when the range holds unplugged memory: the guest was not given it.
+    Convert(Target),
+    /// The VMM plugs the unplugged memory of the range (virtio-mem), which takes this attribute;
+    /// memory already plugged keeps its own.
+    Plug(Target),
+    /// The VMM unplugs the range (virtio-mem): its memory is no longer the guest's.
+    Unplug,
+}
+
+impl fmt::Display for Action {
+    /// The request's word in the trace format.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Action::Convert(to) => write!(f, "{to}"),
+            Action::Plug(to) => write!(f, "plug-{to}"),
+            Action::Unplug => f.write_str("unplug"),
+        }
+    }
+}
+
+/// One request: at `time_ns`, do `action` to `[gpa, gpa + len)`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Request {
     /// When the guest asked, in nanoseconds from the start of the workload (informational: runs
     /// go as fast as the engine allows).
     pub time_ns: u64,
-    /// The attribute asked for.
-    pub to: Target,
+    /// What is asked.
+    pub action: Action,
     /// First guest-physical address, relative to the region base.
     pub gpa: u64,
     /// Length in bytes.
     pub len: u64,
 }
 
-/// A named list of requests over a region whose pages all start private.
+impl Request {
+    /// The attribute a conversion asks for; `None` for a plug or an unplug.
+    pub fn conversion(&self) -> Option<Target> {
+        match self.action {
+            Action::Convert(to) => Some(to),
+            Action::Plug(_) | Action::Unplug => None,
+        }
+    }
+}
+
+/// A named list of requests over a region whose pages all start private, and plugged but for
+/// `unplugged_at_start`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Workload {
     /// What produced it (generator name and parameters, or the trace file).
     pub name: String,
     /// Bytes of guest RAM the requests address; every request lies inside `[0, region_size)`.
     pub region_size: u64,
+    /// Extents `[start, end)` of the region that start unplugged (a virtio-mem device's memory
+    /// not yet given to the guest), in address order; empty for ordinary RAM.
+    pub unplugged_at_start: Vec<(u64, u64)>,
     /// The requests, in time order.
     pub requests: Vec<Request>,
+}
+
+impl Workload {
+    /// The extents `[start, end)` plugged at the start: the region but `unplugged_at_start`.
+    pub fn plugged_at_start(&self) -> Vec<(u64, u64)> {
+        let mut plugged = Extents::default();
+        plugged.insert(0, self.region_size);
+        for &(start, end) in &self.unplugged_at_start {
+            plugged.remove(start, end);
+        }
+        plugged.to_vec()
+    }
+
+    /// True when the workload plugs or unplugs memory, or starts with some unplugged.
+    pub fn plugs(&self) -> bool {
+        !self.unplugged_at_start.is_empty()
+            || self.requests.iter().any(|r| r.conversion().is_none())
+    }
 }
 
 /// A byte count that prints with a binary unit (`64 MiB`, `4 KiB`, `1.5 GiB`): how workload

@@ -1,21 +1,28 @@
-//! Trace files: recorded or hand-written conversion requests, one per line.
+//! Trace files: recorded or hand-written requests, one per line.
 //!
 //! ```text
-//! # dma-map trace v1: <time_ns> <shared|private> <gpa hex> <len hex>
+//! # dma-map trace v2: <time_ns> <shared|private|plug-shared|plug-private|unplug> <gpa hex> <len hex>
 //! # '#' starts a comment (whole line or after the fields); blank lines are ignored.
+//! unplugged 0x4000000 0x4000000          # before any request: starts unplugged
 //! 0        shared   0x100000  0x1000
 //! 5000     private  0x100000  0x1000   # back to private after the DMA
+//! 10000    plug-private 0x4000000 0x200000
+//! 15000    unplug   0x4000000 0x200000
 //! ```
 //! - `time_ns`: decimal nanoseconds since the start, never decreasing from one line to the next.
-//! - direction: `shared` or `private` (the attribute asked for).
+//! - the kind: `shared` or `private` (a conversion to that attribute), `plug-shared` or
+//!   `plug-private` (the VMM plugs the range, which takes that attribute), `unplug`.
 //! - `gpa`, `len`: hexadecimal (the `0x` prefix is optional), relative to the region base, both
 //!   multiples of 4 KiB, `len > 0`, and the whole range inside the region.
+//! - `unplugged <gpa hex> <len hex>` lines, before every request, say what starts unplugged
+//!   (a virtio-mem device's memory); without them the whole region starts plugged.
 //!
+//! Version 1 traces (conversions only, the whole region plugged) are version 2 traces.
 //! Every error names the line it is on, so a trace of a million lines can be fixed.
 
 use std::fmt;
 
-use crate::{PAGE, Request, Target, Workload};
+use crate::{Action, Extents, PAGE, Request, Target, Workload};
 
 /// What is wrong with a trace, and on which line (1-based).
 #[derive(Debug, PartialEq, Eq)]
@@ -29,7 +36,7 @@ pub struct TraceError {
 /// The ways a trace line can be wrong.
 #[derive(Debug, PartialEq, Eq)]
 pub enum TraceErrorKind {
-    /// Not exactly four fields.
+    /// Neither four fields (a request) nor three (an `unplugged` line).
     FieldCount {
         /// How many there were.
         found: usize,
@@ -43,8 +50,10 @@ pub enum TraceErrorKind {
         /// The previous line's time.
         previous_ns: u64,
     },
-    /// The direction is neither `shared` nor `private`.
-    BadDirection(String),
+    /// The kind is none of `shared`, `private`, `plug-shared`, `plug-private`, `unplug`.
+    BadKind(String),
+    /// An `unplugged` line after a request: the state at the start comes first.
+    UnpluggedAfterRequests,
     /// An address or length is not hexadecimal.
     BadHex {
         /// `gpa` or `len`.
@@ -80,7 +89,8 @@ impl fmt::Display for TraceError {
         match &self.kind {
             TraceErrorKind::FieldCount { found } => write!(
                 f,
-                "expected 4 fields '<time_ns> <shared|private> <gpa hex> <len hex>', found {found}"
+                "expected 4 fields '<time_ns> <kind> <gpa hex> <len hex>' or 3 'unplugged <gpa \
+                 hex> <len hex>', found {found}"
             ),
             TraceErrorKind::BadTime(t) => {
                 write!(f, "time '{t}' is not a decimal number of nanoseconds")
@@ -92,9 +102,16 @@ impl fmt::Display for TraceError {
                 f,
                 "time {time_ns} is earlier than the previous line's {previous_ns}; sort the trace by time"
             ),
-            TraceErrorKind::BadDirection(d) => {
-                write!(f, "direction '{d}' must be 'shared' or 'private'")
-            }
+            TraceErrorKind::BadKind(d) => write!(
+                f,
+                "request kind '{d}' must be 'shared' or 'private' (a conversion), \
+                 'plug-shared', 'plug-private' or 'unplug'"
+            ),
+            TraceErrorKind::UnpluggedAfterRequests => write!(
+                f,
+                "'unplugged' lines give the region's state at the start: put them before every \
+                 request"
+            ),
             TraceErrorKind::BadHex { field, text } => {
                 write!(f, "{field} '{text}' is not a hexadecimal number")
             }
@@ -130,20 +147,27 @@ fn parse_hex(field: &'static str, text: &str) -> Result<u64, TraceErrorKind> {
     })
 }
 
-fn parse_line(fields: &[&str], region_size: u64) -> Result<Request, TraceErrorKind> {
-    let [time, direction, gpa, len] = fields else {
-        return Err(TraceErrorKind::FieldCount {
-            found: fields.len(),
-        });
-    };
-    let time_ns = time
-        .parse()
-        .map_err(|_| TraceErrorKind::BadTime(time.to_string()))?;
-    let to = match direction.to_ascii_lowercase().as_str() {
-        "shared" => Target::Shared,
-        "private" => Target::Private,
-        _ => return Err(TraceErrorKind::BadDirection(direction.to_string())),
-    };
+/// One line of a trace.
+enum Line {
+    /// A request.
+    Request(Request),
+    /// `[gpa, gpa + len)` starts unplugged.
+    Unplugged { gpa: u64, len: u64 },
+}
+
+fn parse_kind(kind: &str) -> Result<Action, TraceErrorKind> {
+    Ok(match kind.to_ascii_lowercase().as_str() {
+        "shared" => Action::Convert(Target::Shared),
+        "private" => Action::Convert(Target::Private),
+        "plug-shared" => Action::Plug(Target::Shared),
+        "plug-private" => Action::Plug(Target::Private),
+        "unplug" => Action::Unplug,
+        _ => return Err(TraceErrorKind::BadKind(kind.to_string())),
+    })
+}
+
+/// The range `gpa`, `len` name, checked against the region.
+fn parse_range(gpa: &str, len: &str, region_size: u64) -> Result<(u64, u64), TraceErrorKind> {
     let gpa = parse_hex("gpa", gpa)?;
     let len = parse_hex("len", len)?;
     if len == 0 {
@@ -159,12 +183,32 @@ fn parse_line(fields: &[&str], region_size: u64) -> Result<Request, TraceErrorKi
             region_size,
         });
     }
-    Ok(Request {
-        time_ns,
-        to,
-        gpa,
-        len,
-    })
+    Ok((gpa, len))
+}
+
+fn parse_line(fields: &[&str], region_size: u64) -> Result<Line, TraceErrorKind> {
+    match fields {
+        [word, gpa, len] if word.eq_ignore_ascii_case("unplugged") => {
+            let (gpa, len) = parse_range(gpa, len, region_size)?;
+            Ok(Line::Unplugged { gpa, len })
+        }
+        [time, kind, gpa, len] => {
+            let time_ns = time
+                .parse()
+                .map_err(|_| TraceErrorKind::BadTime(time.to_string()))?;
+            let action = parse_kind(kind)?;
+            let (gpa, len) = parse_range(gpa, len, region_size)?;
+            Ok(Line::Request(Request {
+                time_ns,
+                action,
+                gpa,
+                len,
+            }))
+        }
+        _ => Err(TraceErrorKind::FieldCount {
+            found: fields.len(),
+        }),
+    }
 }
 
 /// Parses a trace for a region of `region_size` bytes; `name` labels the workload.
@@ -174,6 +218,7 @@ fn parse_line(fields: &[&str], region_size: u64) -> Result<Request, TraceErrorKi
 /// requests.
 pub fn parse(text: &str, region_size: u64, name: &str) -> Result<Workload, TraceError> {
     let mut requests: Vec<Request> = Vec::new();
+    let mut unplugged = Extents::default();
     for (index, raw) in text.lines().enumerate() {
         let line = index + 1;
         let content = raw.split('#').next().unwrap_or("");
@@ -181,16 +226,23 @@ pub fn parse(text: &str, region_size: u64, name: &str) -> Result<Workload, Trace
         if fields.is_empty() {
             continue;
         }
-        let request = parse_line(&fields, region_size).map_err(|kind| TraceError { line, kind })?;
+        let error = |kind| TraceError { line, kind };
+        let request = match parse_line(&fields, region_size).map_err(error)? {
+            Line::Unplugged { .. } if !requests.is_empty() => {
+                return Err(error(TraceErrorKind::UnpluggedAfterRequests));
+            }
+            Line::Unplugged { gpa, len } => {
+                unplugged.insert(gpa, gpa + len);
+                continue;
+            }
+            Line::Request(request) => request,
+        };
         if let Some(previous) = requests.last() {
             if request.time_ns < previous.time_ns {
-                return Err(TraceError {
-                    line,
-                    kind: TraceErrorKind::TimeGoesBack {
-                        time_ns: request.time_ns,
-                        previous_ns: previous.time_ns,
-                    },
-                });
+                return Err(error(TraceErrorKind::TimeGoesBack {
+                    time_ns: request.time_ns,
+                    previous_ns: previous.time_ns,
+                }));
             }
         }
         requests.push(request);
@@ -204,6 +256,7 @@ pub fn parse(text: &str, region_size: u64, name: &str) -> Result<Workload, Trace
     Ok(Workload {
         name: format!("trace {name} ({} requests)", requests.len()),
         region_size,
+        unplugged_at_start: unplugged.to_vec(),
         requests,
     })
 }
@@ -212,13 +265,17 @@ pub fn parse(text: &str, region_size: u64, name: &str) -> Result<Workload, Trace
 /// replayed with `--trace`.
 pub fn format(workload: &Workload) -> String {
     let mut out = format!(
-        "# dma-map trace v1: <time_ns> <shared|private> <gpa hex> <len hex>\n# {}\n",
+        "# dma-map trace v2: <time_ns> <shared|private|plug-shared|plug-private|unplug> <gpa hex> \
+         <len hex>\n# {}\n",
         workload.name
     );
+    for &(start, end) in &workload.unplugged_at_start {
+        out.push_str(&format!("unplugged {start:#x} {:#x}\n", end - start));
+    }
     for r in &workload.requests {
         out.push_str(&format!(
             "{} {} {:#x} {:#x}\n",
-            r.time_ns, r.to, r.gpa, r.len
+            r.time_ns, r.action, r.gpa, r.len
         ));
     }
     out
@@ -227,7 +284,7 @@ pub fn format(workload: &Workload) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{BounceArea, FirmwareBounce, firmware_bounce};
+    use crate::{BounceArea, FirmwareBounce, VirtioMem, firmware_bounce, virtio_mem};
 
     const REGION: u64 = 1 << 20;
 
@@ -248,13 +305,13 @@ mod tests {
             [
                 Request {
                     time_ns: 0,
-                    to: Target::Shared,
+                    action: Action::Convert(Target::Shared),
                     gpa: 0x1000,
                     len: 0x2000
                 },
                 Request {
                     time_ns: 10,
-                    to: Target::Private,
+                    action: Action::Convert(Target::Private),
                     gpa: 0x1000,
                     len: 0x1000
                 },
@@ -267,10 +324,7 @@ mod tests {
         let cases: [(&str, TraceErrorKind); 8] = [
             ("0 shared 0x0", TraceErrorKind::FieldCount { found: 3 }),
             ("x shared 0 1000", TraceErrorKind::BadTime("x".into())),
-            (
-                "0 public 0 1000",
-                TraceErrorKind::BadDirection("public".into()),
-            ),
+            ("0 public 0 1000", TraceErrorKind::BadKind("public".into())),
             (
                 "0 shared 0xg 1000",
                 TraceErrorKind::BadHex {
@@ -333,5 +387,84 @@ mod tests {
         let w = firmware_bounce(REGION, params, 3).unwrap();
         let back = parse(&format(&w), REGION, "t").unwrap();
         assert_eq!(back.requests, w.requests);
+    }
+
+    #[test]
+    fn a_version_1_trace_parses_as_conversions_over_a_plugged_region() {
+        // Written by the v1 formatter, before traces could plug: it reads as it always did.
+        let v1 = "# dma-map trace v1: <time_ns> <shared|private> <gpa hex> <len hex>\n\
+                  # firmware-bounce (2 transactions, seed 1)\n\
+                  0 shared 0x3000 0x2000\n5000 private 0x3000 0x2000\n\
+                  10000 shared 0xff000 0x1000\n15000 private 0xff000 0x1000\n";
+        let w = parse(v1, REGION, "t").unwrap();
+        assert!(w.unplugged_at_start.is_empty());
+        assert!(!w.plugs());
+        let got: Vec<(u64, Action, u64, u64)> = w
+            .requests
+            .iter()
+            .map(|r| (r.time_ns, r.action, r.gpa, r.len))
+            .collect();
+        let (shared, private) = (
+            Action::Convert(Target::Shared),
+            Action::Convert(Target::Private),
+        );
+        assert_eq!(
+            got,
+            [
+                (0, shared, 0x3000, 0x2000),
+                (5000, private, 0x3000, 0x2000),
+                (10000, shared, 0xff000, 0x1000),
+                (15000, private, 0xff000, 0x1000),
+            ]
+        );
+    }
+
+    #[test]
+    fn plugs_unplugs_and_the_unplugged_start_parse_and_format_back() {
+        let w = parse(
+            "unplugged 0x80000 0x40000\nUNPLUGGED 0xc0000 0x40000 # merges\n\
+             0 plug-private 0x80000 0x10000\n1 Plug-Shared 0x90000 0x10000\n\
+             2 unplug 0x0 0x10000\n",
+            REGION,
+            "t",
+        )
+        .unwrap();
+        assert_eq!(w.unplugged_at_start, [(0x80000, REGION)]);
+        let actions: Vec<Action> = w.requests.iter().map(|r| r.action).collect();
+        assert_eq!(
+            actions,
+            [
+                Action::Plug(Target::Private),
+                Action::Plug(Target::Shared),
+                Action::Unplug
+            ]
+        );
+        let generated = virtio_mem(64 << 20, VirtioMem { steps: 300 }, 2).unwrap();
+        let back = parse(&format(&generated), 64 << 20, "t").unwrap();
+        assert_eq!(back.unplugged_at_start, generated.unplugged_at_start);
+        assert_eq!(back.requests, generated.requests);
+    }
+
+    #[test]
+    fn an_unplugged_line_after_a_request_is_refused() {
+        let e = error_of("0 shared 0 0x1000\nunplugged 0x10000 0x1000\n");
+        assert_eq!(
+            e,
+            TraceError {
+                line: 2,
+                kind: TraceErrorKind::UnpluggedAfterRequests
+            }
+        );
+        assert_eq!(
+            error_of("unplugged 0x10000 0x800\n0 shared 0 0x1000\n").kind,
+            TraceErrorKind::Unaligned {
+                gpa: 0x10000,
+                len: 0x800
+            }
+        );
+        assert_eq!(
+            error_of("0 replug 0 0x1000\n").kind,
+            TraceErrorKind::BadKind("replug".into())
+        );
     }
 }
