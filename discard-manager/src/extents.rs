@@ -378,28 +378,45 @@ impl Extents {
             return Ok(());
         }
         let wanted = State::of_view(view);
-        let pos = self.locate(a);
-        // The run before each entry, as a packed entry of its own: the first one starts at
-        // `a`, every later one at its key. Its state is tested on the packed word, and its
-        // key unpacked only for a run of `view`.
-        let mut run = pack(a, state_of(self.entry(pos)));
         let in_view = |run: u64| state_of(run) == wanted;
+        let pos = self.locate(a);
+        // The run whose end is the next entry visited, as a packed entry of its own: the
+        // first one starts at `a`, every later one at its key. Its state is tested on the
+        // packed word, and its key unpacked only for a run of `view`.
+        let mut run = pack(a, state_of(self.entry(pos)));
         let mut skip = pos.index + 1;
         'walk: for chunk in &self.chunks[pos.chunk..] {
             let entries = chunk.entries().get(skip..).unwrap_or_default();
             skip = 0;
-            // A chunk that ends before `b` (all but the last one of a long replay) is walked
-            // without the bound test.
-            if entries.last().is_some_and(|&last| key_of(last) < b) {
-                for &entry in entries {
-                    if in_view(run) {
-                        f(key_of(run), key_of(entry))?;
+            let (Some(&first), Some(&last)) = (entries.first(), entries.last()) else {
+                continue;
+            };
+            if key_of(first) >= b {
+                break;
+            }
+            if in_view(run) {
+                f(key_of(run), key_of(first))?;
+            }
+            if key_of(last) < b {
+                // A chunk that ends before `b` (all but the last one of a long replay): each
+                // entry but the last starts a run that ends at the next one, all without the
+                // bound test. After a run of `view` the next entry starts a run of another
+                // state (runs are maximal), so it is skipped without its test: a replay's runs
+                // alternate in and out of the view, and this halves the entries visited.
+                let mut rest = entries;
+                while let [start, end, ..] = *rest {
+                    if in_view(start) {
+                        f(key_of(start), key_of(end))?;
+                        rest = &rest[2..];
+                    } else {
+                        rest = &rest[1..];
                     }
-                    run = entry;
                 }
+                run = last;
                 continue;
             }
-            for &entry in entries {
+            run = first;
+            for &entry in &entries[1..] {
                 if key_of(entry) >= b {
                     break 'walk;
                 }

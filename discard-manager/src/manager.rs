@@ -303,12 +303,11 @@ impl DiscardManager {
             inner
                 .extents
                 .try_for_each_view_run(granules.0, granules.1, view, move |s, e| {
-                    let run = geometry.range_of(s, e);
                     target
-                        .populate(view, run)
-                        .map_err(|source| (s, run, source))
+                        .populate(view, geometry.range_of(s, e))
+                        .map_err(|source| (s, e, source))
                 });
-        if let Err((refused_at, range, source)) = replay {
+        if let Err((refused_at, refused_end, source)) = replay {
             // Undo the replay: exactly the runs before the refused one.
             let mut replayed = 0;
             inner
@@ -323,7 +322,7 @@ impl DiscardManager {
                 });
             return Err(Error::ReplayRefused {
                 view,
-                range,
+                range: self.geometry.range_of(refused_at, refused_end),
                 replayed,
                 source,
             });
