@@ -82,7 +82,8 @@ impl State {
     }
 
     fn index(self) -> usize {
-        usize::from(self.0)
+        // Masked (a no-op: two bits) so that indexing `totals` needs no bounds check.
+        usize::from(self.0 & 3)
     }
 
     fn from_index(i: u64) -> State {
@@ -443,6 +444,7 @@ impl Extents {
 
     /// The run containing `[a, b)` if the range lies inside one run (the common case of a
     /// one- or two-granule conversion): the fast path that avoids building a [`Plan`].
+    #[inline]
     pub(crate) fn within_one_run(&self, a: u64, b: u64) -> Option<Within> {
         let pos = self.locate(a);
         let chunk = &self.chunks[pos.chunk];
@@ -468,13 +470,21 @@ impl Extents {
 
     /// Sets `[a, b)`, which lies inside run `w` (from [`Extents::within_one_run`] on the
     /// unchanged extents), to `new != w.state`; keeps runs maximal like [`Extents::commit`].
+    /// Inlined into the transaction with its in-chunk shapes; the rest is out of line.
+    #[inline]
     pub(crate) fn set_within(&mut self, w: Within, a: u64, b: u64, new: State) {
         let len = b - a;
         self.totals[w.state.index()] -= len;
         self.totals[new.index()] += len;
-        if self.set_within_chunk(w, a, b, new) {
-            return;
+        if !self.set_within_chunk(w, a, b, new) {
+            self.set_within_spliced(w, a, b, new);
         }
+    }
+
+    /// [`Extents::set_within`] for the shapes [`Extents::set_within_chunk`] does not take:
+    /// one splice with the entries that keep runs maximal.
+    #[inline(never)]
+    fn set_within_spliced(&mut self, w: Within, a: u64, b: u64, new: State) {
         let left = if w.start < a {
             Some(w.state)
         } else {
@@ -512,6 +522,7 @@ impl Extents {
     /// for a removal, stays dense): a range strictly inside its run splits it (two entries
     /// inserted), and a whole run whose neighbours both hold `new` merges with them (two
     /// entries removed). Returns `false`, changing nothing, for any other shape.
+    #[inline]
     fn set_within_chunk(&mut self, w: Within, a: u64, b: u64, new: State) -> bool {
         let (c, i) = (w.pos.chunk, w.pos.index);
         let alone = self.chunks.len() == 1;
