@@ -66,7 +66,7 @@ impl State {
     }
 
     /// The state of the granules in `view`: plugged, with the view's attribute.
-    pub(crate) fn of_view(view: View) -> State {
+    pub(crate) const fn of_view(view: View) -> State {
         State::new(
             true,
             match view {
@@ -373,13 +373,29 @@ impl Extents {
         a: u64,
         b: u64,
         view: View,
+        f: impl FnMut(u64, u64) -> Result<(), E>,
+    ) -> Result<(), E> {
+        // One copy of the walk per view, so that the state tested on every entry is a
+        // constant rather than a value kept in a register across the calls.
+        const SHARED: u8 = State::of_view(View::Shared).0;
+        const PRIVATE: u8 = State::of_view(View::Private).0;
+        match view {
+            View::Shared => self.view_walk::<SHARED, E>(a, b, f),
+            View::Private => self.view_walk::<PRIVATE, E>(a, b, f),
+        }
+    }
+
+    /// [`Extents::try_for_each_view_run`] for the view whose state is `State(WANTED)`.
+    fn view_walk<const WANTED: u8, E>(
+        &self,
+        a: u64,
+        b: u64,
         mut f: impl FnMut(u64, u64) -> Result<(), E>,
     ) -> Result<(), E> {
         if a >= b {
             return Ok(());
         }
-        let wanted = State::of_view(view);
-        let in_view = |run: u64| state_of(run) == wanted;
+        let in_view = |run: u64| state_of(run) == State(WANTED);
         let pos = self.locate(a);
         // The run whose end is the next entry visited, as a packed entry of its own: the
         // first one starts at `a`, every later one at its key. Its state is tested on the
