@@ -66,7 +66,7 @@ impl State {
     }
 
     /// The state of the granules in `view`: plugged, with the view's attribute.
-    pub(crate) fn of_view(view: View) -> State {
+    pub(crate) const fn of_view(view: View) -> State {
         State::new(
             true,
             match view {
@@ -82,7 +82,8 @@ impl State {
     }
 
     fn index(self) -> usize {
-        usize::from(self.0)
+        // Masked (a no-op: two bits) so that indexing `totals` needs no bounds check.
+        usize::from(self.0 & 3)
     }
 
     fn from_index(i: u64) -> State {
@@ -372,34 +373,67 @@ impl Extents {
         a: u64,
         b: u64,
         view: View,
+        f: impl FnMut(u64, u64) -> Result<(), E>,
+    ) -> Result<(), E> {
+        // One copy of the walk per view, so that the state tested on every entry is a
+        // constant rather than a value kept in a register across the calls.
+        const SHARED: u8 = State::of_view(View::Shared).0;
+        const PRIVATE: u8 = State::of_view(View::Private).0;
+        match view {
+            View::Shared => self.view_walk::<SHARED, E>(a, b, f),
+            View::Private => self.view_walk::<PRIVATE, E>(a, b, f),
+        }
+    }
+
+    /// [`Extents::try_for_each_view_run`] for the view whose state is `State(WANTED)`.
+    fn view_walk<const WANTED: u8, E>(
+        &self,
+        a: u64,
+        b: u64,
         mut f: impl FnMut(u64, u64) -> Result<(), E>,
     ) -> Result<(), E> {
         if a >= b {
             return Ok(());
         }
-        let wanted = State::of_view(view);
+        let in_view = |run: u64| state_of(run) == State(WANTED);
         let pos = self.locate(a);
-        // The run before each entry, as a packed entry of its own: the first one starts at
-        // `a`, every later one at its key. Its state is tested on the packed word, and its
-        // key unpacked only for a run of `view`.
+        // The run whose end is the next entry visited, as a packed entry of its own: the
+        // first one starts at `a`, every later one at its key. Its state is tested on the
+        // packed word, and its key unpacked only for a run of `view`.
         let mut run = pack(a, state_of(self.entry(pos)));
-        let in_view = |run: u64| state_of(run) == wanted;
         let mut skip = pos.index + 1;
         'walk: for chunk in &self.chunks[pos.chunk..] {
             let entries = chunk.entries().get(skip..).unwrap_or_default();
             skip = 0;
-            // A chunk that ends before `b` (all but the last one of a long replay) is walked
-            // without the bound test.
-            if entries.last().is_some_and(|&last| key_of(last) < b) {
-                for &entry in entries {
-                    if in_view(run) {
-                        f(key_of(run), key_of(entry))?;
+            let (Some(&first), Some(&last)) = (entries.first(), entries.last()) else {
+                continue;
+            };
+            if key_of(first) >= b {
+                break;
+            }
+            if in_view(run) {
+                f(key_of(run), key_of(first))?;
+            }
+            if key_of(last) < b {
+                // A chunk that ends before `b` (all but the last one of a long replay): each
+                // entry but the last starts a run that ends at the next one, all without the
+                // bound test. After a run of `view` the next entry starts a run of another
+                // state (runs are maximal), so it is skipped without its test: a replay's runs
+                // alternate in and out of the view, and this halves the entries visited.
+                let mut rest = entries;
+                while let [start, end, ..] = *rest {
+                    if in_view(start) {
+                        f(key_of(start), key_of(end))?;
+                        rest = &rest[2..];
+                    } else {
+                        rest = &rest[1..];
                     }
-                    run = entry;
                 }
+                run = last;
                 continue;
             }
-            for &entry in entries {
+            run = first;
+            for &entry in &entries[1..] {
                 if key_of(entry) >= b {
                     break 'walk;
                 }
@@ -426,6 +460,7 @@ impl Extents {
 
     /// The run containing `[a, b)` if the range lies inside one run (the common case of a
     /// one- or two-granule conversion): the fast path that avoids building a [`Plan`].
+    #[inline]
     pub(crate) fn within_one_run(&self, a: u64, b: u64) -> Option<Within> {
         let pos = self.locate(a);
         let chunk = &self.chunks[pos.chunk];
@@ -451,13 +486,21 @@ impl Extents {
 
     /// Sets `[a, b)`, which lies inside run `w` (from [`Extents::within_one_run`] on the
     /// unchanged extents), to `new != w.state`; keeps runs maximal like [`Extents::commit`].
+    /// Inlined into the transaction with its in-chunk shapes; the rest is out of line.
+    #[inline]
     pub(crate) fn set_within(&mut self, w: Within, a: u64, b: u64, new: State) {
         let len = b - a;
         self.totals[w.state.index()] -= len;
         self.totals[new.index()] += len;
-        if self.set_within_chunk(w, a, b, new) {
-            return;
+        if !self.set_within_chunk(w, a, b, new) {
+            self.set_within_spliced(w, a, b, new);
         }
+    }
+
+    /// [`Extents::set_within`] for the shapes [`Extents::set_within_chunk`] does not take:
+    /// one splice with the entries that keep runs maximal.
+    #[inline(never)]
+    fn set_within_spliced(&mut self, w: Within, a: u64, b: u64, new: State) {
         let left = if w.start < a {
             Some(w.state)
         } else {
@@ -495,6 +538,7 @@ impl Extents {
     /// for a removal, stays dense): a range strictly inside its run splits it (two entries
     /// inserted), and a whole run whose neighbours both hold `new` merges with them (two
     /// entries removed). Returns `false`, changing nothing, for any other shape.
+    #[inline]
     fn set_within_chunk(&mut self, w: Within, a: u64, b: u64, new: State) -> bool {
         let (c, i) = (w.pos.chunk, w.pos.index);
         let alone = self.chunks.len() == 1;

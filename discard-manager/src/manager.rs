@@ -5,10 +5,14 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::change::{Change, ChangeKind};
 use crate::config::{ConfigError, Geometry, RegionConfig};
-use crate::error::{Detached, DiscardFailure, Error, Refusal, RollbackCause, TransactionError};
+use crate::error::{DiscardFailure, Error, Refusal, TransactionError};
 use crate::extents::{Extents, Plan, State, Within};
 use crate::listener::{ListenerError, ListenerId, NoStep, TransactionStep, ViewListener};
 use crate::range::{Attribute, GpaRange, View};
+
+mod rollback;
+
+use rollback::Sent;
 
 /// One maximal run of combined state, as returned by [`DiscardManager::runs`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -59,13 +63,6 @@ struct Entry {
     listener: Arc<dyn ViewListener>,
 }
 
-/// One notification already delivered in the running transaction, for the rollback.
-#[derive(Clone, Copy)]
-struct Sent {
-    index: usize,
-    range: GpaRange,
-}
-
 struct Inner {
     extents: Extents,
     listeners: Vec<Entry>,
@@ -108,31 +105,6 @@ impl<E: std::error::Error + 'static> From<LockError> for TransactionError<E> {
         match e {
             LockError::Reentrant => TransactionError::Reentrant,
             LockError::Poisoned => TransactionError::Poisoned,
-        }
-    }
-}
-
-/// Fills `out` with the notifications a transaction sent for `runs`, in the order it sends
-/// them (run by run, listener by listener, each clipped to the listener's range), stopping
-/// before `until` = (position in `runs`, listener index) when given.
-fn sent(
-    listeners: &[Entry],
-    runs: &[crate::change::ViewRange],
-    until: Option<(usize, usize)>,
-    out: &mut Vec<Sent>,
-) {
-    out.clear();
-    for (position, vr) in runs.iter().enumerate() {
-        for (index, entry) in listeners.iter().enumerate() {
-            if until.is_some_and(|stop| (position, index) >= stop) {
-                return;
-            }
-            if entry.info.view != vr.view {
-                continue;
-            }
-            if let Some(range) = entry.info.range.intersect(&vr.range) {
-                out.push(Sent { index, range });
-            }
         }
     }
 }
@@ -303,12 +275,11 @@ impl DiscardManager {
             inner
                 .extents
                 .try_for_each_view_run(granules.0, granules.1, view, move |s, e| {
-                    let run = geometry.range_of(s, e);
                     target
-                        .populate(view, run)
-                        .map_err(|source| (s, run, source))
+                        .populate(view, geometry.range_of(s, e))
+                        .map_err(|source| (s, e, source))
                 });
-        if let Err((refused_at, range, source)) = replay {
+        if let Err((refused_at, refused_end, source)) = replay {
             // Undo the replay: exactly the runs before the refused one.
             let mut replayed = 0;
             inner
@@ -323,7 +294,7 @@ impl DiscardManager {
                 });
             return Err(Error::ReplayRefused {
                 view,
-                range,
+                range: self.geometry.range_of(refused_at, refused_end),
                 replayed,
                 source,
             });
@@ -462,8 +433,8 @@ impl DiscardManager {
     }
 
     /// The transaction: plan, discard the losing view, step, populate the gaining view,
-    /// commit; or roll back. The rollbacks live in cold functions of their own, so that the
-    /// common path stays small.
+    /// commit; or roll back. The rollbacks live in cold functions of their own (module
+    /// `rollback`), so that the common path stays small.
     fn transact<S: TransactionStep>(
         &self,
         range: GpaRange,
@@ -580,88 +551,6 @@ impl DiscardManager {
         failed
     }
 
-    /// The step failed after the discards: re-populate the losing view.
-    #[cold]
-    fn step_failed<E: std::error::Error + 'static>(
-        &self,
-        inner: &mut Inner,
-        change: &Change,
-        source: E,
-    ) -> TransactionError<E> {
-        self.rolled_back(inner, change, RollbackCause::Step(source))
-    }
-
-    /// Discards failed before the step: re-populate the losing view (the failed listeners'
-    /// ranges included: they no longer hold them, see the listener contract).
-    #[cold]
-    fn discards_failed<E: std::error::Error + 'static>(
-        &self,
-        inner: &mut Inner,
-        change: &Change,
-        mut failed: Vec<DiscardFailure>,
-    ) -> TransactionError<E> {
-        let first = failed.remove(0);
-        self.rolled_back(
-            inner,
-            change,
-            RollbackCause::DiscardFailed {
-                first,
-                others: failed,
-            },
-        )
-    }
-
-    /// A populate was refused at `until` = (position in the populated runs, listener
-    /// index): discard what was populated, undo the step, re-populate the losing view.
-    #[cold]
-    fn populate_refused<S: TransactionStep>(
-        &self,
-        inner: &mut Inner,
-        change: &Change,
-        step: &mut S,
-        until: (usize, usize),
-        refusal: Refusal,
-    ) -> TransactionError<S::Error> {
-        sent(
-            &inner.listeners,
-            change.populated(),
-            Some(until),
-            &mut inner.sent_populates,
-        );
-        for sent in inner.sent_populates.iter().rev() {
-            let entry = &inner.listeners[sent.index];
-            // Nothing left to roll back to: what the listener cannot drop it tracks itself.
-            let _ = entry.listener.discard(entry.info.view, sent.range);
-        }
-        step.undo(change);
-        self.rolled_back(inner, change, RollbackCause::Refused(refusal))
-    }
-
-    /// The last step of both rollbacks: re-populates the losing view, and names the
-    /// failure, or the listeners a double fault detached.
-    fn rolled_back<E: std::error::Error + 'static>(
-        &self,
-        inner: &mut Inner,
-        change: &Change,
-        cause: RollbackCause<E>,
-    ) -> TransactionError<E> {
-        sent(
-            &inner.listeners,
-            change.discarded(),
-            None,
-            &mut inner.sent_discards,
-        );
-        let detached = self.restore_losing_view(inner);
-        match cause {
-            _ if !detached.is_empty() => TransactionError::RollbackFailed { cause, detached },
-            RollbackCause::Step(source) => TransactionError::StepFailed { source },
-            RollbackCause::Refused(refusal) => TransactionError::Refused { refusal },
-            RollbackCause::DiscardFailed { first, others } => {
-                TransactionError::DiscardFailed { first, others }
-            }
-        }
-    }
-
     /// Builds the [`Change`] of a plan: source runs and view runs that change.
     fn describe(&self, plan: &Plan, kind: ChangeKind) -> Change {
         let mut change = Change::new(kind);
@@ -681,49 +570,6 @@ impl DiscardManager {
         change
     }
 
-    /// Rollback of the losing view: re-populates every discard sent in this transaction
-    /// (the state was not committed, so it still says these ranges are populated). A
-    /// listener that refuses is sent discard for the rest of what it holds and removed.
-    fn restore_losing_view(&self, inner: &mut Inner) -> Vec<Detached> {
-        // (listener index, position in sent_discards of its first failed re-populate)
-        let mut failed: Vec<(usize, usize)> = Vec::new();
-        let mut detached = Vec::new();
-        for (pos, sent) in inner.sent_discards.iter().enumerate() {
-            if failed.iter().any(|&(index, _)| index == sent.index) {
-                continue;
-            }
-            let entry = &inner.listeners[sent.index];
-            if let Err(source) = entry.listener.populate(entry.info.view, sent.range) {
-                failed.push((sent.index, pos));
-                detached.push(Detached {
-                    listener: entry.info.id,
-                    view: entry.info.view,
-                    range: sent.range,
-                    source,
-                });
-            }
-        }
-        if failed.is_empty() {
-            return detached;
-        }
-        for &(index, pos) in &failed {
-            let holes: Vec<GpaRange> = inner.sent_discards[pos..]
-                .iter()
-                .filter(|s| s.index == index)
-                .map(|s| s.range)
-                .collect();
-            self.discard_all(&inner.extents, &inner.listeners[index], &holes);
-        }
-        let mut index = 0;
-        inner.listeners.retain(|_| {
-            let keep = !failed.iter().any(|&(i, _)| i == index);
-            index += 1;
-            keep
-        });
-        detached
-    }
-
-    /// Maximal runs of combined state in `range`, clipped to it, in address order.
     ///
     /// # Errors
     /// [`Error::Range`], [`Error::Reentrant`], [`Error::Poisoned`].
