@@ -451,17 +451,15 @@ impl Region {
             .map_err(|(range, source)| ConversionError::AttributeRollback { range, source })?;
         self.check_budget(range, to)?;
         let classic = self.backing().model() == BackingModel::Classic;
-        if to == Attribute::Private {
-            // Every granule of `range` is plugged (checked above): private already, or about
-            // to be, so its guest_memfd may hold memory from the attribute step on.
-            discarder.may_become_private(range);
-        }
         let mut step = AttributeStep::new(attributes, to, classic);
         let result = self.manager.convert_with(range, to, &mut step);
         let change = match result {
             Ok(change) => change,
             Err(e) => {
                 let err = self.transaction_failed(range, &mut step, e);
+                if to == Attribute::Private {
+                    discarder.failed_to_private(range);
+                }
                 if to == Attribute::Shared && classic && err.populated() {
                     // Pinning for DMA faulted in the shared side of pages that are private
                     // again: free it (invariant 5), or hold and report what cannot be freed.

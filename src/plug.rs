@@ -160,11 +160,6 @@ impl Region {
         let _budgets: Vec<_> = budgeted.iter().map(|s| s.budget()).collect();
         let joining: Vec<GpaRange> = unplugged.iter().map(|r| r.range).collect();
         self.check_room(to.view(), range, &joining)?;
-        if to == Attribute::Private {
-            for &r in &joining {
-                discarder.may_become_private(r);
-            }
-        }
         // Unplugged granules change attribute without notifications; KVM follows in the step.
         let flip: Vec<GpaRange> = unplugged
             .iter()
@@ -188,6 +183,11 @@ impl Region {
             Ok(change) => change,
             Err(e) => {
                 self.set_unplugged_attribute(&step.runs, from);
+                if to == Attribute::Private {
+                    for &r in &joining {
+                        discarder.failed_to_private(r);
+                    }
+                }
                 return Err(self.transaction_failed(range, &mut step.attributes, e));
             }
         };
@@ -232,7 +232,13 @@ impl Region {
             Err(e) => return Err(self.transaction_failed(range, &mut step.attributes, e)),
         };
         let one_file = self.backing().model() == BackingModel::InPlace;
-        let flushed = discarder.unplugged(self.backing(), change.runs(), one_file);
+        let private: Vec<GpaRange> = change
+            .discarded()
+            .iter()
+            .filter(|vr| vr.view == View::Private)
+            .map(|vr| vr.range)
+            .collect();
+        let flushed = discarder.unplugged(self.backing(), change.runs(), &private, one_file);
         Ok(Plugging {
             change,
             flushed,

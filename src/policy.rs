@@ -25,7 +25,7 @@
 //! Held pages are the only pages backed on both sides (invariant 5); [`HeldBack`] reports them
 //! at any moment, exactly where the vacated side can say which pages hold memory, and as an
 //! upper bound flagged `unverified_bytes` on a classic guest_memfd, which cannot (see
-//! [`HeldBack`] and `PrivateMayHold` for what the library knows there and why). A free that
+//! [`HeldBack`] and `Discarder::private_may_hold` for what the library knows there and why). A free that
 //! fails stays held (reported as `failed_bytes`) and is retried at the next flush; it never
 //! undoes the conversion that vacated it.
 
@@ -125,93 +125,77 @@ pub(crate) struct Discarder {
     held_shared: RangeSet,
     held_private: RangeSet,
     failed: RangeSet,
-    /// Where the private side cannot report residency (a classic guest_memfd): the ranges whose
-    /// guest_memfd may hold memory, so that a range it certainly does not is never held.
-    /// `None` where the backing answers for itself. See [`PrivateMayHold`].
-    private_may_hold: Option<PrivateMayHold>,
-}
-
-/// The ranges of a classic guest_memfd that may hold memory: those whose KVM attribute may have
-/// been private since the library last freed them (or since the region was created).
-///
-/// Why that is sound (read in Linux 7.3): a classic guest_memfd is created without
-/// `GUEST_MEMFD_FLAG_MMAP`, so its memslot is not `KVM_MEMSLOT_GMEM_ONLY` and KVM faults a gfn
-/// from guest_memfd only when the fault is private (`__kvm_mmu_faultin_pfn()`:
-/// `fault->is_private || kvm_memslot_is_gmem_only()`), and a fault whose privateness differs from
-/// the gfn's attribute exits to userspace before any pfn is looked up (`kvm_mmu_faultin_pfn()`
-/// compares with `kvm_mem_is_private()`); `KVM_PRE_FAULT_MEMORY` takes privateness from the
-/// attribute too. So while a range stays shared the guest cannot populate its guest_memfd pages,
-/// and a flipped range is marked before its attribute can change (a failed conversion leaves it
-/// marked: the attribute was private for a moment). Other ways pages get there are the VMM's:
-/// `fallocate` on the fd, and the launch-time `kvm_gmem_populate()` (SNP_LAUNCH_UPDATE,
-/// TDX_INIT_MEM_REGION), which allocates the folio before it checks that the gfn is private;
-/// a VMM does both only on memory that is private, and so marked. An unplugged granule keeps
-/// its attribute: a guest that touched unplugged private memory would fault guest_memfd pages
-/// in again, as touching unplugged shared memory faults memfd pages in; virtio-mem forbids both,
-/// and the library counts neither.
-#[derive(Debug)]
-struct PrivateMayHold(RangeSet);
-
-impl PrivateMayHold {
-    /// The parts of `range` that may hold memory.
-    fn backed(&self, range: GpaRange) -> Vec<GpaRange> {
-        self.0
-            .intersection(range.start(), range.end())
-            .into_iter()
-            .filter_map(|(s, e)| GpaRange::new(s, e - s))
-            .collect()
-    }
+    /// Where the private side cannot report residency (a classic guest_memfd): the shared
+    /// ranges whose guest_memfd may hold pages that nothing holds, because a conversion or plug
+    /// to private failed after KVM's attribute may have been private for a moment. `None`
+    /// where the backing answers for itself. See [`Discarder::private_may_hold`].
+    faulted_while_failing: Option<RangeSet>,
 }
 
 impl Discarder {
-    /// The discard state of a region over `backing`, whose granules with the private attribute
-    /// (plugged or not: KVM holds the attribute either way) are `private`.
-    pub(crate) fn new(
-        policy: DiscardPolicy,
-        backing: &RegionBacking,
-        private: &[GpaRange],
-    ) -> Self {
-        let private_may_hold = (!backing.reports_residency(View::Private)).then(|| {
-            let mut set = RangeSet::new();
-            for r in private {
-                set.insert(r.start(), r.end());
-            }
-            PrivateMayHold(set)
-        });
+    /// The discard state of a region over `backing`.
+    pub(crate) fn new(policy: DiscardPolicy, backing: &RegionBacking) -> Self {
         Self {
             policy,
             held_shared: RangeSet::new(),
             held_private: RangeSet::new(),
             failed: RangeSet::new(),
-            private_may_hold,
+            faulted_while_failing: (!backing.reports_residency(View::Private)).then(RangeSet::new),
         }
     }
 
-    /// Records, before the KVM attribute of `range` may become private (a conversion or a plug
-    /// to private, successful or not), that its guest_memfd may hold memory from now on.
-    pub(crate) fn may_become_private(&mut self, range: GpaRange) {
-        if let Some(may_hold) = self.private_may_hold.as_mut() {
-            may_hold.0.insert(range.start(), range.end());
+    /// Records that a conversion or plug of `range` to private failed: KVM's attribute may
+    /// have been private for a moment, so its guest_memfd may hold pages (the failure path
+    /// only: the conversions that succeed cost nothing here).
+    pub(crate) fn failed_to_private(&mut self, range: GpaRange) {
+        if let Some(faulted) = self.faulted_while_failing.as_mut() {
+            faulted.insert(range.start(), range.end());
         }
     }
 
     /// `range` of `side` was freed: a guest_memfd range holds nothing until it is private again.
     fn freed(&mut self, side: View, range: GpaRange) {
-        if let (View::Private, Some(may_hold)) = (side, self.private_may_hold.as_mut()) {
-            may_hold.0.remove(range.start(), range.end());
+        if let (View::Private, Some(faulted)) = (side, self.faulted_while_failing.as_mut()) {
+            if !faulted.is_empty() {
+                faulted.remove(range.start(), range.end());
+            }
         }
     }
 
-    /// The parts of `range` of `side` that hold memory (or may, where the file cannot say):
-    /// held back only they are, so that the held-back figures count real memory (pages never
-    /// touched are holes).
-    fn backed(&self, backing: &RegionBacking, side: View, range: GpaRange) -> Vec<GpaRange> {
-        match (side, &self.private_may_hold) {
-            (View::Private, Some(may_hold)) => may_hold.backed(range),
-            _ => backing
-                .backed_ranges(side, range)
-                .unwrap_or_else(|_| vec![range]),
+    /// Where the private side cannot report residency (a classic guest_memfd), the parts of
+    /// `runs` whose guest_memfd may hold memory, of which `private` had the private attribute;
+    /// `None` where the backing answers for itself.
+    ///
+    /// A granule's guest_memfd may hold memory when its attribute is private, when its vacated
+    /// private side is held, or when a failed conversion to private may have faulted pages in;
+    /// never otherwise. Why (read in Linux 7.3): a classic guest_memfd is created without
+    /// `GUEST_MEMFD_FLAG_MMAP`, so its memslot is not `KVM_MEMSLOT_GMEM_ONLY` and KVM faults a
+    /// gfn from guest_memfd only when the fault is private (`__kvm_mmu_faultin_pfn()`:
+    /// `fault->is_private || kvm_memslot_is_gmem_only()`), and a fault whose privateness differs
+    /// from the gfn's attribute exits to userspace before any pfn is looked up
+    /// (`kvm_mmu_faultin_pfn()` compares with `kvm_mem_is_private()`); `KVM_PRE_FAULT_MEMORY`
+    /// takes privateness from the attribute too. So while a range stays shared the guest cannot
+    /// populate its guest_memfd pages. Other ways pages get there are the VMM's: `fallocate` on
+    /// the fd, and the launch-time `kvm_gmem_populate()` (SNP_LAUNCH_UPDATE,
+    /// TDX_INIT_MEM_REGION), which allocates the folio before it checks that the gfn is private;
+    /// a VMM does both only on private memory. An unplugged granule keeps its attribute: a guest
+    /// that touched unplugged private memory would fault guest_memfd pages in again, as touching
+    /// unplugged shared memory faults memfd pages in; virtio-mem forbids both, and the library
+    /// counts neither.
+    fn private_may_hold(&self, runs: &[GpaRange], private: &[GpaRange]) -> Option<RangeSet> {
+        let faulted = self.faulted_while_failing.as_ref()?;
+        let mut may_hold = RangeSet::new();
+        for r in private {
+            may_hold.insert(r.start(), r.end());
         }
+        for r in runs {
+            for set in [&self.held_private, faulted] {
+                for (s, e) in set.intersection(r.start(), r.end()) {
+                    may_hold.insert(s, e);
+                }
+            }
+        }
+        Some(may_hold)
     }
 
     pub(crate) fn policy(&self) -> DiscardPolicy {
@@ -255,7 +239,7 @@ impl Discarder {
             // A key for `failed` is a (side-less) range: a failed page that is in use again
             // is no longer pending on the side that regained it.
             self.failed.remove(r.start(), r.end());
-            for b in self.backed(backing, losing, *r) {
+            for b in backed(backing, losing, *r) {
                 self.set(losing).insert(b.start(), b.end());
             }
         }
@@ -343,11 +327,16 @@ impl Discarder {
         range: GpaRange,
         report: &mut FlushReport,
     ) {
-        for b in self.backed(backing, side, range) {
+        self.hold(&backed(backing, side, range), side);
+        report.failed_ranges += 1;
+    }
+
+    /// Holds `ranges` of `side` as failed frees, retried at the next flush.
+    fn hold(&mut self, ranges: &[GpaRange], side: View) {
+        for b in ranges {
             self.set(side).insert(b.start(), b.end());
             self.failed.insert(b.start(), b.end());
         }
-        report.failed_ranges += 1;
     }
 
     /// Frees `range` of `side`, which is out of the held set; a failed free goes back into it.
@@ -419,15 +408,18 @@ impl Discarder {
         }
     }
 
-    /// Frees both sides of `runs`, which were just unplugged: unplugged memory is gone, so
-    /// nothing is held back for it, whatever the policy. The held sets forget the runs (they
-    /// are freed now, not at a later flush); a free that fails is held and retried at the
-    /// next flush, so what is reported held is really backed. `one_file`: both views are the
-    /// same file (in place), freed once.
+    /// Frees both sides of `runs`, which were just unplugged (`private`: those of them that
+    /// had the private attribute): unplugged memory is gone, so nothing is held back for it,
+    /// whatever the policy. The held sets forget the runs (they are freed now, not at a later
+    /// flush); a free that fails is held and retried at the next flush, so what is reported
+    /// held is really backed (or, on a classic guest_memfd, may be: see
+    /// [`Discarder::private_may_hold`]). `one_file`: both views are the same file (in place),
+    /// freed once.
     pub(crate) fn unplugged(
         &mut self,
         backing: &RegionBacking,
         runs: &[GpaRange],
+        private: &[GpaRange],
         one_file: bool,
     ) -> FlushReport {
         let sides: &[View] = if one_file {
@@ -435,6 +427,8 @@ impl Discarder {
         } else {
             &[View::Shared, View::Private]
         };
+        // Before the held sets forget the runs: they tell what the private side may hold.
+        let private_may_hold = self.private_may_hold(runs, private);
         let mut report = FlushReport::default();
         for r in runs {
             self.held_shared.remove(r.start(), r.end());
@@ -453,7 +447,16 @@ impl Discarder {
                     }
                     Err(e) => {
                         log::warn!("unplugged {r}: its {side} backing stays held: {e}");
-                        self.hold_failed(backing, side, r, &mut report);
+                        let held: Vec<GpaRange> = match (side, &private_may_hold) {
+                            (View::Private, Some(may_hold)) => may_hold
+                                .intersection(r.start(), r.end())
+                                .into_iter()
+                                .filter_map(|(s, e)| GpaRange::new(s, e - s))
+                                .collect(),
+                            _ => backed(backing, side, r),
+                        };
+                        self.hold(&held, side);
+                        report.failed_ranges += 1;
                     }
                 }
             }
@@ -466,8 +469,8 @@ impl Discarder {
         self.held_shared = RangeSet::new();
         self.held_private = RangeSet::new();
         self.failed = RangeSet::new();
-        if let Some(may_hold) = self.private_may_hold.as_mut() {
-            may_hold.0 = RangeSet::new();
+        if let Some(faulted) = self.faulted_while_failing.as_mut() {
+            *faulted = RangeSet::new();
         }
     }
 
@@ -476,7 +479,7 @@ impl Discarder {
             shared_bytes: self.held_shared.bytes(),
             private_bytes: self.held_private.bytes(),
             failed_bytes: self.failed.bytes(),
-            unverified_bytes: match self.private_may_hold {
+            unverified_bytes: match self.faulted_while_failing {
                 Some(_) => self.held_private.bytes(),
                 None => 0,
             },
@@ -490,6 +493,16 @@ impl Discarder {
             View::Private => self.held_private.contains(start, end),
         }
     }
+}
+
+/// The parts of `range` of `side` that hold memory: held back only they are, so that the
+/// held-back figures count real memory (pages never touched are holes). A file that cannot say
+/// (a classic guest_memfd) counts as holding all of it: every caller's range was private until
+/// now or is held, so its guest_memfd may hold memory (see [`Discarder::private_may_hold`]).
+fn backed(backing: &RegionBacking, side: View, range: GpaRange) -> Vec<GpaRange> {
+    backing
+        .backed_ranges(side, range)
+        .unwrap_or_else(|_| vec![range])
 }
 
 #[cfg(test)]
@@ -509,7 +522,7 @@ mod tests {
                 held_shared: RangeSet::new(),
                 held_private: RangeSet::new(),
                 failed: RangeSet::new(),
-                private_may_hold: None,
+                faulted_while_failing: None,
             }
         }
     }
@@ -547,7 +560,7 @@ mod tests {
         assert!(d.holds(View::Shared, 0x1000, 0x2000));
         // A free that fails holds what is backed, too.
         backing.inject_punch_failures(|_, _| true);
-        let report = d.unplugged(&backing, &[r(0, 0x8000)], false);
+        let report = d.unplugged(&backing, &[r(0, 0x8000)], &[], false);
         assert_eq!(report.failed_ranges, 2);
         assert_eq!(d.held().shared_bytes, 0x1000);
         assert_eq!(d.held().private_bytes, 0);
@@ -558,33 +571,39 @@ mod tests {
 
     #[test]
     fn a_private_side_that_cannot_report_holds_only_what_may_have_been_private() {
-        // As over a classic guest_memfd: the private side cannot say which pages it holds.
-        let backing = RegionBacking::software(0, 0x10000).unwrap();
+        // As over a classic guest_memfd: every page counts as backed where the library holds
+        // it, and the discarder decides what may hold memory at an unplug.
+        let backing = touched(0x10000);
         let mut d = Discarder::new_for_test(DiscardPolicy::Lazy {
             budget_bytes: 1 << 20,
         });
-        d.private_may_hold = Some(PrivateMayHold(RangeSet::new()));
-        d.may_become_private(r(0, 0x4000));
-        d.converted(&backing, &[r(0, 0x4000)], Attribute::Private, true);
+        d.faulted_while_failing = Some(RangeSet::new());
         d.converted(&backing, &[r(0, 0x4000)], Attribute::Shared, true);
         // Private until now: may hold memory, held, and flagged unverified.
         assert_eq!(d.held().private_bytes, 0x4000);
         assert_eq!(d.held().unverified_bytes, 0x4000);
-        assert_eq!(d.flush(&backing).punched_bytes, 0x4000);
-        // Freed, and pages 4..8 never private: a failed free holds nothing of either.
+        // Unplugging pages 0..8 while every private free fails: pages 0..4 are held (vacated),
+        // 4..6 had the private attribute, 6..8 were shared and never private since.
         backing.inject_punch_failures(|side, _| side == View::Private);
-        let report = d.unplugged(&backing, &[r(0, 0x8000)], false);
+        let report = d.unplugged(&backing, &[r(0, 0x8000)], &[r(0x4000, 0x2000)], false);
         assert_eq!(report.failed_ranges, 1);
+        assert_eq!(d.held().private_bytes, 0x6000);
+        assert_eq!(d.held().unverified_bytes, 0x6000);
+        assert!(!d.holds(View::Private, 0x6000, 0x7000));
+        backing.clear_punch_failures();
+        assert_eq!(d.flush(&backing).punched_bytes, 0x6000);
         assert_eq!(d.held(), HeldBack::default());
-        // A range marked before a conversion that then failed stays marked: held when its
-        // free fails.
-        d.may_become_private(r(0x8000, 0x1000));
-        d.unplugged(&backing, &[r(0x8000, 0x2000)], false);
+        // A failed conversion to private may have let the guest fault pages in: a shared range
+        // it left is held when its free fails, and forgotten once a free succeeds.
+        d.failed_to_private(r(0x8000, 0x1000));
+        backing.inject_punch_failures(|side, _| side == View::Private);
+        d.unplugged(&backing, &[r(0x8000, 0x2000)], &[], false);
         assert_eq!(d.held().private_bytes, 0x1000);
-        assert_eq!(d.held().unverified_bytes, 0x1000);
         assert!(d.holds(View::Private, 0x8000, 0x9000));
         backing.clear_punch_failures();
         assert_eq!(d.flush(&backing).punched_bytes, 0x1000);
+        backing.inject_punch_failures(|side, _| side == View::Private);
+        d.unplugged(&backing, &[r(0x8000, 0x1000)], &[], false);
         assert_eq!(d.held(), HeldBack::default());
     }
 
@@ -597,13 +616,13 @@ mod tests {
         d.converted(&backing, &[r(0, 0x4000)], Attribute::Shared, true);
         assert_eq!(d.held().private_bytes, 0x4000);
         // Pages 2..6 leave: their held private side goes with them, not at a later flush.
-        let report = d.unplugged(&backing, &[r(0x2000, 0x4000)], false);
+        let report = d.unplugged(&backing, &[r(0x2000, 0x4000)], &[], false);
         assert_eq!((report.punched_ranges, report.punched_bytes), (2, 0x8000));
         assert_eq!(d.held().private_bytes, 0x2000);
         assert!(!d.holds(View::Private, 0x2000, 0x3000));
         // One side's failure is held and marked failed even when the other side's free works.
         backing.inject_punch_failures(|side, _| side == View::Shared);
-        d.unplugged(&backing, &[r(0x8000, 0x1000)], false);
+        d.unplugged(&backing, &[r(0x8000, 0x1000)], &[], false);
         assert_eq!(d.held().failed_bytes, 0x1000);
         assert!(d.holds(View::Shared, 0x8000, 0x9000));
         // Plugged again as shared: the page is in use, its pending free must never happen.

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use discard_manager::{
-    Attribute, Counts, DiscardManager, GpaRange, ListenerId, RegionConfig, Run, View, ViewListener,
+    Counts, DiscardManager, GpaRange, ListenerId, RegionConfig, Run, View, ViewListener,
 };
 use iommu::FileMapSupport;
 
@@ -209,16 +209,7 @@ impl Region {
         policy: DiscardPolicy,
     ) -> Result<Self, discard_manager::ConfigError> {
         let manager = DiscardManager::new(config)?;
-        // A fresh manager answers; were it not to, every granule counts as maybe private.
-        let private: Vec<GpaRange> = match manager.runs(manager.region()) {
-            Ok(runs) => runs
-                .into_iter()
-                .filter(|r| r.attribute == Attribute::Private)
-                .map(|r| r.range)
-                .collect(),
-            Err(_) => vec![manager.region()],
-        };
-        let discarder = Discarder::new(policy, &backing, &private);
+        let discarder = Discarder::new(policy, &backing);
         Ok(Self {
             manager,
             attached: Mutex::new(Vec::new()),
