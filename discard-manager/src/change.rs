@@ -76,16 +76,15 @@ impl Change {
     }
 
     /// The change of one run `range` moving from view `old` to view `new` (`None` =
-    /// unplugged): the fast path's change.
+    /// unplugged; the two differ unless both are `None`): the fast path's change.
     pub(crate) fn single(
         kind: ChangeKind,
         range: GpaRange,
         old: Option<View>,
         new: Option<View>,
     ) -> Self {
-        let moved = old != new;
-        let in_view =
-            |view: Option<View>| view.filter(|_| moved).map(|view| ViewRange { view, range });
+        debug_assert!(old != new || old.is_none());
+        let in_view = |view: Option<View>| view.map(|view| ViewRange { view, range });
         Self {
             kind,
             run: Some(range),

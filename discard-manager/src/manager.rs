@@ -444,11 +444,7 @@ impl DiscardManager {
         let (a, b) = self.geometry.granules_of(range)?;
         let mut locked = self.lock()?;
         let inner = &mut *locked.guard;
-        let update = move |s: State| match kind {
-            ChangeKind::Convert { to } => s.with_attribute(to),
-            ChangeKind::Plug => s.with_plugged(true),
-            ChangeKind::Unplug => s.with_plugged(false),
-        };
+        let update = move |s: State| s.after(kind);
         // Fast path: the range lies inside one run (one- or two-granule conversions).
         if let Some(w) = inner.extents.within_one_run(a, b) {
             let new = update(w.state);
@@ -496,6 +492,10 @@ impl DiscardManager {
     /// The transaction of a range inside one run `w` whose state changes to `new`: at most
     /// one discarded and one populated run, each sent straight from the two states without
     /// going through the [`Change`]'s lists. `(range, a, b)`: the range and its granules `[a, b)`.
+    ///
+    /// As `new != w.state`, the two views differ unless both are `None` (an attribute change
+    /// of unplugged granules): the view left, if any, is the old state's, the view joined the
+    /// new state's, with no comparison of the two.
     fn transact_within<S: TransactionStep>(
         &self,
         inner: &mut Inner,
@@ -505,10 +505,10 @@ impl DiscardManager {
         new: State,
         step: &mut S,
     ) -> Result<Change, TransactionError<S::Error>> {
+        debug_assert_ne!(w.state, new);
         let (old_view, new_view) = (w.state.view(), new.view());
-        let moved = old_view != new_view;
         let change = Change::single(kind, range, old_view, new_view);
-        if let Some(view) = old_view.filter(|_| moved) {
+        if let Some(view) = old_view {
             if let Err(failed) = discard_run(&inner.listeners, view, range) {
                 return Err(self.discards_failed(inner, &change, failed));
             }
@@ -516,7 +516,7 @@ impl DiscardManager {
         if let Err(source) = step.apply(&change) {
             return Err(self.step_failed(inner, &change, source));
         }
-        if let Some(view) = new_view.filter(|_| moved) {
+        if let Some(view) = new_view {
             if let Err((index, refusal)) = populate_run(&inner.listeners, view, range) {
                 return Err(self.populate_refused(inner, &change, step, (0, index), refusal));
             }
