@@ -129,14 +129,19 @@ impl Geometry {
                 granularity: self.mask + 1,
             });
         }
-        if !self.region.contains(&range) {
+        // In granules: inside the region when it starts at or after the base and ends at or
+        // before the last granule (two compares; the indices are needed anyway). Below the
+        // base, `a` wraps, harmlessly: granule counts are at most 2^52, so `b` cannot overflow.
+        let (start, base) = (range.start(), self.region.start());
+        let a = start.wrapping_sub(base) >> self.shift;
+        let b = a + (range.len() >> self.shift);
+        if start < base || b > self.granules {
             return Err(RangeError::OutsideRegion {
                 range,
                 region: self.region,
             });
         }
-        let a = (range.start() - self.region.start()) >> self.shift;
-        Ok((a, a + (range.len() >> self.shift)))
+        Ok((a, b))
     }
 
     /// The guest-physical range of granules `[a, b)` (`a < b <= granules`).
@@ -236,5 +241,15 @@ mod tests {
             g.granules_of(below),
             Err(RangeError::OutsideRegion { .. })
         ));
+        // Starting below the base and ending inside; far above; the last granule exactly.
+        for bad in [(0xf_f000, 0x2000), (u64::MAX - 0x1fff, 0x1000)] {
+            let r = GpaRange::new(bad.0, bad.1).unwrap();
+            assert!(
+                matches!(g.granules_of(r), Err(RangeError::OutsideRegion { .. })),
+                "{r}"
+            );
+        }
+        let last = GpaRange::new(0x1f_f000, 0x1000).unwrap();
+        assert_eq!(g.granules_of(last), Ok((0xff, 0x100)));
     }
 }

@@ -35,6 +35,27 @@ const CHUNK: usize = 64;
 /// Emptied chunk buffers kept for reuse.
 const SPARE_CHUNKS: usize = 4;
 
+/// What a transaction of one kind does to a state: the bit it keeps and the bits it sets.
+/// Computed where the kind is a constant (the public transaction methods), so that the
+/// transaction itself does not decode the kind (about ten instructions per conversion).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Update {
+    keep: u8,
+    set: u8,
+}
+
+impl Update {
+    #[inline(always)]
+    pub(crate) fn of(kind: ChangeKind) -> Update {
+        let (keep, set) = match kind {
+            ChangeKind::Convert { to } => (2, matches!(to, Attribute::Private) as u8),
+            ChangeKind::Plug => (1, 2),
+            ChangeKind::Unplug => (1, 0),
+        };
+        Update { keep, set }
+    }
+}
+
 /// Combined state of one granule: the two sources of truth, packed in two bits
 /// (bit 1 = plugged, bit 0 = private) so that comparing and storing states is one byte.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -58,20 +79,9 @@ impl State {
         }
     }
 
-    /// The state after a transaction of `kind`: as a mask of the bit it keeps and the bits it
-    /// sets, so that the compiler makes it a table lookup instead of a branch on the kind.
-    pub(crate) fn after(self, kind: ChangeKind) -> State {
-        let (keep, set) = match kind {
-            ChangeKind::Convert {
-                to: Attribute::Shared,
-            } => (2, 0),
-            ChangeKind::Convert {
-                to: Attribute::Private,
-            } => (2, 1),
-            ChangeKind::Plug => (1, 2),
-            ChangeKind::Unplug => (1, 0),
-        };
-        State(self.0 & keep | set)
+    /// The state after `update`.
+    pub(crate) fn after(self, update: Update) -> State {
+        State(self.0 & update.keep | update.set)
     }
 
     /// The state of the granules in `view`: plugged, with the view's attribute.

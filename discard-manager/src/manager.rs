@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use crate::change::{Change, ChangeKind};
 use crate::config::{ConfigError, Geometry, RegionConfig};
 use crate::error::{DiscardFailure, Error, Refusal, TransactionError};
-use crate::extents::{Extents, Plan, State, Within};
+use crate::extents::{Extents, Plan, State, Update, Within};
 use crate::listener::{ListenerError, ListenerId, NoStep, TransactionStep, ViewListener};
 use crate::range::{Attribute, GpaRange, View};
 
@@ -479,19 +479,32 @@ impl DiscardManager {
         self.transact(range, ChangeKind::Unplug, step)
     }
 
-    /// The transaction: plan, discard the losing view, step, populate the gaining view,
-    /// commit; or roll back. The rollbacks live in cold functions of their own (module
-    /// `rollback`), so that the common path stays small.
+    /// The transaction of `kind`; inlined into the public methods, where the kind is known,
+    /// so that its [`Update`] is computed there.
+    #[inline(always)]
     fn transact<S: TransactionStep>(
         &self,
         range: GpaRange,
         kind: ChangeKind,
         step: &mut S,
     ) -> Result<Change, TransactionError<S::Error>> {
+        self.transact_as(range, kind, Update::of(kind), step)
+    }
+
+    /// The transaction: plan, discard the losing view, step, populate the gaining view,
+    /// commit; or roll back. The rollbacks live in cold functions of their own (module
+    /// `rollback`), so that the common path stays small. `update` is `Update::of(kind)`.
+    fn transact_as<S: TransactionStep>(
+        &self,
+        range: GpaRange,
+        kind: ChangeKind,
+        update: Update,
+        step: &mut S,
+    ) -> Result<Change, TransactionError<S::Error>> {
         let (a, b) = self.geometry.granules_of(range)?;
         let mut locked = self.lock()?;
         let inner = &mut *locked.guard;
-        let update = move |s: State| s.after(kind);
+        let update = move |s: State| s.after(update);
         // Fast path: the range lies inside one run (one- or two-granule conversions).
         if let Some(w) = inner.extents.within_one_run(a, b) {
             let new = update(w.state);
