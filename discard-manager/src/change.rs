@@ -276,6 +276,10 @@ mod tests {
         GpaRange::new(start, len).unwrap()
     }
 
+    fn vr(view: View, range: GpaRange) -> ViewRange {
+        ViewRange { view, range }
+    }
+
     #[test]
     fn adjacent_runs_merge_and_lists_spill_to_the_heap() {
         let mut c = Change::new(ChangeKind::Plug);
@@ -303,13 +307,7 @@ mod tests {
         );
         assert_eq!(single.runs(), [r(0x1000, 0x1000)]);
         assert_eq!(single.discarded(), []);
-        assert_eq!(
-            single.populated(),
-            [ViewRange {
-                view: View::Shared,
-                range: r(0x1000, 0x1000)
-            }]
-        );
+        assert_eq!(single.populated(), [vr(View::Shared, r(0x1000, 0x1000))]);
         // Built piece by piece, the same change is equal to it.
         let mut built = Change::new(ChangeKind::Plug);
         built.push_run(r(0x1000, 0x1000));
@@ -325,32 +323,14 @@ mod tests {
         c.push_populated(View::Private, r(0, 0x1000));
         c.push_run(r(0x1000, 0x1000));
         assert_eq!(c.runs(), [r(0, 0x2000)]);
-        assert_eq!(
-            c.discarded(),
-            [ViewRange {
-                view: View::Shared,
-                range: r(0, 0x1000)
-            }]
-        );
-        assert_eq!(
-            c.populated(),
-            [ViewRange {
-                view: View::Private,
-                range: r(0, 0x1000)
-            }]
-        );
+        assert_eq!(c.discarded(), [vr(View::Shared, r(0, 0x1000))]);
+        assert_eq!(c.populated(), [vr(View::Private, r(0, 0x1000))]);
         // And the other way round: the run first, then a view run over part of it.
         let mut d = Change::new(ChangeKind::Unplug);
         d.push_run(r(0, 0x2000));
         d.push_discarded(View::Private, r(0x1000, 0x1000));
         assert_eq!(d.runs(), [r(0, 0x2000)]);
-        assert_eq!(
-            d.discarded(),
-            [ViewRange {
-                view: View::Private,
-                range: r(0x1000, 0x1000)
-            }]
-        );
+        assert_eq!(d.discarded(), [vr(View::Private, r(0x1000, 0x1000))]);
         assert_eq!(d.populated(), []);
     }
 
