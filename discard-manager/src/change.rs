@@ -41,12 +41,17 @@ pub struct ViewRange {
 #[derive(Clone)]
 pub struct Change {
     kind: ChangeKind,
-    // The common transaction (one run, at most one discard and one populate) keeps its
-    // lists inline, so that `Change` is small to return and needs no heap allocation;
-    // anything larger moves all three lists to `heap`, which then replaces them.
-    run: Option<GpaRange>,
-    discarded: Option<ViewRange>,
-    populated: Option<ViewRange>,
+    // The common transaction (one run, left by at most one view and joined by at most one,
+    // all over that run) is stored inline, 64 bytes with no heap allocation: it is built and
+    // returned on every conversion, so its size is copies on the hot path (it was 96 bytes
+    // as three separate `Option`s). `items[0]` is the discarded run and `items[1]` the
+    // populated one, each present when its flag says so; while `has_run`, both hold the
+    // run's range (so that the three lists are slices of `items`), present or not. Any
+    // other shape moves the three lists to `heap`, which then replaces them.
+    has_run: bool,
+    has_discarded: bool,
+    has_populated: bool,
+    items: [ViewRange; 2],
     heap: Option<Box<HeapLists>>,
 }
 
@@ -57,40 +62,49 @@ struct HeapLists {
     populated: Vec<ViewRange>,
 }
 
-/// Which list an item goes to.
+/// Which list an item goes to; its slot in the inline items.
 #[derive(Clone, Copy)]
 enum Which {
-    Discarded,
-    Populated,
+    Discarded = 0,
+    Populated = 1,
 }
 
 impl Change {
     pub(crate) fn new(kind: ChangeKind) -> Self {
+        // Absent items: any valid value (never exposed).
+        let unused = ViewRange {
+            view: View::Shared,
+            range: GpaRange::from_bounds(0, 1),
+        };
         Self {
             kind,
-            run: None,
-            discarded: None,
-            populated: None,
+            has_run: false,
+            has_discarded: false,
+            has_populated: false,
+            items: [unused; 2],
             heap: None,
         }
     }
 
     /// The change of one run `range` moving from view `old` to view `new` (`None` =
-    /// unplugged): the fast path's change.
+    /// unplugged; the two differ unless both are `None`): the fast path's change.
     pub(crate) fn single(
         kind: ChangeKind,
         range: GpaRange,
         old: Option<View>,
         new: Option<View>,
     ) -> Self {
-        let moved = old != new;
-        let in_view =
-            |view: Option<View>| view.filter(|_| moved).map(|view| ViewRange { view, range });
+        debug_assert!(old != new || old.is_none());
+        let item = |view: Option<View>| ViewRange {
+            view: view.unwrap_or(View::Shared),
+            range,
+        };
         Self {
             kind,
-            run: Some(range),
-            discarded: in_view(old),
-            populated: in_view(new),
+            has_run: true,
+            has_discarded: old.is_some(),
+            has_populated: new.is_some(),
+            items: [item(old), item(new)],
             heap: None,
         }
     }
@@ -104,7 +118,8 @@ impl Change {
     pub fn runs(&self) -> &[GpaRange] {
         match &self.heap {
             Some(h) => &h.runs,
-            None => self.run.as_slice(),
+            None if self.has_run => std::slice::from_ref(&self.items[0].range),
+            None => &[],
         }
     }
 
@@ -112,7 +127,7 @@ impl Change {
     pub fn discarded(&self) -> &[ViewRange] {
         match &self.heap {
             Some(h) => &h.discarded,
-            None => self.discarded.as_slice(),
+            None => self.inline(Which::Discarded),
         }
     }
 
@@ -120,7 +135,20 @@ impl Change {
     pub fn populated(&self) -> &[ViewRange] {
         match &self.heap {
             Some(h) => &h.populated,
-            None => self.populated.as_slice(),
+            None => self.inline(Which::Populated),
+        }
+    }
+
+    /// The inline list `which`: its item, or nothing.
+    fn inline(&self, which: Which) -> &[ViewRange] {
+        let has = match which {
+            Which::Discarded => self.has_discarded,
+            Which::Populated => self.has_populated,
+        };
+        if has {
+            std::slice::from_ref(&self.items[which as usize])
+        } else {
+            &[]
         }
     }
 
@@ -134,30 +162,35 @@ impl Change {
         self.runs().iter().map(GpaRange::len).sum()
     }
 
-    /// The heap lists, created from the inline ones on first use.
+    /// The heap lists, created from the inline ones on first use: for any shape the inline
+    /// fields do not hold.
     fn heap(&mut self) -> &mut HeapLists {
-        let (run, discarded, populated) = (self.run, self.discarded, self.populated);
-        self.heap.get_or_insert_with(|| {
-            Box::new(HeapLists {
-                runs: run.into_iter().collect(),
-                discarded: discarded.into_iter().collect(),
-                populated: populated.into_iter().collect(),
-            })
-        })
+        if self.heap.is_none() {
+            self.heap = Some(Box::new(HeapLists {
+                runs: self.runs().to_vec(),
+                discarded: self.discarded().to_vec(),
+                populated: self.populated().to_vec(),
+            }));
+        }
+        self.heap.get_or_insert_default()
     }
 
     pub(crate) fn push_run(&mut self, range: GpaRange) {
-        if self.heap.is_none() {
-            match &mut self.run {
-                None => {
-                    self.run = Some(range);
-                    return;
-                }
-                Some(last) if last.end() == range.start() => {
-                    *last = GpaRange::from_bounds(last.start(), range.end());
-                    return;
-                }
-                Some(_) => {}
+        // Inline while there is no view run yet (they must then cover the whole run).
+        if self.heap.is_none() && !self.has_discarded && !self.has_populated {
+            let run = &self.items[0].range;
+            let merged = if !self.has_run {
+                Some(range)
+            } else if run.end() == range.start() {
+                Some(GpaRange::from_bounds(run.start(), range.end()))
+            } else {
+                None
+            };
+            if let Some(run) = merged {
+                self.has_run = true;
+                self.items[0].range = run;
+                self.items[1].range = run;
+                return;
             }
         }
         let runs = &mut self.heap().runs;
@@ -178,21 +211,17 @@ impl Change {
     }
 
     fn push_view_run(&mut self, which: Which, item: ViewRange) {
-        if self.heap.is_none() {
-            let slot = match which {
-                Which::Discarded => &mut self.discarded,
-                Which::Populated => &mut self.populated,
+        if self.heap.is_none() && self.has_run {
+            let has = match which {
+                Which::Discarded => &mut self.has_discarded,
+                Which::Populated => &mut self.has_populated,
             };
-            match slot {
-                None => {
-                    *slot = Some(item);
-                    return;
-                }
-                Some(last) => {
-                    if extend(last, item) {
-                        return;
-                    }
-                }
+            let slot = &mut self.items[which as usize];
+            // The first of its list, over the whole run: still the inline shape.
+            if !*has && slot.range == item.range {
+                *has = true;
+                slot.view = item.view;
+                return;
             }
         }
         let h = self.heap();
@@ -247,6 +276,10 @@ mod tests {
         GpaRange::new(start, len).unwrap()
     }
 
+    fn vr(view: View, range: GpaRange) -> ViewRange {
+        ViewRange { view, range }
+    }
+
     #[test]
     fn adjacent_runs_merge_and_lists_spill_to_the_heap() {
         let mut c = Change::new(ChangeKind::Plug);
@@ -260,6 +293,45 @@ mod tests {
         assert_eq!(c.runs().len(), 6);
         assert_eq!(c.runs()[5], r(0x50000, 0x1000));
         assert_eq!(c.bytes(), 0x2000 + 5 * 0x1000);
+    }
+
+    #[test]
+    fn the_one_run_change_is_small_and_other_shapes_keep_every_run() {
+        // Returned by every conversion: a copy of at most four 16-byte moves.
+        assert!(size_of::<Change>() <= 64, "{}", size_of::<Change>());
+        let single = Change::single(
+            ChangeKind::Plug,
+            r(0x1000, 0x1000),
+            None,
+            Some(View::Shared),
+        );
+        assert_eq!(single.runs(), [r(0x1000, 0x1000)]);
+        assert_eq!(single.discarded(), []);
+        assert_eq!(single.populated(), [vr(View::Shared, r(0x1000, 0x1000))]);
+        // Built piece by piece, the same change is equal to it.
+        let mut built = Change::new(ChangeKind::Plug);
+        built.push_run(r(0x1000, 0x1000));
+        built.push_populated(View::Shared, r(0x1000, 0x1000));
+        assert_eq!(built, single);
+        // A plugged and an unplugged granule converted together: one run, views over part
+        // of it only (the inline form cannot hold that).
+        let mut c = Change::new(ChangeKind::Convert {
+            to: Attribute::Private,
+        });
+        c.push_run(r(0, 0x1000));
+        c.push_discarded(View::Shared, r(0, 0x1000));
+        c.push_populated(View::Private, r(0, 0x1000));
+        c.push_run(r(0x1000, 0x1000));
+        assert_eq!(c.runs(), [r(0, 0x2000)]);
+        assert_eq!(c.discarded(), [vr(View::Shared, r(0, 0x1000))]);
+        assert_eq!(c.populated(), [vr(View::Private, r(0, 0x1000))]);
+        // And the other way round: the run first, then a view run over part of it.
+        let mut d = Change::new(ChangeKind::Unplug);
+        d.push_run(r(0, 0x2000));
+        d.push_discarded(View::Private, r(0x1000, 0x1000));
+        assert_eq!(d.runs(), [r(0, 0x2000)]);
+        assert_eq!(d.discarded(), [vr(View::Private, r(0x1000, 0x1000))]);
+        assert_eq!(d.populated(), []);
     }
 
     #[test]

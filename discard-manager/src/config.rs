@@ -75,6 +75,8 @@ pub enum ConfigError {
 pub(crate) struct Geometry {
     pub(crate) region: GpaRange,
     pub(crate) shift: u32,
+    /// `granularity - 1`, kept so that the range check of every call is one load and test.
+    mask: u64,
     pub(crate) granules: u64,
 }
 
@@ -113,27 +115,33 @@ impl Geometry {
         Ok(Self {
             region,
             shift,
+            mask: granularity - 1,
             granules: c.size >> shift,
         })
     }
 
     /// Granule indices `[a, b)` of a range, after checking alignment and containment.
     pub(crate) fn granules_of(&self, range: GpaRange) -> Result<(u64, u64), RangeError> {
-        let mask = (1u64 << self.shift) - 1;
-        if range.start() & mask != 0 || range.len() & mask != 0 {
+        // With the start aligned, the length is aligned exactly when the end is: one test.
+        if (range.start() | range.end()) & self.mask != 0 {
             return Err(RangeError::Unaligned {
                 range,
-                granularity: 1 << self.shift,
+                granularity: self.mask + 1,
             });
         }
-        if !self.region.contains(&range) {
+        // In granules: inside the region when it starts at or after the base and ends at or
+        // before the last granule (two compares; the indices are needed anyway). Below the
+        // base, `a` wraps, harmlessly: granule counts are at most 2^52, so `b` cannot overflow.
+        let (start, base) = (range.start(), self.region.start());
+        let a = start.wrapping_sub(base) >> self.shift;
+        let b = a + (range.len() >> self.shift);
+        if start < base || b > self.granules {
             return Err(RangeError::OutsideRegion {
                 range,
                 region: self.region,
             });
         }
-        let a = (range.start() - self.region.start()) >> self.shift;
-        Ok((a, a + (range.len() >> self.shift)))
+        Ok((a, b))
     }
 
     /// The guest-physical range of granules `[a, b)` (`a < b <= granules`).
@@ -215,6 +223,14 @@ mod tests {
             g.granules_of(unaligned),
             Err(RangeError::Unaligned { .. })
         ));
+        let unaligned_start = GpaRange::new(0x10_3800, 0x1000).unwrap();
+        assert_eq!(
+            g.granules_of(unaligned_start),
+            Err(RangeError::Unaligned {
+                range: unaligned_start,
+                granularity: 0x1000
+            })
+        );
         let outside = GpaRange::new(0x1f_f000, 0x2000).unwrap();
         assert!(matches!(
             g.granules_of(outside),
@@ -225,5 +241,15 @@ mod tests {
             g.granules_of(below),
             Err(RangeError::OutsideRegion { .. })
         ));
+        // Starting below the base and ending inside; far above; the last granule exactly.
+        for bad in [(0xf_f000, 0x2000), (u64::MAX - 0x1fff, 0x1000)] {
+            let r = GpaRange::new(bad.0, bad.1).unwrap();
+            assert!(
+                matches!(g.granules_of(r), Err(RangeError::OutsideRegion { .. })),
+                "{r}"
+            );
+        }
+        let last = GpaRange::new(0x1f_f000, 0x1000).unwrap();
+        assert_eq!(g.granules_of(last), Ok((0xff, 0x100)));
     }
 }

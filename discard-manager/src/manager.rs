@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use crate::change::{Change, ChangeKind};
 use crate::config::{ConfigError, Geometry, RegionConfig};
 use crate::error::{DiscardFailure, Error, Refusal, TransactionError};
-use crate::extents::{Extents, Plan, State, Within};
+use crate::extents::{Extents, Plan, State, Update, Within};
 use crate::listener::{ListenerError, ListenerId, NoStep, TransactionStep, ViewListener};
 use crate::range::{Attribute, GpaRange, View};
 
@@ -63,9 +63,23 @@ struct Entry {
     listener: Arc<dyn ViewListener>,
 }
 
+/// A listener as the transaction's loops see it: a copy of its entry in the list of its view
+/// (`Inner::by_view`), so that the loops neither test each listener's view nor reach into
+/// its entry; rebuilt whenever the listeners change (`Inner::index_views`).
+struct Follower {
+    range: GpaRange,
+    listener: Arc<dyn ViewListener>,
+    id: ListenerId,
+    /// Its position in `Inner::listeners` (the rollback's numbering).
+    index: usize,
+}
+
 struct Inner {
     extents: Extents,
+    /// In registration order.
     listeners: Vec<Entry>,
+    /// The listeners of each view (`view_slot`), in registration order.
+    by_view: [Vec<Follower>; 2],
     next_id: u64,
     /// Buffers reused by every transaction, so the hot path does not allocate (the `sent_*`
     /// ones are filled only by a rollback).
@@ -109,41 +123,69 @@ impl<E: std::error::Error + 'static> From<LockError> for TransactionError<E> {
     }
 }
 
-/// Sends `range`, leaving `view`, to every listener of `view` it touches (clipped to the
-/// listener's range), to every one even after a failure; the failures, if any. The list is
-/// created by the first failure, so the common path neither builds nor drops one. Inlined:
-/// out of line, its call and register saves were a fifth of a one-run transaction's own work.
+/// The slot of `view` in `Inner::by_view`.
+fn view_slot(view: View) -> usize {
+    match view {
+        View::Shared => 0,
+        View::Private => 1,
+    }
+}
+
+impl Inner {
+    /// The listeners of `view`.
+    fn followers(&self, view: View) -> &[Follower] {
+        &self.by_view[view_slot(view)]
+    }
+
+    /// Rebuilds `by_view` from `listeners`, after any change to them.
+    fn index_views(&mut self) {
+        for list in &mut self.by_view {
+            list.clear();
+        }
+        for (index, entry) in self.listeners.iter().enumerate() {
+            self.by_view[view_slot(entry.info.view)].push(Follower {
+                range: entry.info.range,
+                listener: entry.listener.clone(),
+                id: entry.info.id,
+                index,
+            });
+        }
+    }
+}
+
+/// Sends `range`, leaving `view`, to every listener of `view` (`followers`) it touches
+/// (clipped to the listener's range), to every one even after a failure; the failures, if
+/// any. The list is created by the first failure, so the common path neither builds nor
+/// drops one. Inlined: out of line, its call and register saves were a fifth of a one-run
+/// transaction's own work.
 #[inline(always)]
 fn discard_run(
-    listeners: &[Entry],
+    followers: &[Follower],
     view: View,
     range: GpaRange,
 ) -> Result<(), Vec<DiscardFailure>> {
     let mut failed = Ok(());
-    for entry in listeners {
-        if entry.info.view != view {
-            continue;
-        }
-        if let Some(clipped) = entry.info.range.intersect(&range) {
-            if let Err(source) = entry.listener.discard(view, clipped) {
-                add_failure(&mut failed, entry, clipped, source);
+    for follower in followers {
+        if let Some(clipped) = follower.range.intersect(&range) {
+            if let Err(source) = follower.listener.discard(view, clipped) {
+                add_failure(&mut failed, (follower.id, view), clipped, source);
             }
         }
     }
     failed
 }
 
-/// Records that `entry` failed to discard `range`.
+/// Records that listener `id` of `view` failed to discard `range`.
 #[cold]
 fn add_failure(
     failed: &mut Result<(), Vec<DiscardFailure>>,
-    entry: &Entry,
+    (id, view): (ListenerId, View),
     range: GpaRange,
     source: ListenerError,
 ) {
     let failure = DiscardFailure {
-        listener: entry.info.id,
-        view: entry.info.view,
+        listener: id,
+        view,
         range,
         source,
     };
@@ -153,30 +195,32 @@ fn add_failure(
     }
 }
 
-/// Sends `range`, joining `view`, to every listener of `view` it touches (clipped), stopping
-/// at the first refusal: (its listener index, the refusal). Inlined like [`discard_run`]:
-/// with a real step (gmem-dma's attribute change) the compiler kept it out of line.
+/// Sends `range`, joining `view`, to every listener of `view` (`followers`) it touches
+/// (clipped), stopping at the first refusal: (its index in `Inner::listeners`, the refusal).
+/// Inlined like [`discard_run`]: with a real step (gmem-dma's attribute change) the compiler
+/// kept it out of line.
 #[inline(always)]
-fn populate_run(listeners: &[Entry], view: View, range: GpaRange) -> Result<(), (usize, Refusal)> {
-    for (index, entry) in listeners.iter().enumerate() {
-        if entry.info.view != view {
-            continue;
-        }
-        let Some(clipped) = entry.info.range.intersect(&range) else {
+fn populate_run(
+    followers: &[Follower],
+    view: View,
+    range: GpaRange,
+) -> Result<(), (usize, Refusal)> {
+    for follower in followers {
+        let Some(clipped) = follower.range.intersect(&range) else {
             continue;
         };
-        if let Err(source) = entry.listener.populate(view, clipped) {
-            return Err((index, refused(entry, clipped, source)));
+        if let Err(source) = follower.listener.populate(view, clipped) {
+            return Err((follower.index, refused(follower.id, view, clipped, source)));
         }
     }
     Ok(())
 }
 
 #[cold]
-fn refused(entry: &Entry, range: GpaRange, source: ListenerError) -> Refusal {
+fn refused(listener: ListenerId, view: View, range: GpaRange, source: ListenerError) -> Refusal {
     Refusal {
-        listener: entry.info.id,
-        view: entry.info.view,
+        listener,
+        view,
         range,
         source,
     }
@@ -219,6 +263,7 @@ impl DiscardManager {
             inner: Mutex::new(Inner {
                 extents: Extents::new(geometry.granules, initial),
                 listeners: Vec::new(),
+                by_view: [Vec::new(), Vec::new()],
                 next_id: 1,
                 plan: Plan::default(),
                 batch: Vec::new(),
@@ -306,6 +351,7 @@ impl DiscardManager {
             granules,
             listener,
         });
+        inner.index_views();
         Ok(id)
     }
 
@@ -323,6 +369,7 @@ impl DiscardManager {
             .position(|e| e.info.id == id)
             .ok_or(Error::UnknownListener { id })?;
         let entry = inner.listeners.remove(index);
+        inner.index_views();
         self.discard_all(&inner.extents, &entry, &[]);
         Ok(())
     }
@@ -432,23 +479,32 @@ impl DiscardManager {
         self.transact(range, ChangeKind::Unplug, step)
     }
 
-    /// The transaction: plan, discard the losing view, step, populate the gaining view,
-    /// commit; or roll back. The rollbacks live in cold functions of their own (module
-    /// `rollback`), so that the common path stays small.
+    /// The transaction of `kind`; inlined into the public methods, where the kind is known,
+    /// so that its [`Update`] is computed there.
+    #[inline(always)]
     fn transact<S: TransactionStep>(
         &self,
         range: GpaRange,
         kind: ChangeKind,
         step: &mut S,
     ) -> Result<Change, TransactionError<S::Error>> {
+        self.transact_as(range, kind, Update::of(kind), step)
+    }
+
+    /// The transaction: plan, discard the losing view, step, populate the gaining view,
+    /// commit; or roll back. The rollbacks live in cold functions of their own (module
+    /// `rollback`), so that the common path stays small. `update` is `Update::of(kind)`.
+    fn transact_as<S: TransactionStep>(
+        &self,
+        range: GpaRange,
+        kind: ChangeKind,
+        update: Update,
+        step: &mut S,
+    ) -> Result<Change, TransactionError<S::Error>> {
         let (a, b) = self.geometry.granules_of(range)?;
         let mut locked = self.lock()?;
         let inner = &mut *locked.guard;
-        let update = move |s: State| match kind {
-            ChangeKind::Convert { to } => s.with_attribute(to),
-            ChangeKind::Plug => s.with_plugged(true),
-            ChangeKind::Unplug => s.with_plugged(false),
-        };
+        let update = move |s: State| s.after(update);
         // Fast path: the range lies inside one run (one- or two-granule conversions).
         if let Some(w) = inner.extents.within_one_run(a, b) {
             let new = update(w.state);
@@ -467,7 +523,7 @@ impl DiscardManager {
         // notifications it must undo (`sent`).
         let discarded = match change.discarded() {
             [] => Ok(()),
-            [vr] => discard_run(&inner.listeners, vr.view, vr.range),
+            [vr] => discard_run(inner.followers(vr.view), vr.view, vr.range),
             _ => Self::discard_batched(inner, &change),
         };
         if let Err(failed) = discarded {
@@ -479,7 +535,8 @@ impl DiscardManager {
         }
 
         for (position, vr) in change.populated().iter().enumerate() {
-            if let Err((index, refusal)) = populate_run(&inner.listeners, vr.view, vr.range) {
+            if let Err((index, refusal)) = populate_run(inner.followers(vr.view), vr.view, vr.range)
+            {
                 return Err(self.populate_refused(
                     inner,
                     &change,
@@ -496,6 +553,10 @@ impl DiscardManager {
     /// The transaction of a range inside one run `w` whose state changes to `new`: at most
     /// one discarded and one populated run, each sent straight from the two states without
     /// going through the [`Change`]'s lists. `(range, a, b)`: the range and its granules `[a, b)`.
+    ///
+    /// As `new != w.state`, the two views differ unless both are `None` (an attribute change
+    /// of unplugged granules): the view left, if any, is the old state's, the view joined the
+    /// new state's, with no comparison of the two.
     fn transact_within<S: TransactionStep>(
         &self,
         inner: &mut Inner,
@@ -505,19 +566,19 @@ impl DiscardManager {
         new: State,
         step: &mut S,
     ) -> Result<Change, TransactionError<S::Error>> {
+        debug_assert_ne!(w.state, new);
         let (old_view, new_view) = (w.state.view(), new.view());
-        let moved = old_view != new_view;
         let change = Change::single(kind, range, old_view, new_view);
-        if let Some(view) = old_view.filter(|_| moved) {
-            if let Err(failed) = discard_run(&inner.listeners, view, range) {
+        if let Some(view) = old_view {
+            if let Err(failed) = discard_run(inner.followers(view), view, range) {
                 return Err(self.discards_failed(inner, &change, failed));
             }
         }
         if let Err(source) = step.apply(&change) {
             return Err(self.step_failed(inner, &change, source));
         }
-        if let Some(view) = new_view.filter(|_| moved) {
-            if let Err((index, refusal)) = populate_run(&inner.listeners, view, range) {
+        if let Some(view) = new_view {
+            if let Err((index, refusal)) = populate_run(inner.followers(view), view, range) {
                 return Err(self.populate_refused(inner, &change, step, (0, index), refusal));
             }
         }
@@ -545,7 +606,12 @@ impl DiscardManager {
                 runs => entry.listener.discard_runs(entry.info.view, runs),
             };
             if let Err(source) = result {
-                add_failure(&mut failed, entry, batch[0], source);
+                add_failure(
+                    &mut failed,
+                    (entry.info.id, entry.info.view),
+                    batch[0],
+                    source,
+                );
             }
         }
         failed
@@ -658,6 +724,7 @@ impl DiscardManager {
         Ok(size_of::<Self>()
             + inner.extents.heap_bytes()
             + inner.listeners.capacity() * size_of::<Entry>()
+            + inner.by_view.iter().map(Vec::capacity).sum::<usize>() * size_of::<Follower>()
             + inner.plan.heap_bytes()
             + inner.batch.capacity() * size_of::<GpaRange>()
             + (inner.sent_discards.capacity() + inner.sent_populates.capacity())

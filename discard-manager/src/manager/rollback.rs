@@ -162,6 +162,7 @@ impl DiscardManager {
             index += 1;
             keep
         });
+        inner.index_views();
         detached
     }
 }
