@@ -25,9 +25,9 @@
 //! Held pages are the only pages backed on both sides (invariant 5); [`HeldBack`] reports them
 //! at any moment, exactly where the vacated side can say which pages hold memory, and as an
 //! upper bound flagged `unverified_bytes` on a classic guest_memfd, which cannot (see
-//! [`HeldBack`] and `Discarder::private_may_hold` for what the library knows there and why). A free that
-//! fails stays held (reported as `failed_bytes`) and is retried at the next flush; it never
-//! undoes the conversion that vacated it.
+//! [`HeldBack`] and `Discarder::private_may_hold` for what the library knows there and why).
+//! A free that fails stays held (reported as `failed_bytes`) and is retried at the next flush;
+//! it never undoes the conversion that vacated it.
 
 use discard_manager::{Attribute, GpaRange, View};
 

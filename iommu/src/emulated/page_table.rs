@@ -175,8 +175,8 @@ impl EmulatedIommu {
     /// The file checks of `IOMMU_IOAS_MAP_FILE`: file type (per [`FileMapSupport`]), write access
     /// for a writable mapping (`EPERM`; stricter than Linux 7.3, which does not check, so the
     /// [`Ledger`](crate::Ledger) refuses such a map before any backend), range inside the file
-    /// (`EINVAL`, as pinning a shmem page beyond EOF fails). Returns the emulator's duplicate of the fd for this file and access
-    /// mode, made now or shared with the file's other mappings.
+    /// (`EINVAL`, as pinning a shmem page beyond EOF fails). Returns the emulator's duplicate of
+    /// the fd for this file and access mode, made now or shared with the file's other mappings.
     fn accept_file(
         &self,
         state: &mut State,
