@@ -21,9 +21,10 @@
 //! single-granule conversion, 742 -> 620 with 10,000 other runs; same bytes per run).
 //! A bitmap for dense 64-granule windows was tried and not adopted (README "Performance"): as
 //! a hashed overlay of exception masks over big runs it takes a bounce buffer's way back from
-//! a search and a merge to a probe and a bit flip, but the way there still needs the search (is the window inside one run?), so it saved 53-55 of 435-436
-//! instructions per conversion (123 of 513 with 10,000 other runs) and cost 5% on mixed 2 MiB
-//! blocks, whose small conversions are folded into the entries later anyway.
+//! a search and a merge to a probe and a bit flip, but the way there still needs the search
+//! (is the window inside one run?), so it saved 53-55 of 435-436 instructions per conversion
+//! (123 of 513 with 10,000 other runs) and cost 5% on mixed 2 MiB blocks, whose small
+//! conversions are folded into the entries later anyway.
 //! Granule indices fit in 62 bits (a region has at most 2^64 / 4 KiB = 2^52 granules).
 
 use crate::change::ChangeKind;
