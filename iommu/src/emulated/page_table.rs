@@ -90,23 +90,12 @@ impl EmulatedIommu {
             Source::File { offset, .. } => Some(offset),
             Source::Va(_) => None,
         };
-        if let Some(errno) = self.injected(kind, iova, len) {
-            let mut state = lock(&self.state);
-            self.log(
-                &mut state,
-                Call {
-                    kind,
-                    iova,
-                    len,
-                    offset,
-                    result: Err(errno),
-                    injected: true,
-                },
-            );
-            return Err(errno::Error::new(errno));
-        }
+        let injected = self.injected(kind, iova, len);
         let mut state = lock(&self.state);
-        let result = self.try_map(&mut state, iova, len, prot, source);
+        let result = match injected {
+            Some(errno) => Err(errno::Error::new(errno)),
+            None => self.try_map(&mut state, iova, len, prot, source),
+        };
         self.log(
             &mut state,
             Call {
@@ -115,7 +104,7 @@ impl EmulatedIommu {
                 len,
                 offset,
                 result: result.as_ref().map(|()| len).map_err(|e| e.errno()),
-                injected: false,
+                injected: injected.is_some(),
             },
         );
         result
